@@ -1,0 +1,180 @@
+// A safe pickle reader and a small pickle writer, for the pickles PyTorch checkpoints contain
+// (torch.save's `data.pkl`, DCP's `.metadata`).
+//
+// The reader never runs anything. It turns the opcode stream (protocols 2-5) into a tree of
+// PickleValue nodes. Python constructs that would execute code are kept symbolically:
+//   GLOBAL / STACK_GLOBAL       -> kGlobal{module, name}, only if the allow-list accepts it;
+//   REDUCE f(args) / NEWOBJ     -> kObject{callable, args, newobj}; a later BUILD stores `state`,
+//                                  APPEND(S)/SETITEM(S) on it fill `list_items` / `dict_items`
+//                                  (e.g. OrderedDict's items);
+//   BINPERSID / PERSID          -> kPersistentId{id}.
+// Higher layers (torch_save, metadata) interpret these objects. Memo entries share nodes, so a
+// BUILD on a memoized object is seen through every reference, as in Python.
+//
+// Bounds: every length is checked against the remaining input before allocation; depth, memo
+// size and node count are limited (ReadOptions). Malformed input gives DataLoss; a global that
+// the allow-list refuses gives InvalidArgument naming "module.name".
+//
+// The writer emits a PickleValue tree with protocol 2 (what torch.save uses for data.pkl) or
+// protocol 4 (framed, as Python's default pickler for `.metadata`); both load in any Python 3.
+//
+// Thread-safety: functions are reentrant; PickleValue trees are not synchronized.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <set>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <variant>
+#include <vector>
+
+#include "dcpp/status.h"
+
+namespace dcpp {
+
+class PickleValue;
+using PickleRef = std::shared_ptr<PickleValue>;
+
+class PickleValue {
+ public:
+  enum class Kind : uint8_t {
+    kNone,
+    kBool,
+    kInt,
+    kFloat,
+    kStr,
+    kBytes,
+    kTuple,
+    kList,
+    kDict,
+    kSet,  // set and frozenset
+    kGlobal,
+    kObject,
+    kPersistentId,
+  };
+  struct Global {
+    std::string module;
+    std::string name;
+    std::string FullName() const { return module + "." + name; }
+  };
+  struct Object {
+    PickleRef callable;   // usually a kGlobal
+    PickleRef args;       // a kTuple
+    bool newobj = false;  // made by NEWOBJ/NEWOBJ_EX (cls.__new__) rather than REDUCE
+    PickleRef state;      // from BUILD, or null
+    std::vector<PickleRef> list_items;
+    std::vector<std::pair<PickleRef, PickleRef>> dict_items;
+  };
+  using Items = std::vector<PickleRef>;
+  using DictItems = std::vector<std::pair<PickleRef, PickleRef>>;
+
+  static PickleRef None();
+  static PickleRef Bool(bool b);
+  static PickleRef Int(int64_t i);
+  static PickleRef Float(double d);
+  static PickleRef Str(std::string s);
+  static PickleRef Bytes(std::string b);
+  static PickleRef Tuple(Items items = {});
+  static PickleRef List(Items items = {});
+  static PickleRef Dict(DictItems items = {});
+  static PickleRef Set(Items items = {});
+  static PickleRef MakeGlobal(std::string module, std::string name);
+  // REDUCE form: callable(*args).
+  static PickleRef Call(PickleRef callable, PickleRef args, PickleRef state = nullptr);
+  // NEWOBJ form: cls.__new__(cls, *args), then BUILD(state) if state is set.
+  static PickleRef New(PickleRef cls, PickleRef args, PickleRef state = nullptr);
+  static PickleRef PersistentId(PickleRef id);
+
+  Kind kind() const { return kind_; }
+  bool is(Kind k) const { return kind_ == k; }
+
+  // Unchecked accessors (std::get throws on misuse).
+  bool as_bool() const { return std::get<bool>(data_); }
+  int64_t as_int() const { return std::get<int64_t>(data_); }
+  double as_float() const { return std::get<double>(data_); }
+  const std::string& as_str() const { return std::get<std::string>(data_); }  // str or bytes
+  const Items& items() const { return std::get<Items>(data_); }               // tuple, list, set
+  Items& items() { return std::get<Items>(data_); }
+  const DictItems& dict_items() const { return std::get<DictItems>(data_); }
+  DictItems& dict_items() { return std::get<DictItems>(data_); }
+  const Global& global() const { return std::get<Global>(data_); }
+  const Object& object() const { return std::get<Object>(data_); }
+  Object& object() { return std::get<Object>(data_); }
+  const PickleRef& persistent_id() const { return std::get<PickleRef>(data_); }
+
+  // Checked accessors for untrusted trees: DataLoss naming the expected and actual kind.
+  Result<int64_t> GetInt() const;
+  Result<bool> GetBool() const;
+  Result<double> GetFloat() const;  // accepts int too
+  Result<std::string_view> GetStr() const;
+  Result<const Items*> GetTuple() const;
+  Result<const Items*> GetList() const;
+  Result<const DictItems*> GetDict() const;
+  // The object's callable is the global module.name (e.g. IsCallOf("torch", "Size")).
+  bool IsCallOf(std::string_view module, std::string_view name) const;
+  // For kDict, or a kObject with dict_items (OrderedDict): value of a str key, or nullptr.
+  const PickleValue* FindStrKey(std::string_view key) const;
+
+  // Python-like repr for messages and `dcpp inspect`; nested depth and length are capped.
+  std::string DebugString(int max_depth = 8) const;
+
+  template <typename T>
+  PickleValue(Kind k, T&& v) : kind_(k), data_(std::forward<T>(v)) {}
+  explicit PickleValue(Kind k) : kind_(k) {}
+
+ private:
+  Kind kind_;
+  std::variant<std::monostate, bool, int64_t, double, std::string, Items, DictItems, Global, Object,
+               PickleRef>
+      data_;
+};
+
+std::string_view PickleKindName(PickleValue::Kind kind);
+
+// The set of globals a reader may resolve. Entries are "module.name" (the split is at the last
+// dot of module, e.g. "torch._utils._rebuild_tensor_v2" = module "torch._utils", name
+// "_rebuild_tensor_v2").
+class PickleAllowList {
+ public:
+  PickleAllowList() = default;
+  PickleAllowList(std::initializer_list<std::string_view> full_names);
+
+  // What torch.save tensor payloads need (weights_only-like): _rebuild_tensor_v2/v3,
+  // _rebuild_parameter, every <T>Storage and UntypedStorage, torch.<dtype>, torch.Size,
+  // collections.OrderedDict, torch.serialization._get_layout, builtins set/frozenset/
+  // bytearray/slice/complex, _codecs.encode (protocol 2 bytes), copyreg._reconstructor.
+  static PickleAllowList TorchSave();
+  // TorchSave() plus the DCP metadata classes of every known path (torch.distributed.checkpoint.
+  // metadata.*, the 1.13 torch.distributed._shard.checkpoint.* and sharded_tensor paths,
+  // filesystem._StorageInfo, enum forms, builtins.getattr, pathlib paths, copyreg.__newobj__).
+  static PickleAllowList DcpMetadata();
+
+  void Add(std::string_view module, std::string_view name);
+  bool Allows(std::string_view module, std::string_view name) const;
+
+ private:
+  std::set<std::string, std::less<>> names_;  // "module\nname"
+};
+
+struct PickleReadOptions {
+  const PickleAllowList* allow = nullptr;  // null: PickleAllowList::TorchSave()
+  int max_depth = 1000;                    // nesting of containers/objects
+  size_t max_memo = 1 << 20;               // memo entries
+  size_t max_nodes = 1 << 24;              // values created in total
+};
+
+// Parses one pickle (up to and including STOP). Trailing bytes after STOP are an error.
+Result<PickleRef> ReadPickle(std::string_view data, const PickleReadOptions& options = {});
+
+struct PickleWriteOptions {
+  int protocol = 2;  // 2 or 4
+};
+
+// Serializes a tree. kObject nodes with newobj=false become `callable args REDUCE`, with
+// newobj=true `cls args NEWOBJ`; then `state BUILD` if set, APPENDS/SETITEMS for items.
+// Globals are memoized so repeated class references cost a BINGET.
+Result<std::string> WritePickle(const PickleValue& value, const PickleWriteOptions& options = {});
+
+}  // namespace dcpp

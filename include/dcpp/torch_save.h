@@ -1,0 +1,114 @@
+// torch.save archives: read and write PyTorch's zip serialization of tensors and plain values.
+//
+// An archive is a zip (all entries stored, data records 64-byte aligned) holding
+// `<dir>/data.pkl` (a protocol-2 pickle of the object tree, tensors referring to storages by
+// persistent id), `<dir>/data/<key>` (raw little-endian storage bytes, one per distinct storage),
+// `<dir>/version`, and in newer PyTorch `byteorder`, `.format_version`, `.storage_alignment`,
+// `.data/serialization_id`. docs/format.md describes the bytes.
+//
+// Reading maps the pickle to a dcpp::Value: tensors (any dtype, shared storages, storage offsets,
+// arbitrary strides, 0-d, empty) and None/bool/int/float/str/bytes/list/tuple/dict/OrderedDict.
+// Anything else is an error unless `opaque_objects` is set.
+// Writing streams each storage from the caller's memory into the sink once (tensors sharing a
+// Storage share one record); a tensor whose storage is larger than its own extent is compacted
+// first, as DCP does.
+//
+// Thread-safety: functions are reentrant; the TorchSaveArchive is immutable after Open and may be
+// read from several threads if its source allows.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "dcpp/io.h"
+#include "dcpp/pickle.h"
+#include "dcpp/status.h"
+#include "dcpp/tensor.h"
+#include "dcpp/value.h"
+
+namespace dcpp {
+
+// Where one tensor's bytes are inside an archive, without reading them.
+struct TorchSaveTensorRef {
+  DType dtype = DType::kFloat32;
+  Shape shape;
+  Shape strides;
+  int64_t storage_offset = 0;  // in elements
+  std::string storage_key;     // "0", "1", ...
+  uint64_t record_offset = 0;  // byte offset of the storage record's data in the source
+  uint64_t record_size = 0;    // bytes of the storage record
+  bool requires_grad = false;
+};
+
+class TorchSaveArchive {
+ public:
+  // Parses the zip directory and data.pkl. `source` must outlive the archive.
+  static Result<TorchSaveArchive> Open(const ByteSource& source);
+
+  // The pickled tree, as the safe reader produced it (persistent ids unresolved).
+  const PickleRef& root_pickle() const { return root_; }
+  // Archive directory prefix without slash ("archive", "my.model").
+  const std::string& prefix() const { return prefix_; }
+  int64_t version() const { return version_; }
+
+  // If the root object is a single tensor, its reference.
+  Result<TorchSaveTensorRef> RootTensor() const;
+
+  // Reads the whole tree, materializing tensors (each storage read once, shared between the
+  // tensors that use it). A subtree that is not plain data is an InvalidArgument error naming
+  // its class, unless `opaque_objects` is set: then it becomes an Opaque whose type_name names
+  // the class (torch_save_bytes left empty), for display (`dcpp inspect`).
+  Result<Value> ReadValue(bool opaque_objects = false) const;
+
+  // Copies the tensor `ref` (or its sub-box `src_offsets`/`sizes`) into `dst` at `dst_offsets`,
+  // reading only the bytes needed; reads straight into dst when both layouts are contiguous.
+  Status ReadTensorInto(const TorchSaveTensorRef& ref, const Shape& src_offsets,
+                        const TensorView& dst, const Shape& dst_offsets, const Shape& sizes) const;
+
+  // Raw bytes of a record by its name without the prefix ("version", "data/0").
+  Result<std::string> ReadRecord(const std::string& name) const;
+  // Record names in archive order (without prefix).
+  std::vector<std::string> RecordNames() const;
+
+  struct Record {
+    uint64_t data_offset = 0;  // within the source
+    uint64_t size = 0;
+    uint32_t crc32 = 0;
+  };
+  const std::map<std::string, Record>& records() const { return records_; }
+
+  // Checks every record's CRC-32 (DataLoss naming the record on mismatch).
+  Status VerifyChecksums() const;
+
+ private:
+  const ByteSource* source_ = nullptr;
+  std::string prefix_;
+  int64_t version_ = 0;
+  std::map<std::string, Record> records_;
+  std::vector<std::string> order_;
+  PickleRef root_;
+};
+
+struct TorchSaveWriteOptions {
+  std::string archive_name = "archive";  // torch.save to a stream uses "archive"
+  bool compute_crc32 = true;
+  // Write PyTorch 2.x's extra records (byteorder, .format_version, .storage_alignment,
+  // .data/serialization_id). Both forms load in torch >= 1.13.
+  bool modern_records = true;
+};
+
+// Writes `value` (tensors and plain values; ShardedTensor and Opaque are rejected) as one
+// torch.save archive.
+Status WriteTorchSave(const Value& value, ByteSink& sink,
+                      const TorchSaveWriteOptions& options = {});
+Result<std::string> EncodeTorchSave(const Value& value, const TorchSaveWriteOptions& options = {});
+
+// Whole-file helpers. SaveTorchFile writes `path` (archive name = basename minus extension, as
+// torch.save to a path does) atomically: temp file, fsync, rename.
+Result<Value> LoadTorchFile(const std::string& path);
+Status SaveTorchFile(const Value& value, const std::string& path);
+
+}  // namespace dcpp

@@ -1,0 +1,83 @@
+#include "testing/testing.h"
+
+#include <unistd.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <random>
+
+namespace dcpp::testing {
+
+TempDir::TempDir() {
+  const char* base = std::getenv("TMPDIR");
+  std::string tmpl = std::string(base && *base ? base : "/tmp") + "/dcpp_test_XXXXXX";
+  std::vector<char> buf(tmpl.begin(), tmpl.end());
+  buf.push_back('\0');
+  if (mkdtemp(buf.data()) == nullptr) std::abort();
+  path_ = buf.data();
+}
+
+TempDir::~TempDir() {
+  std::error_code ec;
+  std::filesystem::remove_all(path_, ec);
+}
+
+Tensor PatternTensor(DType dtype, const Shape& shape, uint64_t seed) {
+  Tensor t = Tensor::Zeros(dtype, shape);
+  std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(dtype));
+  auto* p = reinterpret_cast<uint8_t*>(t.data());
+  const size_t n = t.nbytes();
+  for (size_t i = 0; i < n; ++i) {
+    uint8_t b = static_cast<uint8_t>(rng());
+    if (dtype == DType::kBool) b &= 1;
+    p[i] = b;
+  }
+  // Keep floating values finite and canonical so PyTorch round trips compare exactly.
+  if (dtype == DType::kFloat32 || dtype == DType::kComplex64) {
+    float* f = reinterpret_cast<float*>(p);
+    for (size_t i = 0; i < n / 4; ++i)
+      f[i] = static_cast<float>(static_cast<int32_t>(rng() % 20001) - 10000) / 64.0f;
+  } else if (dtype == DType::kFloat64 || dtype == DType::kComplex128) {
+    double* f = reinterpret_cast<double*>(p);
+    for (size_t i = 0; i < n / 8; ++i)
+      f[i] = static_cast<double>(static_cast<int64_t>(rng() % 2000001) - 1000000) / 1024.0;
+  } else if (dtype == DType::kFloat16 || dtype == DType::kBFloat16 || dtype == DType::kComplex32) {
+    uint16_t* h = reinterpret_cast<uint16_t*>(p);
+    for (size_t i = 0; i < n / 2; ++i) h[i] &= 0xBBFF;  // exponent never all-ones: no inf/NaN
+  }
+  return t;
+}
+
+Tensor IotaTensor(DType dtype, const Shape& shape) {
+  Tensor t = Tensor::Zeros(dtype, shape);
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    switch (dtype) {
+      case DType::kFloat32:
+        t.data_as<float>()[i] = static_cast<float>(i);
+        break;
+      case DType::kFloat64:
+        t.data_as<double>()[i] = static_cast<double>(i);
+        break;
+      case DType::kInt32:
+        t.data_as<int32_t>()[i] = static_cast<int32_t>(i);
+        break;
+      case DType::kInt64:
+        t.data_as<int64_t>()[i] = i;
+        break;
+      default:
+        std::abort();
+    }
+  }
+  return t;
+}
+
+std::string SourceDir() {
+  if (const char* d = std::getenv("DCPP_SOURCE_DIR")) return d;
+#ifdef DCPP_SOURCE_DIR_DEFAULT
+  return DCPP_SOURCE_DIR_DEFAULT;
+#else
+  return ".";
+#endif
+}
+
+}  // namespace dcpp::testing

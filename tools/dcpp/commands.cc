@@ -1,0 +1,12 @@
+#include "tools/dcpp/commands.h"
+
+namespace dcpp::cli {
+namespace {
+int g_exit_code = 0;
+}  // namespace
+
+void RegisterCommands(CLI::App& app) { RegisterInspect(app); }
+int ExitCode() { return g_exit_code; }
+void SetExitCode(int code) { g_exit_code = code; }
+
+}  // namespace dcpp::cli
