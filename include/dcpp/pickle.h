@@ -8,15 +8,29 @@
 //                                  APPEND(S)/SETITEM(S) on it fill `list_items` / `dict_items`
 //                                  (e.g. OrderedDict's items);
 //   BINPERSID / PERSID          -> kPersistentId{id}.
-// Higher layers (torch_save, metadata) interpret these objects. Memo entries share nodes, so a
-// BUILD on a memoized object is seen through every reference, as in Python.
+// A few calls that only rebuild plain data are resolved while reading: `_codecs.encode(s,
+// 'latin1')`, `builtins.bytes()` and `builtins.bytearray(b)` become kBytes (protocol-2 bytes),
+// `builtins.set(list)` / `builtins.frozenset(list)` become kSet, and `copyreg.__newobj__(cls,
+// *args)` becomes the NEWOBJ form. Higher layers (torch_save, metadata) interpret the rest.
+// Memo entries share nodes, so a BUILD on a memoized object is seen through every reference, as
+// in Python. The result is a DAG, never a cycle: a value may only be modified (APPEND, SETITEM,
+// BUILD, ...) before it becomes part of another value, which is how every acyclic Python object
+// is pickled; self-referencing pickles are refused. Dict items keep duplicate keys in order (the
+// last one wins, as in Python; see FindStrKey).
 //
 // Bounds: every length is checked against the remaining input before allocation; depth, memo
-// size and node count are limited (ReadOptions). Malformed input gives DataLoss; a global that
-// the allow-list refuses gives InvalidArgument naming "module.name".
+// size and node count are limited (ReadOptions). Malformed input gives DataLoss with the byte
+// offset of the failing opcode; a global that the allow-list refuses gives InvalidArgument naming
+// "module.name"; opcodes outside the supported subset (out-of-band buffers, extension registry,
+// protocol-0 INST/OBJ and text strings) give Unimplemented.
 //
 // The writer emits a PickleValue tree with protocol 2 (what torch.save uses for data.pkl) or
 // protocol 4 (framed, as Python's default pickler for `.metadata`); both load in any Python 3.
+// Opcode choices follow CPython's C pickler (integer widths, batches of 1000, memo of every
+// str/bytes/container/object, frames of at least 64 KiB except the last), so plain trees
+// usually come out byte-identical to `pickle.dumps`. Nodes shared within the tree are written
+// once and referenced through the memo, so output size is linear in the number of distinct nodes.
+// See docs/format_pickle.md.
 //
 // Thread-safety: functions are reentrant; PickleValue trees are not synchronized.
 #pragma once
@@ -66,6 +80,7 @@ class PickleValue {
     PickleRef state;      // from BUILD, or null
     std::vector<PickleRef> list_items;
     std::vector<std::pair<PickleRef, PickleRef>> dict_items;
+    PickleRef kwargs;  // NEWOBJ_EX keyword arguments (a kDict), or null
   };
   using Items = std::vector<PickleRef>;
   using DictItems = std::vector<std::pair<PickleRef, PickleRef>>;
@@ -108,16 +123,22 @@ class PickleValue {
   Result<int64_t> GetInt() const;
   Result<bool> GetBool() const;
   Result<double> GetFloat() const;  // accepts int too
-  Result<std::string_view> GetStr() const;
+  Result<std::string_view> GetStr() const;    // kStr only
+  Result<std::string_view> GetBytes() const;  // kBytes only
   Result<const Items*> GetTuple() const;
   Result<const Items*> GetList() const;
+  // kDict, or an OrderedDict object (`collections.OrderedDict()` with SETITEMS): its items.
   Result<const DictItems*> GetDict() const;
   // The object's callable is the global module.name (e.g. IsCallOf("torch", "Size")).
   bool IsCallOf(std::string_view module, std::string_view name) const;
-  // For kDict, or a kObject with dict_items (OrderedDict): value of a str key, or nullptr.
+  // For kDict, or a kObject with dict_items (OrderedDict): value of a str key, or nullptr. With
+  // duplicate keys the last one wins, as in Python.
   const PickleValue* FindStrKey(std::string_view key) const;
 
-  // Python-like repr for messages and `dcpp inspect`; nested depth and length are capped.
+  // Python-like repr for messages and `dcpp inspect`; nested depth, items per container, string
+  // and bytes lengths and total size are capped (long bytes print as `b'...' (123456 bytes)`).
+  // Objects print as `callable(args)`, followed by ` items=[...]`, ` items={...}` and
+  // ` state=...` when present; persistent ids as `persid(id)`.
   std::string DebugString(int max_depth = 8) const;
 
   template <typename T>
@@ -160,7 +181,9 @@ class PickleAllowList {
 
 struct PickleReadOptions {
   const PickleAllowList* allow = nullptr;  // null: PickleAllowList::TorchSave()
-  int max_depth = 1000;                    // nesting of containers/objects
+  // Nesting: a scalar counts 1, a container or object 1 + its deepest child. Also bounds the
+  // number of open MARKs.
+  int max_depth = 1000;
   size_t max_memo = 1 << 20;               // memo entries
   size_t max_nodes = 1 << 24;              // values created in total
 };
@@ -169,12 +192,16 @@ struct PickleReadOptions {
 Result<PickleRef> ReadPickle(std::string_view data, const PickleReadOptions& options = {});
 
 struct PickleWriteOptions {
-  int protocol = 2;  // 2 or 4
+  int protocol = 2;     // 2 or 4
+  int max_depth = 1000;  // nesting limit (same measure as PickleReadOptions::max_depth)
 };
 
 // Serializes a tree. kObject nodes with newobj=false become `callable args REDUCE`, with
 // newobj=true `cls args NEWOBJ`; then `state BUILD` if set, APPENDS/SETITEMS for items.
-// Globals are memoized so repeated class references cost a BINGET.
+// Globals are memoized so repeated class references cost a BINGET. Protocol 2 writes bytes and
+// sets as CPython does (`_codecs.encode` / `builtins.set` REDUCE); NEWOBJ_EX keyword arguments
+// need protocol 4. InvalidArgument for trees that cannot be written (missing callable or args,
+// non-tuple args, nesting beyond max_depth, newlines in a protocol-2 global name).
 Result<std::string> WritePickle(const PickleValue& value, const PickleWriteOptions& options = {});
 
 }  // namespace dcpp

@@ -5,7 +5,11 @@ namespace {
 int g_exit_code = 0;
 }  // namespace
 
-void RegisterCommands(CLI::App& app) { RegisterInspect(app); }
+void RegisterCommands(CLI::App& app) {
+  RegisterInspect(app);
+  RegisterConvert(app);
+  RegisterDiff(app);
+}
 int ExitCode() { return g_exit_code; }
 void SetExitCode(int code) { g_exit_code = code; }
 

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <string>
 
 namespace dcpp::cli {
 
@@ -9,6 +10,11 @@ namespace dcpp::cli {
 void RegisterCommands(CLI::App& app);
 // Subcommand registration functions (one per file).
 void RegisterInspect(CLI::App& app);
+void RegisterConvert(CLI::App& app);
+void RegisterDiff(CLI::App& app);
+
+// `dcpp inspect` of a DCP directory; returns the exit code.
+int InspectDcp(const std::string& path, bool json);
 
 // Process exit code set by the subcommand that ran (0 by default).
 int ExitCode();

@@ -1,0 +1,146 @@
+// Storage layouts: how plans become files. StorageWriter/StorageReader are PyTorch's interfaces
+// of the same names; FileSystemWriter/FileSystemReader implement DCP's directory layout:
+//
+//   <dir>/__{rank}_{n}.distcp   items of one rank (one file per writer thread, or per item),
+//                               each item a complete torch.save archive (bytes items: the
+//                               torch.save of the value), at the offset recorded in .metadata
+//   <dir>/.metadata             the pickled Metadata; its appearance is the commit point
+//   <dir>/__{rank}.metadata     per-rank metadata in rank-local (no-collective) mode
+//
+// Writers stream tensors from the caller's memory; readers read only the byte ranges a plan
+// needs and land them directly in the destination tensors when the layouts allow.
+// Thread-safety: one writer/reader per save/load; they run their own I/O threads internally.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "dcpp/metadata.h"
+#include "dcpp/planner.h"
+#include "dcpp/status.h"
+
+namespace dcpp {
+
+class Store;
+
+struct WriteResult {
+  MetadataIndex index;
+  int64_t size_in_bytes = 0;
+  StorageInfo storage_data;
+};
+
+std::string EncodeWriteResults(const std::vector<WriteResult>& results);
+Result<std::vector<WriteResult>> DecodeWriteResults(std::string_view bytes);
+
+class StorageWriter {
+ public:
+  virtual ~StorageWriter() = default;
+  StorageWriter() = default;
+  StorageWriter(const StorageWriter&) = delete;
+  StorageWriter& operator=(const StorageWriter&) = delete;
+
+  // Prepares for a save by `rank`; the coordinator also checks the overwrite policy.
+  virtual Status SetUp(bool is_coordinator, int rank, bool use_collectives) = 0;
+  virtual Result<SavePlan> PrepareLocalPlan(SavePlan plan) = 0;
+  // Coordinator: assigns each rank's file prefix.
+  virtual Result<std::vector<SavePlan>> PrepareGlobalPlan(std::vector<SavePlan> plans) = 0;
+  // Writes this rank's items; blocking; returns where each went.
+  virtual Result<std::vector<WriteResult>> WriteData(const SavePlan& plan,
+                                                     SavePlanner& planner) = 0;
+  // Coordinator (or every rank in rank-local mode): records storage data in `metadata` and
+  // commits it. Nothing is visible as a checkpoint before this returns OK.
+  virtual Status Finish(Metadata& metadata,
+                        const std::vector<std::vector<WriteResult>>& results) = 0;
+  // Coordinator, after a successful Finish: removes files of a replaced checkpoint.
+  virtual Status CleanUp() { return Status::Ok(); }
+  // The checkpoint's name for messages and StorageMeta.
+  virtual std::string checkpoint_id() const = 0;
+};
+
+class StorageReader {
+ public:
+  virtual ~StorageReader() = default;
+  StorageReader() = default;
+  StorageReader(const StorageReader&) = delete;
+  StorageReader& operator=(const StorageReader&) = delete;
+
+  // `rank` >= 0 reads that rank's rank-local metadata (`__{rank}.metadata`).
+  virtual Result<Metadata> ReadMetadata(int rank = -1) = 0;
+  virtual Status SetUp(const Metadata& metadata, bool is_coordinator, int rank) = 0;
+  // Reads every item of `plan`, handing destinations and values through `planner`.
+  virtual Status ReadData(const LoadPlan& plan, LoadPlanner& planner) = 0;
+  virtual std::string checkpoint_id() const = 0;
+};
+
+struct FileSystemWriterOptions {
+  // One file per writer thread (DCP's single_file_per_rank) or one file per item.
+  bool single_file_per_rank = true;
+  int thread_count = 1;
+  bool sync_files = true;
+  // An existing committed checkpoint in the directory is replaced (atomically: its files stay
+  // valid until the new .metadata is committed) when true, refused when false.
+  bool overwrite = true;
+  MetadataEncodeOptions metadata;
+};
+
+class FileSystemWriter final : public StorageWriter {
+ public:
+  // Creates the directory if needed.
+  static Result<std::unique_ptr<FileSystemWriter>> Open(const std::string& path,
+                                                        FileSystemWriterOptions options = {});
+  // Over a store the caller keeps alive (in-memory and fault-injecting stores in tests).
+  FileSystemWriter(Store* store, std::string checkpoint_id, FileSystemWriterOptions options);
+  ~FileSystemWriter() override;
+
+  Status SetUp(bool is_coordinator, int rank, bool use_collectives) override;
+  Result<SavePlan> PrepareLocalPlan(SavePlan plan) override;
+  Result<std::vector<SavePlan>> PrepareGlobalPlan(std::vector<SavePlan> plans) override;
+  Result<std::vector<WriteResult>> WriteData(const SavePlan& plan, SavePlanner& planner) override;
+  Status Finish(Metadata& metadata,
+                const std::vector<std::vector<WriteResult>>& results) override;
+  Status CleanUp() override;
+  std::string checkpoint_id() const override { return checkpoint_id_; }
+
+ private:
+  std::unique_ptr<Store> owned_store_;
+  Store* store_;
+  std::string checkpoint_id_;
+  FileSystemWriterOptions options_;
+  int rank_ = 0;
+  bool use_collectives_ = true;
+  std::string save_tag_;      // non-empty when replacing a checkpoint: makes file names unique
+  std::vector<std::string> referenced_;  // files of the committed metadata (for CleanUp)
+};
+
+struct FileSystemReaderOptions {
+  int thread_count = 1;  // files read in parallel
+  bool verify_checksums = false;  // check CRC-32 of every torch.save record read
+};
+
+class FileSystemReader final : public StorageReader {
+ public:
+  static Result<std::unique_ptr<FileSystemReader>> Open(const std::string& path,
+                                                        FileSystemReaderOptions options = {});
+  FileSystemReader(Store* store, std::string checkpoint_id, FileSystemReaderOptions options);
+  ~FileSystemReader() override;
+
+  Result<Metadata> ReadMetadata(int rank = -1) override;
+  Status SetUp(const Metadata& metadata, bool is_coordinator, int rank) override;
+  Status ReadData(const LoadPlan& plan, LoadPlanner& planner) override;
+  std::string checkpoint_id() const override { return checkpoint_id_; }
+
+ private:
+  std::unique_ptr<Store> owned_store_;
+  Store* store_;
+  std::string checkpoint_id_;
+  FileSystemReaderOptions options_;
+  const Metadata* metadata_ = nullptr;
+  int rank_ = 0;
+};
+
+// Name of the file that marks a committed checkpoint.
+inline constexpr const char* kMetadataFileName = ".metadata";
+
+}  // namespace dcpp

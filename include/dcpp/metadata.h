@@ -1,0 +1,144 @@
+// Metadata: the global description of a committed DCP checkpoint (the `.metadata` file).
+//
+// The model mirrors PyTorch's `torch.distributed.checkpoint.metadata` classes: for every
+// fully-qualified name either a TensorStorageMetadata (dtype and other properties, global size,
+// the saved chunks) or a BytesStorageMetadata; `storage_data` maps each saved item
+// (MetadataIndex: fqn + chunk offsets) to where its bytes are (StorageInfo: file, offset,
+// length); `planner_data` maps each fqn to its path in the nested state dict.
+//
+// The codec reads every variant PyTorch has written (pickle protocols 2-5; 5- or 6-field
+// TensorProperties; both enum pickles; both pathlib forms; the 1.13 prototype class paths) and
+// writes what PyTorch >= 2.0 reads (see MetadataEncodeOptions). docs/format.md has the details.
+//
+// Invariants after ParseMetadata: every tensor chunk is inside its tensor's size, ranks match,
+// and storage_data keys name existing entries. Thread-safety: plain values.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <variant>
+#include <vector>
+
+#include "dcpp/chunk.h"
+#include "dcpp/dtype.h"
+#include "dcpp/state_dict.h"
+#include "dcpp/status.h"
+
+namespace dcpp {
+
+enum class MemoryFormat : uint8_t { kContiguous = 0, kChannelsLast = 1, kPreserve = 2 };
+
+struct TensorProperties {
+  DType dtype = DType::kFloat32;
+  bool requires_grad = false;
+  MemoryFormat memory_format = MemoryFormat::kContiguous;
+  bool pin_memory = false;
+  std::optional<Shape> strides;  // only newest PyTorch records it; never written by default
+  friend bool operator==(const TensorProperties&, const TensorProperties&) = default;
+};
+
+struct TensorStorageMetadata {
+  TensorProperties properties;
+  Shape size;
+  std::vector<ChunkBox> chunks;
+};
+
+struct BytesStorageMetadata {};
+
+using StorageMetadata = std::variant<TensorStorageMetadata, BytesStorageMetadata>;
+
+// Key of one saved item. Identity is (fqn, offset); `index` is only a lookup hint.
+struct MetadataIndex {
+  std::string fqn;
+  std::optional<Shape> offset;  // chunk offsets for tensors, absent for bytes
+  std::optional<int64_t> index;
+
+  std::string ToString() const;  // "fqn" or "fqn@[0, 4]"
+  friend bool operator==(const MetadataIndex& a, const MetadataIndex& b) {
+    return a.fqn == b.fqn && a.offset == b.offset;
+  }
+  friend bool operator<(const MetadataIndex& a, const MetadataIndex& b) {
+    if (a.fqn != b.fqn) return a.fqn < b.fqn;
+    return a.offset < b.offset;
+  }
+};
+
+// Where an item's bytes are: `length` bytes at `offset` of `relative_path` (a file name in the
+// checkpoint directory). Matches PyTorch's filesystem._StorageInfo.
+struct StorageInfo {
+  std::string relative_path;
+  int64_t offset = 0;
+  int64_t length = 0;
+  std::vector<std::string> transform_descriptors;  // e.g. "stream.zstd/1"; empty: raw
+  friend bool operator==(const StorageInfo&, const StorageInfo&) = default;
+};
+
+struct StorageMeta {
+  std::optional<std::string> checkpoint_id;
+  std::optional<std::string> save_id;
+  std::optional<std::string> load_id;
+  std::vector<std::string> modules;
+};
+
+// Insertion-ordered map from fqn to storage metadata (PyTorch's dict keeps order; so do we).
+class StateDictMetadata {
+ public:
+  // Inserts or returns the existing entry.
+  StorageMetadata& operator[](const std::string& fqn);
+  const StorageMetadata* Find(std::string_view fqn) const;
+  StorageMetadata* Find(std::string_view fqn);
+  size_t size() const { return entries_.size(); }
+  bool empty() const { return entries_.empty(); }
+  auto begin() const { return entries_.begin(); }
+  auto end() const { return entries_.end(); }
+  auto begin() { return entries_.begin(); }
+  auto end() { return entries_.end(); }
+
+ private:
+  std::vector<std::pair<std::string, StorageMetadata>> entries_;
+  std::unordered_map<std::string, size_t> index_;
+};
+
+struct Metadata {
+  StateDictMetadata state_dict_metadata;
+  // fqn -> path in the nested dict (DefaultSavePlanner's flattening mappings). Absent when the
+  // checkpoint was not flattened (e.g. the 1.13 prototype).
+  std::optional<std::map<std::string, ObjectPath>> planner_data;
+  std::map<MetadataIndex, StorageInfo> storage_data;
+  std::optional<StorageMeta> storage_meta;
+  std::optional<std::string> version;  // "1.0.0" from current writers
+
+  // Storage info for an item, or NotFound naming it.
+  Result<const StorageInfo*> FindStorage(const MetadataIndex& index) const;
+};
+
+// Which PyTorch the encoded `.metadata` must load in.
+enum class MetadataFlavor : uint8_t {
+  // torch.distributed.checkpoint.* classes; TensorProperties by its long-standing
+  // torch.distributed._shard.sharded_tensor.metadata path (resolvable in 1.13 and every 2.x);
+  // StorageMeta and version written as current PyTorch does (StorageMeta needs PyTorch >= 2.4).
+  kTorch2,
+  // As kTorch2 without StorageMeta: loads in every PyTorch 2.x.
+  kTorch2Portable,
+  // The 1.13 prototype's torch.distributed._shard.checkpoint.* classes, no StorageMeta/version.
+  kTorch113Prototype,
+};
+
+struct MetadataEncodeOptions {
+  MetadataFlavor flavor = MetadataFlavor::kTorch2;
+  int protocol = 4;  // Python's default for current CPython
+};
+
+Result<Metadata> ParseMetadata(std::string_view pickle_bytes);
+Result<std::string> EncodeMetadata(const Metadata& metadata,
+                                   const MetadataEncodeOptions& options = {});
+
+// Bounds and consistency checks (chunks inside size, matching ranks, storage keys present).
+// `what` names the source in messages.
+Status ValidateMetadata(const Metadata& metadata, std::string_view what);
+
+}  // namespace dcpp

@@ -1,0 +1,570 @@
+// The `.metadata` codec: PickleValue trees <-> dcpp::Metadata.
+//
+// Reading accepts every class path PyTorch has used for these classes (the class is matched by
+// its name; the module only has to be one of the known ones) and both enum and pathlib pickle
+// forms. Writing emits protocol-4 pickles that mirror what CPython's pickler produces for the
+// dataclasses (cls () NEWOBJ, then BUILD with the field dict), so Python sees ordinary objects.
+#include "dcpp/metadata.h"
+
+#include <algorithm>
+#include <set>
+
+#include "dcpp/pickle.h"
+
+namespace dcpp {
+
+std::string MetadataIndex::ToString() const {
+  if (!offset) return fqn;
+  return fqn + "@" + ShapeToString(*offset);
+}
+
+StorageMetadata& StateDictMetadata::operator[](const std::string& fqn) {
+  auto it = index_.find(fqn);
+  if (it != index_.end()) return entries_[it->second].second;
+  index_.emplace(fqn, entries_.size());
+  entries_.emplace_back(fqn, BytesStorageMetadata{});
+  return entries_.back().second;
+}
+
+const StorageMetadata* StateDictMetadata::Find(std::string_view fqn) const {
+  auto it = index_.find(std::string(fqn));
+  return it == index_.end() ? nullptr : &entries_[it->second].second;
+}
+
+StorageMetadata* StateDictMetadata::Find(std::string_view fqn) {
+  auto it = index_.find(std::string(fqn));
+  return it == index_.end() ? nullptr : &entries_[it->second].second;
+}
+
+Result<const StorageInfo*> Metadata::FindStorage(const MetadataIndex& index) const {
+  auto it = storage_data.find(index);
+  if (it == storage_data.end()) {
+    return NotFoundError("no storage entry for \"" + index.ToString() + "\" in metadata");
+  }
+  return &it->second;
+}
+
+namespace {
+
+// ---------------------------------------------------------------- parsing
+
+using Items = PickleValue::Items;
+using Kind = PickleValue::Kind;
+
+constexpr std::string_view kMetaModules[] = {
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed._shard.checkpoint.metadata",
+};
+constexpr std::string_view kStorageInfoModules[] = {
+    "torch.distributed.checkpoint.filesystem",
+    "torch.distributed._shard.checkpoint.filesystem",
+};
+constexpr std::string_view kPropertiesModules[] = {
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed._shard.sharded_tensor.metadata",
+    "torch.distributed._shard.checkpoint.metadata",
+};
+
+template <size_t N>
+bool InModules(std::string_view module, const std::string_view (&modules)[N]) {
+  return std::find(std::begin(modules), std::end(modules), module) != std::end(modules);
+}
+
+// The class global of an object node, or nullptr.
+const PickleValue::Global* ClassOf(const PickleValue& v) {
+  if (!v.is(Kind::kObject)) return nullptr;
+  const PickleRef& c = v.object().callable;
+  if (!c || !c->is(Kind::kGlobal)) return nullptr;
+  return &c->global();
+}
+
+template <size_t N>
+bool IsClass(const PickleValue& v, std::string_view name, const std::string_view (&modules)[N]) {
+  const auto* g = ClassOf(v);
+  return g && g->name == name && InModules(g->module, modules);
+}
+
+Status Bad(std::string_view what, const PickleValue& v) {
+  return DataLossError("metadata: expected " + std::string(what) + ", found " +
+                       v.DebugString(2));
+}
+
+// Field dict of a dataclass object (BUILD state), possibly absent (all defaults).
+const PickleValue* StateDict(const PickleValue& obj) {
+  const PickleRef& s = obj.object().state;
+  if (!s) return nullptr;
+  if (s->is(Kind::kDict)) return s.get();
+  // (dict_state, slot_state) form
+  if (s->is(Kind::kTuple) && s->items().size() == 2 && s->items()[0] &&
+      s->items()[0]->is(Kind::kDict)) {
+    return s->items()[0].get();
+  }
+  return nullptr;
+}
+
+const PickleValue* Field(const PickleValue& obj, std::string_view name) {
+  const PickleValue* st = StateDict(obj);
+  if (!st) return nullptr;
+  const PickleValue* f = st->FindStrKey(name);
+  if (f && f->is(Kind::kNone)) return nullptr;
+  return f;
+}
+
+Result<Shape> ParseSize(const PickleValue& v) {
+  const PickleValue* tuple = &v;
+  // torch.Size((a, b)) arrives as Call(torch.Size, ((a, b),)).
+  if (v.IsCallOf("torch", "Size")) {
+    const PickleRef& args = v.object().args;
+    if (!args || !args->is(Kind::kTuple) || args->items().size() != 1) return Bad("torch.Size", v);
+    tuple = args->items()[0].get();
+  }
+  if (!tuple || !(tuple->is(Kind::kTuple) || tuple->is(Kind::kList))) return Bad("a size", v);
+  Shape out;
+  out.reserve(tuple->items().size());
+  for (const auto& x : tuple->items()) {
+    DCPP_ASSIGN_OR_RETURN(int64_t i, x->GetInt());
+    if (i < 0) return DataLossError("metadata: negative size or offset " + std::to_string(i));
+    out.push_back(i);
+  }
+  return out;
+}
+
+Result<DType> ParseDType(const PickleValue& v) {
+  if (!v.is(Kind::kGlobal) || v.global().module != "torch") return Bad("a torch dtype", v);
+  auto d = DTypeFromName(v.global().name);
+  if (!d.ok()) return DataLossError("metadata: " + std::string(d.status().message()));
+  return *d;
+}
+
+Result<MemoryFormat> ParseMemFormat(const PickleValue& v) {
+  // Enum(value) form.
+  if (const auto* g = ClassOf(v)) {
+    if ((g->name == "_MEM_FORMAT_ENCODING" || g->name == "MEM_FORMAT_ENCODING") &&
+        v.object().args && v.object().args->items().size() == 1) {
+      DCPP_ASSIGN_OR_RETURN(int64_t i, v.object().args->items()[0]->GetInt());
+      if (i < 0 || i > 2) return DataLossError("metadata: memory format " + std::to_string(i));
+      return static_cast<MemoryFormat>(i);
+    }
+    // getattr(Enum, "TORCH_CONTIGUOUS_FORMAT") form (CPython 3.11.2).
+    if (g->module == "builtins" && g->name == "getattr" && v.object().args &&
+        v.object().args->items().size() == 2) {
+      DCPP_ASSIGN_OR_RETURN(std::string_view member, v.object().args->items()[1]->GetStr());
+      if (member == "TORCH_CONTIGUOUS_FORMAT") return MemoryFormat::kContiguous;
+      if (member == "TORCH_CHANNELS_LAST") return MemoryFormat::kChannelsLast;
+      if (member == "TORCH_PRESERVE_FORMAT") return MemoryFormat::kPreserve;
+      return DataLossError("metadata: memory format " + std::string(member));
+    }
+  }
+  return Bad("a memory format enum", v);
+}
+
+Status CheckLayout(const PickleValue& v) {
+  if (v.IsCallOf("torch.serialization", "_get_layout") && v.object().args &&
+      v.object().args->items().size() == 1) {
+    DCPP_ASSIGN_OR_RETURN(std::string_view name, v.object().args->items()[0]->GetStr());
+    if (name == "torch.strided") return Status::Ok();
+    return UnimplementedError("metadata: tensor layout " + std::string(name) +
+                              " is not supported (only torch.strided)");
+  }
+  if (v.is(Kind::kGlobal) && v.global().module == "torch" && v.global().name == "strided") {
+    return Status::Ok();
+  }
+  return Bad("a tensor layout", v);
+}
+
+Result<TensorProperties> ParseProperties(const PickleValue& v) {
+  if (!IsClass(v, "TensorProperties", kPropertiesModules)) return Bad("TensorProperties", v);
+  TensorProperties p;
+  const PickleRef& s = v.object().state;
+  if (s && s->is(Kind::kTuple)) {
+    const Items& t = s->items();
+    if (t.size() != 5 && t.size() != 6) {
+      return DataLossError("metadata: TensorProperties state has " + std::to_string(t.size()) +
+                           " fields, expected 5 or 6");
+    }
+    DCPP_ASSIGN_OR_RETURN(p.dtype, ParseDType(*t[0]));
+    DCPP_RETURN_IF_ERROR(CheckLayout(*t[1]));
+    DCPP_ASSIGN_OR_RETURN(p.requires_grad, t[2]->GetBool());
+    DCPP_ASSIGN_OR_RETURN(p.memory_format, ParseMemFormat(*t[3]));
+    DCPP_ASSIGN_OR_RETURN(p.pin_memory, t[4]->GetBool());
+    if (t.size() == 6 && !t[5]->is(Kind::kNone)) {
+      DCPP_ASSIGN_OR_RETURN(p.strides, ParseSize(*t[5]));
+    }
+    return p;
+  }
+  // A plain field dict (no __getstate__): dtype etc. by name.
+  if (const PickleValue* d = Field(v, "dtype")) {
+    DCPP_ASSIGN_OR_RETURN(p.dtype, ParseDType(*d));
+  }
+  if (const PickleValue* r = Field(v, "requires_grad")) {
+    DCPP_ASSIGN_OR_RETURN(p.requires_grad, r->GetBool());
+  }
+  if (const PickleValue* pm = Field(v, "pin_memory")) {
+    DCPP_ASSIGN_OR_RETURN(p.pin_memory, pm->GetBool());
+  }
+  return p;
+}
+
+Result<TensorStorageMetadata> ParseTensorMetadata(const PickleValue& v) {
+  TensorStorageMetadata out;
+  const PickleValue* props = Field(v, "properties");
+  const PickleValue* size = Field(v, "size");
+  const PickleValue* chunks = Field(v, "chunks");
+  if (!props || !size || !chunks) return Bad("TensorStorageMetadata fields", v);
+  DCPP_ASSIGN_OR_RETURN(out.properties, ParseProperties(*props));
+  DCPP_ASSIGN_OR_RETURN(out.size, ParseSize(*size));
+  DCPP_ASSIGN_OR_RETURN(const Items* list, chunks->GetList());
+  out.chunks.reserve(list->size());
+  for (const auto& c : *list) {
+    if (!IsClass(*c, "ChunkStorageMetadata", kMetaModules)) return Bad("ChunkStorageMetadata", *c);
+    const PickleValue* off = Field(*c, "offsets");
+    const PickleValue* sz = Field(*c, "sizes");
+    if (!off || !sz) return Bad("ChunkStorageMetadata fields", *c);
+    ChunkBox box;
+    DCPP_ASSIGN_OR_RETURN(box.offsets, ParseSize(*off));
+    DCPP_ASSIGN_OR_RETURN(box.sizes, ParseSize(*sz));
+    out.chunks.push_back(std::move(box));
+  }
+  return out;
+}
+
+Result<MetadataIndex> ParseIndex(const PickleValue& v) {
+  if (!IsClass(v, "MetadataIndex", kMetaModules)) return Bad("MetadataIndex", v);
+  MetadataIndex idx;
+  const PickleValue* fqn = Field(v, "fqn");
+  if (!fqn) return Bad("MetadataIndex.fqn", v);
+  DCPP_ASSIGN_OR_RETURN(std::string_view f, fqn->GetStr());
+  idx.fqn = std::string(f);
+  if (const PickleValue* off = Field(v, "offset")) {
+    DCPP_ASSIGN_OR_RETURN(idx.offset, ParseSize(*off));
+  }
+  if (const PickleValue* i = Field(v, "index")) {
+    DCPP_ASSIGN_OR_RETURN(idx.index, i->GetInt());
+  }
+  return idx;
+}
+
+Result<StorageInfo> ParseStorageInfo(const PickleValue& v) {
+  if (!IsClass(v, "_StorageInfo", kStorageInfoModules)) return Bad("_StorageInfo", v);
+  StorageInfo info;
+  const PickleValue* path = Field(v, "relative_path");
+  const PickleValue* off = Field(v, "offset");
+  const PickleValue* len = Field(v, "length");
+  if (!path || !off || !len) return Bad("_StorageInfo fields", v);
+  DCPP_ASSIGN_OR_RETURN(std::string_view p, path->GetStr());
+  info.relative_path = std::string(p);
+  DCPP_ASSIGN_OR_RETURN(info.offset, off->GetInt());
+  DCPP_ASSIGN_OR_RETURN(info.length, len->GetInt());
+  if (info.offset < 0 || info.length < 0) {
+    return DataLossError("metadata: negative offset or length for \"" + info.relative_path + "\"");
+  }
+  if (const PickleValue* t = Field(v, "transform_descriptors")) {
+    const Items* list = nullptr;
+    if (t->is(Kind::kList)) list = &t->items();
+    if (t->is(Kind::kTuple)) list = &t->items();
+    if (!list) return Bad("a list of transform descriptors", *t);
+    for (const auto& d : *list) {
+      DCPP_ASSIGN_OR_RETURN(std::string_view s, d->GetStr());
+      info.transform_descriptors.emplace_back(s);
+    }
+  }
+  return info;
+}
+
+// checkpoint_id may be a str or a pathlib path object.
+Result<std::optional<std::string>> ParseCheckpointId(const PickleValue& v) {
+  if (v.is(Kind::kNone)) return std::optional<std::string>();
+  if (v.is(Kind::kStr)) return std::optional<std::string>(v.as_str());
+  if (const auto* g = ClassOf(v)) {
+    if ((g->module == "pathlib" || g->module == "pathlib._local") &&
+        (g->name == "PosixPath" || g->name == "PurePosixPath" || g->name == "Path") &&
+        v.object().args) {
+      std::string out;
+      for (const auto& part : v.object().args->items()) {
+        DCPP_ASSIGN_OR_RETURN(std::string_view s, part->GetStr());
+        if (!out.empty() && out.back() != '/') out += '/';
+        out += s;
+      }
+      return std::optional<std::string>(out);
+    }
+  }
+  return Bad("a checkpoint id (str or path)", v);
+}
+
+Result<StorageMeta> ParseStorageMeta(const PickleValue& v) {
+  if (!IsClass(v, "StorageMeta", kMetaModules)) return Bad("StorageMeta", v);
+  StorageMeta m;
+  if (const PickleValue* id = Field(v, "checkpoint_id")) {
+    DCPP_ASSIGN_OR_RETURN(m.checkpoint_id, ParseCheckpointId(*id));
+  }
+  for (auto [name, dst] : {std::pair{"save_id", &m.save_id}, std::pair{"load_id", &m.load_id}}) {
+    if (const PickleValue* f = Field(v, name)) {
+      DCPP_ASSIGN_OR_RETURN(std::string_view s, f->GetStr());
+      *dst = std::string(s);
+    }
+  }
+  if (const PickleValue* mods = Field(v, "modules")) {
+    DCPP_ASSIGN_OR_RETURN(const Items* list, mods->GetList());
+    for (const auto& x : *list) {
+      DCPP_ASSIGN_OR_RETURN(std::string_view s, x->GetStr());
+      m.modules.emplace_back(s);
+    }
+  }
+  return m;
+}
+
+// planner_data of DefaultSavePlanner: {fqn: (str | int, ...)}. Anything else is dropped.
+std::optional<std::map<std::string, ObjectPath>> ParsePlannerData(const PickleValue& v) {
+  if (!v.is(Kind::kDict)) return std::nullopt;
+  std::map<std::string, ObjectPath> out;
+  for (const auto& [k, path] : v.dict_items()) {
+    if (!k->is(Kind::kStr) || !(path->is(Kind::kTuple) || path->is(Kind::kList))) {
+      return std::nullopt;
+    }
+    ObjectPath p;
+    for (const auto& part : path->items()) {
+      if (part->is(Kind::kStr)) {
+        p.emplace_back(part->as_str());
+      } else if (part->is(Kind::kInt)) {
+        p.emplace_back(part->as_int());
+      } else {
+        return std::nullopt;
+      }
+    }
+    out.emplace(k->as_str(), std::move(p));
+  }
+  return out;
+}
+
+Result<Metadata> ParseRoot(const PickleValue& root) {
+  if (!IsClass(root, "Metadata", kMetaModules)) return Bad("a Metadata object", root);
+  Metadata md;
+  const PickleValue* sdm = Field(root, "state_dict_metadata");
+  if (!sdm) return Bad("Metadata.state_dict_metadata", root);
+  DCPP_ASSIGN_OR_RETURN(const PickleValue::DictItems* entries, sdm->GetDict());
+  for (const auto& [k, v] : *entries) {
+    DCPP_ASSIGN_OR_RETURN(std::string_view fqn, k->GetStr());
+    if (md.state_dict_metadata.Find(fqn)) {
+      return DataLossError("metadata: duplicate key \"" + std::string(fqn) + "\"");
+    }
+    if (IsClass(*v, "BytesStorageMetadata", kMetaModules)) {
+      md.state_dict_metadata[std::string(fqn)] = BytesStorageMetadata{};
+    } else if (IsClass(*v, "TensorStorageMetadata", kMetaModules)) {
+      auto t = ParseTensorMetadata(*v);
+      if (!t.ok()) return t.status().WithContext("key \"" + std::string(fqn) + "\"");
+      md.state_dict_metadata[std::string(fqn)] = std::move(*t);
+    } else {
+      return Bad("storage metadata for \"" + std::string(fqn) + "\"", *v);
+    }
+  }
+  if (const PickleValue* pd = Field(root, "planner_data")) md.planner_data = ParsePlannerData(*pd);
+  if (const PickleValue* sd = Field(root, "storage_data")) {
+    DCPP_ASSIGN_OR_RETURN(const PickleValue::DictItems* items, sd->GetDict());
+    for (const auto& [k, v] : *items) {
+      DCPP_ASSIGN_OR_RETURN(MetadataIndex idx, ParseIndex(*k));
+      auto info = ParseStorageInfo(*v);
+      if (!info.ok()) return info.status().WithContext("storage of \"" + idx.ToString() + "\"");
+      md.storage_data[idx] = std::move(*info);  // later entries win, as in Python
+    }
+  }
+  if (const PickleValue* sm = Field(root, "storage_meta")) {
+    DCPP_ASSIGN_OR_RETURN(md.storage_meta, ParseStorageMeta(*sm));
+  }
+  if (const PickleValue* ver = Field(root, "version")) {
+    DCPP_ASSIGN_OR_RETURN(std::string_view s, ver->GetStr());
+    md.version = std::string(s);
+  }
+  return md;
+}
+
+// ---------------------------------------------------------------- encoding
+
+struct Paths {
+  std::string meta;
+  std::string storage_info;
+  std::string properties;
+};
+
+Paths PathsFor(MetadataFlavor f) {
+  if (f == MetadataFlavor::kTorch113Prototype) {
+    return {"torch.distributed._shard.checkpoint.metadata",
+            "torch.distributed._shard.checkpoint.filesystem",
+            "torch.distributed._shard.sharded_tensor.metadata"};
+  }
+  return {"torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+          "torch.distributed._shard.sharded_tensor.metadata"};
+}
+
+class Encoder {
+ public:
+  explicit Encoder(MetadataFlavor flavor) : flavor_(flavor), paths_(PathsFor(flavor)) {}
+
+  PickleRef Size(const Shape& s) {
+    Items items;
+    for (int64_t x : s) items.push_back(PickleValue::Int(x));
+    return PickleValue::Call(PickleValue::MakeGlobal("torch", "Size"),
+                             PickleValue::Tuple({PickleValue::Tuple(std::move(items))}));
+  }
+
+  PickleRef DataObject(const std::string& module, const std::string& name,
+                       PickleValue::DictItems fields) {
+    PickleRef state = fields.empty() ? nullptr : PickleValue::Dict(std::move(fields));
+    return PickleValue::New(PickleValue::MakeGlobal(module, name), PickleValue::Tuple(), state);
+  }
+
+  static std::pair<PickleRef, PickleRef> F(const char* name, PickleRef v) {
+    return {PickleValue::Str(name), std::move(v)};
+  }
+
+  PickleRef Properties(const TensorProperties& p) {
+    Items state = {
+        PickleValue::MakeGlobal("torch", std::string(DTypeName(p.dtype))),
+        PickleValue::Call(PickleValue::MakeGlobal("torch.serialization", "_get_layout"),
+                          PickleValue::Tuple({PickleValue::Str("torch.strided")})),
+        PickleValue::Bool(p.requires_grad),
+        PickleValue::Call(PickleValue::MakeGlobal(paths_.properties, "MEM_FORMAT_ENCODING"),
+                          PickleValue::Tuple({PickleValue::Int(static_cast<int>(p.memory_format))})),
+        PickleValue::Bool(p.pin_memory),
+    };
+    return PickleValue::New(PickleValue::MakeGlobal(paths_.properties, "TensorProperties"),
+                            PickleValue::Tuple(), PickleValue::Tuple(std::move(state)));
+  }
+
+  PickleRef Tensor(const TensorStorageMetadata& t) {
+    Items chunks;
+    for (const auto& c : t.chunks) {
+      chunks.push_back(DataObject(paths_.meta, "ChunkStorageMetadata",
+                                  {F("offsets", Size(c.offsets)), F("sizes", Size(c.sizes))}));
+    }
+    return DataObject(paths_.meta, "TensorStorageMetadata",
+                      {F("properties", Properties(t.properties)), F("size", Size(t.size)),
+                       F("chunks", PickleValue::List(std::move(chunks)))});
+  }
+
+  PickleRef Index(const MetadataIndex& idx) {
+    PickleValue::DictItems fields = {
+        F("fqn", PickleValue::Str(idx.fqn)),
+        F("index", idx.index ? PickleValue::Int(*idx.index) : PickleValue::None())};
+    if (idx.offset) fields.push_back(F("offset", Size(*idx.offset)));
+    return DataObject(paths_.meta, "MetadataIndex", std::move(fields));
+  }
+
+  PickleRef Info(const StorageInfo& s) {
+    PickleValue::DictItems fields = {F("relative_path", PickleValue::Str(s.relative_path)),
+                                     F("offset", PickleValue::Int(s.offset)),
+                                     F("length", PickleValue::Int(s.length))};
+    if (!s.transform_descriptors.empty()) {
+      Items d;
+      for (const auto& x : s.transform_descriptors) d.push_back(PickleValue::Str(x));
+      fields.push_back(F("transform_descriptors", PickleValue::List(std::move(d))));
+    }
+    return DataObject(paths_.storage_info, "_StorageInfo", std::move(fields));
+  }
+
+  static PickleRef OptStr(const std::optional<std::string>& s) {
+    return s ? PickleValue::Str(*s) : PickleValue::None();
+  }
+
+  PickleRef Root(const Metadata& md) {
+    PickleValue::DictItems sdm;
+    for (const auto& [fqn, m] : md.state_dict_metadata) {
+      if (const auto* t = std::get_if<TensorStorageMetadata>(&m)) {
+        sdm.emplace_back(PickleValue::Str(fqn), Tensor(*t));
+      } else {
+        sdm.emplace_back(PickleValue::Str(fqn),
+                         DataObject(paths_.meta, "BytesStorageMetadata", {}));
+      }
+    }
+    PickleRef planner = PickleValue::None();
+    if (md.planner_data) {
+      PickleValue::DictItems pd;
+      for (const auto& [fqn, path] : *md.planner_data) {
+        Items parts;
+        for (const auto& p : path) {
+          if (const auto* s = std::get_if<std::string>(&p)) {
+            parts.push_back(PickleValue::Str(*s));
+          } else {
+            parts.push_back(PickleValue::Int(std::get<int64_t>(p)));
+          }
+        }
+        pd.emplace_back(PickleValue::Str(fqn), PickleValue::Tuple(std::move(parts)));
+      }
+      planner = PickleValue::Dict(std::move(pd));
+    }
+    PickleValue::DictItems storage;
+    for (const auto& [idx, info] : md.storage_data) storage.emplace_back(Index(idx), Info(info));
+
+    PickleValue::DictItems fields = {F("state_dict_metadata", PickleValue::Dict(std::move(sdm))),
+                                     F("planner_data", planner),
+                                     F("storage_data", PickleValue::Dict(std::move(storage)))};
+    if (flavor_ == MetadataFlavor::kTorch2 && md.storage_meta) {
+      Items mods;
+      for (const auto& m : md.storage_meta->modules) mods.push_back(PickleValue::Str(m));
+      fields.push_back(F("storage_meta",
+                         DataObject(paths_.meta, "StorageMeta",
+                                    {F("checkpoint_id", OptStr(md.storage_meta->checkpoint_id)),
+                                     F("save_id", OptStr(md.storage_meta->save_id)),
+                                     F("load_id", PickleValue::None()),
+                                     F("modules", PickleValue::List(std::move(mods)))})));
+    }
+    if (flavor_ != MetadataFlavor::kTorch113Prototype) {
+      fields.push_back(F("version", OptStr(md.version)));
+    }
+    return DataObject(paths_.meta, "Metadata", std::move(fields));
+  }
+
+ private:
+  MetadataFlavor flavor_;
+  Paths paths_;
+};
+
+}  // namespace
+
+Status ValidateMetadata(const Metadata& md, std::string_view what) {
+  for (const auto& [fqn, m] : md.state_dict_metadata) {
+    const auto* t = std::get_if<TensorStorageMetadata>(&m);
+    if (!t) continue;
+    for (const auto& c : t->chunks) {
+      if (c.offsets.size() != t->size.size() || c.sizes.size() != t->size.size() ||
+          !Contains(WholeBox(t->size), c)) {
+        return DataLossError(std::string(what) + ": chunk " + c.ToString() + " of \"" + fqn +
+                             "\" does not fit its size " + ShapeToString(t->size));
+      }
+    }
+  }
+  for (const auto& [idx, info] : md.storage_data) {
+    const StorageMetadata* m = md.state_dict_metadata.Find(idx.fqn);
+    if (!m) {
+      return DataLossError(std::string(what) + ": storage entry for unknown key \"" + idx.fqn +
+                           "\"");
+    }
+    if (info.relative_path.empty() || info.relative_path.find('/') != std::string::npos ||
+        info.relative_path == "." || info.relative_path == "..") {
+      return DataLossError(std::string(what) + ": \"" + idx.ToString() +
+                           "\" points at file \"" + info.relative_path +
+                           "\" outside the checkpoint directory");
+    }
+  }
+  return Status::Ok();
+}
+
+Result<Metadata> ParseMetadata(std::string_view pickle_bytes) {
+  PickleReadOptions opts;
+  static const PickleAllowList kAllow = PickleAllowList::DcpMetadata();
+  opts.allow = &kAllow;
+  DCPP_ASSIGN_OR_RETURN(PickleRef root, ReadPickle(pickle_bytes, opts));
+  DCPP_ASSIGN_OR_RETURN(Metadata md, ParseRoot(*root));
+  DCPP_RETURN_IF_ERROR(ValidateMetadata(md, "metadata"));
+  return md;
+}
+
+Result<std::string> EncodeMetadata(const Metadata& metadata,
+                                   const MetadataEncodeOptions& options) {
+  Encoder enc(options.flavor);
+  PickleRef root = enc.Root(metadata);
+  PickleWriteOptions w;
+  w.protocol = options.protocol;
+  return WritePickle(*root, w);
+}
+
+}  // namespace dcpp

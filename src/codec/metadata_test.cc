@@ -1,0 +1,173 @@
+#include "dcpp/metadata.h"
+
+#include "dcpp/pickle.h"
+#include "testing/testing.h"
+
+namespace dcpp {
+namespace {
+
+using ::dcpp::testing::StatusIs;
+using ::testing::HasSubstr;
+
+Metadata Sample() {
+  Metadata md;
+  md.state_dict_metadata["model.w"] = TensorStorageMetadata{
+      {DType::kBFloat16, false, MemoryFormat::kContiguous, false, std::nullopt},
+      {4, 6},
+      {{{0, 0}, {2, 6}}, {{2, 0}, {2, 6}}}};
+  md.state_dict_metadata["step"] = BytesStorageMetadata{};
+  md.planner_data = std::map<std::string, ObjectPath>{
+      {"model.w", {std::string("model"), std::string("w")}}, {"step", {std::string("step")}}};
+  md.storage_data[{"model.w", Shape{0, 0}, 0}] = {"__0_0.distcp", 0, 1000, {}};
+  md.storage_data[{"model.w", Shape{2, 0}, 1}] = {"__1_0.distcp", 0, 1000, {}};
+  md.storage_data[{"step", std::nullopt, std::nullopt}] = {"__0_0.distcp", 1000, 700, {}};
+  md.storage_meta = StorageMeta{std::string("/tmp/ck"), std::string("abc"), std::nullopt, {}};
+  md.version = "1.0.0";
+  return md;
+}
+
+void ExpectSame(const Metadata& a, const Metadata& b) {
+  ASSERT_EQ(a.state_dict_metadata.size(), b.state_dict_metadata.size());
+  for (const auto& [fqn, m] : a.state_dict_metadata) {
+    const StorageMetadata* o = b.state_dict_metadata.Find(fqn);
+    ASSERT_NE(o, nullptr) << fqn;
+    ASSERT_EQ(m.index(), o->index()) << fqn;
+    if (const auto* t = std::get_if<TensorStorageMetadata>(&m)) {
+      const auto& u = std::get<TensorStorageMetadata>(*o);
+      EXPECT_EQ(t->properties, u.properties);
+      EXPECT_EQ(t->size, u.size);
+      EXPECT_EQ(t->chunks, u.chunks);
+    }
+  }
+  EXPECT_EQ(a.storage_data.size(), b.storage_data.size());
+  for (const auto& [k, v] : a.storage_data) {
+    auto it = b.storage_data.find(k);
+    ASSERT_NE(it, b.storage_data.end()) << k.ToString();
+    EXPECT_EQ(it->second, v);
+    EXPECT_EQ(it->first.index, k.index);
+  }
+}
+
+TEST(MetadataTest, RoundTripsEveryFlavorAndProtocol) {
+  Metadata md = Sample();
+  for (auto flavor : {MetadataFlavor::kTorch2, MetadataFlavor::kTorch2Portable,
+                      MetadataFlavor::kTorch113Prototype}) {
+    for (int protocol : {2, 4}) {
+      DCPP_ASSERT_OK_AND_ASSIGN(std::string bytes, EncodeMetadata(md, {flavor, protocol}));
+      DCPP_ASSERT_OK_AND_ASSIGN(Metadata back, ParseMetadata(bytes));
+      ExpectSame(md, back);
+      EXPECT_EQ(back.planner_data, md.planner_data);
+      if (flavor == MetadataFlavor::kTorch2) {
+        ASSERT_TRUE(back.storage_meta.has_value());
+        EXPECT_EQ(back.storage_meta->checkpoint_id, "/tmp/ck");
+        EXPECT_EQ(back.version, "1.0.0");
+      } else {
+        EXPECT_FALSE(back.storage_meta.has_value());
+      }
+    }
+  }
+}
+
+// Builds TensorProperties the way other PyTorch versions pickle it.
+PickleRef Props(PickleRef enum_value, bool six) {
+  PickleValue::Items state = {
+      PickleValue::MakeGlobal("torch", "float32"),
+      PickleValue::Call(PickleValue::MakeGlobal("torch.serialization", "_get_layout"),
+                        PickleValue::Tuple({PickleValue::Str("torch.strided")})),
+      PickleValue::Bool(false), enum_value, PickleValue::Bool(false)};
+  if (six) {
+    state.push_back(PickleValue::Tuple({PickleValue::Int(3), PickleValue::Int(1)}));
+  }
+  return PickleValue::New(
+      PickleValue::MakeGlobal("torch.distributed.checkpoint.metadata", "TensorProperties"),
+      PickleValue::Tuple(), PickleValue::Tuple(std::move(state)));
+}
+
+PickleRef Size(std::initializer_list<int64_t> dims) {
+  PickleValue::Items items;
+  for (int64_t d : dims) items.push_back(PickleValue::Int(d));
+  return PickleValue::Call(PickleValue::MakeGlobal("torch", "Size"),
+                           PickleValue::Tuple({PickleValue::Tuple(std::move(items))}));
+}
+
+PickleRef Obj(const char* name, PickleValue::DictItems fields) {
+  return PickleValue::New(PickleValue::MakeGlobal("torch.distributed.checkpoint.metadata", name),
+                          PickleValue::Tuple(), PickleValue::Dict(std::move(fields)));
+}
+
+std::pair<PickleRef, PickleRef> F(const char* k, PickleRef v) { return {PickleValue::Str(k), v}; }
+
+std::string Newest(PickleRef enum_value, PickleRef checkpoint_id) {
+  PickleRef chunk = Obj("ChunkStorageMetadata", {F("offsets", Size({0, 0})), F("sizes", Size({2, 3}))});
+  PickleRef tmd = Obj("TensorStorageMetadata", {F("properties", Props(enum_value, true)),
+                                               F("size", Size({2, 3})),
+                                               F("chunks", PickleValue::List({chunk}))});
+  PickleRef idx = Obj("MetadataIndex", {F("fqn", PickleValue::Str("w")),
+                                        F("index", PickleValue::Int(0)),
+                                        F("offset", Size({0, 0}))});
+  PickleRef info = PickleValue::New(
+      PickleValue::MakeGlobal("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+      PickleValue::Tuple(),
+      PickleValue::Dict({F("relative_path", PickleValue::Str("__0_0.distcp")),
+                         F("offset", PickleValue::Int(0)), F("length", PickleValue::Int(500)),
+                         F("transform_descriptors", PickleValue::List())}));
+  PickleRef meta = Obj("StorageMeta", {F("checkpoint_id", checkpoint_id),
+                                       F("save_id", PickleValue::Str("s")),
+                                       F("load_id", PickleValue::None()),
+                                       F("modules", PickleValue::List())});
+  PickleRef root = Obj(
+      "Metadata",
+      {F("state_dict_metadata", PickleValue::Dict({{PickleValue::Str("w"), tmd}})),
+       F("planner_data", PickleValue::Dict({{PickleValue::Str("w"),
+                                             PickleValue::Tuple({PickleValue::Str("w")})}})),
+       F("storage_data", PickleValue::Dict({{idx, info}})), F("storage_meta", meta),
+       F("version", PickleValue::Str("1.0.0"))});
+  return *WritePickle(*root, {4});
+}
+
+TEST(MetadataTest, ReadsNewestVariants) {
+  const char* kEnum = "torch.distributed.checkpoint.metadata";
+  PickleRef value_form = PickleValue::Call(PickleValue::MakeGlobal(kEnum, "_MEM_FORMAT_ENCODING"),
+                                           PickleValue::Tuple({PickleValue::Int(1)}));
+  PickleRef getattr_form = PickleValue::Call(
+      PickleValue::MakeGlobal("builtins", "getattr"),
+      PickleValue::Tuple({PickleValue::MakeGlobal(kEnum, "_MEM_FORMAT_ENCODING"),
+                          PickleValue::Str("TORCH_CHANNELS_LAST")}));
+  PickleRef old_path = PickleValue::Call(
+      PickleValue::MakeGlobal("pathlib", "PosixPath"),
+      PickleValue::Tuple({PickleValue::Str("/"), PickleValue::Str("tmp"), PickleValue::Str("ck")}));
+  PickleRef new_path = PickleValue::Call(PickleValue::MakeGlobal("pathlib._local", "PosixPath"),
+                                         PickleValue::Tuple({PickleValue::Str("/tmp/ck")}));
+  for (const auto& e : {value_form, getattr_form}) {
+    for (const auto& p : {old_path, new_path}) {
+      DCPP_ASSERT_OK_AND_ASSIGN(Metadata md, ParseMetadata(Newest(e, p)));
+      const auto& t = std::get<TensorStorageMetadata>(*md.state_dict_metadata.Find("w"));
+      EXPECT_EQ(t.properties.memory_format, MemoryFormat::kChannelsLast);
+      EXPECT_EQ(t.properties.strides, (Shape{3, 1}));
+      EXPECT_EQ(md.storage_meta->checkpoint_id, "/tmp/ck");
+      DCPP_ASSERT_OK_AND_ASSIGN(const StorageInfo* info, md.FindStorage({"w", Shape{0, 0}, {}}));
+      EXPECT_EQ(info->length, 500);
+    }
+  }
+}
+
+TEST(MetadataTest, RejectsHostileContent) {
+  Metadata md = Sample();
+  md.storage_data[{"step", std::nullopt, std::nullopt}].relative_path = "../../etc/passwd";
+  DCPP_ASSERT_OK_AND_ASSIGN(std::string bytes, EncodeMetadata(md));
+  EXPECT_THAT(ParseMetadata(bytes),
+              StatusIs(StatusCode::kDataLoss, HasSubstr("outside the checkpoint directory")));
+  Metadata md2 = Sample();
+  std::get<TensorStorageMetadata>(*md2.state_dict_metadata.Find("model.w")).chunks[1].offsets = {3, 0};
+  DCPP_ASSERT_OK_AND_ASSIGN(bytes, EncodeMetadata(md2));
+  EXPECT_THAT(ParseMetadata(bytes), StatusIs(StatusCode::kDataLoss, HasSubstr("does not fit")));
+  EXPECT_FALSE(ParseMetadata("not a pickle").ok());
+  // A global outside the allow-list never runs.
+  PickleRef evil = PickleValue::Call(PickleValue::MakeGlobal("os", "system"),
+                                     PickleValue::Tuple({PickleValue::Str("true")}));
+  EXPECT_THAT(ParseMetadata(*WritePickle(*evil, {4})),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("os.system")));
+}
+
+}  // namespace
+}  // namespace dcpp

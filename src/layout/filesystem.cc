@@ -1,0 +1,519 @@
+// DCP's file-system layout: FileSystemWriter and FileSystemReader.
+//
+// Steps of a save as this file carries them out (design.md §3):
+//   1. SetUp: create the directory. If a committed checkpoint (.metadata) is already there,
+//      refuse (overwrite=false) or give this save's data files a unique tag
+//      (`__{rank}_{n}_{tag}.distcp`) so the old checkpoint's files are never touched before the
+//      new metadata is committed.
+//   2. PrepareGlobalPlan (coordinator): prefix `__{rank}_` for each rank's files.
+//   3. WriteData (every rank): items split into buckets (one per writer thread, or one per item);
+//      each bucket is one file, written front to back: bytes items first, then tensors, each a
+//      complete torch.save archive streamed from the caller's memory. With sync_files, every
+//      file is fsync'ed before WriteData returns.
+//   4. Finish (coordinator, only after every rank's writes succeeded): storage data merged into
+//      the Metadata, which is encoded and written to `.metadata.tmp`, fsync'ed, renamed to
+//      `.metadata`, and the directory fsync'ed. The rename is the commit point: before it the
+//      previous checkpoint (if any) is intact; after it the new one is complete and durable.
+//   5. CleanUp (coordinator): data files that the new metadata does not reference (a replaced
+//      checkpoint's, or a failed save's) are removed.
+// A load reads `.metadata` (or `__{rank}.metadata` in rank-local mode), then reads for each
+// item only its byte range, decoding the torch.save archive in place.
+#include <atomic>
+#include <cstring>
+#include <mutex>
+#include <random>
+#include <thread>
+#include <unordered_map>
+#include <zstd.h>
+
+#include "dcpp/layout.h"
+#include "dcpp/storage.h"
+#include "dcpp/torch_save.h"
+
+namespace dcpp {
+
+namespace {
+
+constexpr const char* kVersion = "1.0.0";
+constexpr const char* kSuffix = ".distcp";
+
+std::string RandomHex(int n) {
+  static thread_local std::mt19937_64 rng(std::random_device{}());
+  static const char* kHex = "0123456789abcdef";
+  std::string s;
+  for (int i = 0; i < n; ++i) s.push_back(kHex[rng() & 15]);
+  return s;
+}
+
+std::string Uuid4() {
+  std::string h = RandomHex(32);
+  h[12] = '4';
+  h[16] = "89ab"[h[16] % 4];
+  return h.substr(0, 8) + "-" + h.substr(8, 4) + "-" + h.substr(12, 4) + "-" + h.substr(16, 4) +
+         "-" + h.substr(20);
+}
+
+std::string RankMetadataName(int rank) { return "__" + std::to_string(rank) + ".metadata"; }
+
+// A tensor over the caller's memory, without copying when the view is dense.
+Result<Tensor> Borrow(const TensorView& v) {
+  if (!v.device().is_cpu()) {
+    return UnimplementedError("tensors on " + v.device().ToString() + " cannot be saved yet");
+  }
+  if (v.is_contiguous()) {
+    auto storage = Storage::Wrap(v.data(), v.nbytes(), v.device(), nullptr);
+    return Tensor::FromStorage(std::move(storage), v.dtype(), v.shape());
+  }
+  // A permuted dense view (e.g. a transpose) spans exactly its bytes: keep its strides, as
+  // torch.save does. Anything with gaps is compacted.
+  int64_t span = v.StorageElementsNeeded() - v.storage_offset();
+  auto storage = Storage::Wrap(v.data(), static_cast<size_t>(span) * v.element_size(),
+                               v.device(), nullptr);
+  Shape strides = v.strides();
+  DCPP_ASSIGN_OR_RETURN(Tensor t, Tensor::FromStorage(std::move(storage), v.dtype(), v.shape(),
+                                                      std::move(strides)));
+  if (span == v.numel()) return t;
+  return t.Clone();
+}
+
+struct Bucket {
+  std::vector<size_t> items;  // indexes into the plan
+  int64_t bytes = 0;
+};
+
+// PyTorch's _split_by_size_and_type: bytes items round-robin, tensors largest first to the
+// lightest bucket.
+std::vector<Bucket> SplitBySizeAndType(const SavePlan& plan, size_t bins) {
+  std::vector<Bucket> buckets(std::max<size_t>(bins, 1));
+  if (buckets.size() == 1) {
+    for (size_t i = 0; i < plan.items.size(); ++i) buckets[0].items.push_back(i);
+    return buckets;
+  }
+  std::vector<size_t> tensors;
+  size_t rr = 0;
+  for (size_t i = 0; i < plan.items.size(); ++i) {
+    if (plan.items[i].type == WriteItemType::kByteIO) {
+      buckets[rr++ % buckets.size()].items.push_back(i);
+    } else {
+      tensors.push_back(i);
+    }
+  }
+  std::stable_sort(tensors.begin(), tensors.end(), [&](size_t a, size_t b) {
+    return plan.items[a].StorageSize() > plan.items[b].StorageSize();
+  });
+  for (size_t i : tensors) {
+    size_t best = 0;
+    for (size_t b = 1; b < buckets.size(); ++b) {
+      if (buckets[b].bytes < buckets[best].bytes) best = b;
+    }
+    buckets[best].items.push_back(i);
+    buckets[best].bytes += plan.items[i].StorageSize();
+  }
+  return buckets;
+}
+
+void PutU64(std::string& out, uint64_t v) {
+  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>(v >> (8 * i)));
+}
+void PutStr(std::string& out, std::string_view s) {
+  PutU64(out, s.size());
+  out.append(s);
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------ write results encoding
+
+std::string EncodeWriteResults(const std::vector<WriteResult>& results) {
+  std::string out;
+  PutU64(out, results.size());
+  for (const auto& r : results) {
+    PutStr(out, r.index.fqn);
+    PutU64(out, r.index.offset ? r.index.offset->size() + 1 : 0);
+    if (r.index.offset) {
+      for (int64_t x : *r.index.offset) PutU64(out, static_cast<uint64_t>(x));
+    }
+    PutU64(out, r.index.index ? static_cast<uint64_t>(*r.index.index) + 1 : 0);
+    PutU64(out, static_cast<uint64_t>(r.size_in_bytes));
+    PutStr(out, r.storage_data.relative_path);
+    PutU64(out, static_cast<uint64_t>(r.storage_data.offset));
+    PutU64(out, static_cast<uint64_t>(r.storage_data.length));
+    PutU64(out, r.storage_data.transform_descriptors.size());
+    for (const auto& d : r.storage_data.transform_descriptors) PutStr(out, d);
+  }
+  return out;
+}
+
+Result<std::vector<WriteResult>> DecodeWriteResults(std::string_view b) {
+  size_t pos = 0;
+  auto u64 = [&](uint64_t& v) -> bool {
+    if (b.size() - pos < 8) return false;
+    v = 0;
+    for (int i = 0; i < 8; ++i) v |= static_cast<uint64_t>(static_cast<uint8_t>(b[pos + i])) << (8 * i);
+    pos += 8;
+    return true;
+  };
+  auto str = [&](std::string& s) -> bool {
+    uint64_t n;
+    if (!u64(n) || b.size() - pos < n) return false;
+    s.assign(b.substr(pos, n));
+    pos += n;
+    return true;
+  };
+  const Status bad = DataLossError("write results: malformed encoding");
+  uint64_t count;
+  if (!u64(count) || count > b.size()) return bad;
+  std::vector<WriteResult> out(count);
+  for (auto& r : out) {
+    uint64_t off_n, idx, v;
+    if (!str(r.index.fqn) || !u64(off_n) || off_n > 65) return bad;
+    if (off_n) {
+      Shape s(off_n - 1);
+      for (auto& x : s) {
+        if (!u64(v)) return bad;
+        x = static_cast<int64_t>(v);
+      }
+      r.index.offset = std::move(s);
+    }
+    if (!u64(idx)) return bad;
+    if (idx) r.index.index = static_cast<int64_t>(idx - 1);
+    if (!u64(v)) return bad;
+    r.size_in_bytes = static_cast<int64_t>(v);
+    if (!str(r.storage_data.relative_path) || !u64(v)) return bad;
+    r.storage_data.offset = static_cast<int64_t>(v);
+    if (!u64(v)) return bad;
+    r.storage_data.length = static_cast<int64_t>(v);
+    uint64_t nd;
+    if (!u64(nd) || nd > b.size()) return bad;
+    r.storage_data.transform_descriptors.resize(nd);
+    for (auto& d : r.storage_data.transform_descriptors) {
+      if (!str(d)) return bad;
+    }
+  }
+  if (pos != b.size()) return bad;
+  return out;
+}
+
+// ------------------------------------------------------------------ writer
+
+Result<std::unique_ptr<FileSystemWriter>> FileSystemWriter::Open(const std::string& path,
+                                                                 FileSystemWriterOptions options) {
+  DCPP_ASSIGN_OR_RETURN(std::unique_ptr<Store> store, OpenLocalStore(path, /*create=*/true));
+  auto w = std::make_unique<FileSystemWriter>(store.get(), path, options);
+  w->owned_store_ = std::move(store);
+  return w;
+}
+
+FileSystemWriter::FileSystemWriter(Store* store, std::string checkpoint_id,
+                                   FileSystemWriterOptions options)
+    : store_(store), checkpoint_id_(std::move(checkpoint_id)), options_(options) {}
+
+FileSystemWriter::~FileSystemWriter() = default;
+
+Status FileSystemWriter::SetUp(bool is_coordinator, int rank, bool use_collectives) {
+  rank_ = rank;
+  use_collectives_ = use_collectives;
+  const std::string marker = use_collectives ? kMetadataFileName : RankMetadataName(rank);
+  DCPP_ASSIGN_OR_RETURN(bool exists, store_->Exists(marker));
+  save_tag_.clear();
+  if (exists) {
+    if (!options_.overwrite && (is_coordinator || !use_collectives)) {
+      return FailedPreconditionError("checkpoint \"" + checkpoint_id_ +
+                                     "\" already exists and overwrite is off");
+    }
+    save_tag_ = RandomHex(8);
+  }
+  return Status::Ok();
+}
+
+Result<SavePlan> FileSystemWriter::PrepareLocalPlan(SavePlan plan) {
+  if (!use_collectives_) plan.storage_prefix = "__" + std::to_string(rank_) + "_";
+  return plan;
+}
+
+Result<std::vector<SavePlan>> FileSystemWriter::PrepareGlobalPlan(std::vector<SavePlan> plans) {
+  for (size_t i = 0; i < plans.size(); ++i) {
+    if (plans[i].storage_prefix.empty()) plans[i].storage_prefix = "__" + std::to_string(i) + "_";
+  }
+  return plans;
+}
+
+Result<std::vector<WriteResult>> FileSystemWriter::WriteData(const SavePlan& plan,
+                                                             SavePlanner& planner) {
+  if (plan.storage_prefix.empty()) return InternalError("save plan without a file prefix");
+  // Resolve in this thread (planners are single-threaded); tensor data stays in place.
+  std::vector<dcpp::WriteData> data(plan.items.size());
+  for (size_t i = 0; i < plan.items.size(); ++i) {
+    DCPP_ASSIGN_OR_RETURN(data[i], planner.ResolveData(plan.items[i]));
+  }
+  std::vector<Bucket> buckets;
+  if (options_.single_file_per_rank) {
+    buckets = SplitBySizeAndType(plan, static_cast<size_t>(std::max(options_.thread_count, 1)));
+  } else {
+    for (size_t i = 0; i < plan.items.size(); ++i) buckets.push_back({{i}, 0});
+  }
+  const std::string tag = save_tag_.empty() ? "" : "_" + save_tag_;
+  std::vector<std::vector<WriteResult>> results(buckets.size());
+  std::vector<Status> errors(buckets.size());
+
+  auto write_bucket = [&](size_t b) -> Status {
+    const std::string name = plan.storage_prefix + std::to_string(b) + tag + kSuffix;
+    DCPP_ASSIGN_OR_RETURN(std::unique_ptr<WritableFile> file, store_->OpenWrite(name));
+    WritableFile& sink = *file;  // torch.save archives stream straight into the file
+    // Bytes items first, then tensors, each in plan order.
+    std::vector<size_t> order;
+    for (size_t i : buckets[b].items) {
+      if (plan.items[i].type == WriteItemType::kByteIO) order.push_back(i);
+    }
+    for (size_t i : buckets[b].items) {
+      if (plan.items[i].type != WriteItemType::kByteIO) order.push_back(i);
+    }
+    for (size_t i : order) {
+      const WriteItem& item = plan.items[i];
+      const uint64_t offset = sink.position();
+      Status s;
+      if (item.type == WriteItemType::kByteIO) {
+        s = sink.Write(data[i].bytes.data(), data[i].bytes.size());
+      } else {
+        auto t = Borrow(data[i].tensor);
+        s = t.ok() ? WriteTorchSave(Value::FromTensor(*std::move(t)), sink) : t.status();
+      }
+      if (!s.ok()) return s.WithContext("writing \"" + name + "\" item \"" + item.index.ToString() + "\"");
+      const int64_t length = static_cast<int64_t>(sink.position() - offset);
+      results[b].push_back({item.index, length,
+                            StorageInfo{name, static_cast<int64_t>(offset), length, {}}});
+    }
+    if (options_.sync_files) {
+      DCPP_RETURN_IF_ERROR(file->Sync().WithContext("syncing \"" + name + "\""));
+    }
+    return file->Close().WithContext("closing \"" + name + "\"");
+  };
+
+  const size_t threads = std::min<size_t>(buckets.size(), std::max(options_.thread_count, 1));
+  if (threads <= 1) {
+    for (size_t b = 0; b < buckets.size(); ++b) errors[b] = write_bucket(b);
+  } else {
+    std::atomic<size_t> next{0};
+    std::vector<std::thread> pool;
+    for (size_t t = 0; t < threads; ++t) {
+      pool.emplace_back([&] {
+        for (size_t b; (b = next.fetch_add(1)) < buckets.size();) errors[b] = write_bucket(b);
+      });
+    }
+    for (auto& th : pool) th.join();
+  }
+  std::vector<WriteResult> all;
+  for (size_t b = 0; b < buckets.size(); ++b) {
+    DCPP_RETURN_IF_ERROR(errors[b]);
+    for (auto& r : results[b]) all.push_back(std::move(r));
+  }
+  return all;
+}
+
+Status FileSystemWriter::Finish(Metadata& metadata,
+                                const std::vector<std::vector<WriteResult>>& results) {
+  metadata.storage_data.clear();
+  for (const auto& rank_results : results) {
+    for (const auto& r : rank_results) metadata.storage_data[r.index] = r.storage_data;
+  }
+  metadata.storage_meta = StorageMeta{checkpoint_id_, Uuid4(), std::nullopt, {}};
+  metadata.version = kVersion;
+  DCPP_RETURN_IF_ERROR(ValidateMetadata(metadata, "metadata of \"" + checkpoint_id_ + "\""));
+  DCPP_ASSIGN_OR_RETURN(std::string bytes, EncodeMetadata(metadata, options_.metadata));
+  const std::string name = use_collectives_ ? kMetadataFileName : RankMetadataName(rank_);
+  DCPP_RETURN_IF_ERROR(store_->WriteAtomic(name, bytes).WithContext("committing \"" + name + "\""));
+  referenced_.clear();
+  for (const auto& [idx, info] : metadata.storage_data) referenced_.push_back(info.relative_path);
+  return Status::Ok();
+}
+
+Status FileSystemWriter::CleanUp() {
+  if (!use_collectives_ || referenced_.empty()) return Status::Ok();
+  std::sort(referenced_.begin(), referenced_.end());
+  DCPP_ASSIGN_OR_RETURN(std::vector<std::string> keys, store_->List());
+  for (const auto& k : keys) {
+    const bool data_file = k.rfind("__", 0) == 0 && k.size() > 7 &&
+                           k.compare(k.size() - 7, 7, kSuffix) == 0;
+    if (data_file && !std::binary_search(referenced_.begin(), referenced_.end(), k)) {
+      DCPP_RETURN_IF_ERROR(store_->Remove(k));
+    }
+  }
+  return Status::Ok();
+}
+
+// ------------------------------------------------------------------ reader
+
+Result<std::unique_ptr<FileSystemReader>> FileSystemReader::Open(const std::string& path,
+                                                                 FileSystemReaderOptions options) {
+  DCPP_ASSIGN_OR_RETURN(std::unique_ptr<Store> store, OpenLocalStore(path, /*create=*/false));
+  auto r = std::make_unique<FileSystemReader>(store.get(), path, options);
+  r->owned_store_ = std::move(store);
+  return r;
+}
+
+FileSystemReader::FileSystemReader(Store* store, std::string checkpoint_id,
+                                   FileSystemReaderOptions options)
+    : store_(store), checkpoint_id_(std::move(checkpoint_id)), options_(options) {}
+
+FileSystemReader::~FileSystemReader() = default;
+
+Result<Metadata> FileSystemReader::ReadMetadata(int rank) {
+  const std::string name = rank < 0 ? kMetadataFileName : RankMetadataName(rank);
+  const std::string where = "\"" + checkpoint_id_ + "/" + name + "\"";
+  auto file = store_->OpenRead(name);
+  if (!file.ok()) {
+    if (file.status().code() == StatusCode::kNotFound) {
+      return NotFoundError("no committed checkpoint at \"" + checkpoint_id_ + "\" (" + name +
+                           " is missing)");
+    }
+    return file.status().WithContext("reading " + where);
+  }
+  std::string bytes((*file)->size(), '\0');
+  DCPP_RETURN_IF_ERROR((*file)->ReadAt(0, bytes.data(), bytes.size()).WithContext("reading " + where));
+  auto md = ParseMetadata(bytes);
+  if (!md.ok()) return md.status().WithContext("parsing " + where);
+  return md;
+}
+
+Status FileSystemReader::SetUp(const Metadata& metadata, bool /*is_coordinator*/, int rank) {
+  metadata_ = &metadata;
+  rank_ = rank;
+  return Status::Ok();
+}
+
+namespace {
+
+// Decompresses one zstd-transformed blob (DCP's "stream.zstd/1" extension).
+Result<std::string> ZstdDecompress(const ByteSource& src, const std::string& what) {
+  std::string in(src.size(), '\0');
+  DCPP_RETURN_IF_ERROR(src.ReadAt(0, in.data(), in.size()));
+  std::string out;
+  ZSTD_DStream* ds = ZSTD_createDStream();
+  ZSTD_initDStream(ds);
+  ZSTD_inBuffer ib{in.data(), in.size(), 0};
+  std::string chunk(ZSTD_DStreamOutSize(), '\0');
+  size_t ret = 1;
+  while (ib.pos < ib.size) {
+    ZSTD_outBuffer ob{chunk.data(), chunk.size(), 0};
+    ret = ZSTD_decompressStream(ds, &ob, &ib);
+    if (ZSTD_isError(ret)) {
+      ZSTD_freeDStream(ds);
+      return DataLossError(what + ": zstd: " + ZSTD_getErrorName(ret));
+    }
+    out.append(chunk.data(), ob.pos);
+    if (ob.pos == 0 && ret == 0) break;
+  }
+  ZSTD_freeDStream(ds);
+  if (ret != 0) return DataLossError(what + ": truncated zstd stream");
+  return out;
+}
+
+}  // namespace
+
+Status FileSystemReader::ReadData(const LoadPlan& plan, LoadPlanner& planner) {
+  if (!metadata_) return FailedPreconditionError("FileSystemReader::ReadData before SetUp");
+  // Group items by file, and within a file by stored blob, so each archive is parsed once.
+  struct Blob {
+    const StorageInfo* info;
+    std::vector<const ReadItem*> items;
+  };
+  std::map<std::string, std::map<MetadataIndex, Blob>> files;
+  for (const auto& item : plan.items) {
+    DCPP_ASSIGN_OR_RETURN(const StorageInfo* info, metadata_->FindStorage(item.storage_index));
+    auto& blob = files[info->relative_path][item.storage_index];
+    blob.info = info;
+    blob.items.push_back(&item);
+  }
+  std::mutex planner_mu;  // planners are not thread-safe
+  std::vector<std::pair<const std::string*, const std::map<MetadataIndex, Blob>*>> work;
+  for (const auto& [name, blobs] : files) work.push_back({&name, &blobs});
+  std::vector<Status> errors(work.size());
+
+  auto read_file = [&](size_t w) -> Status {
+    const std::string& name = *work[w].first;
+    DCPP_ASSIGN_OR_RETURN(std::unique_ptr<ReadableFile> file, store_->OpenRead(name));
+    for (const auto& [index, blob] : *work[w].second) {
+      const std::string what = "\"" + name + "\" item \"" + index.ToString() + "\"";
+      const StorageInfo& info = *blob.info;
+      if (static_cast<uint64_t>(info.offset) + static_cast<uint64_t>(info.length) > file->size()) {
+        return DataLossError(what + ": byte range [" + std::to_string(info.offset) + ", +" +
+                             std::to_string(info.length) + ") is past the end of the file (" +
+                             std::to_string(file->size()) + " bytes)");
+      }
+      SubSource raw(*file, static_cast<uint64_t>(info.offset), static_cast<uint64_t>(info.length));
+      std::string decoded;
+      std::unique_ptr<MemorySource> decoded_src;
+      const ByteSource* src = &raw;
+      for (const auto& d : info.transform_descriptors) {
+        if (d.rfind("stream.zstd/1", 0) != 0 || info.transform_descriptors.size() != 1) {
+          return UnimplementedError(what + ": stream transform \"" + d + "\" is not supported");
+        }
+        DCPP_ASSIGN_OR_RETURN(decoded, ZstdDecompress(raw, what));
+        decoded_src = std::make_unique<MemorySource>(decoded, name);
+        src = decoded_src.get();
+      }
+      auto archive = TorchSaveArchive::Open(*src);
+      if (!archive.ok()) return archive.status().WithContext("reading " + what);
+      if (options_.verify_checksums) {
+        DCPP_RETURN_IF_ERROR(archive->VerifyChecksums().WithContext("reading " + what));
+      }
+      if (blob.items.front()->type == LoadItemType::kByteIO) {
+        auto value = archive->ReadValue();
+        Value v;
+        if (value.ok()) {
+          v = std::move(*value);
+        } else if (value.status().code() == StatusCode::kInvalidArgument) {
+          // A Python object dcpp does not model: keep its exact bytes.
+          Opaque o;
+          o.torch_save_bytes.resize(src->size());
+          DCPP_RETURN_IF_ERROR(src->ReadAt(0, o.torch_save_bytes.data(), o.torch_save_bytes.size()));
+          auto shown = archive->ReadValue(/*opaque_objects=*/true);
+          o.type_name = shown.ok() && shown->is_opaque() ? shown->opaque().type_name : "object";
+          v = Value::FromOpaque(std::move(o));
+        } else {
+          return value.status().WithContext("reading " + what);
+        }
+        std::lock_guard<std::mutex> lock(planner_mu);
+        for (const ReadItem* item : blob.items) {
+          DCPP_RETURN_IF_ERROR(planner.LoadBytes(*item, v));
+        }
+        continue;
+      }
+      auto ref = archive->RootTensor();
+      if (!ref.ok()) return ref.status().WithContext("reading " + what);
+      for (const ReadItem* item : blob.items) {
+        TensorView dst;
+        {
+          std::lock_guard<std::mutex> lock(planner_mu);
+          DCPP_ASSIGN_OR_RETURN(dst, planner.ResolveTensor(*item));
+        }
+        if (dst.dtype() != ref->dtype) {
+          return DataLossError("reading " + what + ": stored " + std::string(DTypeName(ref->dtype)) +
+                               " but the metadata says " + std::string(DTypeName(dst.dtype())));
+        }
+        Status s = archive->ReadTensorInto(*ref, item->storage_offsets, dst, item->dest_offsets,
+                                           item->lengths);
+        if (!s.ok()) return s.WithContext("reading " + what);
+      }
+    }
+    return Status::Ok();
+  };
+
+  const size_t threads = std::min<size_t>(work.size(), std::max(options_.thread_count, 1));
+  if (threads <= 1) {
+    for (size_t w = 0; w < work.size(); ++w) errors[w] = read_file(w);
+  } else {
+    std::atomic<size_t> next{0};
+    std::vector<std::thread> pool;
+    for (size_t t = 0; t < threads; ++t) {
+      pool.emplace_back([&] {
+        for (size_t w; (w = next.fetch_add(1)) < work.size();) errors[w] = read_file(w);
+      });
+    }
+    for (auto& th : pool) th.join();
+  }
+  for (const auto& e : errors) DCPP_RETURN_IF_ERROR(e);
+  return planner.Finish();
+}
+
+}  // namespace dcpp

@@ -1,0 +1,638 @@
+// Default save and load planners (PyTorch's DefaultSavePlanner / DefaultLoadPlanner).
+//
+// Save: 1. flatten; 2. one WriteItem per tensor, local chunk or bytes leaf; 3. on the
+// coordinator: dedup, build Metadata (chunk index hints rewritten), merge the flattening
+// mappings (earlier ranks win), validate the chunk layout; 4. resolve items to memory.
+// Load: 1. flatten the caller's tree (or build it from the metadata when it is empty);
+// 2. overlap requested chunks with stored chunks; 3. hand out destination views.
+#include <algorithm>
+#include <map>
+#include <queue>
+#include <unordered_map>
+
+#include "dcpp/planner.h"
+#include "dcpp/torch_save.h"
+
+namespace dcpp {
+
+int64_t WriteItem::StorageSize() const {
+  if (!tensor_data) return 1;
+  return tensor_data->chunk.numel() * static_cast<int64_t>(ElementSize(tensor_data->properties.dtype));
+}
+
+// ------------------------------------------------------------------ save
+
+namespace {
+
+std::vector<FlatEntry> TopLevelEntries(const StateDict& sd) {
+  std::vector<FlatEntry> out;
+  for (const auto& [k, v] : sd.dict()) {
+    std::string key = k.is_str() ? k.as_str() : k.DebugString();
+    out.push_back({key, ObjectPath{key}, &v});
+  }
+  return out;
+}
+
+}  // namespace
+
+Status DefaultSavePlanner::SetUp(const StateDict& state_dict, bool /*is_coordinator*/) {
+  if (!state_dict.is_dict()) return InvalidArgumentError("a state dict must be a dict");
+  if (options_.flatten_state_dict) {
+    DCPP_ASSIGN_OR_RETURN(flat_, FlattenStateDict(state_dict));
+  } else {
+    flat_ = TopLevelEntries(state_dict);
+  }
+  by_fqn_.clear();
+  for (const auto& e : flat_) by_fqn_[e.fqn] = e.value;
+  return Status::Ok();
+}
+
+Result<SavePlan> DefaultSavePlanner::CreateLocalPlan() {
+  SavePlan plan;
+  for (const auto& e : flat_) {
+    const Value& v = *e.value;
+    if (v.is_tensor()) {
+      const Tensor& t = v.tensor();
+      if (!t.defined()) return InvalidArgumentError("tensor \"" + e.fqn + "\" has no storage");
+      WriteItem item;
+      item.index = {e.fqn, Shape(t.dim(), 0), std::nullopt};
+      item.type = WriteItemType::kTensor;
+      item.tensor_data = TensorWriteData{WholeBox(t.shape()), TensorProperties{t.dtype()}, t.shape()};
+      plan.items.push_back(std::move(item));
+    } else if (v.is_sharded()) {
+      const ShardedTensor& st = v.sharded();
+      for (const Shard& s : st.shards) {
+        if (s.tensor.dtype() != st.dtype || s.offsets.size() != st.global_shape.size() ||
+            s.tensor.dim() != static_cast<int>(st.global_shape.size())) {
+          return InvalidArgumentError("sharded tensor \"" + e.fqn + "\": chunk " +
+                                      s.box().ToString() + " of " +
+                                      std::string(DTypeName(s.tensor.dtype())) +
+                                      " does not match the tensor's dtype and rank");
+        }
+        WriteItem item;
+        item.index = {e.fqn, s.offsets, std::nullopt};
+        item.type = WriteItemType::kShard;
+        item.tensor_data = TensorWriteData{s.box(), TensorProperties{st.dtype}, st.global_shape};
+        plan.items.push_back(std::move(item));
+      }
+    } else {
+      WriteItem item;
+      item.index = {e.fqn, std::nullopt, std::nullopt};
+      item.type = WriteItemType::kByteIO;
+      plan.items.push_back(std::move(item));
+    }
+    plan.mappings[e.fqn] = e.path;
+  }
+  return plan;
+}
+
+std::vector<SavePlan> DedupSavePlans(std::vector<SavePlan> plans, bool save_to_lowest_rank) {
+  // For each item (in first-appearance order) the plans that hold it.
+  std::map<MetadataIndex, size_t> order;
+  std::vector<std::pair<const WriteItem*, std::vector<size_t>>> holders;
+  for (size_t p = 0; p < plans.size(); ++p) {
+    for (const auto& item : plans[p].items) {
+      auto [it, inserted] = order.emplace(item.index, holders.size());
+      if (inserted) holders.push_back({&item, {}});
+      holders[it->second].second.push_back(p);
+    }
+  }
+  std::vector<int64_t> assigned(plans.size(), 0);
+  std::vector<std::map<MetadataIndex, bool>> drop(plans.size());
+  for (auto& [item, ps] : holders) {
+    if (ps.size() == 1) {
+      assigned[ps[0]] += item->StorageSize();
+      continue;
+    }
+    size_t chosen = ps[0];
+    if (!save_to_lowest_rank) {
+      for (size_t p : ps) {
+        if (assigned[p] < assigned[chosen]) chosen = p;
+      }
+    }
+    assigned[chosen] += item->StorageSize();
+    for (size_t p : ps) {
+      if (p != chosen) drop[p][item->index] = true;
+    }
+  }
+  for (size_t p = 0; p < plans.size(); ++p) {
+    if (drop[p].empty()) continue;
+    auto& items = plans[p].items;
+    items.erase(std::remove_if(items.begin(), items.end(),
+                               [&](const WriteItem& w) { return drop[p].count(w.index) > 0; }),
+                items.end());
+  }
+  return plans;
+}
+
+Result<std::pair<std::vector<SavePlan>, Metadata>> CreateDefaultGlobalSavePlan(
+    std::vector<SavePlan> plans) {
+  Metadata md;
+  for (size_t p = 0; p < plans.size(); ++p) {
+    for (auto& item : plans[p].items) {
+      const std::string& fqn = item.index.fqn;
+      StorageMetadata* existing = md.state_dict_metadata.Find(fqn);
+      if (item.type == WriteItemType::kByteIO) {
+        if (existing) {
+          return InvalidArgumentError("rank " + std::to_string(p) + ": key \"" + fqn +
+                                      "\" is saved twice with different kinds");
+        }
+        md.state_dict_metadata[fqn] = BytesStorageMetadata{};
+        continue;
+      }
+      const TensorWriteData& td = *item.tensor_data;
+      if (!existing) {
+        md.state_dict_metadata[fqn] = TensorStorageMetadata{td.properties, td.size, {}};
+        existing = md.state_dict_metadata.Find(fqn);
+      } else if (item.type != WriteItemType::kShard) {
+        return InvalidArgumentError("rank " + std::to_string(p) + ": key \"" + fqn +
+                                    "\" is saved twice (a plain tensor must be identical on "
+                                    "every rank that holds it)");
+      }
+      auto* tmd = std::get_if<TensorStorageMetadata>(existing);
+      if (!tmd) {
+        return InvalidArgumentError("rank " + std::to_string(p) + ": key \"" + fqn +
+                                    "\" is a tensor on one rank and bytes on another");
+      }
+      if (tmd->size != td.size || tmd->properties.dtype != td.properties.dtype) {
+        return InvalidArgumentError(
+            "rank " + std::to_string(p) + ": key \"" + fqn + "\" is " +
+            std::string(DTypeName(td.properties.dtype)) + ShapeToString(td.size) +
+            " but another rank saves it as " + std::string(DTypeName(tmd->properties.dtype)) +
+            ShapeToString(tmd->size));
+      }
+      item.index.index = static_cast<int64_t>(tmd->chunks.size());
+      tmd->chunks.push_back(td.chunk);
+    }
+  }
+  return std::make_pair(std::move(plans), std::move(md));
+}
+
+namespace {
+
+// Overlap check for the chunks of one tensor. A sweep along the dimension with the most
+// distinct offsets keeps the chunks that are open at the sweep position; a new chunk is only
+// compared with open chunks whose interval along a second dimension can intersect its own
+// (found through an ordered map). Row, column, block and grid shardings cost O(n log n).
+Status CheckNoOverlap(const std::string& fqn, const std::vector<ChunkBox>& chunks) {
+  const size_t n = chunks.size();
+  if (n < 2) return Status::Ok();
+  const int dims = chunks[0].dim();
+  auto distinct = [&](int d) {
+    std::vector<int64_t> v;
+    v.reserve(n);
+    for (const auto& c : chunks) v.push_back(c.offsets[d]);
+    std::sort(v.begin(), v.end());
+    return std::unique(v.begin(), v.end()) - v.begin();
+  };
+  std::vector<std::pair<long, int>> rank;
+  for (int d = 0; d < dims; ++d) rank.push_back({distinct(d), d});
+  std::sort(rank.begin(), rank.end(), std::greater<>());
+  const int sweep = rank[0].second;
+  const int key = dims > 1 ? rank[1].second : -1;
+
+  std::vector<size_t> by_start(n);
+  for (size_t i = 0; i < n; ++i) by_start[i] = i;
+  std::sort(by_start.begin(), by_start.end(), [&](size_t a, size_t b) {
+    return chunks[a].offsets[sweep] < chunks[b].offsets[sweep];
+  });
+  int64_t max_key_len = 0;
+  if (key >= 0) {
+    for (const auto& c : chunks) max_key_len = std::max(max_key_len, c.sizes[key]);
+  }
+  using End = std::pair<int64_t, size_t>;
+  std::priority_queue<End, std::vector<End>, std::greater<>> ends;
+  std::multimap<int64_t, size_t> open;  // key-dim start -> chunk
+  std::vector<std::multimap<int64_t, size_t>::iterator> where(n);
+  for (size_t i : by_start) {
+    const ChunkBox& c = chunks[i];
+    if (c.numel() == 0) continue;  // empty chunks cover nothing
+    while (!ends.empty() && ends.top().first <= c.offsets[sweep]) {
+      open.erase(where[ends.top().second]);
+      ends.pop();
+    }
+    auto lo = key >= 0 ? open.upper_bound(c.offsets[key] - max_key_len) : open.begin();
+    auto hi = key >= 0 ? open.lower_bound(c.offsets[key] + c.sizes[key]) : open.end();
+    for (auto it = lo; it != hi; ++it) {
+      if (Intersect(c, chunks[it->second])) {
+        return InvalidArgumentError("chunks " + chunks[it->second].ToString() + " and " +
+                                    c.ToString() + " of \"" + fqn + "\" overlap");
+      }
+    }
+    where[i] = open.emplace(key >= 0 ? c.offsets[key] : 0, i);
+    ends.push({c.offsets[sweep] + c.sizes[sweep], i});
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status ValidateGlobalPlan(const Metadata& metadata, bool require_full_coverage) {
+  for (const auto& [fqn, m] : metadata.state_dict_metadata) {
+    const auto* t = std::get_if<TensorStorageMetadata>(&m);
+    if (!t) continue;
+    const ChunkBox whole = WholeBox(t->size);
+    int64_t volume = 0;
+    for (const auto& c : t->chunks) {
+      if (c.dim() != whole.dim() || !Contains(whole, c)) {
+        return InvalidArgumentError("chunk " + c.ToString() + " of \"" + fqn +
+                                    "\" is outside its tensor of size " + ShapeToString(t->size));
+      }
+      volume += c.numel();
+    }
+    if (whole.dim() == 0) continue;  // a 0-d tensor: every copy is the whole tensor
+    DCPP_RETURN_IF_ERROR(CheckNoOverlap(fqn, t->chunks));
+    if (require_full_coverage && volume != whole.numel()) {
+      return InvalidArgumentError("the saved chunks of \"" + fqn + "\" cover " +
+                                  std::to_string(volume) + " of its " +
+                                  std::to_string(whole.numel()) + " elements");
+    }
+  }
+  return Status::Ok();
+}
+
+Result<std::pair<std::vector<SavePlan>, Metadata>> DefaultSavePlanner::CreateGlobalPlan(
+    std::vector<SavePlan> plans) {
+  plans = DedupSavePlans(std::move(plans), options_.dedup_save_to_lowest_rank);
+  DCPP_ASSIGN_OR_RETURN(auto global, CreateDefaultGlobalSavePlan(std::move(plans)));
+  if (options_.flatten_state_dict) {
+    std::map<std::string, ObjectPath> merged;
+    for (const auto& p : global.first) {
+      for (const auto& [fqn, path] : p.mappings) merged.emplace(fqn, path);  // first rank wins
+    }
+    global.second.planner_data = std::move(merged);
+  }
+  DCPP_RETURN_IF_ERROR(ValidateGlobalPlan(global.second, options_.require_full_coverage));
+  return global;
+}
+
+Result<SavePlan> DefaultSavePlanner::FinishPlan(SavePlan central_plan) { return central_plan; }
+
+Result<WriteData> DefaultSavePlanner::ResolveData(const WriteItem& item) {
+  auto it = by_fqn_.find(item.index.fqn);
+  if (it == by_fqn_.end()) {
+    return InternalError("write item \"" + item.index.ToString() + "\" is not in the state dict");
+  }
+  const Value& v = *it->second;
+  WriteData out;
+  if (item.type == WriteItemType::kByteIO) {
+    if (v.is_opaque()) {
+      out.bytes = v.opaque().torch_save_bytes;
+    } else {
+      auto bytes = EncodeTorchSave(v);
+      if (!bytes.ok()) return bytes.status().WithContext("encoding \"" + item.index.fqn + "\"");
+      out.bytes = std::move(*bytes);
+    }
+    return out;
+  }
+  if (v.is_tensor()) {
+    out.tensor = v.tensor().view();
+    return out;
+  }
+  if (v.is_sharded()) {
+    for (const Shard& s : v.sharded().shards) {
+      if (item.index.offset && s.offsets == *item.index.offset) {
+        out.tensor = s.tensor.view();
+        return out;
+      }
+    }
+  }
+  return InternalError("no local data for write item \"" + item.index.ToString() + "\"");
+}
+
+// ------------------------------------------------------------------ plan encoding
+
+namespace {
+
+void PutU64(std::string& out, uint64_t v) {
+  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>(v >> (8 * i)));
+}
+void PutStr(std::string& out, std::string_view s) {
+  PutU64(out, s.size());
+  out.append(s);
+}
+void PutShape(std::string& out, const Shape& s) {
+  PutU64(out, s.size());
+  for (int64_t x : s) PutU64(out, static_cast<uint64_t>(x));
+}
+
+class Decoder {
+ public:
+  explicit Decoder(std::string_view b) : b_(b) {}
+  Result<uint64_t> U64() {
+    if (b_.size() - pos_ < 8) return Truncated();
+    uint64_t v = 0;
+    for (int i = 0; i < 8; ++i) v |= static_cast<uint64_t>(static_cast<uint8_t>(b_[pos_ + i])) << (8 * i);
+    pos_ += 8;
+    return v;
+  }
+  Result<std::string> Str() {
+    DCPP_ASSIGN_OR_RETURN(uint64_t n, U64());
+    if (b_.size() - pos_ < n) return Truncated();
+    std::string s(b_.substr(pos_, n));
+    pos_ += n;
+    return s;
+  }
+  Result<Shape> GetShape() {
+    DCPP_ASSIGN_OR_RETURN(uint64_t n, U64());
+    if (n > 64) return DataLossError("save plan: tensor rank " + std::to_string(n));
+    Shape s(n);
+    for (auto& x : s) {
+      DCPP_ASSIGN_OR_RETURN(uint64_t v, U64());
+      x = static_cast<int64_t>(v);
+    }
+    return s;
+  }
+  bool done() const { return pos_ == b_.size(); }
+
+ private:
+  Status Truncated() const { return DataLossError("save plan: truncated encoding"); }
+  std::string_view b_;
+  size_t pos_ = 0;
+};
+
+}  // namespace
+
+std::string EncodeSavePlan(const SavePlan& plan) {
+  std::string out;
+  PutStr(out, plan.storage_prefix);
+  PutU64(out, plan.items.size());
+  for (const auto& item : plan.items) {
+    PutStr(out, item.index.fqn);
+    PutU64(out, item.index.offset ? 1 : 0);
+    if (item.index.offset) PutShape(out, *item.index.offset);
+    PutU64(out, item.index.index ? static_cast<uint64_t>(*item.index.index) + 1 : 0);
+    PutU64(out, static_cast<uint64_t>(item.type));
+    if (item.tensor_data) {
+      const auto& td = *item.tensor_data;
+      PutShape(out, td.chunk.offsets);
+      PutShape(out, td.chunk.sizes);
+      PutShape(out, td.size);
+      PutU64(out, static_cast<uint64_t>(td.properties.dtype) |
+                      (td.properties.requires_grad ? 0x100 : 0) |
+                      (td.properties.pin_memory ? 0x200 : 0) |
+                      (static_cast<uint64_t>(td.properties.memory_format) << 16));
+    }
+  }
+  PutU64(out, plan.mappings.size());
+  for (const auto& [fqn, path] : plan.mappings) {
+    PutStr(out, fqn);
+    PutU64(out, path.size());
+    for (const auto& part : path) {
+      if (const auto* s = std::get_if<std::string>(&part)) {
+        PutU64(out, 0);
+        PutStr(out, *s);
+      } else {
+        PutU64(out, 1);
+        PutU64(out, static_cast<uint64_t>(std::get<int64_t>(part)));
+      }
+    }
+  }
+  return out;
+}
+
+Result<SavePlan> DecodeSavePlan(std::string_view bytes) {
+  Decoder d(bytes);
+  SavePlan plan;
+  DCPP_ASSIGN_OR_RETURN(plan.storage_prefix, d.Str());
+  DCPP_ASSIGN_OR_RETURN(uint64_t n, d.U64());
+  if (n > bytes.size()) return DataLossError("save plan: item count " + std::to_string(n));
+  plan.items.resize(n);
+  for (auto& item : plan.items) {
+    DCPP_ASSIGN_OR_RETURN(item.index.fqn, d.Str());
+    DCPP_ASSIGN_OR_RETURN(uint64_t has_offset, d.U64());
+    if (has_offset) {
+      DCPP_ASSIGN_OR_RETURN(item.index.offset, d.GetShape());
+    }
+    DCPP_ASSIGN_OR_RETURN(uint64_t index, d.U64());
+    if (index) item.index.index = static_cast<int64_t>(index - 1);
+    DCPP_ASSIGN_OR_RETURN(uint64_t type, d.U64());
+    if (type < 1 || type > 3) return DataLossError("save plan: item type " + std::to_string(type));
+    item.type = static_cast<WriteItemType>(type);
+    if (item.type != WriteItemType::kByteIO) {
+      TensorWriteData td;
+      DCPP_ASSIGN_OR_RETURN(td.chunk.offsets, d.GetShape());
+      DCPP_ASSIGN_OR_RETURN(td.chunk.sizes, d.GetShape());
+      DCPP_ASSIGN_OR_RETURN(td.size, d.GetShape());
+      DCPP_ASSIGN_OR_RETURN(uint64_t props, d.U64());
+      if ((props & 0xff) >= static_cast<uint64_t>(kNumDTypes) || ((props >> 16) & 0xff) > 2) {
+        return DataLossError("save plan: bad tensor properties");
+      }
+      td.properties.dtype = static_cast<DType>(props & 0xff);
+      td.properties.requires_grad = props & 0x100;
+      td.properties.pin_memory = props & 0x200;
+      td.properties.memory_format = static_cast<MemoryFormat>((props >> 16) & 0xff);
+      item.tensor_data = std::move(td);
+    }
+  }
+  DCPP_ASSIGN_OR_RETURN(uint64_t m, d.U64());
+  if (m > bytes.size()) return DataLossError("save plan: mapping count " + std::to_string(m));
+  for (uint64_t i = 0; i < m; ++i) {
+    DCPP_ASSIGN_OR_RETURN(std::string fqn, d.Str());
+    DCPP_ASSIGN_OR_RETURN(uint64_t parts, d.U64());
+    if (parts > bytes.size()) return DataLossError("save plan: path length");
+    ObjectPath path;
+    for (uint64_t j = 0; j < parts; ++j) {
+      DCPP_ASSIGN_OR_RETURN(uint64_t tag, d.U64());
+      if (tag == 0) {
+        DCPP_ASSIGN_OR_RETURN(std::string s, d.Str());
+        path.emplace_back(std::move(s));
+      } else {
+        DCPP_ASSIGN_OR_RETURN(uint64_t v, d.U64());
+        path.emplace_back(static_cast<int64_t>(v));
+      }
+    }
+    plan.mappings.emplace(std::move(fqn), std::move(path));
+  }
+  if (!d.done()) return DataLossError("save plan: trailing bytes");
+  return plan;
+}
+
+// ------------------------------------------------------------------ load
+
+std::vector<ReadItem> CreateReadItemsForChunks(const std::string& fqn,
+                                               const std::vector<ChunkBox>& local,
+                                               const std::vector<ChunkBox>& saved) {
+  std::vector<ReadItem> out;
+  if (local.empty() || saved.empty()) return out;
+  const int dims = local[0].dim();
+  auto make = [&](size_t li, size_t si, const ChunkBox& l, const ChunkBox& s) {
+    ReadItem r;
+    r.type = LoadItemType::kTensor;
+    r.dest_index = {fqn, l.offsets, static_cast<int64_t>(li)};
+    r.storage_index = {fqn, s.offsets, static_cast<int64_t>(si)};
+    r.dest_offsets.resize(dims);
+    r.storage_offsets.resize(dims);
+    r.lengths.resize(dims);
+    for (int d = 0; d < dims; ++d) {
+      int64_t lo = std::max(s.offsets[d], l.offsets[d]);
+      int64_t hi = std::min(s.offsets[d] + s.sizes[d], l.offsets[d] + l.sizes[d]);
+      r.lengths[d] = hi - lo;
+      r.storage_offsets[d] = lo - s.offsets[d];
+      r.dest_offsets[d] = lo - l.offsets[d];
+    }
+    out.push_back(std::move(r));
+  };
+  if (dims == 0) {
+    for (size_t li = 0; li < local.size(); ++li) make(li, 0, local[li], saved[0]);
+    return out;
+  }
+  // Sweep along the dimension with the largest extent: saved chunks sorted by start; for a local
+  // chunk only saved chunks starting in (start - longest, end) can overlap it.
+  int sweep = 0;
+  int64_t extent = -1;
+  for (int d = 0; d < dims; ++d) {
+    int64_t e = 0;
+    for (const auto& s : saved) e = std::max(e, s.offsets[d] + s.sizes[d]);
+    if (e > extent) extent = e, sweep = d;
+  }
+  std::vector<size_t> order(saved.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return saved[a].offsets[sweep] < saved[b].offsets[sweep];
+  });
+  std::vector<int64_t> starts;
+  int64_t longest = 0;
+  for (size_t i : order) {
+    starts.push_back(saved[i].offsets[sweep]);
+    longest = std::max(longest, saved[i].sizes[sweep]);
+  }
+  for (size_t li = 0; li < local.size(); ++li) {
+    const ChunkBox& l = local[li];
+    auto first = std::upper_bound(starts.begin(), starts.end(), l.offsets[sweep] - longest);
+    auto last = std::lower_bound(starts.begin(), starts.end(), l.offsets[sweep] + l.sizes[sweep]);
+    for (auto it = first; it != last; ++it) {
+      size_t si = order[it - starts.begin()];
+      if (Intersect(l, saved[si])) make(li, si, l, saved[si]);
+    }
+  }
+  return out;
+}
+
+Status DefaultLoadPlanner::SetUp(StateDict* state_dict, const Metadata& metadata,
+                                 bool /*is_coordinator*/) {
+  if (!state_dict || !state_dict->is_dict()) {
+    return InvalidArgumentError("a state dict must be a dict");
+  }
+  state_dict_ = state_dict;
+  metadata_ = &metadata;
+  dest_.clear();
+  if (state_dict->dict().empty()) {
+    // Load everything as stored: allocate from the metadata and rebuild the nesting.
+    for (const auto& [fqn, m] : metadata.state_dict_metadata) {
+      ObjectPath path{fqn};
+      if (metadata.planner_data) {
+        auto it = metadata.planner_data->find(fqn);
+        if (it != metadata.planner_data->end()) path = it->second;
+      }
+      Value leaf;
+      if (const auto* t = std::get_if<TensorStorageMetadata>(&m)) {
+        leaf = Value::FromTensor(Tensor::Zeros(t->properties.dtype, t->size));
+      }
+      DCPP_RETURN_IF_ERROR(SetElement(*state_dict, path, std::move(leaf)));
+      dest_[fqn] = {path, nullptr};
+    }
+    for (auto& [fqn, d] : dest_) {
+      d.value = GetElement(*state_dict, d.path);
+      if (!d.value) return InternalError("rebuilt state dict lost \"" + fqn + "\"");
+    }
+    return Status::Ok();
+  }
+  std::vector<FlatEntry> flat;
+  if (options_.flatten_state_dict) {
+    DCPP_ASSIGN_OR_RETURN(flat, FlattenStateDict(*state_dict));
+  } else {
+    flat = TopLevelEntries(*state_dict);
+  }
+  for (const auto& e : flat) dest_[e.fqn] = {e.path, const_cast<Value*>(e.value)};
+  return Status::Ok();
+}
+
+Result<LoadPlan> DefaultLoadPlanner::CreateLocalPlan() {
+  LoadPlan plan;
+  for (const auto& [fqn, dest] : dest_) {
+    const StorageMetadata* m = metadata_->state_dict_metadata.Find(fqn);
+    if (!m) {
+      if (options_.allow_partial_load) continue;
+      return NotFoundError("key \"" + fqn + "\" is not in the checkpoint");
+    }
+    const Value& v = *dest.value;
+    if (const auto* t = std::get_if<TensorStorageMetadata>(m)) {
+      std::vector<ChunkBox> local;
+      DType dtype;
+      if (v.is_tensor()) {
+        if (v.tensor().shape() != t->size) {
+          return InvalidArgumentError("key \"" + fqn + "\": checkpoint holds " +
+                                      ShapeToString(t->size) + " but the destination is " +
+                                      ShapeToString(v.tensor().shape()));
+        }
+        dtype = v.tensor().dtype();
+        local.push_back(WholeBox(t->size));
+      } else if (v.is_sharded()) {
+        if (v.sharded().global_shape != t->size) {
+          return InvalidArgumentError("key \"" + fqn + "\": checkpoint holds " +
+                                      ShapeToString(t->size) + " but the destination is " +
+                                      ShapeToString(v.sharded().global_shape));
+        }
+        dtype = v.sharded().dtype;
+        for (const Shard& s : v.sharded().shards) {
+          if (s.tensor.dtype() != dtype) {
+            return InvalidArgumentError("key \"" + fqn + "\": shard dtype differs");
+          }
+          local.push_back(s.box());
+        }
+      } else {
+        return InvalidArgumentError("key \"" + fqn + "\" is a tensor in the checkpoint but a " +
+                                    std::string(KindName(v.kind())) + " in the state dict");
+      }
+      if (dtype != t->properties.dtype) {
+        return InvalidArgumentError("key \"" + fqn + "\": checkpoint holds " +
+                                    std::string(DTypeName(t->properties.dtype)) +
+                                    " but the destination is " + std::string(DTypeName(dtype)));
+      }
+      for (auto& r : CreateReadItemsForChunks(fqn, local, t->chunks)) {
+        plan.items.push_back(std::move(r));
+      }
+    } else {
+      ReadItem r;
+      r.type = LoadItemType::kByteIO;
+      r.dest_index = {fqn, std::nullopt, std::nullopt};
+      r.storage_index = r.dest_index;
+      r.dest_offsets = r.storage_offsets = r.lengths = {0};
+      plan.items.push_back(std::move(r));
+    }
+  }
+  return plan;
+}
+
+Result<TensorView> DefaultLoadPlanner::ResolveTensor(const ReadItem& item) {
+  auto it = dest_.find(item.dest_index.fqn);
+  if (it == dest_.end()) {
+    return InternalError("read item for unknown key \"" + item.dest_index.fqn + "\"");
+  }
+  const Value& v = *it->second.value;
+  if (v.is_tensor()) return v.tensor().view();
+  if (v.is_sharded()) {
+    const auto& shards = v.sharded().shards;
+    if (item.dest_index.index && *item.dest_index.index >= 0 &&
+        *item.dest_index.index < static_cast<int64_t>(shards.size()) &&
+        shards[*item.dest_index.index].offsets == item.dest_index.offset) {
+      return shards[*item.dest_index.index].tensor.view();
+    }
+    for (const Shard& s : shards) {
+      if (s.offsets == item.dest_index.offset) return s.tensor.view();
+    }
+  }
+  return InternalError("no destination for \"" + item.dest_index.ToString() + "\"");
+}
+
+Status DefaultLoadPlanner::LoadBytes(const ReadItem& item, Value value) {
+  auto it = dest_.find(item.dest_index.fqn);
+  if (it == dest_.end()) {
+    return InternalError("read item for unknown key \"" + item.dest_index.fqn + "\"");
+  }
+  *it->second.value = std::move(value);
+  return Status::Ok();
+}
+
+}  // namespace dcpp

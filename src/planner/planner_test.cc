@@ -1,0 +1,247 @@
+#include <random>
+
+#include "dcpp/planner.h"
+#include "dcpp/state_dict.h"
+#include "testing/testing.h"
+
+namespace dcpp {
+namespace {
+
+using ::dcpp::testing::IotaTensor;
+using ::dcpp::testing::StatusIs;
+using ::testing::HasSubstr;
+
+Value Nested() {
+  Value sd = Value::MakeDict();
+  Value model = Value::MakeDict();
+  Value layers = Value::MakeList();
+  for (int i = 0; i < 2; ++i) {
+    Value layer = Value::MakeDict();
+    layer.Set("weight", Value::FromTensor(IotaTensor(DType::kFloat32, {2, 3})));
+    layers.items().push_back(layer);
+  }
+  model.Set("layers", layers);
+  sd.Set("model", model);
+  sd.Set("step", Value::Int(7));
+  sd.Set("lrs", Value::MakeList({Value::Float(0.1), Value::Float(0.2)}));
+  sd.Set("pair", Value::MakeTuple({Value::FromTensor(IotaTensor(DType::kInt64, {2}))}));
+  sd.Set("empty", Value::MakeDict());
+  return sd;
+}
+
+TEST(FlattenTest, FollowsPyTorchTraversal) {
+  Value sd = Nested();
+  DCPP_ASSERT_OK_AND_ASSIGN(auto flat, FlattenStateDict(sd));
+  std::vector<std::string> fqns;
+  for (const auto& e : flat) fqns.push_back(e.fqn);
+  // The list of dicts is descended; the list of floats and the tuple are leaves; the empty dict
+  // vanishes.
+  EXPECT_THAT(fqns, ::testing::ElementsAre("model.layers.0.weight", "model.layers.1.weight",
+                                           "step", "lrs", "pair"));
+  EXPECT_EQ(PathToString(flat[1].path), "('model', 'layers', 1, 'weight')");
+  EXPECT_TRUE(flat[3].value->is_list());
+}
+
+TEST(FlattenTest, DuplicateFqnIsAnError) {
+  Value sd = Value::MakeDict();
+  sd.Set("a.b", Value::Int(1));
+  Value a = Value::MakeDict();
+  a.Set("b", Value::Int(2));
+  sd.Set("a", a);
+  EXPECT_THAT(FlattenStateDict(sd), StatusIs(StatusCode::kInvalidArgument, HasSubstr("\"a.b\"")));
+}
+
+TEST(FlattenTest, SetElementRebuildsNesting) {
+  Value root = Value::MakeDict();
+  DCPP_ASSERT_OK(SetElement(root, {std::string("m"), int64_t{2}, std::string("w")}, Value::Int(5)));
+  EXPECT_EQ(root.DebugString(), "{'m': [None, None, {'w': 5}]}");
+  DCPP_ASSERT_OK(SetElement(root, {std::string("m"), int64_t{0}}, Value::Int(1)));
+  EXPECT_EQ(root.DebugString(), "{'m': [1, None, {'w': 5}]}");
+  EXPECT_THAT(SetElement(root, {std::string("m"), std::string("x")}, Value::Int(1)),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("not a dict")));
+}
+
+SavePlan PlanFor(const Value& sd) {
+  DefaultSavePlanner p;
+  EXPECT_TRUE(p.SetUp(sd, true).ok());
+  return *p.CreateLocalPlan();
+}
+
+Value ShardedRows(int rank, int world, int64_t rows, int64_t cols) {
+  ShardedTensor st{DType::kFloat32, {rows, cols}, {}};
+  int64_t per = (rows + world - 1) / world;
+  int64_t lo = std::min(rows, rank * per), hi = std::min(rows, lo + per);
+  st.shards.push_back({{lo, 0}, IotaTensor(DType::kFloat32, {hi - lo, cols})});
+  Value sd = Value::MakeDict();
+  sd.Set("w", Value::FromSharded(st));
+  sd.Set("bias", Value::FromTensor(IotaTensor(DType::kFloat32, {cols})));  // replicated
+  sd.Set("step", Value::Int(3));                                          // replicated
+  return sd;
+}
+
+TEST(SavePlannerTest, GlobalPlanDedupsReplicatedItemsAndSpreadsThem) {
+  std::vector<SavePlan> plans;
+  for (int r = 0; r < 4; ++r) plans.push_back(PlanFor(ShardedRows(r, 4, 10, 3)));
+  DefaultSavePlanner coordinator;
+  DCPP_ASSERT_OK_AND_ASSIGN(auto global, coordinator.CreateGlobalPlan(plans));
+  auto& [out, md] = global;
+  ASSERT_EQ(out.size(), 4u);
+  int bias = 0, step = 0;
+  for (const auto& p : out) {
+    for (const auto& item : p.items) {
+      bias += item.index.fqn == "bias";
+      step += item.index.fqn == "step";
+    }
+  }
+  EXPECT_EQ(bias, 1);
+  EXPECT_EQ(step, 1);
+  const auto& w = std::get<TensorStorageMetadata>(*md.state_dict_metadata.Find("w"));
+  EXPECT_EQ(w.size, (Shape{10, 3}));
+  ASSERT_EQ(w.chunks.size(), 4u);
+  EXPECT_EQ(w.chunks[3], (ChunkBox{{9, 0}, {1, 3}}));
+  // Index hints are positions in the chunk list.
+  EXPECT_EQ(out[2].items[0].index.index, 2);
+  ASSERT_TRUE(md.planner_data.has_value());
+  EXPECT_EQ(PathToFqn(md.planner_data->at("w")), "w");
+}
+
+TEST(SavePlannerTest, DedupBalancesBytes) {
+  // Three equal replicated tensors held by both ranks: rank 0 gets one, rank 1 the next, ...
+  std::vector<SavePlan> plans(2);
+  for (auto& p : plans) {
+    for (int i = 0; i < 4; ++i) {
+      WriteItem w;
+      w.index = {"t" + std::to_string(i), Shape{0}, std::nullopt};
+      w.tensor_data = TensorWriteData{{{0}, {8}}, {DType::kFloat32}, {8}};
+      p.items.push_back(w);
+    }
+  }
+  auto out = DedupSavePlans(plans, false);
+  EXPECT_EQ(out[0].items.size(), 2u);
+  EXPECT_EQ(out[1].items.size(), 2u);
+  auto lowest = DedupSavePlans(plans, true);
+  EXPECT_EQ(lowest[0].items.size(), 4u);
+  EXPECT_EQ(lowest[1].items.size(), 0u);
+}
+
+TEST(SavePlannerTest, ValidationFindsOverlapAndGaps) {
+  Metadata md;
+  md.state_dict_metadata["x"] =
+      TensorStorageMetadata{{DType::kFloat32}, {4, 4}, {{{0, 0}, {2, 4}}, {{1, 0}, {3, 4}}}};
+  EXPECT_THAT(ValidateGlobalPlan(md, true),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("overlap")));
+  md.state_dict_metadata["x"] =
+      TensorStorageMetadata{{DType::kFloat32}, {4, 4}, {{{0, 0}, {2, 4}}, {{3, 0}, {1, 4}}}};
+  EXPECT_THAT(ValidateGlobalPlan(md, true),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("cover 12 of its 16")));
+  DCPP_EXPECT_OK(ValidateGlobalPlan(md, false));
+  md.state_dict_metadata["x"] =
+      TensorStorageMetadata{{DType::kFloat32}, {4, 4}, {{{0, 0}, {5, 4}}}};
+  EXPECT_THAT(ValidateGlobalPlan(md, false),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("outside")));
+}
+
+TEST(SavePlannerTest, ValidationScalesToManyChunks) {
+  // 200k column chunks and a 400x500 grid: an O(n^2) check would take minutes.
+  for (int layout = 0; layout < 2; ++layout) {
+    Metadata md;
+    TensorStorageMetadata t{{DType::kFloat32}, {}, {}};
+    if (layout == 0) {
+      t.size = {4, 200000};
+      for (int64_t c = 0; c < 200000; ++c) t.chunks.push_back({{0, c}, {4, 1}});
+    } else {
+      t.size = {400, 500};
+      for (int64_t r = 0; r < 400; ++r) {
+        for (int64_t c = 0; c < 500; ++c) t.chunks.push_back({{r, c}, {1, 1}});
+      }
+    }
+    std::shuffle(t.chunks.begin(), t.chunks.end(), std::mt19937(7));
+    t.chunks.push_back(t.chunks[12345]);  // one duplicate must be found
+    md.state_dict_metadata["x"] = t;
+    EXPECT_THAT(ValidateGlobalPlan(md, false),
+                StatusIs(StatusCode::kInvalidArgument, HasSubstr("overlap")));
+    std::get<TensorStorageMetadata>(*md.state_dict_metadata.Find("x")).chunks.pop_back();
+    DCPP_EXPECT_OK(ValidateGlobalPlan(md, true));
+  }
+}
+
+TEST(SavePlannerTest, PlanEncodingRoundTrips) {
+  SavePlan p = PlanFor(Nested());
+  p.storage_prefix = "__1_";
+  DCPP_ASSERT_OK_AND_ASSIGN(SavePlan q, DecodeSavePlan(EncodeSavePlan(p)));
+  EXPECT_EQ(EncodeSavePlan(q), EncodeSavePlan(p));
+  EXPECT_EQ(q.items.size(), p.items.size());
+  EXPECT_EQ(q.mappings, p.mappings);
+  std::string bytes = EncodeSavePlan(p);
+  for (size_t cut = 0; cut < bytes.size(); cut += 7) {
+    EXPECT_FALSE(DecodeSavePlan(std::string_view(bytes).substr(0, cut)).ok());
+  }
+}
+
+TEST(LoadPlannerTest, ReadItemsReshardRowsToColumns) {
+  std::vector<ChunkBox> saved = {{{0, 0}, {3, 6}}, {{3, 0}, {3, 6}}};
+  std::vector<ChunkBox> local = {{{0, 2}, {6, 2}}};
+  auto items = CreateReadItemsForChunks("w", local, saved);
+  ASSERT_EQ(items.size(), 2u);
+  EXPECT_EQ(items[0].storage_offsets, (Shape{0, 2}));
+  EXPECT_EQ(items[0].dest_offsets, (Shape{0, 0}));
+  EXPECT_EQ(items[0].lengths, (Shape{3, 2}));
+  EXPECT_EQ(items[1].storage_offsets, (Shape{0, 2}));
+  EXPECT_EQ(items[1].dest_offsets, (Shape{3, 0}));
+  EXPECT_EQ(items[1].storage_index.index, 1);
+  // 0-d tensors: every pair overlaps.
+  EXPECT_EQ(CreateReadItemsForChunks("s", {ChunkBox{}}, {ChunkBox{}}).size(), 1u);
+}
+
+TEST(LoadPlannerTest, UnevenPiecesCoverEveryElementOnce) {
+  std::vector<ChunkBox> saved, local;
+  for (int64_t r = 0; r < 13; r += 5) saved.push_back({{r, 0}, {std::min<int64_t>(5, 13 - r), 7}});
+  for (int64_t c = 0; c < 7; c += 3) local.push_back({{0, c}, {13, std::min<int64_t>(3, 7 - c)}});
+  int64_t covered = 0;
+  for (const auto& r : CreateReadItemsForChunks("w", local, saved)) covered += NumElements(r.lengths);
+  EXPECT_EQ(covered, 13 * 7);
+}
+
+TEST(LoadPlannerTest, MissingKeysAndShapeMismatch) {
+  Metadata md;
+  md.state_dict_metadata["w"] = TensorStorageMetadata{{DType::kFloat32}, {2, 3}, {{{0, 0}, {2, 3}}}};
+  Value sd = Value::MakeDict();
+  sd.Set("w", Value::FromTensor(Tensor::Zeros(DType::kFloat32, {3, 2})));
+  DefaultLoadPlanner p;
+  DCPP_ASSERT_OK(p.SetUp(&sd, md, true));
+  EXPECT_THAT(p.CreateLocalPlan(), StatusIs(StatusCode::kInvalidArgument, HasSubstr("[2, 3]")));
+
+  Value sd2 = Value::MakeDict();
+  sd2.Set("w", Value::FromTensor(Tensor::Zeros(DType::kFloat32, {2, 3})));
+  sd2.Set("extra", Value::FromTensor(Tensor::Zeros(DType::kFloat32, {1})));
+  DefaultLoadPlanner strict;
+  DCPP_ASSERT_OK(strict.SetUp(&sd2, md, true));
+  EXPECT_THAT(strict.CreateLocalPlan(),
+              StatusIs(StatusCode::kNotFound, HasSubstr("\"extra\" is not in the checkpoint")));
+  DefaultLoadPlanner partial({.allow_partial_load = true});
+  DCPP_ASSERT_OK(partial.SetUp(&sd2, md, true));
+  DCPP_ASSERT_OK_AND_ASSIGN(LoadPlan plan, partial.CreateLocalPlan());
+  EXPECT_EQ(plan.items.size(), 1u);
+}
+
+TEST(LoadPlannerTest, EmptyStateDictLoadsEverythingAsStored) {
+  Metadata md;
+  md.state_dict_metadata["m.0.w"] =
+      TensorStorageMetadata{{DType::kInt32}, {4}, {{{0}, {2}}, {{2}, {2}}}};
+  md.state_dict_metadata["step"] = BytesStorageMetadata{};
+  md.planner_data = std::map<std::string, ObjectPath>{
+      {"m.0.w", {std::string("m"), int64_t{0}, std::string("w")}}, {"step", {std::string("step")}}};
+  Value sd = Value::MakeDict();
+  DefaultLoadPlanner p;
+  DCPP_ASSERT_OK(p.SetUp(&sd, md, true));
+  DCPP_ASSERT_OK_AND_ASSIGN(LoadPlan plan, p.CreateLocalPlan());
+  EXPECT_EQ(plan.items.size(), 3u);
+  EXPECT_EQ(sd.DebugString(), "{'m': [{'w': tensor(int32[4])}], 'step': None}");
+  for (const auto& item : plan.items) {
+    if (item.type == LoadItemType::kByteIO) DCPP_ASSERT_OK(p.LoadBytes(item, Value::Int(9)));
+  }
+  EXPECT_EQ(sd.Find("step")->as_int(), 9);
+}
+
+}  // namespace
+}  // namespace dcpp
