@@ -42,6 +42,9 @@ struct LoadOptions {
   LoadPlanner* planner = nullptr;    // null: DefaultLoadPlanner
   LoadPlannerOptions planner_options;  // for the default planner
   FileSystemReaderOptions reader;    // used by the path overload
+  // Tensors that every rank loads whole (replicated parameters) are read from storage by one
+  // rank each, spread over the ranks, and broadcast: each byte is read once per job.
+  bool broadcast_replicated = false;
 };
 
 // Saves `state_dict` as a DCP checkpoint in directory `path`; returns the committed metadata.

@@ -122,7 +122,7 @@ class PickleValue {
   // Checked accessors for untrusted trees: DataLoss naming the expected and actual kind.
   Result<int64_t> GetInt() const;
   Result<bool> GetBool() const;
-  Result<double> GetFloat() const;  // accepts int too
+  Result<double> GetFloat() const;            // accepts int too
   Result<std::string_view> GetStr() const;    // kStr only
   Result<std::string_view> GetBytes() const;  // kBytes only
   Result<const Items*> GetTuple() const;
@@ -184,15 +184,15 @@ struct PickleReadOptions {
   // Nesting: a scalar counts 1, a container or object 1 + its deepest child. Also bounds the
   // number of open MARKs.
   int max_depth = 1000;
-  size_t max_memo = 1 << 20;               // memo entries
-  size_t max_nodes = 1 << 24;              // values created in total
+  size_t max_memo = 1 << 20;   // memo entries
+  size_t max_nodes = 1 << 24;  // values created in total
 };
 
 // Parses one pickle (up to and including STOP). Trailing bytes after STOP are an error.
 Result<PickleRef> ReadPickle(std::string_view data, const PickleReadOptions& options = {});
 
 struct PickleWriteOptions {
-  int protocol = 2;     // 2 or 4
+  int protocol = 2;      // 2 or 4
   int max_depth = 1000;  // nesting limit (same measure as PickleReadOptions::max_depth)
 };
 

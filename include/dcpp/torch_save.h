@@ -4,7 +4,7 @@
 // `<dir>/data.pkl` (a protocol-2 pickle of the object tree, tensors referring to storages by
 // persistent id), `<dir>/data/<key>` (raw little-endian storage bytes, one per distinct storage),
 // `<dir>/version`, and in newer PyTorch `byteorder`, `.format_version`, `.storage_alignment`,
-// `.data/serialization_id`. docs/format.md describes the bytes.
+// `.data/serialization_id`. docs/format_zip.md describes the bytes.
 //
 // Reading maps the pickle to a dcpp::Value: tensors (any dtype, shared storages, storage offsets,
 // arbitrary strides, 0-d, empty) and None/bool/int/float/str/bytes/list/tuple/dict/OrderedDict.
@@ -41,6 +41,21 @@ struct TorchSaveTensorRef {
   uint64_t record_offset = 0;  // byte offset of the storage record's data in the source
   uint64_t record_size = 0;    // bytes of the storage record
   bool requires_grad = false;
+
+  int64_t numel() const { return NumElements(shape); }
+  size_t nbytes() const { return static_cast<size_t>(numel()) * ElementSize(dtype); }
+  bool is_contiguous() const;
+};
+
+// One leaf of an archive's object tree, found without reading tensor bytes (`dcpp inspect`).
+// Dicts are descended into; lists and tuples only when they hold a tensor somewhere below.
+struct TorchSaveLeaf {
+  // Key path joined with '.': dict keys as written, list/tuple positions as numbers
+  // ("model.layers.0.weight"); "" for a root that is itself a leaf.
+  std::string key;
+  bool is_tensor = false;
+  TorchSaveTensorRef tensor;  // when is_tensor
+  Value value;                // otherwise: the plain value (Opaque for uninterpreted objects)
 };
 
 class TorchSaveArchive {
@@ -68,6 +83,9 @@ class TorchSaveArchive {
   Status ReadTensorInto(const TorchSaveTensorRef& ref, const Shape& src_offsets,
                         const TensorView& dst, const Shape& dst_offsets, const Shape& sizes) const;
 
+  // Every leaf in tree order, tensors as references (no tensor bytes are read).
+  Result<std::vector<TorchSaveLeaf>> Leaves(bool opaque_objects = true) const;
+
   // Raw bytes of a record by its name without the prefix ("version", "data/0").
   Result<std::string> ReadRecord(const std::string& name) const;
   // Record names in archive order (without prefix).
@@ -83,10 +101,15 @@ class TorchSaveArchive {
   // Checks every record's CRC-32 (DataLoss naming the record on mismatch).
   Status VerifyChecksums() const;
 
+  const ByteSource& source() const { return *source_; }
+  // The `byteorder` record said "big": storages are byteswapped when read.
+  bool big_endian() const { return big_endian_; }
+
  private:
   const ByteSource* source_ = nullptr;
   std::string prefix_;
   int64_t version_ = 0;
+  bool big_endian_ = false;
   std::map<std::string, Record> records_;
   std::vector<std::string> order_;
   PickleRef root_;
@@ -101,7 +124,13 @@ struct TorchSaveWriteOptions {
 };
 
 // Writes `value` (tensors and plain values; ShardedTensor and Opaque are rejected) as one
-// torch.save archive.
+// torch.save archive: protocol-2 data.pkl as PyTorch writes it, then one `data/<key>` record per
+// distinct Storage in first-seen order. A tensor that owns its storage alone keeps its strides if
+// it covers the storage exactly from offset 0 (`w.t()`), else it is compacted; tensors sharing a
+// Storage share one record holding the whole storage, offsets and strides preserved (they must
+// agree on the dtype). Dtypes without a typed storage class (uint16/32/64, complex32, float8)
+// are written as `_rebuild_tensor_v3` + UntypedStorage, which torch < 2.1 cannot load.
+// Parameters are written as plain tensors (requires_grad false).
 Status WriteTorchSave(const Value& value, ByteSink& sink,
                       const TorchSaveWriteOptions& options = {});
 Result<std::string> EncodeTorchSave(const Value& value, const TorchSaveWriteOptions& options = {});

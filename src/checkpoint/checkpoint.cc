@@ -12,7 +12,10 @@
 // part in the collectives and no rank waits forever on it.
 #include "dcpp/checkpoint.h"
 
+#include <algorithm>
 #include <cstring>
+#include <map>
+#include <set>
 #include <sstream>
 
 #include "core/log.h"
@@ -294,6 +297,54 @@ Status AgreeOnStatus(Communicator& comm, const Status& mine, std::string_view ph
   return CombineFailures(opened, phase);
 }
 
+// All-gathers which tensors each rank loads whole; those loaded whole by every rank are assigned
+// an owner (balancing bytes) that alone reads them. Returns (fqn, owner) sorted by fqn.
+Result<std::vector<std::pair<std::string, int>>> PlanReplicatedReads(
+    Communicator& comm, const Metadata& metadata, const LoadPlan& plan, LoadPlanner& planner,
+    std::map<std::string, TensorView>& dest) {
+  std::set<std::string> mine;
+  for (const auto& item : plan.items) {
+    if (item.type != LoadItemType::kTensor || mine.count(item.dest_index.fqn)) continue;
+    const auto* m = metadata.state_dict_metadata.Find(item.dest_index.fqn);
+    const auto* t = m ? std::get_if<TensorStorageMetadata>(m) : nullptr;
+    if (!t) continue;
+    DCPP_ASSIGN_OR_RETURN(TensorView v, planner.ResolveTensor(item));
+    if (v.shape() == t->size) {
+      mine.insert(item.dest_index.fqn);
+      dest[item.dest_index.fqn] = v;
+    }
+  }
+  std::string encoded;
+  for (const auto& f : mine) {
+    encoded += f;
+    encoded.push_back('\0');
+  }
+  DCPP_ASSIGN_OR_RETURN(std::vector<std::string> all, comm.AllGather(encoded));
+  std::map<std::string, int> count;
+  for (const auto& a : all) {
+    size_t start = 0;
+    for (size_t i = 0; i < a.size(); ++i) {
+      if (a[i] == '\0') {
+        ++count[a.substr(start, i - start)];
+        start = i + 1;
+      }
+    }
+  }
+  std::vector<int64_t> load(comm.size(), 0);
+  std::vector<std::pair<std::string, int>> out;
+  for (const auto& [fqn, n] : count) {
+    if (n != comm.size()) continue;
+    int owner = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
+    const auto& t = std::get<TensorStorageMetadata>(*metadata.state_dict_metadata.Find(fqn));
+    load[owner] += NumElements(t.size) * static_cast<int64_t>(ElementSize(t.properties.dtype));
+    out.emplace_back(fqn, owner);
+  }
+  for (auto it = dest.begin(); it != dest.end();) {
+    it = count[it->first] == comm.size() ? std::next(it) : dest.erase(it);
+  }
+  return out;
+}
+
 }  // namespace
 
 Status Load(StateDict& state_dict, StorageReader& reader, const LoadOptions& options) {
@@ -325,11 +376,49 @@ Status Load(StateDict& state_dict, StorageReader& reader, const LoadOptions& opt
   }();
   DCPP_RETURN_IF_ERROR(AgreeOnStatus(comm, local, "planning").WithContext(ctx));
 
+  // Read-once-then-broadcast: tensors every rank loads whole are read by one owner each.
+  std::vector<std::pair<std::string, int>> shared;  // fqn, owner (same order on every rank)
+  std::map<std::string, TensorView> shared_dest;
+  if (options.broadcast_replicated && comm.size() > 1) {
+    DCPP_ASSIGN_OR_RETURN(shared, PlanReplicatedReads(comm, metadata, plan, planner, shared_dest));
+    std::map<std::string, int> owner(shared.begin(), shared.end());
+    auto& items = plan.items;
+    items.erase(std::remove_if(items.begin(), items.end(),
+                               [&](const ReadItem& r) {
+                                 auto it = owner.find(r.dest_index.fqn);
+                                 return it != owner.end() && it->second != rank;
+                               }),
+                items.end());
+  }
+
   Status read = [&]() -> Status {
     PhaseTimer t("load.read", RankField(comm));
     return reader.ReadData(plan, planner);
   }();
-  return AgreeOnStatus(comm, read, "reading").WithContext(ctx);
+  DCPP_RETURN_IF_ERROR(AgreeOnStatus(comm, read, "reading").WithContext(ctx));
+
+  if (!shared.empty()) {
+    PhaseTimer t("load.broadcast", RankField(comm));
+    for (const auto& [fqn, owner] : shared) {
+      const TensorView& dst = shared_dest[fqn];
+      std::string buf;
+      if (owner == rank) {
+        Tensor whole = Tensor::Zeros(dst.dtype(), dst.shape());
+        DCPP_RETURN_IF_ERROR(CopyTensor(whole.view(), dst));
+        buf.assign(reinterpret_cast<const char*>(whole.data()), whole.nbytes());
+      }
+      DCPP_RETURN_IF_ERROR(comm.Broadcast(buf, owner).WithContext(ctx));
+      if (owner != rank) {
+        if (buf.size() != dst.nbytes()) {
+          return InternalError(ctx + ": broadcast of \"" + fqn + "\" has " +
+                               std::to_string(buf.size()) + " bytes");
+        }
+        TensorView src(buf.data(), dst.dtype(), dst.shape());
+        DCPP_RETURN_IF_ERROR(CopyTensor(dst, src));
+      }
+    }
+  }
+  return Status::Ok();
 }
 
 Status Load(StateDict& state_dict, const std::string& path, const LoadOptions& options) {

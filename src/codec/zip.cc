@@ -425,26 +425,30 @@ Result<std::string> ZipReader::Read(const ZipEntry& entry) const {
 }
 
 Status ZipReader::VerifyCrc(const ZipEntry& entry) const {
+  return VerifyZipCrc(*source_, entry.name, entry.data_offset, entry.size, entry.crc32);
+}
+
+Status VerifyZipCrc(const ByteSource& source, const std::string& entry_name, uint64_t offset,
+                    uint64_t size, uint32_t crc) {
   constexpr size_t kChunk = 4 << 20;
-  uint32_t crc = 0;
+  uint32_t actual = 0;
   std::string buf;
-  for (uint64_t done = 0; done < entry.size;) {
-    const size_t n = static_cast<size_t>(std::min<uint64_t>(kChunk, entry.size - done));
-    if (const std::byte* p = source_->Peek(entry.data_offset + done, n)) {
-      crc = Crc32(crc, p, n);
+  for (uint64_t done = 0; done < size;) {
+    const size_t n = static_cast<size_t>(std::min<uint64_t>(kChunk, size - done));
+    if (const std::byte* p = source.Peek(offset + done, n)) {
+      actual = Crc32(actual, p, n);
     } else {
       buf.resize(n);
-      Status s = source_->ReadAt(entry.data_offset + done, buf.data(), n);
-      if (!s.ok()) return s.WithContext("zip entry \"" + entry.name + "\"");
-      crc = Crc32(crc, buf.data(), n);
+      Status s = source.ReadAt(offset + done, buf.data(), n);
+      if (!s.ok()) return s.WithContext("zip entry \"" + entry_name + "\"");
+      actual = Crc32(actual, buf.data(), n);
     }
     done += n;
   }
-  if (crc != entry.crc32) {
+  if (actual != crc) {
     char msg[64];
-    std::snprintf(msg, sizeof(msg), "CRC-32 mismatch: stored %08x, computed %08x", entry.crc32,
-                  crc);
-    return DataLossError("zip archive " + source_->name() + ", entry \"" + entry.name +
+    std::snprintf(msg, sizeof(msg), "CRC-32 mismatch: stored %08x, computed %08x", crc, actual);
+    return DataLossError("zip archive " + source.name() + ", entry \"" + entry_name +
                          "\": " + msg);
   }
   return Status::Ok();

@@ -107,6 +107,11 @@ class ZipWriter {
   bool finished_ = false;
 };
 
+// Reads [offset, offset+size) of `source` in pieces and compares its CRC-32 with `crc`;
+// DataLoss naming the source and `entry_name` on mismatch.
+Status VerifyZipCrc(const ByteSource& source, const std::string& entry_name, uint64_t offset,
+                    uint64_t size, uint32_t crc);
+
 // ---- layout math, exposed for tests ----
 
 // Bytes of the ZIP64 extra field PyTorch's writer puts in a local header (0 when none): sizes

@@ -51,16 +51,16 @@ Result<std::unique_ptr<Communicator>> Communicator::SubGroup(const std::vector<i
   for (size_t r = 0; r < all.size(); ++r) {
     if (all[r] != all[0]) {
       return InvalidArgumentError("SubGroup: ranks disagree on the list: rank 0 passed " +
-                                  FormatRanks(all[0]) + ", rank " + std::to_string(r) +
-                                  " passed " + FormatRanks(all[r]));
+                                  FormatRanks(all[0]) + ", rank " + std::to_string(r) + " passed " +
+                                  FormatRanks(all[r]));
     }
   }
   if (ranks.empty()) return InvalidArgumentError("SubGroup: empty rank list");
   std::set<int> seen;
   for (int r : ranks) {
     if (r < 0 || r >= size()) {
-      return InvalidArgumentError("SubGroup: rank " + std::to_string(r) +
-                                  " is not in a group of " + std::to_string(size()));
+      return InvalidArgumentError("SubGroup: rank " + std::to_string(r) + " is not in a group of " +
+                                  std::to_string(size()));
     }
     if (!seen.insert(r).second) {
       return InvalidArgumentError("SubGroup: rank " + std::to_string(r) + " is listed twice");

@@ -86,8 +86,8 @@ Status MpiCommunicator::Check(int rc, const char* call) const {
   char text[MPI_MAX_ERROR_STRING];
   int len = 0;
   MPI_Error_string(rc, text, &len);
-  return AbortedError("rank " + std::to_string(rank_) + ": " + call + " failed: " +
-                      std::string(text, static_cast<size_t>(len)));
+  return AbortedError("rank " + std::to_string(rank_) + ": " + call +
+                      " failed: " + std::string(text, static_cast<size_t>(len)));
 }
 
 Status MpiCommunicator::BroadcastBytes(char* p, size_t n, int root) {
@@ -109,8 +109,8 @@ Status MpiCommunicator::SendBytes(const char* p, size_t n, int to) {
 Status MpiCommunicator::RecvBytes(char* p, size_t n, int from) {
   for (size_t off = 0; off < n; off += options_.max_message_bytes) {
     const int len = static_cast<int>(std::min(n - off, options_.max_message_bytes));
-    DCPP_RETURN_IF_ERROR(Check(
-        MPI_Recv(p + off, len, MPI_BYTE, from, kTag, comm_, MPI_STATUS_IGNORE), "MPI_Recv"));
+    DCPP_RETURN_IF_ERROR(
+        Check(MPI_Recv(p + off, len, MPI_BYTE, from, kTag, comm_, MPI_STATUS_IGNORE), "MPI_Recv"));
   }
   return Status::Ok();
 }
@@ -130,9 +130,9 @@ Result<std::vector<std::string>> MpiCommunicator::Gather(const std::string& mine
   // Every rank learns every size, so all of them choose the same path below.
   uint64_t my_size = mine.size();
   std::vector<uint64_t> sizes(size_);
-  DCPP_RETURN_IF_ERROR(Check(
-      MPI_Allgather(&my_size, 1, MPI_UINT64_T, sizes.data(), 1, MPI_UINT64_T, comm_),
-      "MPI_Allgather"));
+  DCPP_RETURN_IF_ERROR(
+      Check(MPI_Allgather(&my_size, 1, MPI_UINT64_T, sizes.data(), 1, MPI_UINT64_T, comm_),
+            "MPI_Allgather"));
   uint64_t total = 0;
   for (uint64_t s : sizes) total += s;
   std::vector<std::string> out;
@@ -144,10 +144,10 @@ Result<std::vector<std::string>> MpiCommunicator::Gather(const std::string& mine
       off += counts[r];
     }
     std::string all(rank_ == root ? total : 0, '\0');
-    DCPP_RETURN_IF_ERROR(Check(MPI_Gatherv(mine.data(), static_cast<int>(my_size), MPI_BYTE,
-                                           all.data(), counts.data(), displs.data(), MPI_BYTE,
-                                           root, comm_),
-                               "MPI_Gatherv"));
+    DCPP_RETURN_IF_ERROR(
+        Check(MPI_Gatherv(mine.data(), static_cast<int>(my_size), MPI_BYTE, all.data(),
+                          counts.data(), displs.data(), MPI_BYTE, root, comm_),
+              "MPI_Gatherv"));
     if (rank_ == root) {
       out.reserve(size_);
       for (int r = 0; r < size_; ++r) out.push_back(all.substr(displs[r], counts[r]));
@@ -173,9 +173,9 @@ Result<std::vector<std::string>> MpiCommunicator::Gather(const std::string& mine
 Result<std::vector<std::string>> MpiCommunicator::AllGather(const std::string& mine) {
   uint64_t my_size = mine.size();
   std::vector<uint64_t> sizes(size_);
-  DCPP_RETURN_IF_ERROR(Check(
-      MPI_Allgather(&my_size, 1, MPI_UINT64_T, sizes.data(), 1, MPI_UINT64_T, comm_),
-      "MPI_Allgather"));
+  DCPP_RETURN_IF_ERROR(
+      Check(MPI_Allgather(&my_size, 1, MPI_UINT64_T, sizes.data(), 1, MPI_UINT64_T, comm_),
+            "MPI_Allgather"));
   uint64_t total = 0;
   for (uint64_t s : sizes) total += s;
   std::vector<std::string> out(size_);
@@ -187,10 +187,10 @@ Result<std::vector<std::string>> MpiCommunicator::AllGather(const std::string& m
       off += counts[r];
     }
     std::string all(total, '\0');
-    DCPP_RETURN_IF_ERROR(Check(MPI_Allgatherv(mine.data(), static_cast<int>(my_size), MPI_BYTE,
-                                              all.data(), counts.data(), displs.data(), MPI_BYTE,
-                                              comm_),
-                               "MPI_Allgatherv"));
+    DCPP_RETURN_IF_ERROR(
+        Check(MPI_Allgatherv(mine.data(), static_cast<int>(my_size), MPI_BYTE, all.data(),
+                             counts.data(), displs.data(), MPI_BYTE, comm_),
+              "MPI_Allgatherv"));
     for (int r = 0; r < size_; ++r) out[r] = all.substr(displs[r], counts[r]);
     return out;
   }
@@ -228,9 +228,9 @@ Result<std::string> MpiCommunicator::Scatter(const std::vector<std::string>& par
     }
   }
   uint64_t my_info[2] = {0, 0};
-  DCPP_RETURN_IF_ERROR(Check(
-      MPI_Scatter(info.data(), 2, MPI_UINT64_T, my_info, 2, MPI_UINT64_T, root, comm_),
-      "MPI_Scatter"));
+  DCPP_RETURN_IF_ERROR(
+      Check(MPI_Scatter(info.data(), 2, MPI_UINT64_T, my_info, 2, MPI_UINT64_T, root, comm_),
+            "MPI_Scatter"));
   if (my_info[0] == kBadScatter) {
     return InvalidArgumentError("Scatter: root " + std::to_string(root) + " passed " +
                                 std::to_string(my_info[1]) + " parts for a group of " +
@@ -250,10 +250,10 @@ Result<std::string> MpiCommunicator::Scatter(const std::vector<std::string>& par
       }
     }
     out.resize(count);
-    DCPP_RETURN_IF_ERROR(Check(MPI_Scatterv(packed.data(), counts.data(), displs.data(), MPI_BYTE,
-                                            out.data(), static_cast<int>(count), MPI_BYTE, root,
-                                            comm_),
-                               "MPI_Scatterv"));
+    DCPP_RETURN_IF_ERROR(
+        Check(MPI_Scatterv(packed.data(), counts.data(), displs.data(), MPI_BYTE, out.data(),
+                           static_cast<int>(count), MPI_BYTE, root, comm_),
+              "MPI_Scatterv"));
     return out;
   }
   if (rank_ == root) {
@@ -272,9 +272,9 @@ Result<std::unique_ptr<Communicator>> MpiCommunicator::CreateSubGroup(
   auto it = std::find(ranks.begin(), ranks.end(), rank_);
   const int index = it == ranks.end() ? -1 : static_cast<int>(it - ranks.begin());
   MPI_Comm sub = MPI_COMM_NULL;
-  DCPP_RETURN_IF_ERROR(Check(
-      MPI_Comm_split(comm_, index < 0 ? MPI_UNDEFINED : 0, std::max(index, 0), &sub),
-      "MPI_Comm_split"));
+  DCPP_RETURN_IF_ERROR(
+      Check(MPI_Comm_split(comm_, index < 0 ? MPI_UNDEFINED : 0, std::max(index, 0), &sub),
+            "MPI_Comm_split"));
   if (sub == MPI_COMM_NULL) return std::unique_ptr<Communicator>();
   MPI_Comm_set_errhandler(sub, MPI_ERRORS_RETURN);
   int sub_rank = 0, sub_size = 0;

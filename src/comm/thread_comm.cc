@@ -52,7 +52,7 @@ bool HasRoot(Kind kind) {
 struct Slot {
   Kind kind = Kind::kBarrier;
   int root = -1;
-  const std::string* data = nullptr;               // Broadcast (root), Gather, AllGather
+  const std::string* data = nullptr;                // Broadcast (root), Gather, AllGather
   const std::vector<std::string>* parts = nullptr;  // Scatter (root)
   const std::vector<int>* ranks = nullptr;          // SubGroup
 };
@@ -66,7 +66,7 @@ struct Round {
   int arrived = 0;
   int departed = 0;
   bool complete = false;
-  Status verdict;                                    // set by the last to arrive
+  Status verdict;                                       // set by the last to arrive
   std::vector<std::unique_ptr<Communicator>> products;  // SubGroup: one per rank (or null)
 };
 
@@ -188,9 +188,9 @@ void Group::Judge(Round& round) {
   if (first.kind == Kind::kScatter) {
     const size_t n = round.slots[first.root].parts->size();
     if (n != static_cast<size_t>(size)) {
-      round.verdict = InvalidArgumentError("Scatter: root " + std::to_string(first.root) +
-                                           " passed " + std::to_string(n) +
-                                           " parts for a group of " + std::to_string(size));
+      round.verdict =
+          InvalidArgumentError("Scatter: root " + std::to_string(first.root) + " passed " +
+                               std::to_string(n) + " parts for a group of " + std::to_string(size));
     }
   }
   if (first.kind == Kind::kSubGroup) {
@@ -225,7 +225,8 @@ Status Group::Exchange(int rank, const Slot& slot, Copy&& copy) {
       if (broken.ok()) {
         std::string missing;
         for (int r = 0; r < size; ++r) {
-          if (!round->present[r] && r != rank) missing += (missing.empty() ? "" : ", ") + std::to_string(r);
+          if (!round->present[r] && r != rank)
+            missing += (missing.empty() ? "" : ", ") + std::to_string(r);
         }
         broken = AbortedError("collective #" + std::to_string(rounds_done) + " (" +
                               KindName(slot.kind) + "): rank " + std::to_string(rank) +
@@ -267,8 +268,7 @@ Result<std::vector<std::unique_ptr<Communicator>>> MakeThreadCommunicators(
 
 void RunOnThreads(int size, const std::function<void(Communicator&)>& fn,
                   ThreadCommOptions options) {
-  std::vector<std::unique_ptr<Communicator>> comms =
-      MakeThreadCommunicators(size, options).value();
+  std::vector<std::unique_ptr<Communicator>> comms = MakeThreadCommunicators(size, options).value();
   std::mutex mu;
   std::exception_ptr first_error;
   std::vector<std::thread> threads;
@@ -282,9 +282,8 @@ void RunOnThreads(int size, const std::function<void(Communicator&)>& fn,
           std::lock_guard<std::mutex> lock(mu);
           if (!first_error) first_error = std::current_exception();
         }
-        static_cast<ThreadCommunicator&>(*comms[r])
-            .group()
-            .Break(AbortedError("rank " + std::to_string(r) + " threw an exception"));
+        static_cast<ThreadCommunicator&>(*comms[r]).group().Break(
+            AbortedError("rank " + std::to_string(r) + " threw an exception"));
       }
     });
   }

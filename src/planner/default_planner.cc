@@ -253,6 +253,33 @@ Status ValidateGlobalPlan(const Metadata& metadata, bool require_full_coverage) 
 
 Result<std::pair<std::vector<SavePlan>, Metadata>> DefaultSavePlanner::CreateGlobalPlan(
     std::vector<SavePlan> plans) {
+  // Items several ranks hold under one index must describe the same data, or dedup would
+  // silently keep one rank's version.
+  std::map<MetadataIndex, std::pair<size_t, const WriteItem*>> first;
+  for (size_t p = 0; p < plans.size(); ++p) {
+    for (const auto& item : plans[p].items) {
+      auto [it, inserted] = first.emplace(item.index, std::make_pair(p, &item));
+      if (inserted) continue;
+      const WriteItem& other = *it->second.second;
+      const bool same =
+          other.type == item.type &&
+          (!item.tensor_data ||
+           (other.tensor_data->size == item.tensor_data->size &&
+            other.tensor_data->chunk == item.tensor_data->chunk &&
+            other.tensor_data->properties.dtype == item.tensor_data->properties.dtype));
+      if (!same) {
+        auto describe = [](const WriteItem& w) {
+          if (!w.tensor_data) return std::string("a bytes value");
+          return std::string(DTypeName(w.tensor_data->properties.dtype)) +
+                 ShapeToString(w.tensor_data->chunk.sizes) + " of " +
+                 ShapeToString(w.tensor_data->size);
+        };
+        return InvalidArgumentError("key \"" + item.index.fqn + "\" is " + describe(other) +
+                                    " on rank " + std::to_string(it->second.first) + " but " +
+                                    describe(item) + " on rank " + std::to_string(p));
+      }
+    }
+  }
   plans = DedupSavePlans(std::move(plans), options_.dedup_save_to_lowest_rank);
   DCPP_ASSIGN_OR_RETURN(auto global, CreateDefaultGlobalSavePlan(std::move(plans)));
   if (options_.flatten_state_dict) {

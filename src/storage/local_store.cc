@@ -57,7 +57,8 @@ Status MakeDirs(const std::string& path) {
     if (::mkdir(prefix.c_str(), 0755) == 0) continue;
     if (errno != EEXIST) return ErrnoToStatus(errno, "creating directory " + prefix);
     struct stat st;
-    if (::stat(prefix.c_str(), &st) != 0) return ErrnoToStatus(errno, "creating directory " + prefix);
+    if (::stat(prefix.c_str(), &st) != 0)
+      return ErrnoToStatus(errno, "creating directory " + prefix);
     if (!S_ISDIR(st.st_mode)) {
       return FailedPreconditionError("creating directory " + prefix + ": a file is in the way");
     }

@@ -52,8 +52,7 @@ struct MemoryStore::State {
 
 class MemoryStore::Writer final : public WritableFile {
  public:
-  Writer(std::shared_ptr<State> state, std::shared_ptr<Node> node, std::string name,
-         uint64_t epoch)
+  Writer(std::shared_ptr<State> state, std::shared_ptr<Node> node, std::string name, uint64_t epoch)
       : state_(std::move(state)), node_(std::move(node)), name_(std::move(name)), epoch_(epoch) {}
 
   Status Append(const void* data, size_t n) override {
@@ -203,8 +202,7 @@ Status MemoryStore::Rename(std::string_view from, std::string_view to) {
   DCPP_RETURN_IF_ERROR(ValidateKey(from));
   DCPP_RETURN_IF_ERROR(ValidateKey(to));
   std::lock_guard<std::mutex> lock(state_->mu);
-  const std::string context =
-      "renaming " + state_->Describe(from) + " to " + state_->Describe(to);
+  const std::string context = "renaming " + state_->Describe(from) + " to " + state_->Describe(to);
   auto it = state_->live.find(from);
   if (it == state_->live.end()) return NotFoundError(context + ": no such file");
   if (from == to) return Status::Ok();

@@ -152,6 +152,27 @@ def cases():
     out["root_view"] = pattern(torch.float32, (5, 4), 15)[2:4]
     # A list root.
     out["list_root"] = [pattern(torch.int16, (4,), 16), 7, "s"]
+
+    # Cases rebuildable exactly from their description (no parameters; every storage covered by
+    # its tensors): dcpp re-encodes them and must produce these files byte for byte.
+    base = pattern(torch.float32, (4, 6), 20)
+    out["ident_mixed"] = collections.OrderedDict(
+        [
+            ("w", base),
+            ("rows", base[1:3]),
+            ("t", base.t()),
+            ("lone_t", pattern(torch.float64, (3, 5), 21).t()),
+            ("ints", pattern(torch.int64, (7,), 22)),
+            ("mask", pattern(torch.bool, (2, 2), 23)),
+            ("half", pattern(torch.bfloat16, (3,), 24)),
+            ("c", pattern(torch.complex64, (2,), 25)),
+            ("scalar", pattern(torch.int32, (), 26)),
+            ("empty", torch.zeros(0, 3)),
+            ("opt", {"lr": 0.1, "betas": (0.9, 0.999), "steps": [1, 2, 3], "name": "adam",
+                     "flag": True, "none": None, "raw": b"\x00\xff", 3: "int key"}),
+        ]
+    )
+    out["ident_tensor"] = pattern(torch.float16, (2, 3), 27)
     return out
 
 

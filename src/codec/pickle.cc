@@ -1,0 +1,1803 @@
+// The pickle subset PyTorch checkpoints use: a reader that never executes anything and a writer
+// that mirrors CPython's C pickler. Byte layouts and the reasons behind each rule are in
+// docs/format_pickle.md.
+//
+// Reading, step by step:
+//   1. Each opcode is decoded at its offset; every length is compared with the bytes left
+//      before anything is allocated.
+//   2. Values go on a stack; MARK remembers a stack height, and opcodes that take "everything
+//      since the last MARK" (TUPLE, APPENDS, SETITEMS, ...) only ever look above it.
+//   3. Every new container records its depth (1 + deepest child) and whether it has been placed
+//      inside another value. Modifying a value after that point is refused, which keeps the
+//      result acyclic, so destruction, DebugString and WritePickle terminate.
+//   4. Globals pass the allow-list when they are pushed; calls that merely rebuild plain data
+//      (protocol-2 bytes and sets, copyreg.__newobj__) are resolved at REDUCE.
+//   5. STOP must leave exactly one value, no open MARK and no trailing bytes.
+#include "dcpp/pickle.h"
+
+#include <algorithm>
+#include <bit>
+#include <charconv>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <unordered_map>
+
+#include "dcpp/dtype.h"
+
+namespace dcpp {
+namespace {
+
+using Kind = PickleValue::Kind;
+using Items = PickleValue::Items;
+using DictItems = PickleValue::DictItems;
+
+// Opcodes, with pickletools' names.
+namespace op {
+constexpr uint8_t kMark = '(';
+constexpr uint8_t kStop = '.';
+constexpr uint8_t kPop = '0';
+constexpr uint8_t kPopMark = '1';
+constexpr uint8_t kDup = '2';
+constexpr uint8_t kFloat = 'F';
+constexpr uint8_t kInt = 'I';
+constexpr uint8_t kBinInt = 'J';
+constexpr uint8_t kBinInt1 = 'K';
+constexpr uint8_t kLong = 'L';
+constexpr uint8_t kBinInt2 = 'M';
+constexpr uint8_t kNone = 'N';
+constexpr uint8_t kPersId = 'P';
+constexpr uint8_t kBinPersId = 'Q';
+constexpr uint8_t kReduce = 'R';
+constexpr uint8_t kString = 'S';
+constexpr uint8_t kBinString = 'T';
+constexpr uint8_t kShortBinString = 'U';
+constexpr uint8_t kUnicode = 'V';
+constexpr uint8_t kBinUnicode = 'X';
+constexpr uint8_t kAppend = 'a';
+constexpr uint8_t kBuild = 'b';
+constexpr uint8_t kGlobal = 'c';
+constexpr uint8_t kDict = 'd';
+constexpr uint8_t kEmptyDict = '}';
+constexpr uint8_t kAppends = 'e';
+constexpr uint8_t kGet = 'g';
+constexpr uint8_t kBinGet = 'h';
+constexpr uint8_t kInst = 'i';
+constexpr uint8_t kLongBinGet = 'j';
+constexpr uint8_t kList = 'l';
+constexpr uint8_t kEmptyList = ']';
+constexpr uint8_t kObj = 'o';
+constexpr uint8_t kPut = 'p';
+constexpr uint8_t kBinPut = 'q';
+constexpr uint8_t kLongBinPut = 'r';
+constexpr uint8_t kSetItem = 's';
+constexpr uint8_t kTuple = 't';
+constexpr uint8_t kEmptyTuple = ')';
+constexpr uint8_t kSetItems = 'u';
+constexpr uint8_t kBinFloat = 'G';
+constexpr uint8_t kProto = 0x80;
+constexpr uint8_t kNewObj = 0x81;
+constexpr uint8_t kExt1 = 0x82;
+constexpr uint8_t kExt2 = 0x83;
+constexpr uint8_t kExt4 = 0x84;
+constexpr uint8_t kTuple1 = 0x85;
+constexpr uint8_t kTuple2 = 0x86;
+constexpr uint8_t kTuple3 = 0x87;
+constexpr uint8_t kNewTrue = 0x88;
+constexpr uint8_t kNewFalse = 0x89;
+constexpr uint8_t kLong1 = 0x8a;
+constexpr uint8_t kLong4 = 0x8b;
+constexpr uint8_t kBinBytes = 'B';
+constexpr uint8_t kShortBinBytes = 'C';
+constexpr uint8_t kShortBinUnicode = 0x8c;
+constexpr uint8_t kBinUnicode8 = 0x8d;
+constexpr uint8_t kBinBytes8 = 0x8e;
+constexpr uint8_t kEmptySet = 0x8f;
+constexpr uint8_t kAddItems = 0x90;
+constexpr uint8_t kFrozenSet = 0x91;
+constexpr uint8_t kNewObjEx = 0x92;
+constexpr uint8_t kStackGlobal = 0x93;
+constexpr uint8_t kMemoize = 0x94;
+constexpr uint8_t kFrame = 0x95;
+constexpr uint8_t kByteArray8 = 0x96;
+constexpr uint8_t kNextBuffer = 0x97;
+constexpr uint8_t kReadonlyBuffer = 0x98;
+}  // namespace op
+
+struct OpInfo {
+  uint8_t code;
+  std::string_view name;
+};
+constexpr OpInfo kOpNames[] = {
+    {op::kMark, "MARK"},
+    {op::kStop, "STOP"},
+    {op::kPop, "POP"},
+    {op::kPopMark, "POP_MARK"},
+    {op::kDup, "DUP"},
+    {op::kFloat, "FLOAT"},
+    {op::kInt, "INT"},
+    {op::kBinInt, "BININT"},
+    {op::kBinInt1, "BININT1"},
+    {op::kLong, "LONG"},
+    {op::kBinInt2, "BININT2"},
+    {op::kNone, "NONE"},
+    {op::kPersId, "PERSID"},
+    {op::kBinPersId, "BINPERSID"},
+    {op::kReduce, "REDUCE"},
+    {op::kString, "STRING"},
+    {op::kBinString, "BINSTRING"},
+    {op::kShortBinString, "SHORT_BINSTRING"},
+    {op::kUnicode, "UNICODE"},
+    {op::kBinUnicode, "BINUNICODE"},
+    {op::kAppend, "APPEND"},
+    {op::kBuild, "BUILD"},
+    {op::kGlobal, "GLOBAL"},
+    {op::kDict, "DICT"},
+    {op::kEmptyDict, "EMPTY_DICT"},
+    {op::kAppends, "APPENDS"},
+    {op::kGet, "GET"},
+    {op::kBinGet, "BINGET"},
+    {op::kInst, "INST"},
+    {op::kLongBinGet, "LONG_BINGET"},
+    {op::kList, "LIST"},
+    {op::kEmptyList, "EMPTY_LIST"},
+    {op::kObj, "OBJ"},
+    {op::kPut, "PUT"},
+    {op::kBinPut, "BINPUT"},
+    {op::kLongBinPut, "LONG_BINPUT"},
+    {op::kSetItem, "SETITEM"},
+    {op::kTuple, "TUPLE"},
+    {op::kEmptyTuple, "EMPTY_TUPLE"},
+    {op::kSetItems, "SETITEMS"},
+    {op::kBinFloat, "BINFLOAT"},
+    {op::kProto, "PROTO"},
+    {op::kNewObj, "NEWOBJ"},
+    {op::kExt1, "EXT1"},
+    {op::kExt2, "EXT2"},
+    {op::kExt4, "EXT4"},
+    {op::kTuple1, "TUPLE1"},
+    {op::kTuple2, "TUPLE2"},
+    {op::kTuple3, "TUPLE3"},
+    {op::kNewTrue, "NEWTRUE"},
+    {op::kNewFalse, "NEWFALSE"},
+    {op::kLong1, "LONG1"},
+    {op::kLong4, "LONG4"},
+    {op::kBinBytes, "BINBYTES"},
+    {op::kShortBinBytes, "SHORT_BINBYTES"},
+    {op::kShortBinUnicode, "SHORT_BINUNICODE"},
+    {op::kBinUnicode8, "BINUNICODE8"},
+    {op::kBinBytes8, "BINBYTES8"},
+    {op::kEmptySet, "EMPTY_SET"},
+    {op::kAddItems, "ADDITEMS"},
+    {op::kFrozenSet, "FROZENSET"},
+    {op::kNewObjEx, "NEWOBJ_EX"},
+    {op::kStackGlobal, "STACK_GLOBAL"},
+    {op::kMemoize, "MEMOIZE"},
+    {op::kFrame, "FRAME"},
+    {op::kByteArray8, "BYTEARRAY8"},
+    {op::kNextBuffer, "NEXT_BUFFER"},
+    {op::kReadonlyBuffer, "READONLY_BUFFER"},
+};
+
+std::string_view OpName(uint8_t code) {
+  for (const OpInfo& o : kOpNames) {
+    if (o.code == code) return o.name;
+  }
+  return "";
+}
+
+constexpr int kHighestProtocol = 5;
+constexpr size_t kBatchSize = 1000;             // CPython's APPENDS/SETITEMS/ADDITEMS batch
+constexpr size_t kFrameSizeTarget = 64 * 1024;  // CPython's _FRAME_SIZE_TARGET
+constexpr size_t kFrameSizeMin = 4;             // smaller frames are written without a FRAME header
+constexpr size_t kFrameHeaderSize = 9;          // FRAME + u64 length
+
+bool IsContainer(Kind k) {
+  switch (k) {
+    case Kind::kTuple:
+    case Kind::kList:
+    case Kind::kDict:
+    case Kind::kSet:
+    case Kind::kObject:
+    case Kind::kPersistentId:
+      return true;
+    default:
+      return false;
+  }
+}
+
+std::string Hex(uint8_t b) {
+  static constexpr char kDigits[] = "0123456789abcdef";
+  return {kDigits[b >> 4], kDigits[b & 15]};
+}
+
+// Python 2 module names that protocol-2 pickles carry (CPython's fix_imports).
+std::string_view Py3Module(std::string_view module) {
+  if (module == "__builtin__") return "builtins";
+  if (module == "copy_reg") return "copyreg";
+  return module;
+}
+std::string_view Py2Module(std::string_view module) {
+  if (module == "builtins") return "__builtin__";
+  if (module == "copyreg") return "copy_reg";
+  return module;
+}
+
+// Latin-1 text (one code point per byte) <-> its UTF-8 encoding, for protocol-2 bytes.
+std::string Latin1ToUtf8(std::string_view bytes) {
+  std::string out;
+  out.reserve(bytes.size());
+  for (unsigned char b : bytes) {
+    if (b < 0x80) {
+      out.push_back(static_cast<char>(b));
+    } else {
+      out.push_back(static_cast<char>(0xc0 | (b >> 6)));
+      out.push_back(static_cast<char>(0x80 | (b & 0x3f)));
+    }
+  }
+  return out;
+}
+bool Utf8ToLatin1(std::string_view text, std::string* out) {
+  out->clear();
+  out->reserve(text.size());
+  for (size_t i = 0; i < text.size(); ++i) {
+    auto b = static_cast<unsigned char>(text[i]);
+    if (b < 0x80) {
+      out->push_back(static_cast<char>(b));
+    } else if ((b == 0xc2 || b == 0xc3) && i + 1 < text.size() &&
+               (static_cast<unsigned char>(text[i + 1]) & 0xc0) == 0x80) {
+      out->push_back(
+          static_cast<char>(((b & 0x03) << 6) | (static_cast<unsigned char>(text[i + 1]) & 0x3f)));
+      ++i;
+    } else {
+      return false;
+    }
+  }
+  return true;
+}
+
+// ---------------------------------------------------------------- reader
+
+class Reader {
+ public:
+  Reader(std::string_view data, const PickleReadOptions& options, const PickleAllowList& allow)
+      : data_(data), options_(options), allow_(allow) {}
+
+  Result<PickleRef> Run();
+
+ private:
+  struct Info {
+    size_t depth = 1;
+    bool adopted = false;  // placed inside another value: no longer modifiable
+  };
+
+  Status Fail(std::string_view message) const {
+    std::string m = "pickle offset " + std::to_string(op_pos_);
+    std::string_view name = OpName(op_);
+    if (!name.empty()) m += " (" + std::string(name) + ")";
+    return DataLossError(m + ": " + std::string(message));
+  }
+  Status Unsupported(std::string_view what) const {
+    return UnimplementedError("pickle offset " + std::to_string(op_pos_) + ": " +
+                              std::string(what) + " is not supported");
+  }
+
+  size_t Remaining() const { return data_.size() - pos_; }
+  Result<std::string_view> ReadBytes(uint64_t n, std::string_view what) {
+    if (n > Remaining()) {
+      return Fail("truncated: " + std::string(what) + " needs " + std::to_string(n) + " bytes, " +
+                  std::to_string(Remaining()) + " left");
+    }
+    std::string_view s = data_.substr(pos_, static_cast<size_t>(n));
+    pos_ += static_cast<size_t>(n);
+    return s;
+  }
+  // Unsigned little-endian integer of `width` bytes.
+  Result<uint64_t> ReadLE(size_t width, std::string_view what) {
+    DCPP_ASSIGN_OR_RETURN(std::string_view s, ReadBytes(width, what));
+    uint64_t v = 0;
+    for (size_t i = 0; i < width; ++i) v |= uint64_t{static_cast<unsigned char>(s[i])} << (8 * i);
+    return v;
+  }
+  Result<std::string_view> ReadLine() {
+    size_t nl = data_.find('\n', pos_);
+    if (nl == std::string_view::npos) return Fail("truncated: unterminated text argument");
+    std::string_view line = data_.substr(pos_, nl - pos_);
+    pos_ = nl + 1;
+    return line;
+  }
+  // A byte string whose length prefix is `width` bytes (signed when `is_signed`).
+  Result<std::string_view> ReadCounted(size_t width, bool is_signed) {
+    DCPP_ASSIGN_OR_RETURN(uint64_t n, ReadLE(width, "length"));
+    if (is_signed && width == 4 && (n & 0x80000000u)) {
+      return Fail("negative length " + std::to_string(static_cast<int32_t>(n)));
+    }
+    return ReadBytes(n, "payload");
+  }
+
+  size_t Floor() const { return marks_.empty() ? 0 : marks_.back(); }
+  Result<PickleRef> Pop() {
+    if (stack_.size() <= Floor()) return Fail("stack underflow");
+    PickleRef v = std::move(stack_.back());
+    stack_.pop_back();
+    return v;
+  }
+  Result<PickleRef> Top() {
+    if (stack_.size() <= Floor()) return Fail("stack underflow");
+    return stack_.back();
+  }
+  Result<Items> PopN(size_t n) {
+    if (stack_.size() - Floor() < n) return Fail("stack underflow");
+    Items items(std::make_move_iterator(stack_.end() - static_cast<std::ptrdiff_t>(n)),
+                std::make_move_iterator(stack_.end()));
+    stack_.resize(stack_.size() - n);
+    return items;
+  }
+  Result<Items> PopMark() {
+    if (marks_.empty()) return Fail("no MARK on the stack");
+    size_t n = stack_.size() - marks_.back();
+    marks_.pop_back();
+    Items items(std::make_move_iterator(stack_.end() - static_cast<std::ptrdiff_t>(n)),
+                std::make_move_iterator(stack_.end()));
+    stack_.resize(stack_.size() - n);
+    return items;
+  }
+
+  Status Count() {
+    if (++nodes_ > options_.max_nodes) {
+      return Fail("more than " + std::to_string(options_.max_nodes) + " values (max_nodes)");
+    }
+    return Status::Ok();
+  }
+  Status PushNew(PickleRef v) {
+    DCPP_RETURN_IF_ERROR(Count());
+    stack_.push_back(std::move(v));
+    return Status::Ok();
+  }
+  Info& Register(const PickleRef& node) {
+    // insert_or_assign: a freed node's address may be reused by a new one.
+    return info_.insert_or_assign(node.get(), Info{}).first->second;
+  }
+  size_t DepthOf(const PickleValue& v) const {
+    if (!IsContainer(v.kind())) return 1;
+    auto it = info_.find(&v);
+    return it == info_.end() ? 1 : it->second.depth;
+  }
+  Status AddChild(Info& parent, const PickleRef& child) {
+    size_t d = 1;
+    if (IsContainer(child->kind())) {
+      Info& ci = info_[child.get()];
+      ci.adopted = true;
+      d = ci.depth;
+    }
+    parent.depth = std::max(parent.depth, d + 1);
+    if (parent.depth > static_cast<size_t>(std::max(options_.max_depth, 1))) {
+      return Fail("values nested deeper than " + std::to_string(options_.max_depth) +
+                  " (max_depth)");
+    }
+    return Status::Ok();
+  }
+  // `target` is about to receive `children`: it must not be inside another value yet (which
+  // also rules out cycles) and must not receive itself.
+  Result<Info*> Modifiable(const PickleRef& target) {
+    Info& info = info_[target.get()];
+    if (info.adopted) {
+      return Fail("cannot modify a " + std::string(PickleKindName(target->kind())) +
+                  " that is already part of another value (self-referencing pickles are not "
+                  "supported)");
+    }
+    return &info;
+  }
+  Status AddChildTo(const PickleRef& target, Info& info, const PickleRef& child) {
+    if (child.get() == target.get()) return Fail("a value cannot contain itself");
+    return AddChild(info, child);
+  }
+
+  Status PushContainer(PickleRef node, const Items& children) {
+    DCPP_RETURN_IF_ERROR(Count());
+    Info& info = Register(node);
+    for (const PickleRef& c : children) DCPP_RETURN_IF_ERROR(AddChild(info, c));
+    stack_.push_back(std::move(node));
+    return Status::Ok();
+  }
+  Status PushTuple(Items items) {
+    PickleRef t = PickleValue::Tuple(std::move(items));
+    return PushContainer(t, t->items());
+  }
+
+  Result<int64_t> DecodeLong(std::string_view bytes);
+  Result<int64_t> ParseDecimal(std::string_view text);
+  Status DoGlobal(std::string_view module, std::string_view name);
+  Status DoAppends(Items items);
+  Status DoSetItems(Items items);
+  Status DoReduce(PickleRef callable, PickleRef args);
+  Status DoNewObj(PickleRef cls, PickleRef args, PickleRef kwargs);
+  Status DoBuild();
+  Status MemoPut(uint64_t index);
+  Status MemoGet(uint64_t index);
+  Result<PickleRef> Finish();
+  Status Step(uint8_t code);
+
+  std::string_view data_;
+  const PickleReadOptions& options_;
+  const PickleAllowList& allow_;
+  size_t pos_ = 0;
+  size_t op_pos_ = 0;
+  uint8_t op_ = 0;
+  int proto_ = 0;
+  bool stopped_ = false;
+  PickleRef result_;
+  size_t nodes_ = 0;
+  std::vector<PickleRef> stack_;
+  std::vector<size_t> marks_;  // stack heights at each open MARK
+  std::unordered_map<uint64_t, PickleRef> memo_;
+  std::unordered_map<const PickleValue*, Info> info_;  // containers only
+};
+
+Result<int64_t> Reader::DecodeLong(std::string_view bytes) {
+  size_t n = bytes.size();
+  if (n == 0) return int64_t{0};
+  auto byte = [&](size_t i) { return static_cast<unsigned char>(bytes[i]); };
+  bool negative = (byte(n - 1) & 0x80) != 0;
+  if (n > 8) {
+    // Wider than int64 is fine only as sign extension of the low 8 bytes.
+    unsigned char fill = negative ? 0xff : 0x00;
+    for (size_t i = 8; i < n; ++i) {
+      if (byte(i) != fill) return Fail("integer too large (" + std::to_string(n) + " bytes)");
+    }
+    if (((byte(7) & 0x80) != 0) != negative) {
+      return Fail("integer too large (" + std::to_string(n) + " bytes)");
+    }
+    n = 8;
+  }
+  uint64_t v = 0;
+  for (size_t i = 0; i < n; ++i) v |= uint64_t{byte(i)} << (8 * i);
+  if (negative && n < 8) v |= ~uint64_t{0} << (8 * n);
+  return static_cast<int64_t>(v);
+}
+
+Result<int64_t> Reader::ParseDecimal(std::string_view text) {
+  std::string_view t = text;
+  if (!t.empty() && t.front() == '+') t.remove_prefix(1);
+  int64_t v = 0;
+  auto [end, ec] = std::from_chars(t.data(), t.data() + t.size(), v);
+  if (ec == std::errc::result_out_of_range) return Fail("integer too large");
+  if (ec != std::errc() || end != t.data() + t.size() || t.empty()) {
+    return Fail("bad decimal integer \"" + std::string(text.substr(0, 32)) + "\"");
+  }
+  return v;
+}
+
+Status Reader::DoGlobal(std::string_view module, std::string_view name) {
+  if (proto_ < 3) module = Py3Module(module);
+  if (!allow_.Allows(module, name)) {
+    return InvalidArgumentError("pickle global \"" + std::string(module) + "." + std::string(name) +
+                                "\" is not allowed (at offset " + std::to_string(op_pos_) + ")");
+  }
+  return PushNew(PickleValue::MakeGlobal(std::string(module), std::string(name)));
+}
+
+Status Reader::DoAppends(Items items) {
+  DCPP_ASSIGN_OR_RETURN(PickleRef target, Top());
+  Items* dest = nullptr;
+  if (target->is(Kind::kList)) {
+    dest = &target->items();
+  } else if (target->is(Kind::kObject)) {
+    dest = &target->object().list_items;
+  } else {
+    return Fail("cannot append to a " + std::string(PickleKindName(target->kind())));
+  }
+  DCPP_ASSIGN_OR_RETURN(Info * info, Modifiable(target));
+  for (const PickleRef& c : items) DCPP_RETURN_IF_ERROR(AddChildTo(target, *info, c));
+  dest->insert(dest->end(), std::make_move_iterator(items.begin()),
+               std::make_move_iterator(items.end()));
+  return Status::Ok();
+}
+
+Status Reader::DoSetItems(Items items) {
+  if (items.size() % 2 != 0) return Fail("odd number of items for a dict");
+  DCPP_ASSIGN_OR_RETURN(PickleRef target, Top());
+  DictItems* dest = nullptr;
+  if (target->is(Kind::kDict)) {
+    dest = &target->dict_items();
+  } else if (target->is(Kind::kObject)) {
+    dest = &target->object().dict_items;
+  } else {
+    return Fail("cannot set items on a " + std::string(PickleKindName(target->kind())));
+  }
+  DCPP_ASSIGN_OR_RETURN(Info * info, Modifiable(target));
+  for (const PickleRef& c : items) DCPP_RETURN_IF_ERROR(AddChildTo(target, *info, c));
+  dest->reserve(dest->size() + items.size() / 2);
+  for (size_t i = 0; i < items.size(); i += 2) {
+    dest->emplace_back(std::move(items[i]), std::move(items[i + 1]));
+  }
+  return Status::Ok();
+}
+
+bool IsGlobal(const PickleValue& v, std::string_view module, std::string_view name) {
+  return v.is(Kind::kGlobal) && v.global().module == module && v.global().name == name;
+}
+
+Status Reader::DoReduce(PickleRef callable, PickleRef args) {
+  if (!callable->is(Kind::kGlobal) && !callable->is(Kind::kObject)) {
+    return Fail("callable is a " + std::string(PickleKindName(callable->kind())));
+  }
+  if (!args->is(Kind::kTuple)) {
+    return Fail("arguments are a " + std::string(PickleKindName(args->kind())) + ", not a tuple");
+  }
+  const Items& a = args->items();
+  // Calls that only rebuild plain data are resolved here (see the header).
+  if (IsGlobal(*callable, "_codecs", "encode")) {
+    if (a.size() != 2 || !a[0]->is(Kind::kStr) || !a[1]->is(Kind::kStr) ||
+        (a[1]->as_str() != "latin1" && a[1]->as_str() != "latin-1")) {
+      return Fail("unsupported _codecs.encode call (expected (str, 'latin1'))");
+    }
+    std::string bytes;
+    if (!Utf8ToLatin1(a[0]->as_str(), &bytes)) {
+      return Fail("_codecs.encode: text is not latin-1");
+    }
+    return PushNew(PickleValue::Bytes(std::move(bytes)));
+  }
+  if ((IsGlobal(*callable, "builtins", "bytes") || IsGlobal(*callable, "builtins", "bytearray")) &&
+      (a.empty() || (a.size() == 1 && a[0]->is(Kind::kBytes)))) {
+    return PushNew(PickleValue::Bytes(a.empty() ? std::string() : a[0]->as_str()));
+  }
+  if ((IsGlobal(*callable, "builtins", "set") || IsGlobal(*callable, "builtins", "frozenset")) &&
+      (a.empty() || (a.size() == 1 && a[0]->is(Kind::kList)))) {
+    PickleRef s = PickleValue::Set(a.empty() ? Items() : a[0]->items());
+    return PushContainer(s, s->items());
+  }
+  if (IsGlobal(*callable, "copyreg", "__newobj__") && !a.empty()) {
+    Items rest(a.begin() + 1, a.end());
+    PickleRef cls = a[0];
+    PickleRef tuple = PickleValue::Tuple(std::move(rest));
+    DCPP_RETURN_IF_ERROR(Count());
+    Info& ti = Register(tuple);
+    for (const PickleRef& c : tuple->items()) DCPP_RETURN_IF_ERROR(AddChild(ti, c));
+    return DoNewObj(std::move(cls), std::move(tuple), nullptr);
+  }
+  PickleRef obj = PickleValue::Call(callable, args);
+  return PushContainer(obj, {callable, args});
+}
+
+Status Reader::DoNewObj(PickleRef cls, PickleRef args, PickleRef kwargs) {
+  if (!cls->is(Kind::kGlobal) && !cls->is(Kind::kObject)) {
+    return Fail("class is a " + std::string(PickleKindName(cls->kind())));
+  }
+  if (!args->is(Kind::kTuple)) {
+    return Fail("arguments are a " + std::string(PickleKindName(args->kind())) + ", not a tuple");
+  }
+  if (kwargs && !kwargs->is(Kind::kDict)) {
+    return Fail("keyword arguments are a " + std::string(PickleKindName(kwargs->kind())) +
+                ", not a dict");
+  }
+  PickleRef obj = PickleValue::New(cls, args);
+  obj->object().kwargs = kwargs;
+  Items children = {cls, args};
+  if (kwargs) children.push_back(kwargs);
+  return PushContainer(obj, children);
+}
+
+Status Reader::DoBuild() {
+  DCPP_ASSIGN_OR_RETURN(PickleRef state, Pop());
+  DCPP_ASSIGN_OR_RETURN(PickleRef target, Top());
+  if (!target->is(Kind::kObject)) {
+    return Fail("cannot set state on a " + std::string(PickleKindName(target->kind())));
+  }
+  if (target->object().state) return Fail("object state is already set");
+  DCPP_ASSIGN_OR_RETURN(Info * info, Modifiable(target));
+  DCPP_RETURN_IF_ERROR(AddChildTo(target, *info, state));
+  target->object().state = std::move(state);
+  return Status::Ok();
+}
+
+Status Reader::MemoPut(uint64_t index) {
+  DCPP_ASSIGN_OR_RETURN(PickleRef top, Top());
+  auto it = memo_.find(index);
+  if (it != memo_.end()) {
+    it->second = std::move(top);
+    return Status::Ok();
+  }
+  if (memo_.size() >= options_.max_memo) {
+    return Fail("more than " + std::to_string(options_.max_memo) + " memo entries (max_memo)");
+  }
+  memo_.emplace(index, std::move(top));
+  return Status::Ok();
+}
+
+Status Reader::MemoGet(uint64_t index) {
+  auto it = memo_.find(index);
+  if (it == memo_.end()) return Fail("memo index " + std::to_string(index) + " is not set");
+  stack_.push_back(it->second);
+  return Status::Ok();
+}
+
+Result<PickleRef> Reader::Finish() {
+  if (!marks_.empty()) return Fail("STOP with an open MARK");
+  if (stack_.size() != 1) {
+    return Fail("STOP with " + std::to_string(stack_.size()) + " values on the stack, expected 1");
+  }
+  if (pos_ != data_.size()) {
+    return Fail(std::to_string(data_.size() - pos_) + " trailing bytes after STOP");
+  }
+  return std::move(stack_.back());
+}
+
+Status Reader::Step(uint8_t code) {
+  switch (code) {
+    case op::kProto: {
+      DCPP_ASSIGN_OR_RETURN(uint64_t v, ReadLE(1, "protocol"));
+      if (v > kHighestProtocol) return Fail("unsupported protocol " + std::to_string(v));
+      proto_ = static_cast<int>(v);
+      return Status::Ok();
+    }
+    case op::kFrame: {
+      // Framing only groups opcodes for buffered reads; the length must still fit the input.
+      DCPP_ASSIGN_OR_RETURN(uint64_t n, ReadLE(8, "frame length"));
+      if (n > Remaining()) {
+        return Fail("frame of " + std::to_string(n) + " bytes but only " +
+                    std::to_string(Remaining()) + " left");
+      }
+      return Status::Ok();
+    }
+    case op::kStop: {
+      DCPP_ASSIGN_OR_RETURN(result_, Finish());
+      stopped_ = true;
+      return Status::Ok();
+    }
+    case op::kNone:
+      return PushNew(PickleValue::None());
+    case op::kNewTrue:
+      return PushNew(PickleValue::Bool(true));
+    case op::kNewFalse:
+      return PushNew(PickleValue::Bool(false));
+    case op::kBinInt: {
+      DCPP_ASSIGN_OR_RETURN(uint64_t v, ReadLE(4, "BININT"));
+      return PushNew(PickleValue::Int(static_cast<int32_t>(static_cast<uint32_t>(v))));
+    }
+    case op::kBinInt1: {
+      DCPP_ASSIGN_OR_RETURN(uint64_t v, ReadLE(1, "BININT1"));
+      return PushNew(PickleValue::Int(static_cast<int64_t>(v)));
+    }
+    case op::kBinInt2: {
+      DCPP_ASSIGN_OR_RETURN(uint64_t v, ReadLE(2, "BININT2"));
+      return PushNew(PickleValue::Int(static_cast<int64_t>(v)));
+    }
+    case op::kLong1: {
+      DCPP_ASSIGN_OR_RETURN(std::string_view b, ReadCounted(1, false));
+      DCPP_ASSIGN_OR_RETURN(int64_t v, DecodeLong(b));
+      return PushNew(PickleValue::Int(v));
+    }
+    case op::kLong4: {
+      DCPP_ASSIGN_OR_RETURN(std::string_view b, ReadCounted(4, true));
+      DCPP_ASSIGN_OR_RETURN(int64_t v, DecodeLong(b));
+      return PushNew(PickleValue::Int(v));
+    }
+    case op::kInt: {
+      DCPP_ASSIGN_OR_RETURN(std::string_view line, ReadLine());
+      // Protocol 0 spells booleans as INT 01 / INT 00.
+      if (line == "01") return PushNew(PickleValue::Bool(true));
+      if (line == "00") return PushNew(PickleValue::Bool(false));
+      DCPP_ASSIGN_OR_RETURN(int64_t v, ParseDecimal(line));
+      return PushNew(PickleValue::Int(v));
+    }
+    case op::kLong: {
+      DCPP_ASSIGN_OR_RETURN(std::string_view line, ReadLine());
+      if (!line.empty() && line.back() == 'L') line.remove_suffix(1);
+      DCPP_ASSIGN_OR_RETURN(int64_t v, ParseDecimal(line));
+      return PushNew(PickleValue::Int(v));
+    }
+    case op::kFloat: {
+      DCPP_ASSIGN_OR_RETURN(std::string_view line, ReadLine());
+      double d = 0;
+      auto [end, ec] = std::from_chars(line.data(), line.data() + line.size(), d);
+      if (ec != std::errc() || end != line.data() + line.size() || line.empty()) {
+        return Fail("bad float \"" + std::string(line.substr(0, 32)) + "\"");
+      }
+      return PushNew(PickleValue::Float(d));
+    }
+    case op::kBinFloat: {
+      DCPP_ASSIGN_OR_RETURN(std::string_view b, ReadBytes(8, "BINFLOAT"));
+      uint64_t bits = 0;
+      for (int i = 0; i < 8; ++i) bits = (bits << 8) | static_cast<unsigned char>(b[i]);
+      return PushNew(PickleValue::Float(std::bit_cast<double>(bits)));
+    }
+    case op::kShortBinUnicode:
+    case op::kBinUnicode:
+    case op::kBinUnicode8:
+    case op::kShortBinString:
+    case op::kBinString: {
+      size_t width = (code == op::kShortBinUnicode || code == op::kShortBinString) ? 1
+                     : code == op::kBinUnicode8                                    ? 8
+                                                                                   : 4;
+      DCPP_ASSIGN_OR_RETURN(std::string_view s, ReadCounted(width, code == op::kBinString));
+      return PushNew(PickleValue::Str(std::string(s)));
+    }
+    case op::kShortBinBytes:
+    case op::kBinBytes:
+    case op::kBinBytes8:
+    case op::kByteArray8: {
+      size_t width = code == op::kShortBinBytes ? 1 : code == op::kBinBytes ? 4 : 8;
+      DCPP_ASSIGN_OR_RETURN(std::string_view s, ReadCounted(width, false));
+      return PushNew(PickleValue::Bytes(std::string(s)));
+    }
+    case op::kEmptyTuple:
+      return PushTuple({});
+    case op::kTuple1:
+    case op::kTuple2:
+    case op::kTuple3: {
+      DCPP_ASSIGN_OR_RETURN(Items items, PopN(code - op::kTuple1 + 1));
+      return PushTuple(std::move(items));
+    }
+    case op::kTuple: {
+      DCPP_ASSIGN_OR_RETURN(Items items, PopMark());
+      return PushTuple(std::move(items));
+    }
+    case op::kEmptyList:
+      return PushContainer(PickleValue::List(), {});
+    case op::kList: {
+      DCPP_ASSIGN_OR_RETURN(Items items, PopMark());
+      PickleRef l = PickleValue::List(std::move(items));
+      return PushContainer(l, l->items());
+    }
+    case op::kAppend: {
+      DCPP_ASSIGN_OR_RETURN(PickleRef v, Pop());
+      return DoAppends({std::move(v)});
+    }
+    case op::kAppends: {
+      DCPP_ASSIGN_OR_RETURN(Items items, PopMark());
+      return DoAppends(std::move(items));
+    }
+    case op::kEmptyDict:
+      return PushContainer(PickleValue::Dict(), {});
+    case op::kDict: {
+      DCPP_ASSIGN_OR_RETURN(Items items, PopMark());
+      if (items.size() % 2 != 0) return Fail("odd number of items for a dict");
+      DCPP_RETURN_IF_ERROR(PushContainer(PickleValue::Dict(), {}));
+      return DoSetItems(std::move(items));
+    }
+    case op::kSetItem: {
+      DCPP_ASSIGN_OR_RETURN(Items kv, PopN(2));
+      return DoSetItems(std::move(kv));
+    }
+    case op::kSetItems: {
+      DCPP_ASSIGN_OR_RETURN(Items items, PopMark());
+      return DoSetItems(std::move(items));
+    }
+    case op::kEmptySet:
+      return PushContainer(PickleValue::Set(), {});
+    case op::kAddItems: {
+      DCPP_ASSIGN_OR_RETURN(Items items, PopMark());
+      DCPP_ASSIGN_OR_RETURN(PickleRef target, Top());
+      if (!target->is(Kind::kSet)) {
+        return Fail("cannot add items to a " + std::string(PickleKindName(target->kind())));
+      }
+      DCPP_ASSIGN_OR_RETURN(Info * info, Modifiable(target));
+      for (const PickleRef& c : items) DCPP_RETURN_IF_ERROR(AddChildTo(target, *info, c));
+      Items& dest = target->items();
+      dest.insert(dest.end(), std::make_move_iterator(items.begin()),
+                  std::make_move_iterator(items.end()));
+      return Status::Ok();
+    }
+    case op::kFrozenSet: {
+      DCPP_ASSIGN_OR_RETURN(Items items, PopMark());
+      PickleRef s = PickleValue::Set(std::move(items));
+      return PushContainer(s, s->items());
+    }
+    case op::kMark:
+      if (marks_.size() >= static_cast<size_t>(std::max(options_.max_depth, 1))) {
+        return Fail("more than " + std::to_string(options_.max_depth) + " open MARKs (max_depth)");
+      }
+      marks_.push_back(stack_.size());
+      return Status::Ok();
+    case op::kPop:
+      // Like CPython: with nothing above the last MARK, POP discards the MARK itself.
+      if (stack_.size() > Floor()) {
+        stack_.pop_back();
+      } else if (!marks_.empty()) {
+        marks_.pop_back();
+      } else {
+        return Fail("stack underflow");
+      }
+      return Status::Ok();
+    case op::kPopMark: {
+      DCPP_ASSIGN_OR_RETURN(Items discarded, PopMark());
+      return Status::Ok();
+    }
+    case op::kDup: {
+      DCPP_ASSIGN_OR_RETURN(PickleRef top, Top());
+      stack_.push_back(std::move(top));
+      return Status::Ok();
+    }
+    case op::kGlobal: {
+      DCPP_ASSIGN_OR_RETURN(std::string_view module, ReadLine());
+      DCPP_ASSIGN_OR_RETURN(std::string_view name, ReadLine());
+      return DoGlobal(module, name);
+    }
+    case op::kStackGlobal: {
+      DCPP_ASSIGN_OR_RETURN(PickleRef name, Pop());
+      DCPP_ASSIGN_OR_RETURN(PickleRef module, Pop());
+      if (!module->is(Kind::kStr) || !name->is(Kind::kStr)) {
+        return Fail("module and name must be str, got " +
+                    std::string(PickleKindName(module->kind())) + " and " +
+                    std::string(PickleKindName(name->kind())));
+      }
+      return DoGlobal(module->as_str(), name->as_str());
+    }
+    case op::kReduce: {
+      DCPP_ASSIGN_OR_RETURN(PickleRef args, Pop());
+      DCPP_ASSIGN_OR_RETURN(PickleRef callable, Pop());
+      return DoReduce(std::move(callable), std::move(args));
+    }
+    case op::kNewObj: {
+      DCPP_ASSIGN_OR_RETURN(PickleRef args, Pop());
+      DCPP_ASSIGN_OR_RETURN(PickleRef cls, Pop());
+      return DoNewObj(std::move(cls), std::move(args), nullptr);
+    }
+    case op::kNewObjEx: {
+      DCPP_ASSIGN_OR_RETURN(PickleRef kwargs, Pop());
+      DCPP_ASSIGN_OR_RETURN(PickleRef args, Pop());
+      DCPP_ASSIGN_OR_RETURN(PickleRef cls, Pop());
+      return DoNewObj(std::move(cls), std::move(args), std::move(kwargs));
+    }
+    case op::kBuild:
+      return DoBuild();
+    case op::kBinPersId: {
+      DCPP_ASSIGN_OR_RETURN(PickleRef id, Pop());
+      PickleRef p = PickleValue::PersistentId(id);
+      return PushContainer(p, {id});
+    }
+    case op::kPersId: {
+      DCPP_ASSIGN_OR_RETURN(std::string_view line, ReadLine());
+      DCPP_RETURN_IF_ERROR(Count());
+      PickleRef id = PickleValue::Str(std::string(line));
+      PickleRef p = PickleValue::PersistentId(id);
+      return PushContainer(p, {id});
+    }
+    case op::kBinPut: {
+      DCPP_ASSIGN_OR_RETURN(uint64_t i, ReadLE(1, "memo index"));
+      return MemoPut(i);
+    }
+    case op::kLongBinPut: {
+      DCPP_ASSIGN_OR_RETURN(uint64_t i, ReadLE(4, "memo index"));
+      return MemoPut(i);
+    }
+    case op::kPut: {
+      DCPP_ASSIGN_OR_RETURN(std::string_view line, ReadLine());
+      DCPP_ASSIGN_OR_RETURN(int64_t i, ParseDecimal(line));
+      if (i < 0) return Fail("negative memo index");
+      return MemoPut(static_cast<uint64_t>(i));
+    }
+    case op::kMemoize:
+      return MemoPut(memo_.size());
+    case op::kBinGet: {
+      DCPP_ASSIGN_OR_RETURN(uint64_t i, ReadLE(1, "memo index"));
+      return MemoGet(i);
+    }
+    case op::kLongBinGet: {
+      DCPP_ASSIGN_OR_RETURN(uint64_t i, ReadLE(4, "memo index"));
+      return MemoGet(i);
+    }
+    case op::kGet: {
+      DCPP_ASSIGN_OR_RETURN(std::string_view line, ReadLine());
+      DCPP_ASSIGN_OR_RETURN(int64_t i, ParseDecimal(line));
+      if (i < 0) return Fail("negative memo index");
+      return MemoGet(static_cast<uint64_t>(i));
+    }
+    case op::kNextBuffer:
+    case op::kReadonlyBuffer:
+      return Unsupported("out-of-band buffer opcode " + std::string(OpName(code)));
+    case op::kExt1:
+    case op::kExt2:
+    case op::kExt4:
+    case op::kInst:
+    case op::kObj:
+    case op::kString:
+    case op::kUnicode:
+      return Unsupported("opcode " + std::string(OpName(code)));
+    default:
+      return Fail("unknown opcode 0x" + Hex(code));
+  }
+}
+
+Result<PickleRef> Reader::Run() {
+  while (!stopped_) {
+    op_pos_ = pos_;
+    if (pos_ >= data_.size()) {
+      op_ = 0;
+      return Fail("truncated: input ends before STOP");
+    }
+    op_ = static_cast<uint8_t>(data_[pos_++]);
+    DCPP_RETURN_IF_ERROR(Step(op_));
+  }
+  return std::move(result_);
+}
+
+// ---------------------------------------------------------------- writer
+
+class Writer {
+ public:
+  explicit Writer(const PickleWriteOptions& options) : options_(options) {}
+
+  Result<std::string> Run(const PickleValue& root) {
+    if (options_.protocol != 2 && options_.protocol != 4) {
+      return InvalidArgumentError("pickle protocol " + std::to_string(options_.protocol) +
+                                  " cannot be written (2 or 4)");
+    }
+    const char header[2] = {static_cast<char>(op::kProto), static_cast<char>(options_.protocol)};
+    Write(std::string_view(header, 2));
+    framing_ = options_.protocol >= 4;
+    DCPP_RETURN_IF_ERROR(Save(root, 1));
+    WriteOp(op::kStop);
+    CommitFrame();
+    return std::move(out_);
+  }
+
+ private:
+  bool Proto4() const { return options_.protocol >= 4; }
+
+  // Output with CPython's framing: a frame is opened lazily by the first write after a commit
+  // and committed at an opcode boundary once it holds kFrameSizeTarget bytes.
+  void Write(std::string_view bytes) {
+    if (framing_ && frame_start_ == std::string::npos) {
+      frame_start_ = out_.size();
+      out_.append(kFrameHeaderSize, '\0');
+    }
+    out_.append(bytes);
+  }
+  void WriteOp(uint8_t code) { Write(std::string_view(reinterpret_cast<const char*>(&code), 1)); }
+  void WriteOpLE(uint8_t code, uint64_t v, size_t width) {
+    char buf[9];
+    buf[0] = static_cast<char>(code);
+    for (size_t i = 0; i < width; ++i) buf[1 + i] = static_cast<char>((v >> (8 * i)) & 0xff);
+    Write(std::string_view(buf, 1 + width));
+  }
+  void CommitFrame() {
+    if (!framing_ || frame_start_ == std::string::npos) return;
+    size_t len = out_.size() - frame_start_ - kFrameHeaderSize;
+    if (len >= kFrameSizeMin) {
+      out_[frame_start_] = static_cast<char>(op::kFrame);
+      for (size_t i = 0; i < 8; ++i) {
+        out_[frame_start_ + 1 + i] = static_cast<char>((uint64_t{len} >> (8 * i)) & 0xff);
+      }
+    } else {
+      out_.erase(frame_start_, kFrameHeaderSize);
+    }
+    frame_start_ = std::string::npos;
+  }
+  void OpcodeBoundary() {
+    if (!framing_ || frame_start_ == std::string::npos) return;
+    if (out_.size() - frame_start_ - kFrameHeaderSize >= kFrameSizeTarget) CommitFrame();
+  }
+  // A length-prefixed payload; large ones go outside frames, as CPython writes them.
+  void WritePayload(uint8_t code, size_t width, std::string_view payload) {
+    bool bypass = framing_ && payload.size() >= kFrameSizeTarget;
+    if (bypass) {
+      CommitFrame();
+      framing_ = false;
+    }
+    WriteOpLE(code, payload.size(), width);
+    Write(payload);
+    if (bypass) framing_ = true;
+  }
+
+  void Memoize() {
+    uint64_t index = memo_size_++;
+    if (Proto4()) {
+      WriteOp(op::kMemoize);
+    } else if (index < 256) {
+      WriteOpLE(op::kBinPut, index, 1);
+    } else {
+      WriteOpLE(op::kLongBinPut, index, 4);
+    }
+  }
+  void MemoizeNode(const PickleValue& v) {
+    node_memo_.emplace(&v, memo_size_);
+    Memoize();
+  }
+  void MemoGet(uint64_t index) {
+    if (index < 256) {
+      WriteOpLE(op::kBinGet, index, 1);
+    } else {
+      WriteOpLE(op::kLongBinGet, index, 4);
+    }
+  }
+
+  void WriteInt(int64_t v) {
+    if (v >= 0 && v <= 0xff) {
+      WriteOpLE(op::kBinInt1, static_cast<uint64_t>(v), 1);
+    } else if (v >= 0 && v <= 0xffff) {
+      WriteOpLE(op::kBinInt2, static_cast<uint64_t>(v), 2);
+    } else if (v >= std::numeric_limits<int32_t>::min() &&
+               v <= std::numeric_limits<int32_t>::max()) {
+      WriteOpLE(op::kBinInt, static_cast<uint32_t>(static_cast<int32_t>(v)), 4);
+    } else {
+      // Shortest two's complement, little-endian.
+      size_t n = 1;
+      while (n < 8) {
+        int64_t lo = -(int64_t{1} << (8 * n - 1));
+        int64_t hi = (int64_t{1} << (8 * n - 1)) - 1;
+        if (v >= lo && v <= hi) break;
+        ++n;
+      }
+      char buf[10];
+      buf[0] = static_cast<char>(op::kLong1);
+      buf[1] = static_cast<char>(n);
+      auto u = static_cast<uint64_t>(v);
+      for (size_t i = 0; i < n; ++i) buf[2 + i] = static_cast<char>((u >> (8 * i)) & 0xff);
+      Write(std::string_view(buf, 2 + n));
+    }
+  }
+  void WriteStrBody(std::string_view s) {
+    if (Proto4() && s.size() < 256) {
+      WritePayload(op::kShortBinUnicode, 1, s);
+    } else if (s.size() > 0xffffffffu) {
+      WritePayload(op::kBinUnicode8, 8, s);  // protocol 4 only; protocol 2 is checked earlier
+    } else {
+      WritePayload(op::kBinUnicode, 4, s);
+    }
+  }
+  // Strings that CPython shares by identity (global names, 'latin1'): memoized by value.
+  void WriteSharedStr(const std::string& s) {
+    auto it = str_memo_.find(s);
+    if (it != str_memo_.end()) {
+      MemoGet(it->second);
+      return;
+    }
+    WriteStrBody(s);
+    str_memo_.emplace(s, memo_size_);
+    Memoize();
+  }
+  Status WriteGlobal(const std::string& module, const std::string& name) {
+    auto key = std::make_pair(module, name);
+    auto it = global_memo_.find(key);
+    if (it != global_memo_.end()) {
+      MemoGet(it->second);
+      return Status::Ok();
+    }
+    if (Proto4()) {
+      WriteSharedStr(module);
+      WriteSharedStr(name);
+      WriteOp(op::kStackGlobal);
+    } else {
+      std::string_view m = Py2Module(module);
+      if (m.find('\n') != std::string_view::npos || name.find('\n') != std::string::npos) {
+        return InvalidArgumentError("pickle global \"" + module + "." + name +
+                                    "\" contains a newline");
+      }
+      std::string text;
+      text.reserve(m.size() + name.size() + 3);
+      text.push_back(static_cast<char>(op::kGlobal));
+      text.append(m).append("\n").append(name).append("\n");
+      Write(text);
+    }
+    global_memo_.emplace(std::move(key), memo_size_);
+    Memoize();
+    return Status::Ok();
+  }
+
+  // CPython's batch_list_exact / batch_dict_exact (a real list or dict): a lone item uses
+  // APPEND/SETITEM, otherwise every batch of up to 1000 is MARK ... APPENDS.
+  Status WriteListItemsExact(const Items& items, int depth) {
+    if (items.size() == 1) {
+      DCPP_RETURN_IF_ERROR(SaveRef(items[0], depth, "list item"));
+      WriteOp(op::kAppend);
+      return Status::Ok();
+    }
+    for (size_t i = 0; i < items.size(); i += kBatchSize) {
+      WriteOp(op::kMark);
+      for (size_t j = i; j < std::min(items.size(), i + kBatchSize); ++j) {
+        DCPP_RETURN_IF_ERROR(SaveRef(items[j], depth, "list item"));
+      }
+      WriteOp(op::kAppends);
+    }
+    return Status::Ok();
+  }
+  Status WriteDictItemsExact(const DictItems& items, int depth) {
+    if (items.size() == 1) {
+      DCPP_RETURN_IF_ERROR(SavePair(items[0], depth));
+      WriteOp(op::kSetItem);
+      return Status::Ok();
+    }
+    for (size_t i = 0; i < items.size(); i += kBatchSize) {
+      WriteOp(op::kMark);
+      for (size_t j = i; j < std::min(items.size(), i + kBatchSize); ++j) {
+        DCPP_RETURN_IF_ERROR(SavePair(items[j], depth));
+      }
+      WriteOp(op::kSetItems);
+    }
+    return Status::Ok();
+  }
+  // CPython's batch_list / batch_dict (items from an iterator, as for reduce's listitems and
+  // dictitems): a batch holding a single item uses APPEND/SETITEM.
+  Status WriteListItemsIter(const Items& items, int depth) {
+    for (size_t i = 0; i < items.size(); i += kBatchSize) {
+      size_t end = std::min(items.size(), i + kBatchSize);
+      if (end - i == 1) {
+        DCPP_RETURN_IF_ERROR(SaveRef(items[i], depth, "list item"));
+        WriteOp(op::kAppend);
+        continue;
+      }
+      WriteOp(op::kMark);
+      for (size_t j = i; j < end; ++j) DCPP_RETURN_IF_ERROR(SaveRef(items[j], depth, "list item"));
+      WriteOp(op::kAppends);
+    }
+    return Status::Ok();
+  }
+  Status WriteDictItemsIter(const DictItems& items, int depth) {
+    for (size_t i = 0; i < items.size(); i += kBatchSize) {
+      size_t end = std::min(items.size(), i + kBatchSize);
+      if (end - i == 1) {
+        DCPP_RETURN_IF_ERROR(SavePair(items[i], depth));
+        WriteOp(op::kSetItem);
+        continue;
+      }
+      WriteOp(op::kMark);
+      for (size_t j = i; j < end; ++j) DCPP_RETURN_IF_ERROR(SavePair(items[j], depth));
+      WriteOp(op::kSetItems);
+    }
+    return Status::Ok();
+  }
+  Status SavePair(const std::pair<PickleRef, PickleRef>& kv, int depth) {
+    if (!kv.first || !kv.second) return InvalidArgumentError("null dict key or value");
+    DCPP_RETURN_IF_ERROR(Save(*kv.first, depth));
+    return Save(*kv.second, depth);
+  }
+  Status SaveRef(const PickleRef& v, int depth, std::string_view what) {
+    if (!v) return InvalidArgumentError("null " + std::string(what) + " in pickle tree");
+    return Save(*v, depth);
+  }
+
+  Status SaveBytes(const PickleValue& v) {
+    const std::string& b = v.as_str();
+    if (Proto4()) {
+      if (b.size() < 256) {
+        WritePayload(op::kShortBinBytes, 1, b);
+      } else if (b.size() > 0xffffffffu) {
+        WritePayload(op::kBinBytes8, 8, b);
+      } else {
+        WritePayload(op::kBinBytes, 4, b);
+      }
+      MemoizeNode(v);
+      return Status::Ok();
+    }
+    // Protocol 2 has no bytes opcode: CPython writes bytes() or _codecs.encode(text, 'latin1').
+    if (b.empty()) {
+      DCPP_RETURN_IF_ERROR(WriteGlobal("builtins", "bytes"));
+      WriteOp(op::kEmptyTuple);
+    } else {
+      DCPP_RETURN_IF_ERROR(WriteGlobal("_codecs", "encode"));
+      std::string text = Latin1ToUtf8(b);
+      if (text.size() > 0xffffffffu) {
+        return InvalidArgumentError("bytes of " + std::to_string(b.size()) +
+                                    " too long for protocol 2");
+      }
+      WriteStrBody(text);
+      Memoize();
+      WriteSharedStr("latin1");
+      WriteOp(op::kTuple2);
+      Memoize();
+    }
+    WriteOp(op::kReduce);
+    MemoizeNode(v);
+    return Status::Ok();
+  }
+
+  Status SaveSet(const PickleValue& v, int depth) {
+    const Items& items = v.items();
+    if (Proto4()) {
+      WriteOp(op::kEmptySet);
+      MemoizeNode(v);
+      if (items.empty()) return Status::Ok();
+      // CPython's save_set: batches of 1000 while the last batch was full (so a multiple of
+      // 1000 ends with an empty MARK ADDITEMS).
+      size_t i = 0;
+      size_t n = 0;
+      do {
+        WriteOp(op::kMark);
+        for (n = 0; n < kBatchSize && i < items.size(); ++n, ++i) {
+          DCPP_RETURN_IF_ERROR(SaveRef(items[i], depth, "set item"));
+        }
+        WriteOp(op::kAddItems);
+      } while (n == kBatchSize);
+      return Status::Ok();
+    }
+    // Protocol 2: builtins.set(list(items)).
+    DCPP_RETURN_IF_ERROR(WriteGlobal("builtins", "set"));
+    WriteOp(op::kEmptyList);
+    Memoize();
+    DCPP_RETURN_IF_ERROR(WriteListItemsExact(items, depth));
+    WriteOp(op::kTuple1);
+    Memoize();
+    WriteOp(op::kReduce);
+    MemoizeNode(v);
+    return Status::Ok();
+  }
+
+  Status SaveObject(const PickleValue& v, int depth) {
+    const PickleValue::Object& o = v.object();
+    if (!o.callable) return InvalidArgumentError("pickle object without a callable");
+    if (!o.args) return InvalidArgumentError("pickle object without arguments");
+    if (!o.args->is(Kind::kTuple)) {
+      return InvalidArgumentError("pickle object arguments are a " +
+                                  std::string(PickleKindName(o.args->kind())) + ", not a tuple");
+    }
+    DCPP_RETURN_IF_ERROR(Save(*o.callable, depth));
+    DCPP_RETURN_IF_ERROR(Save(*o.args, depth));
+    if (!o.kwargs) {
+      WriteOp(o.newobj ? op::kNewObj : op::kReduce);
+    } else if (!o.newobj) {
+      return InvalidArgumentError("keyword arguments need a NEWOBJ object");
+    } else if (Proto4()) {
+      DCPP_RETURN_IF_ERROR(Save(*o.kwargs, depth));
+      WriteOp(op::kNewObjEx);
+    } else if (o.kwargs->is(Kind::kDict) && o.kwargs->dict_items().empty()) {
+      WriteOp(op::kNewObj);  // cls.__new__(cls, *args, **{}) is plain NEWOBJ
+    } else {
+      return InvalidArgumentError("NEWOBJ_EX keyword arguments need pickle protocol 4");
+    }
+    MemoizeNode(v);
+    DCPP_RETURN_IF_ERROR(WriteListItemsIter(o.list_items, depth));
+    DCPP_RETURN_IF_ERROR(WriteDictItemsIter(o.dict_items, depth));
+    if (o.state) {
+      DCPP_RETURN_IF_ERROR(Save(*o.state, depth));
+      WriteOp(op::kBuild);
+    }
+    return Status::Ok();
+  }
+
+  Status Save(const PickleValue& v, int depth) {
+    if (depth > options_.max_depth) {
+      return InvalidArgumentError("pickle tree nested deeper than " +
+                                  std::to_string(options_.max_depth) + " (max_depth)");
+    }
+    DCPP_RETURN_IF_ERROR(SaveValue(v, depth));
+    OpcodeBoundary();
+    return Status::Ok();
+  }
+
+  Status SaveValue(const PickleValue& v, int depth) {
+    if (auto it = node_memo_.find(&v); it != node_memo_.end()) {
+      MemoGet(it->second);
+      return Status::Ok();
+    }
+    switch (v.kind()) {
+      case Kind::kNone:
+        WriteOp(op::kNone);
+        return Status::Ok();
+      case Kind::kBool:
+        WriteOp(v.as_bool() ? op::kNewTrue : op::kNewFalse);
+        return Status::Ok();
+      case Kind::kInt:
+        WriteInt(v.as_int());
+        return Status::Ok();
+      case Kind::kFloat: {
+        auto bits = std::bit_cast<uint64_t>(v.as_float());
+        char buf[9];
+        buf[0] = static_cast<char>(op::kBinFloat);
+        for (int i = 0; i < 8; ++i) buf[1 + i] = static_cast<char>((bits >> (56 - 8 * i)) & 0xff);
+        Write(std::string_view(buf, 9));
+        return Status::Ok();
+      }
+      case Kind::kStr:
+        if (!Proto4() && v.as_str().size() > 0xffffffffu) {
+          return InvalidArgumentError("str too long for protocol 2");
+        }
+        WriteStrBody(v.as_str());
+        MemoizeNode(v);
+        return Status::Ok();
+      case Kind::kBytes:
+        return SaveBytes(v);
+      case Kind::kTuple: {
+        const Items& items = v.items();
+        if (items.empty()) {
+          WriteOp(op::kEmptyTuple);  // CPython does not memoize ()
+          return Status::Ok();
+        }
+        if (items.size() > 3) WriteOp(op::kMark);
+        for (const PickleRef& c : items) DCPP_RETURN_IF_ERROR(SaveRef(c, depth + 1, "tuple item"));
+        WriteOp(items.size() > 3 ? op::kTuple
+                                 : static_cast<uint8_t>(op::kTuple1 + items.size() - 1));
+        MemoizeNode(v);
+        return Status::Ok();
+      }
+      case Kind::kList:
+        WriteOp(op::kEmptyList);
+        MemoizeNode(v);
+        return WriteListItemsExact(v.items(), depth + 1);
+      case Kind::kDict:
+        WriteOp(op::kEmptyDict);
+        MemoizeNode(v);
+        return WriteDictItemsExact(v.dict_items(), depth + 1);
+      case Kind::kSet:
+        return SaveSet(v, depth + 1);
+      case Kind::kGlobal:
+        return WriteGlobal(v.global().module, v.global().name);
+      case Kind::kObject:
+        return SaveObject(v, depth + 1);
+      case Kind::kPersistentId:
+        DCPP_RETURN_IF_ERROR(SaveRef(v.persistent_id(), depth + 1, "persistent id"));
+        WriteOp(op::kBinPersId);
+        return Status::Ok();
+    }
+    return InternalError("unknown pickle value kind");
+  }
+
+  const PickleWriteOptions& options_;
+  std::string out_;
+  bool framing_ = false;
+  size_t frame_start_ = std::string::npos;
+  uint64_t memo_size_ = 0;
+  std::unordered_map<const PickleValue*, uint64_t> node_memo_;
+  std::map<std::string, uint64_t, std::less<>> str_memo_;
+  std::map<std::pair<std::string, std::string>, uint64_t> global_memo_;
+};
+
+// ---------------------------------------------------------------- repr
+
+class Printer {
+ public:
+  explicit Printer(int max_depth) : max_depth_(max_depth) {}
+
+  std::string Take() && { return std::move(out_); }
+
+  void Print(const PickleValue& v, int depth) {
+    if (Exhausted()) return;
+    --budget_;
+    switch (v.kind()) {
+      case Kind::kNone:
+        out_ += "None";
+        return;
+      case Kind::kBool:
+        out_ += v.as_bool() ? "True" : "False";
+        return;
+      case Kind::kInt:
+        out_ += std::to_string(v.as_int());
+        return;
+      case Kind::kFloat:
+        PrintFloat(v.as_float());
+        return;
+      case Kind::kStr:
+        PrintQuoted(v.as_str(), "", kMaxStr, " chars");
+        return;
+      case Kind::kBytes:
+        PrintQuoted(v.as_str(), "b", kMaxBytes, " bytes");
+        return;
+      case Kind::kTuple: {
+        const Items& items = v.items();
+        PrintItems(items, "(", items.size() == 1 ? ",)" : ")", depth);
+        return;
+      }
+      case Kind::kList:
+        PrintItems(v.items(), "[", "]", depth);
+        return;
+      case Kind::kSet:
+        if (v.items().empty()) {
+          out_ += "set()";
+        } else {
+          PrintItems(v.items(), "{", "}", depth);
+        }
+        return;
+      case Kind::kDict:
+        PrintDict(v.dict_items(), depth);
+        return;
+      case Kind::kGlobal:
+        out_ += v.global().FullName();
+        return;
+      case Kind::kPersistentId:
+        out_ += "persid(";
+        PrintRef(v.persistent_id(), depth + 1);
+        out_ += ")";
+        return;
+      case Kind::kObject:
+        PrintObject(v.object(), depth);
+        return;
+    }
+  }
+
+ private:
+  static constexpr size_t kMaxStr = 200;
+  static constexpr size_t kMaxBytes = 32;
+  static constexpr size_t kMaxItems = 50;
+  static constexpr size_t kMaxOutput = 64 * 1024;
+
+  bool Exhausted() {
+    if (budget_ > 0 && out_.size() < kMaxOutput) return false;
+    if (!truncated_) out_ += "...";
+    truncated_ = true;
+    return true;
+  }
+  void PrintRef(const PickleRef& v, int depth) {
+    if (!v) {
+      out_ += "<null>";
+    } else if (depth > max_depth_ && IsContainer(v->kind())) {
+      out_ += "...";
+    } else {
+      Print(*v, depth);
+    }
+  }
+  void PrintFloat(double d) {
+    if (std::isnan(d)) {
+      out_ += "nan";
+    } else if (std::isinf(d)) {
+      out_ += d > 0 ? "inf" : "-inf";
+    } else {
+      char buf[64];
+      auto [end, ec] = std::to_chars(buf, buf + sizeof(buf), d);
+      std::string s(buf, ec == std::errc() ? end : buf);
+      if (s.find_first_of(".e") == std::string::npos) s += ".0";
+      out_ += s;
+    }
+  }
+  void PrintQuoted(const std::string& s, std::string_view prefix, size_t max, const char* unit) {
+    out_ += prefix;
+    out_ += '\'';
+    size_t n = std::min(s.size(), max);
+    bool is_bytes = !prefix.empty();
+    for (size_t i = 0; i < n; ++i) {
+      auto c = static_cast<unsigned char>(s[i]);
+      switch (c) {
+        case '\\':
+          out_ += "\\\\";
+          break;
+        case '\'':
+          out_ += "\\'";
+          break;
+        case '\n':
+          out_ += "\\n";
+          break;
+        case '\r':
+          out_ += "\\r";
+          break;
+        case '\t':
+          out_ += "\\t";
+          break;
+        default:
+          if (c < 0x20 || c == 0x7f || (is_bytes && c >= 0x80)) {
+            out_ += "\\x" + Hex(c);
+          } else {
+            out_ += static_cast<char>(c);
+          }
+      }
+    }
+    if (n < s.size()) out_ += "...";
+    out_ += '\'';
+    if (n < s.size()) out_ += " (" + std::to_string(s.size()) + unit + ")";
+  }
+  void PrintItems(const Items& items, const char* open, const char* close, int depth) {
+    out_ += open;
+    for (size_t i = 0; i < items.size(); ++i) {
+      if (i) out_ += ", ";
+      if (i == kMaxItems || Exhausted()) {
+        out_ += "... (" + std::to_string(items.size()) + " items)";
+        break;
+      }
+      PrintRef(items[i], depth + 1);
+    }
+    out_ += close;
+  }
+  void PrintDict(const DictItems& items, int depth) {
+    out_ += "{";
+    for (size_t i = 0; i < items.size(); ++i) {
+      if (i) out_ += ", ";
+      if (i == kMaxItems || Exhausted()) {
+        out_ += "... (" + std::to_string(items.size()) + " items)";
+        break;
+      }
+      PrintRef(items[i].first, depth + 1);
+      out_ += ": ";
+      PrintRef(items[i].second, depth + 1);
+    }
+    out_ += "}";
+  }
+  void PrintObject(const PickleValue::Object& o, int depth) {
+    PrintRef(o.callable, depth + 1);
+    out_ += "(";
+    bool first = true;
+    if (o.args && o.args->is(Kind::kTuple)) {
+      const Items& a = o.args->items();
+      for (size_t i = 0; i < a.size(); ++i) {
+        if (!first) out_ += ", ";
+        first = false;
+        if (i == kMaxItems || Exhausted()) {
+          out_ += "...";
+          break;
+        }
+        PrintRef(a[i], depth + 1);
+      }
+    } else if (o.args) {
+      out_ += "*";
+      PrintRef(o.args, depth + 1);
+      first = false;
+    }
+    if (o.kwargs) {
+      if (!first) out_ += ", ";
+      out_ += "**";
+      PrintRef(o.kwargs, depth + 1);
+    }
+    out_ += ")";
+    if (!o.list_items.empty()) {
+      out_ += " items=";
+      PrintItems(o.list_items, "[", "]", depth);
+    }
+    if (!o.dict_items.empty()) {
+      out_ += " items=";
+      PrintDict(o.dict_items, depth);
+    }
+    if (o.state) {
+      out_ += " state=";
+      PrintRef(o.state, depth + 1);
+    }
+  }
+
+  int max_depth_;
+  std::string out_;
+  size_t budget_ = 20000;  // values printed; bounds time on heavily shared trees
+  bool truncated_ = false;
+};
+
+std::string ShortRepr(const PickleValue& v) {
+  std::string s = v.DebugString(2);
+  if (s.size() > 80) s = s.substr(0, 77) + "...";
+  return s;
+}
+
+Status WrongKind(const PickleValue& v, std::string_view expected) {
+  return DataLossError("expected " + std::string(expected) + ", got " +
+                       std::string(PickleKindName(v.kind())) + " " + ShortRepr(v));
+}
+
+void AddAll(PickleAllowList& list, std::string_view module,
+            std::initializer_list<std::string_view> names) {
+  for (std::string_view n : names) list.Add(module, n);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- PickleValue
+
+PickleRef PickleValue::None() { return std::make_shared<PickleValue>(Kind::kNone); }
+PickleRef PickleValue::Bool(bool b) { return std::make_shared<PickleValue>(Kind::kBool, b); }
+PickleRef PickleValue::Int(int64_t i) { return std::make_shared<PickleValue>(Kind::kInt, i); }
+PickleRef PickleValue::Float(double d) { return std::make_shared<PickleValue>(Kind::kFloat, d); }
+PickleRef PickleValue::Str(std::string s) {
+  return std::make_shared<PickleValue>(Kind::kStr, std::move(s));
+}
+PickleRef PickleValue::Bytes(std::string b) {
+  return std::make_shared<PickleValue>(Kind::kBytes, std::move(b));
+}
+PickleRef PickleValue::Tuple(Items items) {
+  return std::make_shared<PickleValue>(Kind::kTuple, std::move(items));
+}
+PickleRef PickleValue::List(Items items) {
+  return std::make_shared<PickleValue>(Kind::kList, std::move(items));
+}
+PickleRef PickleValue::Dict(DictItems items) {
+  return std::make_shared<PickleValue>(Kind::kDict, std::move(items));
+}
+PickleRef PickleValue::Set(Items items) {
+  return std::make_shared<PickleValue>(Kind::kSet, std::move(items));
+}
+PickleRef PickleValue::MakeGlobal(std::string module, std::string name) {
+  return std::make_shared<PickleValue>(Kind::kGlobal, Global{std::move(module), std::move(name)});
+}
+PickleRef PickleValue::Call(PickleRef callable, PickleRef args, PickleRef state) {
+  Object o;
+  o.callable = std::move(callable);
+  o.args = args ? std::move(args) : Tuple();
+  o.state = std::move(state);
+  return std::make_shared<PickleValue>(Kind::kObject, std::move(o));
+}
+PickleRef PickleValue::New(PickleRef cls, PickleRef args, PickleRef state) {
+  PickleRef v = Call(std::move(cls), std::move(args), std::move(state));
+  v->object().newobj = true;
+  return v;
+}
+PickleRef PickleValue::PersistentId(PickleRef id) {
+  return std::make_shared<PickleValue>(Kind::kPersistentId, std::move(id));
+}
+
+Result<int64_t> PickleValue::GetInt() const {
+  if (!is(Kind::kInt)) return WrongKind(*this, "int");
+  return as_int();
+}
+Result<bool> PickleValue::GetBool() const {
+  if (!is(Kind::kBool)) return WrongKind(*this, "bool");
+  return as_bool();
+}
+Result<double> PickleValue::GetFloat() const {
+  if (is(Kind::kInt)) return static_cast<double>(as_int());
+  if (!is(Kind::kFloat)) return WrongKind(*this, "float");
+  return as_float();
+}
+Result<std::string_view> PickleValue::GetStr() const {
+  if (!is(Kind::kStr)) return WrongKind(*this, "str");
+  return std::string_view(as_str());
+}
+Result<std::string_view> PickleValue::GetBytes() const {
+  if (!is(Kind::kBytes)) return WrongKind(*this, "bytes");
+  return std::string_view(as_str());
+}
+Result<const PickleValue::Items*> PickleValue::GetTuple() const {
+  if (!is(Kind::kTuple)) return WrongKind(*this, "tuple");
+  return &items();
+}
+Result<const PickleValue::Items*> PickleValue::GetList() const {
+  if (!is(Kind::kList)) return WrongKind(*this, "list");
+  return &items();
+}
+Result<const PickleValue::DictItems*> PickleValue::GetDict() const {
+  if (is(Kind::kDict)) return &dict_items();
+  if (IsCallOf("collections", "OrderedDict")) return &object().dict_items;
+  return WrongKind(*this, "dict");
+}
+
+bool PickleValue::IsCallOf(std::string_view module, std::string_view name) const {
+  if (!is(Kind::kObject)) return false;
+  const PickleRef& c = object().callable;
+  return c && IsGlobal(*c, module, name);
+}
+
+const PickleValue* PickleValue::FindStrKey(std::string_view key) const {
+  const DictItems* d = nullptr;
+  if (is(Kind::kDict)) {
+    d = &dict_items();
+  } else if (is(Kind::kObject)) {
+    d = &object().dict_items;
+  } else {
+    return nullptr;
+  }
+  for (auto it = d->rbegin(); it != d->rend(); ++it) {
+    if (it->first && it->first->is(Kind::kStr) && it->first->as_str() == key) {
+      return it->second.get();
+    }
+  }
+  return nullptr;
+}
+
+std::string PickleValue::DebugString(int max_depth) const {
+  Printer p(max_depth);
+  p.Print(*this, 1);
+  return std::move(p).Take();
+}
+
+std::string_view PickleKindName(PickleValue::Kind kind) {
+  switch (kind) {
+    case Kind::kNone:
+      return "None";
+    case Kind::kBool:
+      return "bool";
+    case Kind::kInt:
+      return "int";
+    case Kind::kFloat:
+      return "float";
+    case Kind::kStr:
+      return "str";
+    case Kind::kBytes:
+      return "bytes";
+    case Kind::kTuple:
+      return "tuple";
+    case Kind::kList:
+      return "list";
+    case Kind::kDict:
+      return "dict";
+    case Kind::kSet:
+      return "set";
+    case Kind::kGlobal:
+      return "global";
+    case Kind::kObject:
+      return "object";
+    case Kind::kPersistentId:
+      return "persistent id";
+  }
+  return "unknown";
+}
+
+// ---------------------------------------------------------------- PickleAllowList
+
+PickleAllowList::PickleAllowList(std::initializer_list<std::string_view> full_names) {
+  for (std::string_view full : full_names) {
+    size_t dot = full.rfind('.');
+    if (dot == std::string_view::npos) {
+      Add("", full);
+    } else {
+      Add(full.substr(0, dot), full.substr(dot + 1));
+    }
+  }
+}
+
+void PickleAllowList::Add(std::string_view module, std::string_view name) {
+  std::string key;
+  key.reserve(module.size() + name.size() + 1);
+  key.append(module).append("\n").append(name);
+  names_.insert(std::move(key));
+}
+
+bool PickleAllowList::Allows(std::string_view module, std::string_view name) const {
+  std::string key;
+  key.reserve(module.size() + name.size() + 1);
+  key.append(module).append("\n").append(name);
+  return names_.find(key) != names_.end();
+}
+
+PickleAllowList PickleAllowList::TorchSave() {
+  PickleAllowList list;
+  AddAll(list, "torch._utils",
+         {"_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
+          "_rebuild_parameter_with_state"});
+  AddAll(list, "torch", {"UntypedStorage",
+                         "DoubleStorage",
+                         "FloatStorage",
+                         "HalfStorage",
+                         "LongStorage",
+                         "IntStorage",
+                         "ShortStorage",
+                         "CharStorage",
+                         "ByteStorage",
+                         "BoolStorage",
+                         "BFloat16Storage",
+                         "ComplexDoubleStorage",
+                         "ComplexFloatStorage",
+                         "QInt8Storage",
+                         "QInt32Storage",
+                         "QUInt8Storage",
+                         "QUInt4x2Storage",
+                         "QUInt2x4Storage",
+                         "Size",
+                         "device"});
+  for (int i = 0; i < kNumDTypes; ++i) list.Add("torch", DTypeName(static_cast<DType>(i)));
+  // Dtypes dcpp does not model still appear as torch.<name> globals inside checkpoints.
+  AddAll(list, "torch", {"float8_e8m0fnu", "float4_e2m1fn_x2",
+                         "qint8",          "quint8",
+                         "qint32",         "quint4x2",
+                         "quint2x4",       "bits1x8",
+                         "bits2x4",        "bits4x2",
+                         "bits8",          "bits16",
+                         "uint1",          "uint2",
+                         "uint3",          "uint4",
+                         "uint5",          "uint6",
+                         "uint7",          "int1",
+                         "int2",           "int3",
+                         "int4",           "int5",
+                         "int6",           "int7"});
+  list.Add("torch.serialization", "_get_layout");
+  list.Add("collections", "OrderedDict");
+  AddAll(list, "builtins", {"set", "frozenset", "bytearray", "bytes", "slice", "complex"});
+  list.Add("_codecs", "encode");
+  list.Add("copyreg", "_reconstructor");
+  return list;
+}
+
+PickleAllowList PickleAllowList::DcpMetadata() {
+  PickleAllowList list = TorchSave();
+  for (std::string_view module :
+       {"torch.distributed.checkpoint.metadata", "torch.distributed._shard.checkpoint.metadata"}) {
+    AddAll(list, module,
+           {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+            "StorageMeta", "MetadataIndex", "TensorProperties", "_MEM_FORMAT_ENCODING"});
+  }
+  list.Add("torch.distributed.checkpoint.filesystem", "_StorageInfo");
+  list.Add("torch.distributed._shard.checkpoint.filesystem", "_StorageInfo");
+  AddAll(list, "torch.distributed._shard.sharded_tensor.metadata",
+         {"TensorProperties", "MEM_FORMAT_ENCODING"});
+  AddAll(list, "builtins", {"getattr", "object"});
+  AddAll(list, "pathlib", {"PosixPath", "PurePosixPath"});
+  list.Add("pathlib._local", "PosixPath");
+  AddAll(list, "copyreg", {"__newobj__", "_reconstructor"});
+  return list;
+}
+
+// ---------------------------------------------------------------- entry points
+
+Result<PickleRef> ReadPickle(std::string_view data, const PickleReadOptions& options) {
+  if (options.allow) return Reader(data, options, *options.allow).Run();
+  static const PickleAllowList* const kDefault = new PickleAllowList(PickleAllowList::TorchSave());
+  return Reader(data, options, *kDefault).Run();
+}
+
+Result<std::string> WritePickle(const PickleValue& value, const PickleWriteOptions& options) {
+  return Writer(options).Run(value);
+}
+
+}  // namespace dcpp

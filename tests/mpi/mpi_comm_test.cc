@@ -1,0 +1,108 @@
+// MpiCommunicator under mpiexec: every process runs every test; a test's collectives are issued
+// in the same order everywhere. The exit status is the worst over all ranks.
+#include <mpi.h>
+
+#include <cstdio>
+
+#include "dcpp/mpi_comm.h"
+#include "testing/comm_conformance.h"
+#include "testing/testing.h"
+
+namespace dcpp {
+namespace {
+
+using ::dcpp::testing::IsOk;
+using ::dcpp::testing::StatusIs;
+using ::testing::HasSubstr;
+
+std::unique_ptr<MpiCommunicator> World(MpiOptions options = {}) {
+  auto comm = MpiCommunicator::Create(MPI_COMM_WORLD, options);
+  EXPECT_THAT(comm.status(), IsOk());
+  return comm.ok() ? std::move(*comm) : nullptr;
+}
+
+TEST(MpiCommunicatorTest, MatchesWorld) {
+  auto comm = World();
+  ASSERT_NE(comm, nullptr);
+  int rank, size;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  EXPECT_EQ(comm->rank(), rank);
+  EXPECT_EQ(comm->size(), size);
+  EXPECT_GE(size, 2) << "run under mpiexec -np 4";
+  int result;
+  MPI_Comm_compare(comm->comm(), MPI_COMM_WORLD, &result);
+  EXPECT_EQ(result, MPI_CONGRUENT) << "the communicator must be a duplicate";
+}
+
+TEST(MpiCommunicatorTest, Collectives) {
+  auto comm = World();
+  ASSERT_NE(comm, nullptr);
+  testing::ExpectCollectivesWork(*comm);
+}
+
+// A tiny message limit sends every payload over the split path (chunked Bcast, Send/Recv).
+TEST(MpiCommunicatorTest, CollectivesInSmallMessages) {
+  MpiOptions options;
+  options.max_message_bytes = 7;
+  auto comm = World(options);
+  ASSERT_NE(comm, nullptr);
+  testing::ExpectCollectivesWork(*comm);
+}
+
+TEST(MpiCommunicatorTest, SubGroups) {
+  auto comm = World();
+  ASSERT_NE(comm, nullptr);
+  testing::ExpectSubGroupsWork(*comm);
+}
+
+TEST(MpiCommunicatorTest, LargeBuffers) {
+  auto comm = World();
+  ASSERT_NE(comm, nullptr);
+  testing::ExpectLargeCollectivesWork(*comm, size_t{64} << 20);
+}
+
+TEST(MpiCommunicatorTest, LargeBuffersInChunks) {
+  MpiOptions options;
+  options.max_message_bytes = (size_t{1} << 20) + 3;  // odd, so the last chunk is short
+  auto comm = World(options);
+  ASSERT_NE(comm, nullptr);
+  testing::ExpectLargeCollectivesWork(*comm, size_t{16} << 20);
+}
+
+TEST(MpiCommunicatorTest, RejectsBadOptions) {
+  MpiOptions options;
+  options.max_message_bytes = 0;
+  EXPECT_THAT(MpiCommunicator::Create(MPI_COMM_WORLD, options).status(),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("max_message_bytes")));
+  options.max_message_bytes = size_t{1} << 31;
+  EXPECT_THAT(MpiCommunicator::Create(MPI_COMM_WORLD, options).status(),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("max_message_bytes")));
+}
+
+TEST(MpiCommunicatorTest, ErrorsReturnOnDcppCommunicator) {
+  auto comm = World();
+  ASSERT_NE(comm, nullptr);
+  // A negative count is an MPI error; with MPI_ERRORS_RETURN set by Create it comes back as a
+  // return code instead of aborting the job.
+  EXPECT_NE(MPI_Bcast(nullptr, -1, MPI_BYTE, 0, comm->comm()), MPI_SUCCESS);
+  DCPP_EXPECT_OK(comm->Barrier());  // the communicator is still usable
+}
+
+}  // namespace
+}  // namespace dcpp
+
+int main(int argc, char** argv) {
+  auto session = dcpp::MpiSession::Init(&argc, &argv);
+  if (!session.ok()) {
+    std::fprintf(stderr, "%s\n", session.status().ToString().c_str());
+    return 1;
+  }
+  EXPECT_GE((*session)->thread_level(), MPI_THREAD_SERIALIZED);
+  ::testing::InitGoogleTest(&argc, argv);
+  int rc = RUN_ALL_TESTS();
+  int worst = rc;
+  MPI_Allreduce(&rc, &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  session->reset();
+  return worst;
+}
