@@ -65,25 +65,28 @@ Value Sharded(int rank, int world, bool rows, bool fill) {
   return sd;
 }
 
-void BM_RawWrite(benchmark::State& state) {
-  const int threads = static_cast<int>(state.range(0));
+// Writes TotalBytes() over `threads` files with fsync, one thread per file.
+void WriteRawFiles(int threads) {
   std::filesystem::create_directories(Dir());
   const int64_t per = TotalBytes() / threads;
-  std::vector<char> buf(8 << 20, 0x3f);
-  for (auto _ : state) {
-    std::vector<std::thread> pool;
-    for (int t = 0; t < threads; ++t) {
-      pool.emplace_back([&, t] {
-        int fd = ::open((Dir() + "/raw" + std::to_string(t)).c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        for (int64_t done = 0; done < per; done += static_cast<int64_t>(buf.size())) {
-          if (::write(fd, buf.data(), buf.size()) < 0) std::abort();
-        }
-        ::fsync(fd);
-        ::close(fd);
-      });
-    }
-    for (auto& th : pool) th.join();
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      std::vector<char> buf(8 << 20, 0x3f);
+      int fd = ::open((Dir() + "/raw" + std::to_string(t)).c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      for (int64_t done = 0; done < per; done += static_cast<int64_t>(buf.size())) {
+        if (::write(fd, buf.data(), buf.size()) < 0) std::abort();
+      }
+      ::fsync(fd);
+      ::close(fd);
+    });
   }
+  for (auto& th : pool) th.join();
+}
+
+void BM_RawWrite(benchmark::State& state) {
+  const int threads = static_cast<int>(state.range(0));
+  for (auto _ : state) WriteRawFiles(threads);
   state.SetBytesProcessed(state.iterations() * TotalBytes());
   PeakRss(state);
 }
@@ -91,6 +94,7 @@ void BM_RawWrite(benchmark::State& state) {
 void BM_RawRead(benchmark::State& state) {
   const int threads = static_cast<int>(state.range(0));
   const int64_t per = TotalBytes() / threads;
+  WriteRawFiles(threads);
   for (auto _ : state) {
     std::vector<std::thread> pool;
     for (int t = 0; t < threads; ++t) {

@@ -25,8 +25,8 @@
 // Another world size regroups the double-precision sums, which moves the losses by rounding only.
 #include <algorithm>
 #include <bit>
-#include <chrono>
 #include <cerrno>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -163,10 +163,10 @@ struct Param {
   Param(std::string n, Shape s, int64_t f) : name(std::move(n)), shape(std::move(s)), fan_in(f) {}
 
   std::string name;
-  Shape shape;     // [rows] or [rows, cols]
-  int64_t fan_in;  // inputs per output unit, for the initialization bound
-  std::vector<float> full;  // the whole parameter, refreshed by the all-gather of step 1
-  int64_t lo = 0, hi = 0;   // owned rows
+  Shape shape;                        // [rows] or [rows, cols]
+  int64_t fan_in;                     // inputs per output unit, for the initialization bound
+  std::vector<float> full;            // the whole parameter, refreshed by the all-gather of step 1
+  int64_t lo = 0, hi = 0;             // owned rows
   Tensor value, exp_avg, exp_avg_sq;  // owned rows; shape [hi-lo(, cols)]
 
   int64_t cols() const { return shape.size() == 2 ? shape[1] : 1; }
@@ -259,7 +259,8 @@ class Trainer {
         v = v->is_dict() ? v->Find(k) : nullptr;
         if (!v) return dcpp::NotFoundError(path + ": no \"" + name + "\"");
       }
-      if (!v->is_int()) return dcpp::InvalidArgumentError(path + ": \"" + name + "\" is not an int");
+      if (!v->is_int())
+        return dcpp::InvalidArgumentError(path + ": \"" + name + "\" is not an int");
       return v->as_int();
     };
     DCPP_ASSIGN_OR_RETURN(int64_t seed, get({"data", "seed"}));
@@ -427,6 +428,8 @@ Found ScanCheckpoints(const std::string& dir) {
   Found found;
   std::error_code ec;
   for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    std::error_code e1;
+    if (!it->is_directory(e1)) continue;
     const std::string name = it->path().filename().string();
     if (name.rfind("step_", 0) != 0 || name.size() == 5 || name.size() > 23) continue;
     if (!std::all_of(name.begin() + 5, name.end(), [](char c) { return c >= '0' && c <= '9'; })) {
@@ -450,7 +453,8 @@ void RemoveCheckpoint(const std::string& path) {
   std::error_code ec;
   fs::remove(fs::path(path) / ".metadata", ec);
   fs::remove_all(path, ec);
-  if (ec) std::fprintf(stderr, "dcpp_train: cannot remove %s: %s\n", path.c_str(), ec.message().c_str());
+  if (ec)
+    std::fprintf(stderr, "dcpp_train: cannot remove %s: %s\n", path.c_str(), ec.message().c_str());
 }
 
 void Prune(const std::string& dir, int64_t keep) {
@@ -478,7 +482,20 @@ int64_t StateBytes(const Flags& f) {
 Status Train(const Flags& flags, Communicator& comm) {
   const bool lead = comm.rank() == 0;
   std::error_code ec;
+  // A directory that cannot be created fails the first Save, on every rank alike.
   if (lead) fs::create_directories(flags.dir, ec);
+
+  // Rank 0 writes the log; if it cannot, every rank must stop, so the failure is broadcast.
+  FILE* log = nullptr;
+  std::string log_error;
+  if (lead && !flags.log.empty()) {
+    log = std::fopen(flags.log.c_str(), "a");
+    if (!log) log_error = "cannot open log \"" + flags.log + "\": " + std::strerror(errno);
+  }
+  std::unique_ptr<FILE, int (*)(FILE*)> log_closer(log,
+                                                   [](FILE* f) { return f ? std::fclose(f) : 0; });
+  DCPP_RETURN_IF_ERROR(comm.Broadcast(log_error, 0));
+  if (!log_error.empty()) return dcpp::InvalidArgumentError(log_error);
 
   // The newest committed checkpoint, as rank 0 sees it (one decision for every rank).
   std::string latest;
@@ -495,22 +512,12 @@ Status Train(const Flags& flags, Communicator& comm) {
     DCPP_RETURN_IF_ERROR(trainer.Restore(path));
     if (lead) {
       const double s = Seconds(t0);
-      std::fprintf(stderr, "dcpp_train: resumed from %s at step %lld with %d ranks (%.1f ms, %.3f GB/s)\n",
+      std::fprintf(stderr,
+                   "dcpp_train: resumed from %s at step %lld with %d ranks (%.1f ms, %.3f GB/s)\n",
                    path.c_str(), static_cast<long long>(trainer.step()), comm.size(), s * 1e3,
                    static_cast<double>(StateBytes(flags)) / s / 1e9);
     }
   }
-
-  // Rank 0 writes the log; if it cannot, every rank must stop, so the failure is broadcast.
-  FILE* log = nullptr;
-  std::string log_error;
-  if (lead && !flags.log.empty()) {
-    log = std::fopen(flags.log.c_str(), "a");
-    if (!log) log_error = "cannot open log \"" + flags.log + "\": " + std::strerror(errno);
-  }
-  std::unique_ptr<FILE, int (*)(FILE*)> log_closer(log, [](FILE* f) { return f ? std::fclose(f) : 0; });
-  DCPP_RETURN_IF_ERROR(comm.Broadcast(log_error, 0));
-  if (!log_error.empty()) return dcpp::InvalidArgumentError(log_error);
 
   while (trainer.step() < flags.steps) {
     DCPP_ASSIGN_OR_RETURN(double loss, trainer.Step());

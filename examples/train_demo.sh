@@ -29,23 +29,24 @@ steps=60
 every=10
 kill_after=35
 job_pid=""
-rank_pids=""
 
-# Kills the background job, if one is running: its process group, then any rank that left it.
+# Kills the background job, if one is running. mpirun was started by setsid, so the job is its
+# session; Open MPI puts each rank in a process group of its own, so killing mpirun's group is not
+# enough: every process of the session is killed, then waited for.
 kill_job() {
   [[ -n $job_pid ]] || return 0
-  rank_pids=$(ps -o pid= --ppid "$job_pid" 2>/dev/null || true)
-  kill -9 -- "-$job_pid" 2>/dev/null || true
-  for p in $rank_pids; do kill -9 "$p" 2>/dev/null || true; done
+  local pids alive=""
+  pids=$(ps -o pid= -s "$job_pid" 2>/dev/null || true)
+  kill -9 -- "-$job_pid" $pids 2>/dev/null || true
   wait "$job_pid" 2>/dev/null || true
   for _ in $(seq 100); do
-    alive=""
-    for p in $rank_pids; do kill -0 "$p" 2>/dev/null && alive="$alive $p"; done
+    alive=$(ps -o pid= -s "$job_pid" 2>/dev/null || true)
     [[ -z $alive ]] && break
+    kill -9 $alive 2>/dev/null || true
     sleep 0.05
   done
-  if [[ -n ${alive:-} ]]; then
-    echo "train_demo: ranks still alive after SIGKILL:$alive" >&2
+  if [[ -n $alive ]]; then
+    echo "train_demo: processes still alive after SIGKILL:" $alive >&2
     return 1
   fi
   job_pid=""

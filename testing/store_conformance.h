@@ -13,6 +13,7 @@
 
 #include <functional>
 #include <memory>
+#include <ostream>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -38,6 +39,10 @@ struct StoreCheck {
 // files, truncation on reopen, atomic replace, key validation, concurrent reads and writes,
 // List/Remove/Rename, nested keys, SyncDir.
 const std::vector<StoreCheck>& StoreConformanceChecks();
+
+// Names for gtest's failure messages.
+inline void PrintTo(const StoreBackend& b, std::ostream* os) { *os << b.name; }
+inline void PrintTo(const StoreCheck& c, std::ostream* os) { *os << c.name; }
 
 using StoreConformanceParam = std::tuple<StoreBackend, StoreCheck>;
 class StoreConformanceTest : public ::testing::TestWithParam<StoreConformanceParam> {};

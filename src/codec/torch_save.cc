@@ -778,6 +778,13 @@ class PickleBuilder {
                              PickleValue::Tuple());
   }
 
+  // A storage's key is one Python str object, so its later uses are BINGETs too.
+  PickleRef KeyNode(size_t group) {
+    if (key_nodes_.size() <= group) key_nodes_.resize(groups_.size());
+    if (!key_nodes_[group]) key_nodes_[group] = PickleValue::Str(groups_[group].key);
+    return key_nodes_[group];
+  }
+
   PickleRef BuildTensor(const PlannedTensor& p) {
     const StorageGroup& g = groups_[p.group];
     const Tensor& t = p.tensor;
@@ -786,7 +793,7 @@ class PickleBuilder {
     PickleRef pid = PickleValue::PersistentId(PickleValue::Tuple({
         storage_str_,
         PickleValue::MakeGlobal("torch", v3 ? "UntypedStorage" : std::string(storage_class)),
-        PickleValue::Str(g.key),
+        KeyNode(p.group),
         cpu_str_,
         PickleValue::Int(static_cast<int64_t>(v3 ? g.nbytes : g.nbytes / ElementSize(g.dtype))),
     }));
@@ -812,6 +819,7 @@ class PickleBuilder {
   // makes data.pkl byte-identical to PyTorch's for plain trees of tensors.
   const PickleRef storage_str_ = PickleValue::Str("storage");
   const PickleRef cpu_str_ = PickleValue::Str("cpu");
+  std::vector<PickleRef> key_nodes_;
 };
 
 // PyTorch's serialization id: a combined hash of the record names and a combined hash of their
@@ -914,8 +922,16 @@ Status WriteTorchSave(const Value& value, ByteSink& sink, const TorchSaveWriteOp
     DCPP_RETURN_IF_ERROR(add_str(".storage_alignment", "64"));
     DCPP_RETURN_IF_ERROR(add_str("byteorder", "little"));
   }
-  for (const StorageGroup& g : groups) {
-    DCPP_RETURN_IF_ERROR(add("data/" + g.key, g.storage->data(), g.nbytes));
+  // Storage records in key order: numeric with `.format_version` 1 (PyTorch 2.x), lexicographic
+  // before it ("10" before "2"), as torch 1.13 writes them.
+  std::vector<const StorageGroup*> record_order;
+  for (const StorageGroup& g : groups) record_order.push_back(&g);
+  if (!options.modern_records) {
+    std::sort(record_order.begin(), record_order.end(),
+              [](const StorageGroup* a, const StorageGroup* b) { return a->key < b->key; });
+  }
+  for (const StorageGroup* g : record_order) {
+    DCPP_RETURN_IF_ERROR(add("data/" + g->key, g->storage->data(), g->nbytes));
   }
   DCPP_RETURN_IF_ERROR(add_str("version", "3\n"));
   if (options.modern_records) {

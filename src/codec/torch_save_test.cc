@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "codec/testdata_torch113.h"
 #include "codec/zip.h"
 #include "dcpp/chunk.h"
 #include "dcpp/file.h"
@@ -59,6 +60,31 @@ Value Dict(std::vector<std::pair<std::string, Value>> items, bool ordered = fals
   Value::Dict d;
   for (auto& [k, v] : items) d.emplace_back(Value::Str(k), std::move(v));
   return Value::MakeDict(std::move(d), ordered);
+}
+
+std::string FromHex(const char* hex) {
+  std::string out;
+  for (const char* p = hex; p[0] && p[1]; p += 2) {
+    out.push_back(static_cast<char>(std::stoi(std::string(p, 2), nullptr, 16)));
+  }
+  return out;
+}
+
+TEST(TorchSaveTest, ReadsAndReproducesPyTorch113BytesExactly) {
+  const std::string golden = FromHex(testdata::kTorch113Arange6Hex);
+  MemorySource source(golden, "arange.pt");
+  DCPP_ASSERT_OK_AND_ASSIGN(TorchSaveArchive a, TorchSaveArchive::Open(source));
+  DCPP_ASSERT_OK(a.VerifyChecksums());
+  DCPP_ASSERT_OK_AND_ASSIGN(Value v, a.ReadValue());
+  ASSERT_TRUE(v.is_tensor());
+  const Tensor& t = v.tensor();
+  EXPECT_EQ(t.dtype(), DType::kFloat32);
+  EXPECT_EQ(t.shape(), (Shape{6}));
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(t.data_as<float>()[i], static_cast<float>(i));
+  TorchSaveWriteOptions options;
+  options.modern_records = false;  // what 1.13 wrote
+  DCPP_ASSERT_OK_AND_ASSIGN(std::string mine, EncodeTorchSave(v, options));
+  EXPECT_TRUE(mine == golden);
 }
 
 TEST(TorchSaveTest, EveryDTypeRoundTrips) {
@@ -125,6 +151,28 @@ TEST(TorchSaveTest, RecordsAreInPyTorchOrderAndAligned) {
     DCPP_ASSERT_OK_AND_ASSIGN(TorchSaveArchive a, TorchSaveArchive::Open(source));
     EXPECT_EQ(a.prefix(), "my.model");
     EXPECT_THAT(a.RecordNames(), ElementsAre("data.pkl", "data/0", "data/1", "version"));
+  }
+  {
+    // Storage records: numeric key order with the 2.x records, lexicographic without (1.13).
+    Value::List many;
+    for (int i = 0; i < 11; ++i) many.push_back(Value::FromTensor(PatternTensor(DType::kInt8, {i})));
+    for (bool modern : {true, false}) {
+      TorchSaveWriteOptions options;
+      options.modern_records = modern;
+      DCPP_ASSERT_OK_AND_ASSIGN(std::string bytes,
+                                EncodeTorchSave(Value::MakeList(many), options));
+      MemorySource source(bytes);
+      DCPP_ASSERT_OK_AND_ASSIGN(TorchSaveArchive a, TorchSaveArchive::Open(source));
+      std::vector<std::string> data;
+      for (const std::string& n : a.RecordNames()) {
+        if (n.rfind("data/", 0) == 0) data.push_back(n);
+      }
+      ASSERT_EQ(data.size(), 11u);
+      EXPECT_EQ(data[2], modern ? "data/2" : "data/10");
+      EXPECT_EQ(a.records().at("data/10").size, 10u);
+      DCPP_ASSERT_OK_AND_ASSIGN(Value back, a.ReadValue());
+      EXPECT_TRUE(back == Value::MakeList(many));
+    }
   }
 }
 

@@ -97,12 +97,14 @@ Status ZipWriter::AddRecord(std::string_view name, const void* data, size_t size
   Put16(extra, static_cast<uint16_t>(pad));
   extra.append(pad, 'Z');
 
-  // Local header: sizes and CRC are zero here; they follow the data in the descriptor.
+  // Local header: sizes and CRC are zero here; they follow the data in the descriptor. Like
+  // miniz, an empty record has no descriptor and so no descriptor flag.
+  const uint16_t flags = size > 0 ? kZipFlags : kZipFlagUtf8;
   std::string header;
   header.reserve(kZipLocalHeaderSize + name.size() + extra.size());
   Put32(header, kZipLocalHeaderSig);
   Put16(header, 0);  // version needed
-  Put16(header, kZipFlags);
+  Put16(header, flags);
   Put16(header, 0);  // method: stored
   Put16(header, 0);  // time
   Put16(header, 0);  // date
@@ -118,18 +120,20 @@ Status ZipWriter::AddRecord(std::string_view name, const void* data, size_t size
 
   uint32_t crc = 0;
   if (options_.compute_crc32 && size > 0) crc = Crc32(0, data, size);
-  std::string descriptor;
-  Put32(descriptor, kZipDataDescriptorSig);
-  Put32(descriptor, crc);
-  if (zip64) {
-    Put64(descriptor, size);
-    Put64(descriptor, size);
-  } else {
-    Put32(descriptor, static_cast<uint32_t>(size));
-    Put32(descriptor, static_cast<uint32_t>(size));
+  if (size > 0) {
+    std::string descriptor;
+    Put32(descriptor, kZipDataDescriptorSig);
+    Put32(descriptor, crc);
+    if (zip64) {
+      Put64(descriptor, size);
+      Put64(descriptor, size);
+    } else {
+      Put32(descriptor, static_cast<uint32_t>(size));
+      Put32(descriptor, static_cast<uint32_t>(size));
+    }
+    DCPP_RETURN_IF_ERROR(sink_.Write(descriptor.data(), descriptor.size()));
   }
-  DCPP_RETURN_IF_ERROR(sink_.Write(descriptor.data(), descriptor.size()));
-  central_.push_back({std::string(name), offset, size, crc});
+  central_.push_back({std::string(name), offset, size, crc, flags});
   crcs_.push_back(crc);
   return Status::Ok();
 }
@@ -144,7 +148,7 @@ Status ZipWriter::Finish() {
     Put32(cd, kZipCentralHeaderSig);
     Put16(cd, 0);  // version made by
     Put16(cd, 0);  // version needed
-    Put16(cd, kZipFlags);
+    Put16(cd, e.flags);
     Put16(cd, 0);  // method
     Put16(cd, 0);  // time
     Put16(cd, 0);  // date

@@ -1,6 +1,7 @@
 // The zip subset PyTorch's archives use (torch.save, TorchScript): stored entries only, data
-// aligned to 64 bytes with an 'FB' padding extra field, a data descriptor after each record, and
-// ZIP64 end records always present. docs/format_zip.md draws the bytes.
+// aligned to 64 bytes with an 'FB' padding extra field, a data descriptor after each non-empty
+// record, and ZIP64 end records always present. The writer's output is byte-identical to
+// PyTorch's (miniz) for the same records. docs/format_zip.md draws the bytes.
 //
 // ZipWriter streams to a ByteSink: each AddRecord writes header, data (straight from the
 // caller's memory) and descriptor; Finish writes the central directory and end records. Offsets
@@ -40,6 +41,7 @@ inline constexpr size_t kZipEndSize = 22;
 inline constexpr uint16_t kZip64ExtraId = 0x0001;
 inline constexpr uint16_t kZipPaddingExtraId = 0x4246;  // "FB"
 inline constexpr uint16_t kZipFlags = 0x0808;           // data descriptor + UTF-8 names
+inline constexpr uint16_t kZipFlagUtf8 = 0x0800;        // empty records: no descriptor
 inline constexpr uint64_t kZip32Max = 0xFFFFFFFFu;
 
 // One entry of the central directory, with its data located.
@@ -98,6 +100,7 @@ class ZipWriter {
     uint64_t local_header_offset;
     uint64_t size;
     uint32_t crc32;
+    uint16_t flags;
   };
   ByteSink& sink_;
   ZipWriterOptions options_;

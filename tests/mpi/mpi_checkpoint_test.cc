@@ -48,7 +48,7 @@ enum class Mode {
   kGrid,       // dim 0 in halves, dim 1 in `world` pieces: two chunks per rank
   kStripes,    // round-robin stripes of 3 rows (4 for kSaveStripes): several chunks per rank
   kSaveStripes,
-  kWhole,      // a plain tensor on every rank
+  kWhole,  // a plain tensor on every rank
 };
 
 struct Spec {
@@ -57,7 +57,7 @@ struct Spec {
   Shape shape;
   uint64_t seed;
   Mode save_mode;
-  std::vector<int64_t> cuts;  // for the *Cuts modes: world+1 boundaries (rows or columns)
+  std::vector<int64_t> cuts;   // for the *Cuts modes: world+1 boundaries (rows or columns)
   std::vector<int64_t> cuts2;  // kBlockCuts: column boundaries (3)
 };
 
@@ -70,8 +70,20 @@ const std::vector<Spec>& Specs() {
       // Rank 3 holds nothing of it.
       {"model.cube", DType::kInt32, {4, 6, 5}, 5, Mode::kColCuts, {0, 1, 3, 6, 6}, {}},
       {"model.replicated", DType::kFloat16, {6, 5}, 6, Mode::kWhole, {}, {}},
-      {"optim.state.row.exp_avg", DType::kFloat32, {37, 11}, 7, Mode::kRowCuts, {0, 5, 17, 30, 37}, {}},
-      {"optim.state.row.exp_avg_sq", DType::kFloat32, {37, 11}, 8, Mode::kRowCuts, {0, 5, 17, 30, 37}, {}},
+      {"optim.state.row.exp_avg",
+       DType::kFloat32,
+       {37, 11},
+       7,
+       Mode::kRowCuts,
+       {0, 5, 17, 30, 37},
+       {}},
+      {"optim.state.row.exp_avg_sq",
+       DType::kFloat32,
+       {37, 11},
+       8,
+       Mode::kRowCuts,
+       {0, 5, 17, 30, 37},
+       {}},
   };
   return specs;
 }
@@ -202,8 +214,8 @@ const Value* Get(const Value& root, const std::string& fqn) {
 Value ParamGroups(bool fill) {
   Value group = Value::MakeDict();
   group.Set("lr", Value::Float(fill ? 0.01 : 0.0));
-  group.Set("betas", fill ? Value::MakeTuple({Value::Float(0.9), Value::Float(0.999)})
-                          : Value::MakeTuple());
+  group.Set("betas",
+            fill ? Value::MakeTuple({Value::Float(0.9), Value::Float(0.999)}) : Value::MakeTuple());
   group.Set("name", Value::Str(fill ? "all" : ""));
   return Value::MakeList({std::move(group)});
 }
@@ -257,8 +269,8 @@ void ExpectPlainValues(const Value& sd) {
   ASSERT_TRUE(groups->is_list()) << groups->DebugString();
   ASSERT_EQ(groups->items().size(), 1u) << groups->DebugString();
   // Compared key by key: a load into an empty dict rebuilds the keys in metadata order.
-  const Value& want = ParamGroups(true).items()[0];
-  for (const auto& [key, value] : want.dict()) {
+  const Value want = ParamGroups(true);
+  for (const auto& [key, value] : want.items()[0].dict()) {
     const Value* got = groups->items()[0].Find(key.as_str());
     ASSERT_NE(got, nullptr) << key.as_str() << " in " << groups->DebugString();
     EXPECT_EQ(*got, value) << key.as_str() << ": " << got->DebugString();
@@ -277,7 +289,9 @@ std::unique_ptr<MpiCommunicator> World() {
   return comm.ok() ? std::move(*comm) : nullptr;
 }
 
-std::string CheckpointPath(const char* name) { return (std::filesystem::path(g_dir) / name).string(); }
+std::string CheckpointPath(const char* name) {
+  return (std::filesystem::path(g_dir) / name).string();
+}
 
 // The message with this rank's own context ("rank R: saving "...": ") removed: what must be the
 // same on every rank.
@@ -293,6 +307,13 @@ std::vector<std::string> AllTexts(Communicator& comm, const std::string& text) {
   auto all = comm.AllGather(text);
   EXPECT_THAT(all.status(), IsOk());
   return all.ok() ? *all : std::vector<std::string>{};
+}
+
+// Once every rank is done with `path`, rank 0 removes it.
+void RemoveAfterEveryRank(Communicator& comm, const std::string& path) {
+  EXPECT_THAT(comm.Barrier(), IsOk());
+  std::error_code ec;
+  if (comm.rank() == 0) std::filesystem::remove_all(path, ec);
 }
 
 // ------------------------------------------------------------------ tests
@@ -373,6 +394,7 @@ TEST(MpiCheckpointFailureTest, ShapeDisagreementOnOneRank) {
   for (const auto& t : AllTexts(*comm, shared)) EXPECT_EQ(t, shared);
   ASSERT_THAT(comm->Barrier(), IsOk());
   EXPECT_FALSE(std::filesystem::exists(std::filesystem::path(path) / ".metadata"));
+  RemoveAfterEveryRank(*comm, path);
 }
 
 // Rank 2's storage fails while writing its data: every rank returns the same error naming rank 2
@@ -400,6 +422,7 @@ TEST(MpiCheckpointFailureTest, WriteFailureOnOneRank) {
   for (const auto& t : AllTexts(*comm, shared)) EXPECT_EQ(t, shared);
   ASSERT_THAT(comm->Barrier(), IsOk());
   EXPECT_FALSE(std::filesystem::exists(std::filesystem::path(path) / ".metadata"));
+  RemoveAfterEveryRank(*comm, path);
 }
 
 // The write failure outside gtest: prints "rank R: <shared error>" and returns 3 on failure, so
