@@ -359,11 +359,6 @@ class Reader {
     // insert_or_assign: a freed node's address may be reused by a new one.
     return info_.insert_or_assign(node.get(), Info{}).first->second;
   }
-  size_t DepthOf(const PickleValue& v) const {
-    if (!IsContainer(v.kind())) return 1;
-    auto it = info_.find(&v);
-    return it == info_.end() ? 1 : it->second.depth;
-  }
   Status AddChild(Info& parent, const PickleRef& child) {
     size_t d = 1;
     if (IsContainer(child->kind())) {

@@ -2,6 +2,8 @@
 
   torch_peer.py write DIR   writes torch.save files DIR/<case>.pt, each with DIR/<case>.pt.json:
                             {"tree": the object tree in the tagged form below}.
+  torch_peer.py seeds DIR   writes the small archives that seed the torch_save_fuzz target
+                            (tests/fuzz/torch_save_fuzz/), each under 4 KiB.
   torch_peer.py check DIR   for every DIR/<case>.pt.json (written by dcpp), torch.loads
                             DIR/<case>.pt (weights_only if the expectation says
                             "weights_only": true) and compares it with "tree"; exits 1 and
@@ -184,6 +186,25 @@ def write(directory):
             json.dump({"tree": Describer()(obj)}, f, allow_nan=False)
 
 
+def seeds(directory):
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    objs = {
+        "tensor": torch.arange(6.0).reshape(2, 3),
+        "shared_views": collections.OrderedDict(a=base, rows=base[1:], t=base.t(), col=base[:, 1]),
+        "values": {"none": None, "b": True, "i": [1, -2, 2**40], "f": 0.5, "s": "str",
+                   "bytes": b"\x00\xff", "t": (1, (2,)), "od": collections.OrderedDict(x=1)},
+        "param_bf16": {"w": torch.nn.Parameter(torch.ones(2, 2)),
+                       "h": torch.arange(4).to(torch.bfloat16)},
+        "scalar_empty": [torch.tensor(7, dtype=torch.int64), torch.zeros(0, 3), torch.ones(2, dtype=torch.bool)],
+        "complex_int": {"c": torch.ones(2, dtype=torch.complex64), "i8": torch.arange(5, dtype=torch.int8),
+                        "u8": torch.arange(5, dtype=torch.uint8)[2:]},
+    }
+    for name, obj in objs.items():
+        path = os.path.join(directory, name + ".pt")
+        torch.save(obj, path)
+        assert os.path.getsize(path) < 4096, path
+
+
 def compare(exp, got, path):
     """Returns a description of the first difference, or None."""
     if not isinstance(exp, dict) or not isinstance(got, dict):
@@ -249,11 +270,14 @@ def check(directory):
 
 
 def main():
-    if len(sys.argv) != 3 or sys.argv[1] not in ("write", "check"):
+    if len(sys.argv) != 3 or sys.argv[1] not in ("write", "check", "seeds"):
         print(__doc__, file=sys.stderr)
         return 2
     if sys.argv[1] == "write":
         write(sys.argv[2])
+        return 0
+    if sys.argv[1] == "seeds":
+        seeds(sys.argv[2])
         return 0
     return check(sys.argv[2])
 
