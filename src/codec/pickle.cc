@@ -262,7 +262,9 @@ bool Utf8ToLatin1(std::string_view text, std::string* out) {
 class Reader {
  public:
   Reader(std::string_view data, const PickleReadOptions& options, const PickleAllowList& allow)
-      : data_(data), options_(options), allow_(allow) {}
+      : data_(data), options_(options), allow_(allow) {
+    info_.reserve(std::min<size_t>(data.size() / 16, size_t{1} << 20));
+  }
 
   Result<PickleRef> Run();
 
@@ -426,7 +428,11 @@ class Reader {
   size_t nodes_ = 0;
   std::vector<PickleRef> stack_;
   std::vector<size_t> marks_;  // stack heights at each open MARK
-  std::unordered_map<uint64_t, PickleRef> memo_;
+  // Memo: indices written in order (MEMOIZE, CPython's BINPUTs) live in memo_dense_; any others
+  // in memo_sparse_, so a hostile LONG_BINPUT index costs one entry, not a huge vector.
+  std::vector<PickleRef> memo_dense_;
+  std::unordered_map<uint64_t, PickleRef> memo_sparse_;
+  size_t memo_count_ = 0;
   std::unordered_map<const PickleValue*, Info> info_;  // containers only
 };
 
@@ -589,21 +595,33 @@ Status Reader::DoBuild() {
 
 Status Reader::MemoPut(uint64_t index) {
   DCPP_ASSIGN_OR_RETURN(PickleRef top, Top());
-  auto it = memo_.find(index);
-  if (it != memo_.end()) {
+  if (index < memo_dense_.size()) {
+    memo_dense_[index] = std::move(top);
+    return Status::Ok();
+  }
+  if (auto it = memo_sparse_.find(index); it != memo_sparse_.end()) {
     it->second = std::move(top);
     return Status::Ok();
   }
-  if (memo_.size() >= options_.max_memo) {
+  if (memo_count_ >= options_.max_memo) {
     return Fail("more than " + std::to_string(options_.max_memo) + " memo entries (max_memo)");
   }
-  memo_.emplace(index, std::move(top));
+  ++memo_count_;
+  if (index == memo_dense_.size()) {
+    memo_dense_.push_back(std::move(top));
+  } else {
+    memo_sparse_.emplace(index, std::move(top));
+  }
   return Status::Ok();
 }
 
 Status Reader::MemoGet(uint64_t index) {
-  auto it = memo_.find(index);
-  if (it == memo_.end()) return Fail("memo index " + std::to_string(index) + " is not set");
+  if (index < memo_dense_.size()) {
+    stack_.push_back(memo_dense_[index]);
+    return Status::Ok();
+  }
+  auto it = memo_sparse_.find(index);
+  if (it == memo_sparse_.end()) return Fail("memo index " + std::to_string(index) + " is not set");
   stack_.push_back(it->second);
   return Status::Ok();
 }
@@ -865,7 +883,7 @@ Status Reader::Step(uint8_t code) {
       return MemoPut(static_cast<uint64_t>(i));
     }
     case op::kMemoize:
-      return MemoPut(memo_.size());
+      return MemoPut(memo_count_);  // Python: memo[len(memo)]
     case op::kBinGet: {
       DCPP_ASSIGN_OR_RETURN(uint64_t i, ReadLE(1, "memo index"));
       return MemoGet(i);
@@ -923,7 +941,7 @@ class Writer {
     const char header[2] = {static_cast<char>(op::kProto), static_cast<char>(options_.protocol)};
     Write(std::string_view(header, 2));
     framing_ = options_.protocol >= 4;
-    DCPP_RETURN_IF_ERROR(Save(root, 1));
+    DCPP_RETURN_IF_ERROR(Save(root, 1, /*shared=*/false));
     WriteOp(op::kStop);
     CommitFrame();
     return std::move(out_);
@@ -987,8 +1005,9 @@ class Writer {
       WriteOpLE(op::kLongBinPut, index, 4);
     }
   }
-  void MemoizeNode(const PickleValue& v) {
-    node_memo_.emplace(&v, memo_size_);
+  // `shared`: the node may be reached again (more than one reference), so remember its index.
+  void MemoizeNode(const PickleValue& v, bool shared) {
+    if (shared) node_memo_.emplace(&v, memo_size_);
     Memoize();
   }
   void MemoGet(uint64_t index) {
@@ -1135,16 +1154,16 @@ class Writer {
     return Status::Ok();
   }
   Status SavePair(const std::pair<PickleRef, PickleRef>& kv, int depth) {
-    if (!kv.first || !kv.second) return InvalidArgumentError("null dict key or value");
-    DCPP_RETURN_IF_ERROR(Save(*kv.first, depth));
-    return Save(*kv.second, depth);
+    DCPP_RETURN_IF_ERROR(SaveRef(kv.first, depth, "dict key"));
+    return SaveRef(kv.second, depth, "dict value");
   }
   Status SaveRef(const PickleRef& v, int depth, std::string_view what) {
     if (!v) return InvalidArgumentError("null " + std::string(what) + " in pickle tree");
-    return Save(*v, depth);
+    // A node held by a single reference appears once in the tree: no memo lookup needed.
+    return Save(*v, depth, v.use_count() > 1);
   }
 
-  Status SaveBytes(const PickleValue& v) {
+  Status SaveBytes(const PickleValue& v, bool shared) {
     const std::string& b = v.as_str();
     if (Proto4()) {
       if (b.size() < 256) {
@@ -1154,7 +1173,7 @@ class Writer {
       } else {
         WritePayload(op::kBinBytes, 4, b);
       }
-      MemoizeNode(v);
+      MemoizeNode(v, shared);
       return Status::Ok();
     }
     // Protocol 2 has no bytes opcode: CPython writes bytes() or _codecs.encode(text, 'latin1').
@@ -1175,15 +1194,15 @@ class Writer {
       Memoize();
     }
     WriteOp(op::kReduce);
-    MemoizeNode(v);
+    MemoizeNode(v, shared);
     return Status::Ok();
   }
 
-  Status SaveSet(const PickleValue& v, int depth) {
+  Status SaveSet(const PickleValue& v, int depth, bool shared) {
     const Items& items = v.items();
     if (Proto4()) {
       WriteOp(op::kEmptySet);
-      MemoizeNode(v);
+      MemoizeNode(v, shared);
       if (items.empty()) return Status::Ok();
       // CPython's save_set: batches of 1000 while the last batch was full (so a multiple of
       // 1000 ends with an empty MARK ADDITEMS).
@@ -1206,11 +1225,11 @@ class Writer {
     WriteOp(op::kTuple1);
     Memoize();
     WriteOp(op::kReduce);
-    MemoizeNode(v);
+    MemoizeNode(v, shared);
     return Status::Ok();
   }
 
-  Status SaveObject(const PickleValue& v, int depth) {
+  Status SaveObject(const PickleValue& v, int depth, bool shared) {
     const PickleValue::Object& o = v.object();
     if (!o.callable) return InvalidArgumentError("pickle object without a callable");
     if (!o.args) return InvalidArgumentError("pickle object without arguments");
@@ -1218,44 +1237,46 @@ class Writer {
       return InvalidArgumentError("pickle object arguments are a " +
                                   std::string(PickleKindName(o.args->kind())) + ", not a tuple");
     }
-    DCPP_RETURN_IF_ERROR(Save(*o.callable, depth));
-    DCPP_RETURN_IF_ERROR(Save(*o.args, depth));
+    DCPP_RETURN_IF_ERROR(SaveRef(o.callable, depth, "callable"));
+    DCPP_RETURN_IF_ERROR(SaveRef(o.args, depth, "arguments"));
     if (!o.kwargs) {
       WriteOp(o.newobj ? op::kNewObj : op::kReduce);
     } else if (!o.newobj) {
       return InvalidArgumentError("keyword arguments need a NEWOBJ object");
     } else if (Proto4()) {
-      DCPP_RETURN_IF_ERROR(Save(*o.kwargs, depth));
+      DCPP_RETURN_IF_ERROR(SaveRef(o.kwargs, depth, "keyword arguments"));
       WriteOp(op::kNewObjEx);
     } else if (o.kwargs->is(Kind::kDict) && o.kwargs->dict_items().empty()) {
       WriteOp(op::kNewObj);  // cls.__new__(cls, *args, **{}) is plain NEWOBJ
     } else {
       return InvalidArgumentError("NEWOBJ_EX keyword arguments need pickle protocol 4");
     }
-    MemoizeNode(v);
+    MemoizeNode(v, shared);
     DCPP_RETURN_IF_ERROR(WriteListItemsIter(o.list_items, depth));
     DCPP_RETURN_IF_ERROR(WriteDictItemsIter(o.dict_items, depth));
     if (o.state) {
-      DCPP_RETURN_IF_ERROR(Save(*o.state, depth));
+      DCPP_RETURN_IF_ERROR(SaveRef(o.state, depth, "state"));
       WriteOp(op::kBuild);
     }
     return Status::Ok();
   }
 
-  Status Save(const PickleValue& v, int depth) {
+  Status Save(const PickleValue& v, int depth, bool shared) {
     if (depth > options_.max_depth) {
       return InvalidArgumentError("pickle tree nested deeper than " +
                                   std::to_string(options_.max_depth) + " (max_depth)");
     }
-    DCPP_RETURN_IF_ERROR(SaveValue(v, depth));
+    DCPP_RETURN_IF_ERROR(SaveValue(v, depth, shared));
     OpcodeBoundary();
     return Status::Ok();
   }
 
-  Status SaveValue(const PickleValue& v, int depth) {
-    if (auto it = node_memo_.find(&v); it != node_memo_.end()) {
-      MemoGet(it->second);
-      return Status::Ok();
+  Status SaveValue(const PickleValue& v, int depth, bool shared) {
+    if (shared) {
+      if (auto it = node_memo_.find(&v); it != node_memo_.end()) {
+        MemoGet(it->second);
+        return Status::Ok();
+      }
     }
     switch (v.kind()) {
       case Kind::kNone:
@@ -1280,10 +1301,10 @@ class Writer {
           return InvalidArgumentError("str too long for protocol 2");
         }
         WriteStrBody(v.as_str());
-        MemoizeNode(v);
+        MemoizeNode(v, shared);
         return Status::Ok();
       case Kind::kBytes:
-        return SaveBytes(v);
+        return SaveBytes(v, shared);
       case Kind::kTuple: {
         const Items& items = v.items();
         if (items.empty()) {
@@ -1294,23 +1315,23 @@ class Writer {
         for (const PickleRef& c : items) DCPP_RETURN_IF_ERROR(SaveRef(c, depth + 1, "tuple item"));
         WriteOp(items.size() > 3 ? op::kTuple
                                  : static_cast<uint8_t>(op::kTuple1 + items.size() - 1));
-        MemoizeNode(v);
+        MemoizeNode(v, shared);
         return Status::Ok();
       }
       case Kind::kList:
         WriteOp(op::kEmptyList);
-        MemoizeNode(v);
+        MemoizeNode(v, shared);
         return WriteListItemsExact(v.items(), depth + 1);
       case Kind::kDict:
         WriteOp(op::kEmptyDict);
-        MemoizeNode(v);
+        MemoizeNode(v, shared);
         return WriteDictItemsExact(v.dict_items(), depth + 1);
       case Kind::kSet:
-        return SaveSet(v, depth + 1);
+        return SaveSet(v, depth + 1, shared);
       case Kind::kGlobal:
         return WriteGlobal(v.global().module, v.global().name);
       case Kind::kObject:
-        return SaveObject(v, depth + 1);
+        return SaveObject(v, depth + 1, shared);
       case Kind::kPersistentId:
         DCPP_RETURN_IF_ERROR(SaveRef(v.persistent_id(), depth + 1, "persistent id"));
         WriteOp(op::kBinPersId);

@@ -105,8 +105,8 @@ class TreeReader {
   Result<Tensor> Materialize(const TorchSaveTensorRef& ref);
   Result<std::string> KeyString(const PickleValue& k, int depth);
   Status DataLoss(const std::string& what) const {
-    return DataLossError(archive_.source().name() + ": " + archive_.prefix() + "/data.pkl: " +
-                         what);
+    return DataLossError(archive_.source().name() + ": " + archive_.prefix() +
+                         "/data.pkl: " + what);
   }
 
   const TorchSaveArchive& archive_;
@@ -117,7 +117,8 @@ class TreeReader {
 };
 
 Status TreeReader::Visit(int depth) {
-  if (depth > kMaxDepth) return DataLoss("object tree nested deeper than " + std::to_string(kMaxDepth));
+  if (depth > kMaxDepth)
+    return DataLoss("object tree nested deeper than " + std::to_string(kMaxDepth));
   if (nodes_left_ == 0) return DataLoss("object tree expands to too many values");
   --nodes_left_;
   return Status::Ok();
@@ -248,8 +249,8 @@ Result<TorchSaveTensorRef> TreeReader::ParseRebuild(const PickleValue& v, bool v
     count *= static_cast<uint64_t>(ref.shape[i]);
     if (count > kMaxTensorBytes) count = kMaxTensorBytes + 1;  // saturate
     if (ref.shape[i] > 0) {
-      last += static_cast<unsigned __int128>(ref.shape[i] - 1) *
-              static_cast<uint64_t>(ref.strides[i]);
+      last +=
+          static_cast<unsigned __int128>(ref.shape[i] - 1) * static_cast<uint64_t>(ref.strides[i]);
       if (last > kMaxTensorBytes) last = kMaxTensorBytes + 1;
     }
   }
@@ -286,8 +287,7 @@ Result<std::optional<TorchSaveTensorRef>> TreeReader::AsTensor(const PickleValue
       IsGlobal(fn, "torch._utils", "_rebuild_parameter_with_state")) {
     DCPP_RETURN_IF_ERROR(Visit(depth + 1));
     const auto& o = v.object();
-    if (!o.args || !o.args->is(Kind::kTuple) || o.args->items().size() < 2 ||
-        !o.args->items()[0]) {
+    if (!o.args || !o.args->is(Kind::kTuple) || o.args->items().size() < 2 || !o.args->items()[0]) {
       return DataLoss(NodeName(v) + ": malformed arguments");
     }
     DCPP_ASSIGN_OR_RETURN(auto inner, AsTensor(*o.args->items()[0], depth + 1));
@@ -304,7 +304,8 @@ Result<Tensor> TreeReader::Materialize(const TorchSaveTensorRef& ref) {
   if (!storage) {
     auto s = Storage::AllocateUninitialized(ref.record_size);
     Status st = archive_.source().ReadAt(ref.record_offset, s->data(), ref.record_size);
-    if (!st.ok()) return st.WithContext("record \"" + archive_.prefix() + "/data/" + ref.storage_key + "\"");
+    if (!st.ok())
+      return st.WithContext("record \"" + archive_.prefix() + "/data/" + ref.storage_key + "\"");
     if (archive_.big_endian()) SwapBytes(s->data(), ref.record_size, ref.dtype);
     storage = std::move(s);
   }
@@ -650,8 +651,8 @@ Status TorchSaveArchive::ReadTensorInto(const TorchSaveTensorRef& ref, const Sha
   const uint64_t lo = static_cast<uint64_t>(first) * elem;
   const uint64_t n = static_cast<uint64_t>(last - first + 1) * elem;
   if (lo > ref.record_size || n > ref.record_size - lo) {
-    return DataLossError(source_->name() + ": tensor box reaches past storage record \"" +
-                         prefix_ + "/data/" + ref.storage_key + "\"");
+    return DataLossError(source_->name() + ": tensor box reaches past storage record \"" + prefix_ +
+                         "/data/" + ref.storage_key + "\"");
   }
   const std::string what = "reading record \"" + prefix_ + "/data/" + ref.storage_key + "\"";
   const TensorView sview(nullptr, ref.dtype, sizes, ref.strides, 0);
@@ -697,8 +698,8 @@ Status CollectTensors(const Value& v, const std::string& path, int depth,
     case Value::Kind::kShardedTensor:
       return InvalidArgumentError("torch.save cannot hold the sharded tensor at \"" + path + "\"");
     case Value::Kind::kOpaque:
-      return InvalidArgumentError("torch.save cannot re-encode the opaque " +
-                                  v.opaque().type_name + " object at \"" + path + "\"");
+      return InvalidArgumentError("torch.save cannot re-encode the opaque " + v.opaque().type_name +
+                                  " object at \"" + path + "\"");
     case Value::Kind::kList:
     case Value::Kind::kTuple:
       for (size_t i = 0; i < v.items().size(); ++i) {
@@ -859,8 +860,8 @@ Status WriteTorchSave(const Value& value, ByteSink& sink, const TorchSaveWriteOp
     const Tensor& t = *found[i];
     if (!t.defined()) return InvalidArgumentError("undefined tensor in the value to save");
     if (!t.storage()->device().is_cpu()) {
-      return InvalidArgumentError("torch.save of a tensor on " +
-                                  t.storage()->device().ToString() + " (CPU memory only)");
+      return InvalidArgumentError("torch.save of a tensor on " + t.storage()->device().ToString() +
+                                  " (CPU memory only)");
     }
     auto [it, inserted] = users.try_emplace(t.storage().get());
     if (inserted) order.push_back(t.storage().get());
@@ -955,13 +956,13 @@ Result<Value> LoadTorchFile(const std::string& path) {
 Status SaveTorchFile(const Value& value, const std::string& path) {
   // As PyTorchStreamWriter: the basename up to its last '.'.
   TorchSaveWriteOptions options;
-  std::string base = path.substr(path.find_last_of('/') == std::string::npos
-                                     ? 0
-                                     : path.find_last_of('/') + 1);
+  std::string base =
+      path.substr(path.find_last_of('/') == std::string::npos ? 0 : path.find_last_of('/') + 1);
   const size_t dot = base.find_last_of('.');
   if (dot != std::string::npos) base = base.substr(0, dot);
   options.archive_name = base.empty() ? "archive" : base;
-  return WriteFileAtomic(path, [&](ByteSink& sink) { return WriteTorchSave(value, sink, options); });
+  return WriteFileAtomic(path,
+                         [&](ByteSink& sink) { return WriteTorchSave(value, sink, options); });
 }
 
 }  // namespace dcpp

@@ -155,12 +155,12 @@ TEST(TorchSaveTest, RecordsAreInPyTorchOrderAndAligned) {
   {
     // Storage records: numeric key order with the 2.x records, lexicographic without (1.13).
     Value::List many;
-    for (int i = 0; i < 11; ++i) many.push_back(Value::FromTensor(PatternTensor(DType::kInt8, {i})));
+    for (int i = 0; i < 11; ++i)
+      many.push_back(Value::FromTensor(PatternTensor(DType::kInt8, {i})));
     for (bool modern : {true, false}) {
       TorchSaveWriteOptions options;
       options.modern_records = modern;
-      DCPP_ASSERT_OK_AND_ASSIGN(std::string bytes,
-                                EncodeTorchSave(Value::MakeList(many), options));
+      DCPP_ASSERT_OK_AND_ASSIGN(std::string bytes, EncodeTorchSave(Value::MakeList(many), options));
       MemorySource source(bytes);
       DCPP_ASSERT_OK_AND_ASSIGN(TorchSaveArchive a, TorchSaveArchive::Open(source));
       std::vector<std::string> data;
@@ -178,8 +178,8 @@ TEST(TorchSaveTest, RecordsAreInPyTorchOrderAndAligned) {
 
 TEST(TorchSaveTest, SharedStorageIsOneRecordWithLayoutsPreserved) {
   const Tensor base = PatternTensor(DType::kFloat32, {4, 6});
-  const Tensor rows = View(base, {2, 6}, {6, 1}, 6);      // base[1:3]
-  const Tensor col = View(base, {4}, {6}, 2);             // base[:, 2]
+  const Tensor rows = View(base, {2, 6}, {6, 1}, 6);        // base[1:3]
+  const Tensor col = View(base, {4}, {6}, 2);               // base[:, 2]
   const Tensor transposed = View(base, {6, 4}, {1, 6}, 0);  // base.t()
   const Value v = Dict({{"base", Value::FromTensor(base)},
                         {"rows", Value::FromTensor(rows)},
@@ -217,8 +217,8 @@ TEST(TorchSaveTest, LoneViewsAreCompactedUnlessTheyCoverTheirStorage) {
   const Tensor w = PatternTensor(DType::kFloat64, {3, 5});
   const Tensor wt = View(w, {5, 3}, {1, 5}, 0);  // w.t(): covers its storage exactly
   const Tensor scalar = PatternTensor(DType::kFloat16, {});
-  const Value v = Value::MakeList(
-      {Value::FromTensor(tail), Value::FromTensor(wt), Value::FromTensor(scalar)});
+  const Value v =
+      Value::MakeList({Value::FromTensor(tail), Value::FromTensor(wt), Value::FromTensor(scalar)});
   DCPP_ASSERT_OK_AND_ASSIGN(std::string bytes, EncodeTorchSave(v));
   MemorySource source(bytes);
   DCPP_ASSERT_OK_AND_ASSIGN(TorchSaveArchive a, TorchSaveArchive::Open(source));
@@ -236,8 +236,9 @@ TEST(TorchSaveTest, TensorsViewingOneStorageAsTwoDTypesAreRejected) {
   const Tensor f = PatternTensor(DType::kFloat32, {4});
   const Tensor i = *Tensor::FromStorage(f.storage(), DType::kInt32, {4});
   const Value v = Value::MakeList({Value::FromTensor(f), Value::FromTensor(i)});
-  EXPECT_THAT(EncodeTorchSave(v).status(),
-              StatusIs(StatusCode::kInvalidArgument, AllOf(HasSubstr("float32"), HasSubstr("int32"))));
+  EXPECT_THAT(
+      EncodeTorchSave(v).status(),
+      StatusIs(StatusCode::kInvalidArgument, AllOf(HasSubstr("float32"), HasSubstr("int32"))));
 }
 
 TEST(TorchSaveTest, PlainValueTreesRoundTrip) {
@@ -256,12 +257,13 @@ TEST(TorchSaveTest, PlainValueTreesRoundTrip) {
       {"bytes", Value::Bytes(std::string("\x00\x01\xff\x80z", 5))},
       {"empty_bytes", Value::Bytes("")},
       {"tuple", Value::MakeTuple({Value::Int(1), Value::MakeTuple({Value::None()})})},
-      {"empty", Dict({{"list", Value::MakeList()}, {"tuple", Value::MakeTuple()},
+      {"empty", Dict({{"list", Value::MakeList()},
+                      {"tuple", Value::MakeTuple()},
                       {"dict", Value::MakeDict()}})},
       {"od", Dict({{"z", Value::Int(1)}, {"a", Value::Int(2)}}, /*ordered=*/true)},
       {"int_keys", Value::MakeDict(int_keys)},
-      {"layers", Value::MakeList({Dict({{"w", Value::FromTensor(PatternTensor(DType::kBFloat16,
-                                                                                  {2, 3}))}})})},
+      {"layers", Value::MakeList(
+                     {Dict({{"w", Value::FromTensor(PatternTensor(DType::kBFloat16, {2, 3}))}})})},
   });
   DCPP_ASSERT_OK_AND_ASSIGN(std::string bytes, EncodeTorchSave(v));
   DCPP_ASSERT_OK_AND_ASSIGN(Value back, Decode(bytes));
@@ -300,9 +302,10 @@ TEST(TorchSaveTest, RootTensorAndReadTensorIntoReadOnlyWhatIsNeeded) {
     struct Case {
       Shape src_off, dst_off, sizes, dst_shape;
     };
-    for (const Case& c : {Case{{2, 0}, {1, 0}, {3, 8}, {5, 8}}, Case{{1, 3}, {0, 2}, {4, 2}, {4, 5}},
-                          Case{{0, 0}, {0, 0}, {6, 8}, {6, 8}}, Case{{5, 7}, {0, 0}, {1, 1}, {1, 1}},
-                          Case{{3, 3}, {0, 0}, {0, 2}, {1, 2}}}) {
+    for (const Case& c :
+         {Case{{2, 0}, {1, 0}, {3, 8}, {5, 8}}, Case{{1, 3}, {0, 2}, {4, 2}, {4, 5}},
+          Case{{0, 0}, {0, 0}, {6, 8}, {6, 8}}, Case{{5, 7}, {0, 0}, {1, 1}, {1, 1}},
+          Case{{3, 3}, {0, 0}, {0, 2}, {1, 2}}}) {
       Tensor dst = Tensor::Zeros(src.dtype(), c.dst_shape);
       Tensor expected = Tensor::Zeros(src.dtype(), c.dst_shape);
       ASSERT_THAT(CopyRegion(expected.view(), c.dst_off, src.view(), c.src_off, c.sizes), IsOk());
@@ -319,8 +322,8 @@ TEST(TorchSaveTest, RootTensorAndReadTensorIntoReadOnlyWhatIsNeeded) {
   DCPP_ASSERT_OK_AND_ASSIGN(std::string bytes, EncodeTorchSave(Value::MakeList()));
   MemorySource source(bytes, "list.pt");
   DCPP_ASSERT_OK_AND_ASSIGN(TorchSaveArchive a, TorchSaveArchive::Open(source));
-  EXPECT_THAT(a.RootTensor().status(),
-              StatusIs(StatusCode::kInvalidArgument, AllOf(HasSubstr("list.pt"), HasSubstr("list"))));
+  EXPECT_THAT(a.RootTensor().status(), StatusIs(StatusCode::kInvalidArgument,
+                                                AllOf(HasSubstr("list.pt"), HasSubstr("list"))));
 }
 
 TEST(TorchSaveTest, BigEndianArchivesAreSwapped) {
@@ -404,31 +407,30 @@ PickleRef RebuildV2(const std::string& storage_class, const std::string& key, in
   for (int64_t s : stride) stride_items.push_back(PickleValue::Int(s));
   return PickleValue::Call(
       PickleValue::MakeGlobal("torch._utils", "_rebuild_tensor_v2"),
-      PickleValue::Tuple({PickleValue::PersistentId(PickleValue::Tuple(
-                              {PickleValue::Str("storage"),
-                               PickleValue::MakeGlobal("torch", storage_class),
-                               PickleValue::Str(key), PickleValue::Str("cpu"),
-                               PickleValue::Int(numel)})),
-                          PickleValue::Int(offset), PickleValue::Tuple(std::move(size_items)),
-                          PickleValue::Tuple(std::move(stride_items)), PickleValue::Bool(false),
-                          PickleValue::Call(PickleValue::MakeGlobal("collections", "OrderedDict"),
-                                            PickleValue::Tuple())}));
+      PickleValue::Tuple(
+          {PickleValue::PersistentId(PickleValue::Tuple(
+               {PickleValue::Str("storage"), PickleValue::MakeGlobal("torch", storage_class),
+                PickleValue::Str(key), PickleValue::Str("cpu"), PickleValue::Int(numel)})),
+           PickleValue::Int(offset), PickleValue::Tuple(std::move(size_items)),
+           PickleValue::Tuple(std::move(stride_items)), PickleValue::Bool(false),
+           PickleValue::Call(PickleValue::MakeGlobal("collections", "OrderedDict"),
+                             PickleValue::Tuple())}));
 }
 
 TEST(TorchSaveTest, CorruptDataPklIsDataLossNamingIt) {
-  for (const std::string& pkl : {std::string("\x80\x02]q\x00(K\x01", 8), std::string("garbage"),
-                                 std::string()}) {
+  for (const std::string& pkl :
+       {std::string("\x80\x02]q\x00(K\x01", 8), std::string("garbage"), std::string()}) {
     const std::string bytes = MakeArchive({{"data.pkl", pkl}, {"version", "3\n"}});
     MemorySource source(bytes, "bad.pt");
-    EXPECT_THAT(TorchSaveArchive::Open(source).status(),
-                StatusIs(StatusCode::kDataLoss, AllOf(HasSubstr("bad.pt"),
-                                                      HasSubstr("archive/data.pkl"))));
+    EXPECT_THAT(
+        TorchSaveArchive::Open(source).status(),
+        StatusIs(StatusCode::kDataLoss, AllOf(HasSubstr("bad.pt"), HasSubstr("archive/data.pkl"))));
   }
 }
 
 TEST(TorchSaveTest, MissingRecordsAreDataLoss) {
-  DCPP_ASSERT_OK_AND_ASSIGN(std::string good, EncodeTorchSave(Value::FromTensor(
-                                                  PatternTensor(DType::kFloat32, {3}))));
+  DCPP_ASSERT_OK_AND_ASSIGN(
+      std::string good, EncodeTorchSave(Value::FromTensor(PatternTensor(DType::kFloat32, {3}))));
   auto without = [&](const std::string& drop) {
     std::vector<std::pair<std::string, std::string>> kept;
     for (auto& r : Records(good)) {
@@ -448,22 +450,23 @@ TEST(TorchSaveTest, TensorsPastTheirStorageAreDataLossNamingTheRecord) {
   const std::string data(16, 'x');  // 4 float32
   // The persistent id claims more elements than the record holds.
   {
-    const std::string bytes = MakeArchive(
-        {{"data.pkl", Pickle(RebuildV2("FloatStorage", "0", 5, 0, {5}, {1}))},
-         {"data/0", data},
-         {"version", "3\n"}});
-    EXPECT_THAT(Decode(bytes).status(),
-                StatusIs(StatusCode::kDataLoss, AllOf(HasSubstr("archive/data/0"),
-                                                      HasSubstr("16 bytes"))));
+    const std::string bytes =
+        MakeArchive({{"data.pkl", Pickle(RebuildV2("FloatStorage", "0", 5, 0, {5}, {1}))},
+                     {"data/0", data},
+                     {"version", "3\n"}});
+    EXPECT_THAT(
+        Decode(bytes).status(),
+        StatusIs(StatusCode::kDataLoss, AllOf(HasSubstr("archive/data/0"), HasSubstr("16 bytes"))));
   }
   // The tensor's extent (offset + strides) reaches past its storage.
-  for (auto [offset, shape, stride] :
-       {std::tuple<int64_t, Shape, Shape>{1, {4}, {1}}, {0, {2, 2}, {3, 1}}, {4, {1}, {1}},
-        {0, {2}, {int64_t{1} << 61}}}) {
-    const std::string bytes = MakeArchive(
-        {{"data.pkl", Pickle(RebuildV2("FloatStorage", "0", 4, offset, shape, stride))},
-         {"data/0", data},
-         {"version", "3\n"}});
+  for (auto [offset, shape, stride] : {std::tuple<int64_t, Shape, Shape>{1, {4}, {1}},
+                                       {0, {2, 2}, {3, 1}},
+                                       {4, {1}, {1}},
+                                       {0, {2}, {int64_t{1} << 61}}}) {
+    const std::string bytes =
+        MakeArchive({{"data.pkl", Pickle(RebuildV2("FloatStorage", "0", 4, offset, shape, stride))},
+                     {"data/0", data},
+                     {"version", "3\n"}});
     EXPECT_THAT(Decode(bytes).status(), StatusIs(StatusCode::kDataLoss, HasSubstr("data/0")))
         << ShapeToString(shape);
     MemorySource source(bytes);
@@ -472,19 +475,21 @@ TEST(TorchSaveTest, TensorsPastTheirStorageAreDataLossNamingTheRecord) {
   }
   // Negative geometry, and a stored shape of mismatched rank.
   for (auto [offset, shape, stride] : {std::tuple<int64_t, Shape, Shape>{-1, {1}, {1}},
-                                       {0, {-1}, {1}}, {0, {2}, {-1}}, {0, {2, 1}, {1}},
+                                       {0, {-1}, {1}},
+                                       {0, {2}, {-1}},
+                                       {0, {2, 1}, {1}},
                                        {0, {int64_t{1} << 62, 2}, {0, 0}}}) {
-    const std::string bytes = MakeArchive(
-        {{"data.pkl", Pickle(RebuildV2("FloatStorage", "0", 4, offset, shape, stride))},
-         {"data/0", data},
-         {"version", "3\n"}});
+    const std::string bytes =
+        MakeArchive({{"data.pkl", Pickle(RebuildV2("FloatStorage", "0", 4, offset, shape, stride))},
+                     {"data/0", data},
+                     {"version", "3\n"}});
     EXPECT_THAT(Decode(bytes).status(), StatusIs(StatusCode::kDataLoss, HasSubstr("data.pkl")));
   }
   // Empty tensors need no bytes, whatever their offset.
-  const std::string empty = MakeArchive(
-      {{"data.pkl", Pickle(RebuildV2("FloatStorage", "0", 0, 0, {0, 3}, {3, 1}))},
-       {"data/0", ""},
-       {"version", "3\n"}});
+  const std::string empty =
+      MakeArchive({{"data.pkl", Pickle(RebuildV2("FloatStorage", "0", 0, 0, {0, 3}, {3, 1}))},
+                   {"data/0", ""},
+                   {"version", "3\n"}});
   DCPP_ASSERT_OK_AND_ASSIGN(Value back, Decode(empty));
   EXPECT_EQ(back.tensor().shape(), (Shape{0, 3}));
 }
@@ -495,9 +500,9 @@ TEST(TorchSaveTest, VersionsAndByteOrderAreChecked) {
               StatusIs(StatusCode::kUnimplemented, HasSubstr("99")));
   EXPECT_THAT(Decode(MakeArchive({{"data.pkl", pkl}, {"version", "x"}})).status(),
               StatusIs(StatusCode::kDataLoss, HasSubstr("version")));
-  EXPECT_THAT(
-      Decode(MakeArchive({{"data.pkl", pkl}, {"version", "3\n"}, {"byteorder", "middle"}})).status(),
-      StatusIs(StatusCode::kDataLoss, HasSubstr("middle")));
+  EXPECT_THAT(Decode(MakeArchive({{"data.pkl", pkl}, {"version", "3\n"}, {"byteorder", "middle"}}))
+                  .status(),
+              StatusIs(StatusCode::kDataLoss, HasSubstr("middle")));
   DCPP_ASSERT_OK_AND_ASSIGN(Value v,
                             Decode(MakeArchive({{"data.pkl", pkl}, {".data/version", "6\n"}})));
   EXPECT_EQ(v.as_int(), 1);
@@ -517,7 +522,10 @@ TEST(TorchSaveTest, ObjectsThatAreNotPlainDataAreNamed) {
 
 TEST(TorchSaveTest, SharedSubtreesCannotExpandWithoutBound) {
   // Each level is a list holding the previous one twice: 2^60 values when expanded.
-  std::string pkl("\x80\x02]q\x00(K\x01K\x02" "e0", 12);  // ... APPENDS POP
+  std::string pkl(
+      "\x80\x02]q\x00(K\x01K\x02"
+      "e0",
+      12);  // ... APPENDS POP
   for (int level = 1; level <= 60; ++level) {
     pkl += "]q";
     pkl.push_back(static_cast<char>(level));
@@ -536,10 +544,14 @@ TEST(TorchSaveTest, SharedSubtreesCannotExpandWithoutBound) {
 }
 
 TEST(TorchSaveTest, LegacyAndForeignFilesAreRecognized) {
-  const std::string legacy("\x80\x02\x8a\x0al\xfc\x9c" "F\xf9 j\xa8P\x19.", 16);
+  const std::string legacy(
+      "\x80\x02\x8a\x0al\xfc\x9c"
+      "F\xf9 j\xa8P\x19.",
+      16);
   MemorySource s1(legacy, "old.pt");
-  EXPECT_THAT(TorchSaveArchive::Open(s1).status(),
-              StatusIs(StatusCode::kUnimplemented, AllOf(HasSubstr("old.pt"), HasSubstr("legacy"))));
+  EXPECT_THAT(
+      TorchSaveArchive::Open(s1).status(),
+      StatusIs(StatusCode::kUnimplemented, AllOf(HasSubstr("old.pt"), HasSubstr("legacy"))));
   StringSink sink;
   internal::ZipWriter w(sink);
   ASSERT_THAT(w.AddRecord("toplevel.txt", "x", 1), IsOk());
@@ -557,8 +569,8 @@ TEST(TorchSaveTest, FlippedTensorByteFailsChecksums) {
   bytes[a0.records().at("data/0").data_offset + 3] ^= 0x10;
   MemorySource source(bytes, "flip.pt");
   DCPP_ASSERT_OK_AND_ASSIGN(TorchSaveArchive a, TorchSaveArchive::Open(source));
-  EXPECT_THAT(a.VerifyChecksums(),
-              StatusIs(StatusCode::kDataLoss, AllOf(HasSubstr("archive/data/0"), HasSubstr("CRC"))));
+  EXPECT_THAT(a.VerifyChecksums(), StatusIs(StatusCode::kDataLoss,
+                                            AllOf(HasSubstr("archive/data/0"), HasSubstr("CRC"))));
 }
 
 }  // namespace

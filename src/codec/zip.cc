@@ -84,7 +84,8 @@ ZipWriter::ZipWriter(ByteSink& sink, ZipWriterOptions options)
 }
 
 Status ZipWriter::AddRecord(std::string_view name, const void* data, size_t size) {
-  if (finished_) return FailedPreconditionError("zip record \"" + std::string(name) + "\" after Finish");
+  if (finished_)
+    return FailedPreconditionError("zip record \"" + std::string(name) + "\" after Finish");
   if (name.empty() || name.size() > 0xFFFF) {
     return InvalidArgumentError("zip record name of " + std::to_string(name.size()) +
                                 " bytes (must be 1..65535)");
@@ -295,7 +296,8 @@ Result<EndInfo> FindEnd(const Parser& p) {
                      std::to_string(info.cd_size) + ") lies outside the archive");
   }
   if (info.entries > info.cd_size / kZipCentralHeaderSize) {
-    return p.Corrupt(std::to_string(info.entries) + " entries cannot fit in a central directory of " +
+    return p.Corrupt(std::to_string(info.entries) +
+                     " entries cannot fit in a central directory of " +
                      std::to_string(info.cd_size) + " bytes");
   }
   return info;
@@ -359,7 +361,8 @@ Result<ZipReader> ZipReader::Open(const ByteSource& source) {
       x += 4 + len;
     }
     if (disk != 0 && disk != 0xFFFF) {
-      return UnimplementedError("zip archive " + p.name_ + ": multi-disk archives are not supported");
+      return UnimplementedError("zip archive " + p.name_ +
+                                ": multi-disk archives are not supported");
     }
     if (flags & 0x0001) {
       return UnimplementedError("zip archive " + p.name_ + ", entry \"" + entry.name +
@@ -452,8 +455,7 @@ Status VerifyZipCrc(const ByteSource& source, const std::string& entry_name, uin
   if (actual != crc) {
     char msg[64];
     std::snprintf(msg, sizeof(msg), "CRC-32 mismatch: stored %08x, computed %08x", crc, actual);
-    return DataLossError("zip archive " + source.name() + ", entry \"" + entry_name +
-                         "\": " + msg);
+    return DataLossError("zip archive " + source.name() + ", entry \"" + entry_name + "\": " + msg);
   }
   return Status::Ok();
 }

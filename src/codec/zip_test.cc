@@ -50,8 +50,7 @@ TEST(ZipTest, WriteThenReadEveryRecordAlignedWithCrc) {
   for (size_t size : {0, 1, 2, 63, 64, 65, 1000, 4096 + 7}) {
     std::string data(size, '\0');
     for (size_t i = 0; i < size; ++i) data[i] = static_cast<char>(i * 31 + size);
-    records.emplace_back("archive/data/" + std::to_string(size) + std::string(size % 7, 'n'),
-                         data);
+    records.emplace_back("archive/data/" + std::to_string(size) + std::string(size % 7, 'n'), data);
   }
   const std::string bytes = Archive(records);
   MemorySource source(bytes, "test.zip");
@@ -62,9 +61,9 @@ TEST(ZipTest, WriteThenReadEveryRecordAlignedWithCrc) {
     EXPECT_EQ(e.name, records[i].first);
     EXPECT_EQ(e.data_offset % 64, 0u) << e.name;
     EXPECT_EQ(e.size, records[i].second.size());
-    EXPECT_EQ(e.crc32, static_cast<uint32_t>(::crc32(0, reinterpret_cast<const Bytef*>(
-                                                             records[i].second.data()),
-                                                     records[i].second.size())));
+    EXPECT_EQ(e.crc32, static_cast<uint32_t>(
+                           ::crc32(0, reinterpret_cast<const Bytef*>(records[i].second.data()),
+                                   records[i].second.size())));
     EXPECT_EQ(reader.Find(e.name), &e);
     DCPP_ASSERT_OK_AND_ASSIGN(std::string got, reader.Read(e));
     EXPECT_EQ(got, records[i].second);

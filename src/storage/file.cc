@@ -177,8 +177,8 @@ Status WriteFileAtomic(const std::string& path, const std::function<Status(ByteS
   // 1. A temporary beside the target (same file system, so rename is atomic); O_EXCL with a
   //    unique suffix keeps concurrent writers from sharing it.
   static std::atomic<uint64_t> counter{0};
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid()) + "." +
-                          std::to_string(counter.fetch_add(1));
+  const std::string tmp =
+      path + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(counter.fetch_add(1));
   FileSinkOptions options;
   options.exclusive = true;
   DCPP_ASSIGN_OR_RETURN(auto sink, FileSink::Open(tmp, options));
@@ -199,9 +199,8 @@ Status WriteFileAtomic(const std::string& path, const std::function<Status(ByteS
 }
 
 Status WriteFileAtomic(const std::string& path, std::string_view bytes) {
-  return WriteFileAtomic(path, [bytes](ByteSink& sink) {
-    return sink.Write(bytes.data(), bytes.size());
-  });
+  return WriteFileAtomic(
+      path, [bytes](ByteSink& sink) { return sink.Write(bytes.data(), bytes.size()); });
 }
 
 }  // namespace dcpp

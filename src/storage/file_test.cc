@@ -76,9 +76,11 @@ TEST(FileTest, SourceReadsRangesAndRejectsPastTheEnd) {
   ASSERT_THAT(source->ReadAt(9900, buf.data(), 100), IsOk());
   EXPECT_EQ(buf, content.substr(9900));
   ASSERT_THAT(source->ReadAt(10000, buf.data(), 0), IsOk());
-  EXPECT_THAT(source->ReadAt(9901, buf.data(), 100),
-              StatusIs(StatusCode::kDataLoss, ::testing::AllOf(HasSubstr(path), HasSubstr("9901"))));
-  EXPECT_THAT(source->ReadAt(~0ull, buf.data(), 2), StatusIs(StatusCode::kDataLoss, HasSubstr(path)));
+  EXPECT_THAT(
+      source->ReadAt(9901, buf.data(), 100),
+      StatusIs(StatusCode::kDataLoss, ::testing::AllOf(HasSubstr(path), HasSubstr("9901"))));
+  EXPECT_THAT(source->ReadAt(~0ull, buf.data(), 2),
+              StatusIs(StatusCode::kDataLoss, HasSubstr(path)));
 }
 
 TEST(FileTest, MissingFilesAreNotFoundNamingThePath) {
@@ -97,10 +99,11 @@ TEST(FileTest, WriteFileAtomicReplacesAndLeavesNoTemporaries) {
   TempDir dir;
   const std::string path = dir.Join("ckpt.pt");
   ASSERT_THAT(WriteFileAtomic(path, "first"), IsOk());
-  ASSERT_THAT(WriteFileAtomic(path, [](ByteSink& sink) {
-    DCPP_RETURN_IF_ERROR(sink.Write("sec", 3));
-    return sink.Write("ond", 3);
-  }),
+  ASSERT_THAT(WriteFileAtomic(path,
+                              [](ByteSink& sink) {
+                                DCPP_RETURN_IF_ERROR(sink.Write("sec", 3));
+                                return sink.Write("ond", 3);
+                              }),
               IsOk());
   EXPECT_EQ(*ReadFile(path), "second");
   EXPECT_EQ(Names(dir), std::vector<std::string>{"ckpt.pt"});

@@ -2,8 +2,9 @@
 //   (a) PyTorch writes archives for every dtype torch.save supports, shared-storage views,
 //       storage offsets, transposes, 0-d and empty tensors, parameters and trees of plain values,
 //       plus a JSON description of each (tensor bytes in hex); dcpp reads them and must produce
-//       exactly the described values, layouts and storage sharing; for the cases that can be rebuilt
-//       exactly from their description, dcpp's encoding must equal PyTorch's file byte for byte;
+//       exactly the described values, layouts and storage sharing; for the cases that can be
+//       rebuilt exactly from their description, dcpp's encoding must equal PyTorch's file byte for
+//       byte;
 //   (b) dcpp writes archives (with and without PyTorch 2.x's extra records); PyTorch torch.loads
 //       them and compares with the description dcpp wrote, exiting non-zero on any difference;
 //   (c) `dcpp inspect --json` ($DCPP_CLI) on a PyTorch-written archive lists what PyTorch wrote.
@@ -15,8 +16,8 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
-#include <set>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
 #include <string>
 
@@ -128,7 +129,8 @@ std::string Diff(const json& exp, const json& got, const std::string& path) {
     return path + ": expected " + exp.dump().substr(0, 300) + ", got " + got.dump().substr(0, 300);
   }
   if (exp.contains("v") && exp["v"].is_array() && got.contains("v") && got["v"].is_array() &&
-      exp["v"].size() == got["v"].size() && exp.value("ordered", false) == got.value("ordered", false)) {
+      exp["v"].size() == got["v"].size() &&
+      exp.value("ordered", false) == got.value("ordered", false)) {
     for (size_t i = 0; i < exp["v"].size(); ++i) {
       const json& e = exp["v"][i];
       const json& g = got["v"][i];
@@ -245,7 +247,8 @@ class TorchSaveInteropTest : public ::testing::Test {
 TEST_F(TorchSaveInteropTest, DcppReadsWhatPyTorchWrites) {
   TempDir dir;
   std::string out;
-  ASSERT_EQ(RunShell("'" + Python() + "' '" + Peer() + "' write '" + dir.path().string() + "'", &out), 0)
+  ASSERT_EQ(
+      RunShell("'" + Python() + "' '" + Peer() + "' write '" + dir.path().string() + "'", &out), 0)
       << out;
   const auto names = CaseNames(dir.path());
   ASSERT_THAT(names, ::testing::IsSupersetOf({"dtypes", "layouts", "tree", "root_view"}));
@@ -286,7 +289,8 @@ TEST_F(TorchSaveInteropTest, DcppReadsWhatPyTorchWrites) {
 TEST_F(TorchSaveInteropTest, ReadTensorIntoMatchesPyTorchBytes) {
   TempDir dir;
   std::string out;
-  ASSERT_EQ(RunShell("'" + Python() + "' '" + Peer() + "' write '" + dir.path().string() + "'", &out), 0)
+  ASSERT_EQ(
+      RunShell("'" + Python() + "' '" + Peer() + "' write '" + dir.path().string() + "'", &out), 0)
       << out;
   // Each tensor of the layouts case, read leaf by leaf straight into a fresh tensor.
   DCPP_ASSERT_OK_AND_ASSIGN(auto source, FileSource::Open(dir.Join("layouts.pt")));
@@ -324,10 +328,10 @@ std::vector<WriteCase> WriteCases() {
   std::vector<WriteCase> cases;
   {
     Value::Dict d;
-    const DType kTorch113[] = {DType::kBool,     DType::kUInt8,    DType::kInt8,
-                               DType::kInt16,    DType::kInt32,    DType::kInt64,
-                               DType::kFloat16,  DType::kBFloat16, DType::kFloat32,
-                               DType::kFloat64,  DType::kComplex64, DType::kComplex128};
+    const DType kTorch113[] = {DType::kBool,    DType::kUInt8,     DType::kInt8,
+                               DType::kInt16,   DType::kInt32,     DType::kInt64,
+                               DType::kFloat16, DType::kBFloat16,  DType::kFloat32,
+                               DType::kFloat64, DType::kComplex64, DType::kComplex128};
     uint64_t seed = 1;
     for (DType t : kTorch113) {
       const std::string n(DTypeName(t));
@@ -341,7 +345,8 @@ std::vector<WriteCase> WriteCases() {
     const Tensor base = PatternTensor(DType::kFloat32, {4, 6}, 7);
     const Tensor w = PatternTensor(DType::kFloat64, {3, 5}, 8);
     auto view = [](const Tensor& b, Shape shape, Shape strides, int64_t offset) {
-      return Value::FromTensor(*Tensor::FromStorage(b.storage(), b.dtype(), shape, strides, offset));
+      return Value::FromTensor(
+          *Tensor::FromStorage(b.storage(), b.dtype(), shape, strides, offset));
     };
     Value::Dict model;
     model.emplace_back(Value::Str("base"), Value::FromTensor(base));
@@ -358,14 +363,13 @@ std::vector<WriteCase> WriteCases() {
   {
     // A lone view that does not cover its storage: compacted, so only values are compared.
     const Tensor big = PatternTensor(DType::kInt32, {10}, 10);
-    cases.push_back(
-        {"compacted",
-         Value::MakeList({Value::FromTensor(*Tensor::FromStorage(big.storage(), DType::kInt32,
-                                                                 {7}, {1}, 3)),
-                          Value::FromTensor(*Tensor::FromStorage(
-                              PatternTensor(DType::kInt64, {4, 4}, 11).storage(), DType::kInt64,
-                              {2, 2}, {4, 1}, 5))}),
-         false, true});
+    cases.push_back({"compacted",
+                     Value::MakeList({Value::FromTensor(*Tensor::FromStorage(
+                                          big.storage(), DType::kInt32, {7}, {1}, 3)),
+                                      Value::FromTensor(*Tensor::FromStorage(
+                                          PatternTensor(DType::kInt64, {4, 4}, 11).storage(),
+                                          DType::kInt64, {2, 2}, {4, 1}, 5))}),
+                     false, true});
   }
   {
     Value::Dict int_keys;
@@ -391,16 +395,15 @@ std::vector<WriteCase> WriteCases() {
     d.emplace_back(Value::Str("tuple"),
                    Value::MakeTuple({Value::Int(1), Value::Str("two"), Value::Float(3.0),
                                      Value::MakeTuple({Value::None()})}));
-    d.emplace_back(Value::Str("empty"),
-                   Value::MakeDict({{Value::Str("list"), Value::MakeList()},
-                                    {Value::Str("tuple"), Value::MakeTuple()},
-                                    {Value::Str("dict"), Value::MakeDict()}}));
+    d.emplace_back(Value::Str("empty"), Value::MakeDict({{Value::Str("list"), Value::MakeList()},
+                                                         {Value::Str("tuple"), Value::MakeTuple()},
+                                                         {Value::Str("dict"), Value::MakeDict()}}));
     d.emplace_back(Value::Str("od"), Value::MakeDict(std::move(od), true));
     d.emplace_back(Value::Str("int_keys"), Value::MakeDict(std::move(int_keys)));
-    d.emplace_back(Value::Str("layers"),
-                   Value::MakeList({Value::MakeDict({{Value::Str("w"),
-                                                      Value::FromTensor(PatternTensor(
-                                                          DType::kFloat16, {2, 3}, 12))}})}));
+    d.emplace_back(
+        Value::Str("layers"),
+        Value::MakeList({Value::MakeDict(
+            {{Value::Str("w"), Value::FromTensor(PatternTensor(DType::kFloat16, {2, 3}, 12))}})}));
     d.emplace_back(Value::Str("pair"),
                    Value::MakeTuple({Value::FromTensor(PatternTensor(DType::kInt64, {2}, 13)),
                                      Value::Str("x")}));
@@ -435,7 +438,8 @@ TEST_F(TorchSaveInteropTest, PyTorchReadsWhatDcppWrites) {
     }
   }
   std::string out;
-  const int rc = RunShell("'" + Python() + "' '" + Peer() + "' check '" + dir.path().string() + "'", &out);
+  const int rc =
+      RunShell("'" + Python() + "' '" + Peer() + "' check '" + dir.path().string() + "'", &out);
   EXPECT_EQ(rc, 0) << out;
   EXPECT_THAT(out, ::testing::HasSubstr("layouts_modern.pt: ok"));
   EXPECT_THAT(out, ::testing::HasSubstr("dtypes_legacy.pt: ok"));
@@ -456,7 +460,8 @@ TEST_F(TorchSaveInteropTest, PyTorchCheckFailsOnADifferentValue) {
   json expect = {{"weights_only", true}, {"tree", Describer(true)(Value::MakeDict(std::move(d2)))}};
   ASSERT_THAT(WriteFileAtomic(dir.Join("bad.pt.json"), expect.dump()), testing::IsOk());
   std::string out;
-  EXPECT_EQ(RunShell("'" + Python() + "' '" + Peer() + "' check '" + dir.path().string() + "'", &out), 1)
+  EXPECT_EQ(
+      RunShell("'" + Python() + "' '" + Peer() + "' check '" + dir.path().string() + "'", &out), 1)
       << out;
   EXPECT_THAT(out, ::testing::HasSubstr("bad.pt: <root>.w: tensor hex differs"));
 }
@@ -478,7 +483,8 @@ bool HasTensor(const json& n) {
   return false;
 }
 
-void Flatten(const json& n, const std::string& key, std::vector<std::pair<std::string, json>>& out) {
+void Flatten(const json& n, const std::string& key,
+             std::vector<std::pair<std::string, json>>& out) {
   auto join = [&](const std::string& p) { return key.empty() ? p : key + "." + p; };
   if (n["t"] == "dict" && !n["v"].empty()) {
     for (const json& kv : n["v"]) {
@@ -497,12 +503,14 @@ TEST_F(TorchSaveInteropTest, InspectJsonListsWhatPyTorchWrote) {
   if (!cli || !*cli) GTEST_SKIP() << "DCPP_CLI is not set (the CLI is not built)";
   TempDir dir;
   std::string out;
-  ASSERT_EQ(RunShell("'" + Python() + "' '" + Peer() + "' write '" + dir.path().string() + "'", &out), 0)
+  ASSERT_EQ(
+      RunShell("'" + Python() + "' '" + Peer() + "' write '" + dir.path().string() + "'", &out), 0)
       << out;
   for (const std::string name : {"layouts", "tree", "dtypes", "root_view"}) {
     SCOPED_TRACE(name);
     const std::string path = dir.Join(name + ".pt");
-    ASSERT_EQ(RunShell(std::string("'") + cli + "' inspect --json '" + path + "' 2>/dev/null", &out), 0)
+    ASSERT_EQ(
+        RunShell(std::string("'") + cli + "' inspect --json '" + path + "' 2>/dev/null", &out), 0)
         << out;
     const json got = json::parse(out);
     EXPECT_EQ(got["format"], "torch_save");

@@ -64,7 +64,8 @@ json ValueToJson(const Value& v) {
         return o;
       }
       json a = json::array();
-      for (const auto& [k, x] : v.dict()) a.push_back(json::array({ValueToJson(k), ValueToJson(x)}));
+      for (const auto& [k, x] : v.dict())
+        a.push_back(json::array({ValueToJson(k), ValueToJson(x)}));
       return a;
     }
     case Value::Kind::kOpaque:
@@ -98,7 +99,8 @@ int InspectTorchSave(const std::string& path, bool as_json) {
     tensor_bytes += l.tensor.nbytes();
     storages.insert(l.tensor.storage_key);
   }
-  for (const std::string& key : storages) storage_bytes += archive->records().at("data/" + key).size;
+  for (const std::string& key : storages)
+    storage_bytes += archive->records().at("data/" + key).size;
 
   if (as_json) {
     json entries = json::array();
