@@ -73,7 +73,8 @@ void WriteRawFiles(int threads) {
   for (int t = 0; t < threads; ++t) {
     pool.emplace_back([&, t] {
       std::vector<char> buf(8 << 20, 0x3f);
-      int fd = ::open((Dir() + "/raw" + std::to_string(t)).c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      int fd =
+          ::open((Dir() + "/raw" + std::to_string(t)).c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
       for (int64_t done = 0; done < per; done += static_cast<int64_t>(buf.size())) {
         if (::write(fd, buf.data(), buf.size()) < 0) std::abort();
       }
@@ -154,11 +155,39 @@ void BM_Load(benchmark::State& state) {
   PeakRss(state);
 }
 
-BENCHMARK(BM_RawWrite)->Name("Raw/Write/threads")->Arg(1)->Arg(4)->UseRealTime()->Unit(benchmark::kMillisecond)->Iterations(3);
-BENCHMARK(BM_RawRead)->Name("Raw/Read/threads")->Arg(1)->Arg(4)->UseRealTime()->Unit(benchmark::kMillisecond)->Iterations(3);
-BENCHMARK(BM_RawMemcpy)->Name("Raw/Memcpy")->UseRealTime()->Unit(benchmark::kMillisecond)->Iterations(3);
-BENCHMARK(BM_Save)->Name("Save/ranks")->Arg(1)->Arg(4)->UseRealTime()->Unit(benchmark::kMillisecond)->Iterations(3);
-BENCHMARK(BM_Load)->Name("Load/ranks")->Arg(1)->Arg(4)->UseRealTime()->Unit(benchmark::kMillisecond)->Iterations(3);
+BENCHMARK(BM_RawWrite)
+    ->Name("Raw/Write/threads")
+    ->Arg(1)
+    ->Arg(4)
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond)
+    ->Iterations(3);
+BENCHMARK(BM_RawRead)
+    ->Name("Raw/Read/threads")
+    ->Arg(1)
+    ->Arg(4)
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond)
+    ->Iterations(3);
+BENCHMARK(BM_RawMemcpy)
+    ->Name("Raw/Memcpy")
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond)
+    ->Iterations(3);
+BENCHMARK(BM_Save)
+    ->Name("Save/ranks")
+    ->Arg(1)
+    ->Arg(4)
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond)
+    ->Iterations(3);
+BENCHMARK(BM_Load)
+    ->Name("Load/ranks")
+    ->Arg(1)
+    ->Arg(4)
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond)
+    ->Iterations(3);
 
 }  // namespace
 

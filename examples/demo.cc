@@ -25,7 +25,9 @@ namespace {
 constexpr int kLayers = 8;
 
 // Deterministic value of element (r, c) of layer l.
-float ValueAt(int l, int64_t r, int64_t c) { return static_cast<float>((l * 131 + r * 7 + c) % 1000) * 0.5f; }
+float ValueAt(int l, int64_t r, int64_t c) {
+  return static_cast<float>((l * 131 + r * 7 + c) % 1000) * 0.5f;
+}
 
 ShardedTensor MakeShards(int l, int64_t rows, int64_t cols, const std::vector<ChunkBox>& boxes,
                          bool fill) {
@@ -35,7 +37,8 @@ ShardedTensor MakeShards(int l, int64_t rows, int64_t cols, const std::vector<Ch
     if (fill) {
       float* p = t.data_as<float>();
       for (int64_t r = 0; r < b.sizes[0]; ++r) {
-        for (int64_t c = 0; c < b.sizes[1]; ++c) p[r * b.sizes[1] + c] = ValueAt(l, b.offsets[0] + r, b.offsets[1] + c);
+        for (int64_t c = 0; c < b.sizes[1]; ++c)
+          p[r * b.sizes[1] + c] = ValueAt(l, b.offsets[0] + r, b.offsets[1] + c);
       }
     }
     st.shards.push_back({b.offsets, t});
@@ -113,7 +116,8 @@ int main(int argc, char** argv) {
     return 1;
   }
   sds.clear();
-  std::printf("saved by 4 ranks (row shards) to %s in %.3f s: %.2f GB/s\n", dir.c_str(), save_s, gb / save_s);
+  std::printf("saved by 4 ranks (row shards) to %s in %.3f s: %.2f GB/s\n", dir.c_str(), save_s,
+              gb / save_s);
 
   // Load with 3 ranks, column-sharded.
   std::vector<Value> dst;

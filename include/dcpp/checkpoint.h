@@ -28,20 +28,20 @@ namespace dcpp {
 class Communicator;
 
 struct SaveOptions {
-  Communicator* comm = nullptr;      // null: this process alone
+  Communicator* comm = nullptr;  // null: this process alone
   int coordinator_rank = 0;
-  SavePlanner* planner = nullptr;    // null: DefaultSavePlanner
+  SavePlanner* planner = nullptr;  // null: DefaultSavePlanner
   // PyTorch's use_collectives=false: every rank plans alone and writes `__{rank}.metadata`.
   bool use_collectives = true;
-  FileSystemWriterOptions writer;    // used by the path overload
+  FileSystemWriterOptions writer;  // used by the path overload
 };
 
 struct LoadOptions {
   Communicator* comm = nullptr;
   int coordinator_rank = 0;
-  LoadPlanner* planner = nullptr;    // null: DefaultLoadPlanner
+  LoadPlanner* planner = nullptr;      // null: DefaultLoadPlanner
   LoadPlannerOptions planner_options;  // for the default planner
-  FileSystemReaderOptions reader;    // used by the path overload
+  FileSystemReaderOptions reader;      // used by the path overload
   // Tensors that every rank loads whole (replicated parameters) are read from storage by one
   // rank each, spread over the ranks, and broadcast: each byte is read once per job.
   bool broadcast_replicated = false;

@@ -23,6 +23,7 @@
 
 namespace dcpp {
 
+class Communicator;
 class Store;
 
 struct WriteResult {
@@ -98,8 +99,7 @@ class FileSystemWriter final : public StorageWriter {
   Result<SavePlan> PrepareLocalPlan(SavePlan plan) override;
   Result<std::vector<SavePlan>> PrepareGlobalPlan(std::vector<SavePlan> plans) override;
   Result<std::vector<WriteResult>> WriteData(const SavePlan& plan, SavePlanner& planner) override;
-  Status Finish(Metadata& metadata,
-                const std::vector<std::vector<WriteResult>>& results) override;
+  Status Finish(Metadata& metadata, const std::vector<std::vector<WriteResult>>& results) override;
   Status CleanUp() override;
   std::string checkpoint_id() const override { return checkpoint_id_; }
 
@@ -110,12 +110,12 @@ class FileSystemWriter final : public StorageWriter {
   FileSystemWriterOptions options_;
   int rank_ = 0;
   bool use_collectives_ = true;
-  std::string save_tag_;      // non-empty when replacing a checkpoint: makes file names unique
+  std::string save_tag_;  // non-empty when replacing a checkpoint: makes file names unique
   std::vector<std::string> referenced_;  // files of the committed metadata (for CleanUp)
 };
 
 struct FileSystemReaderOptions {
-  int thread_count = 1;  // files read in parallel
+  int thread_count = 1;           // files read in parallel
   bool verify_checksums = false;  // check CRC-32 of every torch.save record read
 };
 
@@ -138,6 +138,30 @@ class FileSystemReader final : public StorageReader {
   FileSystemReaderOptions options_;
   const Metadata* metadata_ = nullptr;
   int rank_ = 0;
+};
+
+// Reads one torch.save file on the root rank and broadcasts it (PyTorch's
+// BroadcastingTorchSaveReader): every rank loads the same file into its own sharding, and the
+// file is read once per job. The top-level value must be a dict; its flattened keys are the
+// checkpoint keys, each tensor one whole chunk. ReadMetadata and ReadData are collective: call
+// them (through Load with the same communicator) on every rank.
+class BroadcastingTorchSaveReader final : public StorageReader {
+ public:
+  BroadcastingTorchSaveReader(std::string path, Communicator* comm, int root = 0);
+  ~BroadcastingTorchSaveReader() override;
+
+  Result<Metadata> ReadMetadata(int rank = -1) override;
+  Status SetUp(const Metadata& metadata, bool is_coordinator, int rank) override;
+  Status ReadData(const LoadPlan& plan, LoadPlanner& planner) override;
+  std::string checkpoint_id() const override { return path_; }
+
+ private:
+  std::string path_;
+  Communicator* comm_;
+  int root_;
+  Value root_value_;             // the loaded file, on the root rank only
+  std::vector<FlatEntry> flat_;  // its leaves, on the root rank only
+  const Metadata* metadata_ = nullptr;
 };
 
 // Name of the file that marks a committed checkpoint.

@@ -64,8 +64,8 @@ enum class LoadItemType : uint8_t { kTensor = 1, kByteIO = 2 };
 
 struct ReadItem {
   LoadItemType type = LoadItemType::kTensor;
-  MetadataIndex dest_index;  // fqn + offsets of the destination chunk
-  Shape dest_offsets;        // where in the destination chunk
+  MetadataIndex dest_index;     // fqn + offsets of the destination chunk
+  Shape dest_offsets;           // where in the destination chunk
   MetadataIndex storage_index;  // fqn + offsets of the stored chunk
   Shape storage_offsets;        // where in the stored chunk
   Shape lengths;
@@ -82,8 +82,8 @@ Result<SavePlan> DecodeSavePlan(std::string_view bytes);
 
 // What a write item's bytes are: a tensor view in the caller's memory, or encoded bytes.
 struct WriteData {
-  TensorView tensor;   // valid for kTensor/kShard
-  std::string bytes;   // torch.save archive bytes for kByteIO
+  TensorView tensor;  // valid for kTensor/kShard
+  std::string bytes;  // torch.save archive bytes for kByteIO
 };
 
 class SavePlanner {

@@ -83,11 +83,12 @@ Result<Metadata> Save(const StateDict& state_dict, StorageWriter& writer,
   const int rank = comm.rank();
   const int coord = options.coordinator_rank;
   if (coord < 0 || coord >= comm.size()) {
-    return InvalidArgumentError("coordinator rank " + std::to_string(coord) + " is not in a group of " +
-                                std::to_string(comm.size()));
+    return InvalidArgumentError("coordinator rank " + std::to_string(coord) +
+                                " is not in a group of " + std::to_string(comm.size()));
   }
   const bool is_coord = rank == coord;
-  const std::string ctx = "rank " + std::to_string(rank) + ": saving \"" + writer.checkpoint_id() + "\"";
+  const std::string ctx =
+      "rank " + std::to_string(rank) + ": saving \"" + writer.checkpoint_id() + "\"";
   DefaultSavePlanner default_planner(
       SavePlannerOptions{.require_full_coverage = options.use_collectives});
   SavePlanner& planner = options.planner ? *options.planner : default_planner;
@@ -137,9 +138,9 @@ Result<Metadata> Save(const StateDict& state_dict, StorageWriter& writer,
   Metadata metadata;
   {
     PhaseTimer t("save.global_plan", RankField(comm));
-    DCPP_ASSIGN_OR_RETURN(std::vector<std::string> gathered,
-                          comm.Gather(Envelope(local, local.ok() ? EncodeSavePlan(local_plan) : ""),
-                                      coord));
+    DCPP_ASSIGN_OR_RETURN(
+        std::vector<std::string> gathered,
+        comm.Gather(Envelope(local, local.ok() ? EncodeSavePlan(local_plan) : ""), coord));
     std::vector<std::string> parts;
     if (is_coord) {
       std::vector<Opened> opened;
@@ -352,7 +353,8 @@ Status Load(StateDict& state_dict, StorageReader& reader, const LoadOptions& opt
   Communicator& comm = options.comm ? *options.comm : single;
   const int rank = comm.rank();
   const bool is_coord = rank == options.coordinator_rank;
-  const std::string ctx = "rank " + std::to_string(rank) + ": loading \"" + reader.checkpoint_id() + "\"";
+  const std::string ctx =
+      "rank " + std::to_string(rank) + ": loading \"" + reader.checkpoint_id() + "\"";
   DefaultLoadPlanner default_planner(options.planner_options);
   LoadPlanner& planner = options.planner ? *options.planner : default_planner;
   PhaseTimer total("load", RankField(comm) + " path=\"" + reader.checkpoint_id() + "\"");

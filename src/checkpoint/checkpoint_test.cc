@@ -54,7 +54,8 @@ void ExpectShardsOf(const Tensor& full, const ShardedTensor& st) {
   for (const auto& s : st.shards) {
     Tensor expect = Tensor::Zeros(full.dtype(), s.tensor.shape());
     ASSERT_TRUE(
-        CopyRegion(expect.view(), Shape(full.dim(), 0), full.view(), s.offsets, s.tensor.shape()).ok());
+        CopyRegion(expect.view(), Shape(full.dim(), 0), full.view(), s.offsets, s.tensor.shape())
+            .ok());
     EXPECT_TRUE(expect.BitwiseEqual(s.tensor)) << s.box().ToString();
   }
 }
@@ -117,7 +118,8 @@ TEST_P(ReshardTest, LoadsUnderAnotherSharding) {
     so.writer.thread_count = threads;
     DCPP_ASSERT_OK(Save(sd, dir.Join("ck"), so).status());
     Value dst = Value::MakeDict();
-    dst.Set("w", Value::FromSharded(EmptyShards(DType::kFloat32, {37, 23}, Grid(37, 23, l.load_r, l.load_c))));
+    dst.Set("w", Value::FromSharded(
+                     EmptyShards(DType::kFloat32, {37, 23}, Grid(37, 23, l.load_r, l.load_c))));
     LoadOptions lo;
     lo.reader.thread_count = threads;
     DCPP_ASSERT_OK(Load(dst, dir.Join("ck"), lo));
@@ -161,7 +163,8 @@ TEST(CheckpointTest, OneFilePerItemAndPartialLoad) {
 TEST(CheckpointTest, ClearErrorsForMissingAndCorruptFiles) {
   TempDir dir;
   Value none = Value::MakeDict();
-  EXPECT_THAT(Load(none, dir.Join("nothing")), StatusIs(StatusCode::kNotFound, HasSubstr("nothing")));
+  EXPECT_THAT(Load(none, dir.Join("nothing")),
+              StatusIs(StatusCode::kNotFound, HasSubstr("nothing")));
 
   Value sd = Value::MakeDict();
   sd.Set("w", Value::FromTensor(IotaTensor(DType::kFloat32, {64})));
@@ -192,7 +195,8 @@ TEST(CheckpointTest, OverwritePolicyAndFailedSaveKeepsLastGoodCheckpoint) {
     FileSystemWriterOptions no;
     no.overwrite = false;
     FileSystemWriter w(&faults, "mem", no);
-    EXPECT_THAT(Save(v1, w), StatusIs(StatusCode::kFailedPrecondition, HasSubstr("already exists")));
+    EXPECT_THAT(Save(v1, w),
+                StatusIs(StatusCode::kFailedPrecondition, HasSubstr("already exists")));
   }
   // A second save dies while writing its data: the first checkpoint still loads, intact.
   Value v2 = Value::MakeDict();

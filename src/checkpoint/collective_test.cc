@@ -5,6 +5,7 @@
 #include "dcpp/checkpoint.h"
 #include "dcpp/comm.h"
 #include "dcpp/storage.h"
+#include "dcpp/torch_save.h"
 #include "testing/testing.h"
 
 namespace dcpp {
@@ -44,7 +45,8 @@ ShardedTensor Cut(const Tensor& full, const std::vector<ChunkBox>& boxes, bool f
   ShardedTensor st{full.dtype(), full.shape(), {}};
   for (const auto& b : boxes) {
     Tensor t = Tensor::Zeros(full.dtype(), b.sizes);
-    if (fill) EXPECT_TRUE(CopyRegion(t.view(), Shape(b.dim(), 0), full.view(), b.offsets, b.sizes).ok());
+    if (fill)
+      EXPECT_TRUE(CopyRegion(t.view(), Shape(b.dim(), 0), full.view(), b.offsets, b.sizes).ok());
     st.shards.push_back({b.offsets, t});
   }
   return st;
@@ -64,26 +66,31 @@ struct Model {
 Value State(const Model& m, int rank, int world, bool fill) {
   Value sd = Value::MakeDict();
   Value model = Value::MakeDict();
-  model.Set("w", Value::FromSharded(Cut(m.w, Pieces(m.w.shape(), Split::kRows, rank, world), fill)));
-  model.Set("emb", Value::FromSharded(Cut(m.emb, Pieces(m.emb.shape(), Split::kCols, rank, world), fill)));
-  model.Set("blocks",
-            Value::FromSharded(Cut(m.blocks, Pieces(m.blocks.shape(), Split::kBlocks, rank, world), fill)));
-  model.Set("bias", Value::FromTensor(fill ? m.bias.Clone() : Tensor::Zeros(DType::kFloat64, {17})));
+  model.Set("w",
+            Value::FromSharded(Cut(m.w, Pieces(m.w.shape(), Split::kRows, rank, world), fill)));
+  model.Set("emb",
+            Value::FromSharded(Cut(m.emb, Pieces(m.emb.shape(), Split::kCols, rank, world), fill)));
+  model.Set("blocks", Value::FromSharded(Cut(
+                          m.blocks, Pieces(m.blocks.shape(), Split::kBlocks, rank, world), fill)));
+  model.Set("bias",
+            Value::FromTensor(fill ? m.bias.Clone() : Tensor::Zeros(DType::kFloat64, {17})));
   sd.Set("model", model);
   Value optim = Value::MakeDict();
   Value state = Value::MakeDict();
   Value w = Value::MakeDict();
-  w.Set("exp_avg", Value::FromSharded(Cut(m.exp_avg, Pieces(m.w.shape(), Split::kRows, rank, world), fill)));
-  w.Set("exp_avg_sq",
-        Value::FromSharded(Cut(m.exp_avg_sq, Pieces(m.w.shape(), Split::kRows, rank, world), fill)));
+  w.Set("exp_avg",
+        Value::FromSharded(Cut(m.exp_avg, Pieces(m.w.shape(), Split::kRows, rank, world), fill)));
+  w.Set("exp_avg_sq", Value::FromSharded(
+                          Cut(m.exp_avg_sq, Pieces(m.w.shape(), Split::kRows, rank, world), fill)));
   w.Set("step", Value::FromTensor(fill ? Tensor::FromBytes(DType::kFloat32, {}, "\0\0\x20\x41")
                                        : Tensor::Zeros(DType::kFloat32, {})));  // 10.0f
   state.Set("model.w", w);
   optim.Set("state", state);
-  optim.Set("param_groups",
-            Value::MakeList({Value::MakeDict({{Value::Str("lr"), Value::Float(fill ? 0.01 : 0)},
-                                              {Value::Str("betas"),
-                                               Value::MakeTuple({Value::Float(0.9), Value::Float(0.999)})}})}));
+  optim.Set(
+      "param_groups",
+      Value::MakeList({Value::MakeDict(
+          {{Value::Str("lr"), Value::Float(fill ? 0.01 : 0)},
+           {Value::Str("betas"), Value::MakeTuple({Value::Float(0.9), Value::Float(0.999)})}})}));
   sd.Set("optim", optim);
   sd.Set("epoch", Value::Int(fill ? 7 : 0));
   return sd;
@@ -93,7 +100,9 @@ void Check(const Model& m, const Value& sd) {
   auto piece = [](const Tensor& full, const ShardedTensor& st) {
     for (const auto& s : st.shards) {
       Tensor want = Tensor::Zeros(full.dtype(), s.tensor.shape());
-      ASSERT_TRUE(CopyRegion(want.view(), Shape(full.dim(), 0), full.view(), s.offsets, s.tensor.shape()).ok());
+      ASSERT_TRUE(
+          CopyRegion(want.view(), Shape(full.dim(), 0), full.view(), s.offsets, s.tensor.shape())
+              .ok());
       EXPECT_TRUE(want.BitwiseEqual(s.tensor)) << s.box().ToString();
     }
   };
@@ -182,8 +191,10 @@ TEST(CollectiveTest, WriteFailureOnOneRankFailsEveryRankAndCommitsNothing) {
     return Save(State(m, comm.rank(), 4, true), w, so).status();
   });
   for (int r = 0; r < 4; ++r) {
-    EXPECT_THAT(statuses[r], StatusIs(StatusCode::kUnavailable, HasSubstr("writing failed on rank 2")));
-    EXPECT_THAT(statuses[r], StatusIs(StatusCode::kUnavailable, HasSubstr("No space left on device")));
+    EXPECT_THAT(statuses[r],
+                StatusIs(StatusCode::kUnavailable, HasSubstr("writing failed on rank 2")));
+    EXPECT_THAT(statuses[r],
+                StatusIs(StatusCode::kUnavailable, HasSubstr("No space left on device")));
     EXPECT_EQ(statuses[r].message().substr(statuses[r].message().find(':')),
               statuses[0].message().substr(statuses[0].message().find(':')));
   }
@@ -290,6 +301,43 @@ TEST(CollectiveTest, AnyCoordinatorAndSubGroups) {
   Value sd = State(m, 0, 1, false);
   DCPP_ASSERT_OK(Load(sd, dir.Join("ck")));
   Check(m, sd);
+}
+
+TEST(CollectiveTest, TorchSaveFileReadOnceAndBroadcastToEveryRank) {
+  TempDir dir;
+  Model m;
+  // The whole state, as one torch.save file.
+  Value whole = State(m, 0, 1, true);
+  whole.Find("model")->Set("w", Value::FromTensor(m.w));
+  whole.Find("model")->Set("emb", Value::FromTensor(m.emb));
+  whole.Find("model")->Set("blocks", Value::FromTensor(m.blocks));
+  Value* w = whole.Find("optim")->Find("state")->Find("model.w");
+  w->Set("exp_avg", Value::FromTensor(m.exp_avg));
+  w->Set("exp_avg_sq", Value::FromTensor(m.exp_avg_sq));
+  DCPP_ASSERT_OK(SaveTorchFile(whole, dir.Join("state.pt")));
+  std::mutex mu;
+  for (const auto& s : OnRanks(3, [&](Communicator& comm) {
+         BroadcastingTorchSaveReader reader(dir.Join("state.pt"), &comm, 1);
+         Value sd = State(m, comm.rank(), 3, false);
+         LoadOptions lo;
+         lo.comm = &comm;
+         Status st = Load(sd, reader, lo);
+         std::lock_guard<std::mutex> lock(mu);
+         if (st.ok()) Check(m, sd);
+         return st;
+       })) {
+    DCPP_EXPECT_OK(s);
+  }
+  // A missing file is reported on every rank.
+  for (const auto& s : OnRanks(2, [&](Communicator& comm) {
+         BroadcastingTorchSaveReader reader(dir.Join("missing.pt"), &comm, 0);
+         Value sd = State(m, comm.rank(), 2, false);
+         LoadOptions lo;
+         lo.comm = &comm;
+         return Load(sd, reader, lo);
+       })) {
+    EXPECT_THAT(s, StatusIs(StatusCode::kNotFound, HasSubstr("missing.pt")));
+  }
 }
 
 }  // namespace

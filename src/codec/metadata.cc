@@ -85,8 +85,7 @@ bool IsClass(const PickleValue& v, std::string_view name, const std::string_view
 }
 
 Status Bad(std::string_view what, const PickleValue& v) {
-  return DataLossError("metadata: expected " + std::string(what) + ", found " +
-                       v.DebugString(2));
+  return DataLossError("metadata: expected " + std::string(what) + ", found " + v.DebugString(2));
 }
 
 // Field dict of a dataclass object (BUILD state), possibly absent (all defaults).
@@ -422,8 +421,9 @@ class Encoder {
         PickleValue::Call(PickleValue::MakeGlobal("torch.serialization", "_get_layout"),
                           PickleValue::Tuple({PickleValue::Str("torch.strided")})),
         PickleValue::Bool(p.requires_grad),
-        PickleValue::Call(PickleValue::MakeGlobal(paths_.properties, "MEM_FORMAT_ENCODING"),
-                          PickleValue::Tuple({PickleValue::Int(static_cast<int>(p.memory_format))})),
+        PickleValue::Call(
+            PickleValue::MakeGlobal(paths_.properties, "MEM_FORMAT_ENCODING"),
+            PickleValue::Tuple({PickleValue::Int(static_cast<int>(p.memory_format))})),
         PickleValue::Bool(p.pin_memory),
     };
     return PickleValue::New(PickleValue::MakeGlobal(paths_.properties, "TensorProperties"),
@@ -500,12 +500,12 @@ class Encoder {
     if (flavor_ == MetadataFlavor::kTorch2 && md.storage_meta) {
       Items mods;
       for (const auto& m : md.storage_meta->modules) mods.push_back(PickleValue::Str(m));
-      fields.push_back(F("storage_meta",
-                         DataObject(paths_.meta, "StorageMeta",
-                                    {F("checkpoint_id", OptStr(md.storage_meta->checkpoint_id)),
-                                     F("save_id", OptStr(md.storage_meta->save_id)),
-                                     F("load_id", PickleValue::None()),
-                                     F("modules", PickleValue::List(std::move(mods)))})));
+      fields.push_back(
+          F("storage_meta", DataObject(paths_.meta, "StorageMeta",
+                                       {F("checkpoint_id", OptStr(md.storage_meta->checkpoint_id)),
+                                        F("save_id", OptStr(md.storage_meta->save_id)),
+                                        F("load_id", PickleValue::None()),
+                                        F("modules", PickleValue::List(std::move(mods)))})));
     }
     if (flavor_ != MetadataFlavor::kTorch113Prototype) {
       fields.push_back(F("version", OptStr(md.version)));
@@ -540,9 +540,8 @@ Status ValidateMetadata(const Metadata& md, std::string_view what) {
     }
     if (info.relative_path.empty() || info.relative_path.find('/') != std::string::npos ||
         info.relative_path == "." || info.relative_path == "..") {
-      return DataLossError(std::string(what) + ": \"" + idx.ToString() +
-                           "\" points at file \"" + info.relative_path +
-                           "\" outside the checkpoint directory");
+      return DataLossError(std::string(what) + ": \"" + idx.ToString() + "\" points at file \"" +
+                           info.relative_path + "\" outside the checkpoint directory");
     }
   }
   return Status::Ok();
@@ -558,8 +557,7 @@ Result<Metadata> ParseMetadata(std::string_view pickle_bytes) {
   return md;
 }
 
-Result<std::string> EncodeMetadata(const Metadata& metadata,
-                                   const MetadataEncodeOptions& options) {
+Result<std::string> EncodeMetadata(const Metadata& metadata, const MetadataEncodeOptions& options) {
   Encoder enc(options.flavor);
   PickleRef root = enc.Root(metadata);
   PickleWriteOptions w;

@@ -98,28 +98,28 @@ PickleRef Obj(const char* name, PickleValue::DictItems fields) {
 std::pair<PickleRef, PickleRef> F(const char* k, PickleRef v) { return {PickleValue::Str(k), v}; }
 
 std::string Newest(PickleRef enum_value, PickleRef checkpoint_id) {
-  PickleRef chunk = Obj("ChunkStorageMetadata", {F("offsets", Size({0, 0})), F("sizes", Size({2, 3}))});
-  PickleRef tmd = Obj("TensorStorageMetadata", {F("properties", Props(enum_value, true)),
-                                               F("size", Size({2, 3})),
-                                               F("chunks", PickleValue::List({chunk}))});
-  PickleRef idx = Obj("MetadataIndex", {F("fqn", PickleValue::Str("w")),
-                                        F("index", PickleValue::Int(0)),
-                                        F("offset", Size({0, 0}))});
+  PickleRef chunk =
+      Obj("ChunkStorageMetadata", {F("offsets", Size({0, 0})), F("sizes", Size({2, 3}))});
+  PickleRef tmd = Obj("TensorStorageMetadata",
+                      {F("properties", Props(enum_value, true)), F("size", Size({2, 3})),
+                       F("chunks", PickleValue::List({chunk}))});
+  PickleRef idx =
+      Obj("MetadataIndex", {F("fqn", PickleValue::Str("w")), F("index", PickleValue::Int(0)),
+                            F("offset", Size({0, 0}))});
   PickleRef info = PickleValue::New(
       PickleValue::MakeGlobal("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
       PickleValue::Tuple(),
       PickleValue::Dict({F("relative_path", PickleValue::Str("__0_0.distcp")),
                          F("offset", PickleValue::Int(0)), F("length", PickleValue::Int(500)),
                          F("transform_descriptors", PickleValue::List())}));
-  PickleRef meta = Obj("StorageMeta", {F("checkpoint_id", checkpoint_id),
-                                       F("save_id", PickleValue::Str("s")),
-                                       F("load_id", PickleValue::None()),
-                                       F("modules", PickleValue::List())});
+  PickleRef meta =
+      Obj("StorageMeta", {F("checkpoint_id", checkpoint_id), F("save_id", PickleValue::Str("s")),
+                          F("load_id", PickleValue::None()), F("modules", PickleValue::List())});
   PickleRef root = Obj(
       "Metadata",
       {F("state_dict_metadata", PickleValue::Dict({{PickleValue::Str("w"), tmd}})),
-       F("planner_data", PickleValue::Dict({{PickleValue::Str("w"),
-                                             PickleValue::Tuple({PickleValue::Str("w")})}})),
+       F("planner_data",
+         PickleValue::Dict({{PickleValue::Str("w"), PickleValue::Tuple({PickleValue::Str("w")})}})),
        F("storage_data", PickleValue::Dict({{idx, info}})), F("storage_meta", meta),
        F("version", PickleValue::Str("1.0.0"))});
   return *WritePickle(*root, {4});
@@ -129,10 +129,10 @@ TEST(MetadataTest, ReadsNewestVariants) {
   const char* kEnum = "torch.distributed.checkpoint.metadata";
   PickleRef value_form = PickleValue::Call(PickleValue::MakeGlobal(kEnum, "_MEM_FORMAT_ENCODING"),
                                            PickleValue::Tuple({PickleValue::Int(1)}));
-  PickleRef getattr_form = PickleValue::Call(
-      PickleValue::MakeGlobal("builtins", "getattr"),
-      PickleValue::Tuple({PickleValue::MakeGlobal(kEnum, "_MEM_FORMAT_ENCODING"),
-                          PickleValue::Str("TORCH_CHANNELS_LAST")}));
+  PickleRef getattr_form =
+      PickleValue::Call(PickleValue::MakeGlobal("builtins", "getattr"),
+                        PickleValue::Tuple({PickleValue::MakeGlobal(kEnum, "_MEM_FORMAT_ENCODING"),
+                                            PickleValue::Str("TORCH_CHANNELS_LAST")}));
   PickleRef old_path = PickleValue::Call(
       PickleValue::MakeGlobal("pathlib", "PosixPath"),
       PickleValue::Tuple({PickleValue::Str("/"), PickleValue::Str("tmp"), PickleValue::Str("ck")}));
@@ -158,7 +158,8 @@ TEST(MetadataTest, RejectsHostileContent) {
   EXPECT_THAT(ParseMetadata(bytes),
               StatusIs(StatusCode::kDataLoss, HasSubstr("outside the checkpoint directory")));
   Metadata md2 = Sample();
-  std::get<TensorStorageMetadata>(*md2.state_dict_metadata.Find("model.w")).chunks[1].offsets = {3, 0};
+  std::get<TensorStorageMetadata>(*md2.state_dict_metadata.Find("model.w")).chunks[1].offsets = {3,
+                                                                                                 0};
   DCPP_ASSERT_OK_AND_ASSIGN(bytes, EncodeMetadata(md2));
   EXPECT_THAT(ParseMetadata(bytes), StatusIs(StatusCode::kDataLoss, HasSubstr("does not fit")));
   EXPECT_FALSE(ParseMetadata("not a pickle").ok());

@@ -76,8 +76,8 @@ class DcpSource final : public CheckpointSource {
 
   Result<Value> Read(const EntryInfo& entry) override {
     Value sd = Value::MakeDict();
-    sd.Set(entry.fqn, entry.is_tensor ? Value::FromTensor(Tensor::Zeros(entry.dtype, entry.shape))
-                                      : Value());
+    sd.Set(entry.fqn,
+           entry.is_tensor ? Value::FromTensor(Tensor::Zeros(entry.dtype, entry.shape)) : Value());
     DefaultLoadPlanner planner({.flatten_state_dict = false});
     DCPP_RETURN_IF_ERROR(planner.SetUp(&sd, metadata_, true));
     DCPP_ASSIGN_OR_RETURN(LoadPlan plan, planner.CreateLocalPlan());
@@ -147,7 +147,8 @@ Status ConvertDcpToTorch(const std::string& dcp_dir, const std::string& torch_fi
   Value root = Value::MakeDict();
   for (const auto& e : src->entries()) {
     auto v = src->Read(e);
-    if (!v.ok()) return v.status().WithContext("converting \"" + dcp_dir + "\" key \"" + e.fqn + "\"");
+    if (!v.ok())
+      return v.status().WithContext("converting \"" + dcp_dir + "\" key \"" + e.fqn + "\"");
     DCPP_RETURN_IF_ERROR(SetElement(root, e.path, std::move(*v)));
     done += e.nbytes;
     if (progress) progress(done, total);
@@ -240,8 +241,10 @@ bool Tolerant(DType d) {
     case DType::kFloat64:
     case DType::kComplex32:
     case DType::kComplex64:
-    case DType::kComplex128: return true;
-    default: return false;
+    case DType::kComplex128:
+      return true;
+    default:
+      return false;
   }
 }
 
@@ -278,8 +281,8 @@ std::string CompareTensors(const Tensor& a0, const Tensor& b0, const DiffOptions
     }
     if (bad) {
       std::ostringstream os;
-      os << bad << " of " << n << " values differ (max abs diff " << worst << "), first at flat index "
-         << first << ": " << first_desc;
+      os << bad << " of " << n << " values differ (max abs diff " << worst
+         << "), first at flat index " << first << ": " << first_desc;
       return os.str();
     }
     return "";

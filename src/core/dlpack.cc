@@ -19,9 +19,12 @@ void DeleteExport(DLManagedTensor* m) { delete static_cast<ExportContext*>(m->ma
 
 Result<Device> FromDLDevice(DLDevice d) {
   switch (d.device_type) {
-    case kDLCPU: return Device::CPU();
-    case kDLCUDA: return Device{Device::Type::kCUDA, d.device_id};
-    default: return Device{Device::Type::kOther, d.device_id};
+    case kDLCPU:
+      return Device::CPU();
+    case kDLCUDA:
+      return Device{Device::Type::kCUDA, d.device_id};
+    default:
+      return Device{Device::Type::kOther, d.device_id};
   }
 }
 
@@ -30,22 +33,28 @@ Result<Device> FromDLDevice(DLDevice d) {
 Result<DLDataType> ToDLDataType(DType dtype) {
   const uint8_t bits = static_cast<uint8_t>(ElementSize(dtype) * 8);
   switch (dtype) {
-    case DType::kBool: return DLDataType{kBoolCode, 8, 1};
+    case DType::kBool:
+      return DLDataType{kBoolCode, 8, 1};
     case DType::kUInt8:
     case DType::kUInt16:
     case DType::kUInt32:
-    case DType::kUInt64: return DLDataType{kDLUInt, bits, 1};
+    case DType::kUInt64:
+      return DLDataType{kDLUInt, bits, 1};
     case DType::kInt8:
     case DType::kInt16:
     case DType::kInt32:
-    case DType::kInt64: return DLDataType{kDLInt, bits, 1};
+    case DType::kInt64:
+      return DLDataType{kDLInt, bits, 1};
     case DType::kFloat16:
     case DType::kFloat32:
-    case DType::kFloat64: return DLDataType{kDLFloat, bits, 1};
-    case DType::kBFloat16: return DLDataType{kDLBfloat, 16, 1};
+    case DType::kFloat64:
+      return DLDataType{kDLFloat, bits, 1};
+    case DType::kBFloat16:
+      return DLDataType{kDLBfloat, 16, 1};
     case DType::kComplex32:
     case DType::kComplex64:
-    case DType::kComplex128: return DLDataType{kDLComplex, bits, 1};
+    case DType::kComplex128:
+      return DLDataType{kDLComplex, bits, 1};
     default:
       return UnimplementedError("dtype " + std::string(DTypeName(dtype)) +
                                 " has no DLPack type code");
@@ -64,25 +73,36 @@ Result<DType> FromDLDataType(DLDataType t) {
   switch (t.code) {
     case kDLInt:
       switch (t.bits) {
-        case 8: return DType::kInt8;
-        case 16: return DType::kInt16;
-        case 32: return DType::kInt32;
-        case 64: return DType::kInt64;
+        case 8:
+          return DType::kInt8;
+        case 16:
+          return DType::kInt16;
+        case 32:
+          return DType::kInt32;
+        case 64:
+          return DType::kInt64;
       }
       return bad();
     case kDLUInt:
       switch (t.bits) {
-        case 8: return DType::kUInt8;
-        case 16: return DType::kUInt16;
-        case 32: return DType::kUInt32;
-        case 64: return DType::kUInt64;
+        case 8:
+          return DType::kUInt8;
+        case 16:
+          return DType::kUInt16;
+        case 32:
+          return DType::kUInt32;
+        case 64:
+          return DType::kUInt64;
       }
       return bad();
     case kDLFloat:
       switch (t.bits) {
-        case 16: return DType::kFloat16;
-        case 32: return DType::kFloat32;
-        case 64: return DType::kFloat64;
+        case 16:
+          return DType::kFloat16;
+        case 32:
+          return DType::kFloat32;
+        case 64:
+          return DType::kFloat64;
       }
       return bad();
     case kDLBfloat:
@@ -90,9 +110,12 @@ Result<DType> FromDLDataType(DLDataType t) {
       return bad();
     case kDLComplex:
       switch (t.bits) {
-        case 32: return DType::kComplex32;
-        case 64: return DType::kComplex64;
-        case 128: return DType::kComplex128;
+        case 32:
+          return DType::kComplex32;
+        case 64:
+          return DType::kComplex64;
+        case 128:
+          return DType::kComplex128;
       }
       return bad();
     case kBoolCode:
@@ -156,8 +179,7 @@ Result<Tensor> FromDLPack(DLManagedTensor* managed) {
     release();
     return view.status();
   }
-  const size_t extent =
-      static_cast<size_t>(view->StorageElementsNeeded()) * view->element_size();
+  const size_t extent = static_cast<size_t>(view->StorageElementsNeeded()) * view->element_size();
   auto storage = Storage::Wrap(managed->dl_tensor.data, extent, view->device(), release);
   return Tensor::FromStorage(std::move(storage), view->dtype(), view->shape(), view->strides(),
                              view->storage_offset());

@@ -35,7 +35,7 @@ TEST(DLPackTest, ExportImportSharesMemoryAndReleasesOnce) {
   {
     DCPP_ASSERT_OK_AND_ASSIGN(Tensor back, FromDLPack(m));
     EXPECT_TRUE(back.BitwiseEqual(view));
-    EXPECT_EQ(back.data(), view.data());  // no copy
+    EXPECT_EQ(back.data(), view.data());                 // no copy
     EXPECT_EQ(base.storage().use_count(), uses_before);  // held by the export context
   }
   // The import released the DLManagedTensor, which released its reference.

@@ -20,7 +20,8 @@ void LogLine(LogLevel level, std::string_view event, std::string_view fields);
 class PhaseTimer {
  public:
   PhaseTimer(std::string event, std::string fields)
-      : event_(std::move(event)), fields_(std::move(fields)),
+      : event_(std::move(event)),
+        fields_(std::move(fields)),
         start_(std::chrono::steady_clock::now()) {}
   ~PhaseTimer();
   void Add(std::string_view key, std::string_view value);

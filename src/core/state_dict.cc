@@ -36,11 +36,16 @@ namespace {
 // Python's str() of a dict key.
 std::string KeyString(const Value& k) {
   switch (k.kind()) {
-    case Value::Kind::kStr: return k.as_str();
-    case Value::Kind::kInt: return std::to_string(k.as_int());
-    case Value::Kind::kBool: return k.as_bool() ? "True" : "False";
-    case Value::Kind::kNone: return "None";
-    default: return k.DebugString();
+    case Value::Kind::kStr:
+      return k.as_str();
+    case Value::Kind::kInt:
+      return std::to_string(k.as_int());
+    case Value::Kind::kBool:
+      return k.as_bool() ? "True" : "False";
+    case Value::Kind::kNone:
+      return "None";
+    default:
+      return k.DebugString();
   }
 }
 

@@ -18,13 +18,13 @@
 //      checkpoint's, or a failed save's) are removed.
 // A load reads `.metadata` (or `__{rank}.metadata` in rank-local mode), then reads for each
 // item only its byte range, decoding the torch.save archive in place.
+#include <zstd.h>
 #include <atomic>
 #include <cstring>
 #include <mutex>
 #include <random>
 #include <thread>
 #include <unordered_map>
-#include <zstd.h>
 
 #include "dcpp/layout.h"
 #include "dcpp/storage.h"
@@ -67,11 +67,11 @@ Result<Tensor> Borrow(const TensorView& v) {
   // A permuted dense view (e.g. a transpose) spans exactly its bytes: keep its strides, as
   // torch.save does. Anything with gaps is compacted.
   int64_t span = v.StorageElementsNeeded() - v.storage_offset();
-  auto storage = Storage::Wrap(v.data(), static_cast<size_t>(span) * v.element_size(),
-                               v.device(), nullptr);
+  auto storage =
+      Storage::Wrap(v.data(), static_cast<size_t>(span) * v.element_size(), v.device(), nullptr);
   Shape strides = v.strides();
-  DCPP_ASSIGN_OR_RETURN(Tensor t, Tensor::FromStorage(std::move(storage), v.dtype(), v.shape(),
-                                                      std::move(strides)));
+  DCPP_ASSIGN_OR_RETURN(
+      Tensor t, Tensor::FromStorage(std::move(storage), v.dtype(), v.shape(), std::move(strides)));
   if (span == v.numel()) return t;
   return t.Clone();
 }
@@ -149,7 +149,8 @@ Result<std::vector<WriteResult>> DecodeWriteResults(std::string_view b) {
   auto u64 = [&](uint64_t& v) -> bool {
     if (b.size() - pos < 8) return false;
     v = 0;
-    for (int i = 0; i < 8; ++i) v |= static_cast<uint64_t>(static_cast<uint8_t>(b[pos + i])) << (8 * i);
+    for (int i = 0; i < 8; ++i)
+      v |= static_cast<uint64_t>(static_cast<uint8_t>(b[pos + i])) << (8 * i);
     pos += 8;
     return true;
   };
@@ -278,10 +279,11 @@ Result<std::vector<WriteResult>> FileSystemWriter::WriteData(const SavePlan& pla
         auto t = Borrow(data[i].tensor);
         s = t.ok() ? WriteTorchSave(Value::FromTensor(*std::move(t)), sink) : t.status();
       }
-      if (!s.ok()) return s.WithContext("writing \"" + name + "\" item \"" + item.index.ToString() + "\"");
+      if (!s.ok())
+        return s.WithContext("writing \"" + name + "\" item \"" + item.index.ToString() + "\"");
       const int64_t length = static_cast<int64_t>(sink.position() - offset);
-      results[b].push_back({item.index, length,
-                            StorageInfo{name, static_cast<int64_t>(offset), length, {}}});
+      results[b].push_back(
+          {item.index, length, StorageInfo{name, static_cast<int64_t>(offset), length, {}}});
     }
     if (options_.sync_files) {
       DCPP_RETURN_IF_ERROR(file->Sync().WithContext("syncing \"" + name + "\""));
@@ -332,8 +334,8 @@ Status FileSystemWriter::CleanUp() {
   std::sort(referenced_.begin(), referenced_.end());
   DCPP_ASSIGN_OR_RETURN(std::vector<std::string> keys, store_->List());
   for (const auto& k : keys) {
-    const bool data_file = k.rfind("__", 0) == 0 && k.size() > 7 &&
-                           k.compare(k.size() - 7, 7, kSuffix) == 0;
+    const bool data_file =
+        k.rfind("__", 0) == 0 && k.size() > 7 && k.compare(k.size() - 7, 7, kSuffix) == 0;
     if (data_file && !std::binary_search(referenced_.begin(), referenced_.end(), k)) {
       DCPP_RETURN_IF_ERROR(store_->Remove(k));
     }
@@ -369,7 +371,8 @@ Result<Metadata> FileSystemReader::ReadMetadata(int rank) {
     return file.status().WithContext("reading " + where);
   }
   std::string bytes((*file)->size(), '\0');
-  DCPP_RETURN_IF_ERROR((*file)->ReadAt(0, bytes.data(), bytes.size()).WithContext("reading " + where));
+  DCPP_RETURN_IF_ERROR(
+      (*file)->ReadAt(0, bytes.data(), bytes.size()).WithContext("reading " + where));
   auto md = ParseMetadata(bytes);
   if (!md.ok()) return md.status().WithContext("parsing " + where);
   return md;
@@ -466,7 +469,8 @@ Status FileSystemReader::ReadData(const LoadPlan& plan, LoadPlanner& planner) {
           // A Python object dcpp does not model: keep its exact bytes.
           Opaque o;
           o.torch_save_bytes.resize(src->size());
-          DCPP_RETURN_IF_ERROR(src->ReadAt(0, o.torch_save_bytes.data(), o.torch_save_bytes.size()));
+          DCPP_RETURN_IF_ERROR(
+              src->ReadAt(0, o.torch_save_bytes.data(), o.torch_save_bytes.size()));
           auto shown = archive->ReadValue(/*opaque_objects=*/true);
           o.type_name = shown.ok() && shown->is_opaque() ? shown->opaque().type_name : "object";
           v = Value::FromOpaque(std::move(o));
@@ -488,8 +492,9 @@ Status FileSystemReader::ReadData(const LoadPlan& plan, LoadPlanner& planner) {
           DCPP_ASSIGN_OR_RETURN(dst, planner.ResolveTensor(*item));
         }
         if (dst.dtype() != ref->dtype) {
-          return DataLossError("reading " + what + ": stored " + std::string(DTypeName(ref->dtype)) +
-                               " but the metadata says " + std::string(DTypeName(dst.dtype())));
+          return DataLossError("reading " + what + ": stored " +
+                               std::string(DTypeName(ref->dtype)) + " but the metadata says " +
+                               std::string(DTypeName(dst.dtype())));
         }
         Status s = archive->ReadTensorInto(*ref, item->storage_offsets, dst, item->dest_offsets,
                                            item->lengths);

@@ -17,7 +17,8 @@ namespace dcpp {
 
 int64_t WriteItem::StorageSize() const {
   if (!tensor_data) return 1;
-  return tensor_data->chunk.numel() * static_cast<int64_t>(ElementSize(tensor_data->properties.dtype));
+  return tensor_data->chunk.numel() *
+         static_cast<int64_t>(ElementSize(tensor_data->properties.dtype));
 }
 
 // ------------------------------------------------------------------ save
@@ -57,7 +58,8 @@ Result<SavePlan> DefaultSavePlanner::CreateLocalPlan() {
       WriteItem item;
       item.index = {e.fqn, Shape(t.dim(), 0), std::nullopt};
       item.type = WriteItemType::kTensor;
-      item.tensor_data = TensorWriteData{WholeBox(t.shape()), TensorProperties{t.dtype()}, t.shape()};
+      item.tensor_data =
+          TensorWriteData{WholeBox(t.shape()), TensorProperties{t.dtype()}, t.shape()};
       plan.items.push_back(std::move(item));
     } else if (v.is_sharded()) {
       const ShardedTensor& st = v.sharded();
@@ -155,11 +157,11 @@ Result<std::pair<std::vector<SavePlan>, Metadata>> CreateDefaultGlobalSavePlan(
                                     "\" is a tensor on one rank and bytes on another");
       }
       if (tmd->size != td.size || tmd->properties.dtype != td.properties.dtype) {
-        return InvalidArgumentError(
-            "rank " + std::to_string(p) + ": key \"" + fqn + "\" is " +
-            std::string(DTypeName(td.properties.dtype)) + ShapeToString(td.size) +
-            " but another rank saves it as " + std::string(DTypeName(tmd->properties.dtype)) +
-            ShapeToString(tmd->size));
+        return InvalidArgumentError("rank " + std::to_string(p) + ": key \"" + fqn + "\" is " +
+                                    std::string(DTypeName(td.properties.dtype)) +
+                                    ShapeToString(td.size) + " but another rank saves it as " +
+                                    std::string(DTypeName(tmd->properties.dtype)) +
+                                    ShapeToString(tmd->size));
       }
       item.index.index = static_cast<int64_t>(tmd->chunks.size());
       tmd->chunks.push_back(td.chunk);
@@ -349,7 +351,8 @@ class Decoder {
   Result<uint64_t> U64() {
     if (b_.size() - pos_ < 8) return Truncated();
     uint64_t v = 0;
-    for (int i = 0; i < 8; ++i) v |= static_cast<uint64_t>(static_cast<uint8_t>(b_[pos_ + i])) << (8 * i);
+    for (int i = 0; i < 8; ++i)
+      v |= static_cast<uint64_t>(static_cast<uint8_t>(b_[pos_ + i])) << (8 * i);
     pos_ += 8;
     return v;
   }
@@ -515,9 +518,8 @@ std::vector<ReadItem> CreateReadItemsForChunks(const std::string& fqn,
   }
   std::vector<size_t> order(saved.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-    return saved[a].offsets[sweep] < saved[b].offsets[sweep];
-  });
+  std::sort(order.begin(), order.end(),
+            [&](size_t a, size_t b) { return saved[a].offsets[sweep] < saved[b].offsets[sweep]; });
   std::vector<int64_t> starts;
   int64_t longest = 0;
   for (size_t i : order) {

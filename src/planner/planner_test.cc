@@ -36,8 +36,8 @@ TEST(FlattenTest, FollowsPyTorchTraversal) {
   for (const auto& e : flat) fqns.push_back(e.fqn);
   // The list of dicts is descended; the list of floats and the tuple are leaves; the empty dict
   // vanishes.
-  EXPECT_THAT(fqns, ::testing::ElementsAre("model.layers.0.weight", "model.layers.1.weight",
-                                           "step", "lrs", "pair"));
+  EXPECT_THAT(fqns, ::testing::ElementsAre("model.layers.0.weight", "model.layers.1.weight", "step",
+                                           "lrs", "pair"));
   EXPECT_EQ(PathToString(flat[1].path), "('model', 'layers', 1, 'weight')");
   EXPECT_TRUE(flat[3].value->is_list());
 }
@@ -75,7 +75,7 @@ Value ShardedRows(int rank, int world, int64_t rows, int64_t cols) {
   Value sd = Value::MakeDict();
   sd.Set("w", Value::FromSharded(st));
   sd.Set("bias", Value::FromTensor(IotaTensor(DType::kFloat32, {cols})));  // replicated
-  sd.Set("step", Value::Int(3));                                          // replicated
+  sd.Set("step", Value::Int(3));                                           // replicated
   return sd;
 }
 
@@ -198,13 +198,15 @@ TEST(LoadPlannerTest, UnevenPiecesCoverEveryElementOnce) {
   for (int64_t r = 0; r < 13; r += 5) saved.push_back({{r, 0}, {std::min<int64_t>(5, 13 - r), 7}});
   for (int64_t c = 0; c < 7; c += 3) local.push_back({{0, c}, {13, std::min<int64_t>(3, 7 - c)}});
   int64_t covered = 0;
-  for (const auto& r : CreateReadItemsForChunks("w", local, saved)) covered += NumElements(r.lengths);
+  for (const auto& r : CreateReadItemsForChunks("w", local, saved))
+    covered += NumElements(r.lengths);
   EXPECT_EQ(covered, 13 * 7);
 }
 
 TEST(LoadPlannerTest, MissingKeysAndShapeMismatch) {
   Metadata md;
-  md.state_dict_metadata["w"] = TensorStorageMetadata{{DType::kFloat32}, {2, 3}, {{{0, 0}, {2, 3}}}};
+  md.state_dict_metadata["w"] =
+      TensorStorageMetadata{{DType::kFloat32}, {2, 3}, {{{0, 0}, {2, 3}}}};
   Value sd = Value::MakeDict();
   sd.Set("w", Value::FromTensor(Tensor::Zeros(DType::kFloat32, {3, 2})));
   DefaultLoadPlanner p;

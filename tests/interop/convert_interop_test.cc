@@ -21,12 +21,14 @@ std::string Cli() {
 
 std::string Peer() {
   const char* p = std::getenv("DCPP_PYTHON");
-  return std::string(p ? p : "/usr/bin/python3") + " " + SourceDir() + "/tests/interop/convert_peer.py";
+  return std::string(p ? p : "/usr/bin/python3") + " " + SourceDir() +
+         "/tests/interop/convert_peer.py";
 }
 
 TEST(ConvertInteropTest, TorchToDcpToTorchRoundTripsThroughPyTorch) {
   TempDir dir;
-  const std::string pt = dir.Join("model.pt"), dcp = dir.Join("model_dcp"), back = dir.Join("back.pt");
+  const std::string pt = dir.Join("model.pt"), dcp = dir.Join("model_dcp"),
+                    back = dir.Join("back.pt");
   ASSERT_EQ(Shell(Peer() + " write " + pt), 0);
   ASSERT_EQ(Shell(Cli() + " convert " + pt + " " + dcp + " --to dcp"), 0);
   ASSERT_EQ(Shell(Cli() + " inspect " + dcp + " > /dev/null"), 0);
@@ -44,8 +46,10 @@ TEST(ConvertInteropTest, DiffReportsWhereCheckpointsDiffer) {
   ASSERT_EQ(Shell(Peer() + " write " + a), 0);
   const char* py = std::getenv("DCPP_PYTHON");
   ASSERT_EQ(Shell(std::string(py ? py : "/usr/bin/python3") +
-                " -c \"import torch; sd = torch.load('" + a + "'); "
-                "sd['model']['embed.weight'][3, 2] += 1e-3; sd['epoch'] = 5; torch.save(sd, '" + b + "')\""),
+                  " -c \"import torch; sd = torch.load('" + a +
+                  "'); "
+                  "sd['model']['embed.weight'][3, 2] += 1e-3; sd['epoch'] = 5; torch.save(sd, '" +
+                  b + "')\""),
             0);
   EXPECT_EQ(Shell(Cli() + " diff " + a + " " + b + " > " + dir.Join("out.txt")), 1);
   std::ifstream in(dir.Join("out.txt"));
@@ -53,7 +57,8 @@ TEST(ConvertInteropTest, DiffReportsWhereCheckpointsDiffer) {
   EXPECT_THAT(out, ::testing::HasSubstr("\"model.embed.weight\": 1 of 77 values differ"));
   EXPECT_THAT(out, ::testing::HasSubstr("first at flat index 23"));
   EXPECT_THAT(out, ::testing::HasSubstr("\"epoch\": 4 vs 5"));
-  EXPECT_EQ(Shell(Cli() + " diff " + a + " " + b + " --atol 0.01 > /dev/null"), 1);  // epoch still differs
+  EXPECT_EQ(Shell(Cli() + " diff " + a + " " + b + " --atol 0.01 > /dev/null"),
+            1);  // epoch still differs
 }
 
 }  // namespace

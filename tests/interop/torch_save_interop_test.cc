@@ -41,6 +41,15 @@ std::string Python() {
 
 std::string Peer() { return testing::SourceDir() + "/tests/interop/torch_peer.py"; }
 
+// $DCPP_CLI, else the CLI of the same build tree (<build>/dcpp beside <build>/tests/), else "".
+std::string Cli() {
+  if (const char* c = std::getenv("DCPP_CLI"); c && *c) return c;
+  std::error_code ec;
+  const fs::path candidate =
+      fs::read_symlink("/proc/self/exe", ec).parent_path().parent_path() / "dcpp";
+  return !ec && fs::is_regular_file(candidate) ? candidate.string() : std::string();
+}
+
 // Runs a shell command; returns its exit status and combined output.
 int RunShell(const std::string& cmd, std::string* output) {
   output->clear();
@@ -499,8 +508,9 @@ void Flatten(const json& n, const std::string& key,
 }
 
 TEST_F(TorchSaveInteropTest, InspectJsonListsWhatPyTorchWrote) {
-  const char* cli = std::getenv("DCPP_CLI");
-  if (!cli || !*cli) GTEST_SKIP() << "DCPP_CLI is not set (the CLI is not built)";
+  const std::string cli_path = Cli();
+  if (cli_path.empty()) GTEST_SKIP() << "DCPP_CLI is not set and no built CLI was found";
+  const char* cli = cli_path.c_str();
   TempDir dir;
   std::string out;
   ASSERT_EQ(

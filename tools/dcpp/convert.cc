@@ -13,9 +13,12 @@ void RegisterConvert(CLI::App& app) {
     std::string src, dst, to;
   };
   auto a = std::make_shared<Args>();
-  cmd->add_option("src", a->src, "source checkpoint (DCP directory or torch.save file)")->required();
+  cmd->add_option("src", a->src, "source checkpoint (DCP directory or torch.save file)")
+      ->required();
   cmd->add_option("dst", a->dst, "destination path")->required();
-  cmd->add_option("--to", a->to, "target format")->required()->check(CLI::IsMember({"dcp", "torch"}));
+  cmd->add_option("--to", a->to, "target format")
+      ->required()
+      ->check(CLI::IsMember({"dcp", "torch"}));
   cmd->callback([a] {
     auto from = DetectFormat(a->src);
     if (!from.ok()) {

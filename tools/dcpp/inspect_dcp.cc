@@ -45,7 +45,8 @@ int InspectDcp(const std::string& path, bool as_json) {
       e["kind"] = "tensor";
       e["dtype"] = std::string(DTypeName(t->properties.dtype));
       e["shape"] = t->size;
-      const int64_t nbytes = NumElements(t->size) * static_cast<int64_t>(ElementSize(t->properties.dtype));
+      const int64_t nbytes =
+          NumElements(t->size) * static_cast<int64_t>(ElementSize(t->properties.dtype));
       e["nbytes"] = nbytes;
       tensor_bytes += nbytes;
       json chunks = json::array();

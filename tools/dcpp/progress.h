@@ -13,7 +13,8 @@ namespace dcpp::cli {
 class ProgressBar {
  public:
   explicit ProgressBar(std::string label)
-      : label_(std::move(label)), enabled_(isatty(STDERR_FILENO) != 0),
+      : label_(std::move(label)),
+        enabled_(isatty(STDERR_FILENO) != 0),
         start_(std::chrono::steady_clock::now()) {}
   ~ProgressBar() {
     if (enabled_ && drawn_) std::fputc('\n', stderr);
