@@ -80,4 +80,18 @@ std::string SourceDir() {
 #endif
 }
 
+std::string CliPath() {
+  if (const char* c = std::getenv("DCPP_CLI")) return c;
+#ifdef DCPP_CLI_DEFAULT
+  return DCPP_CLI_DEFAULT;
+#else
+  return "dcpp";
+#endif
+}
+
+std::string PythonPath() {
+  if (const char* p = std::getenv("DCPP_PYTHON")) return p;
+  return "/usr/bin/python3";
+}
+
 }  // namespace dcpp::testing

@@ -64,4 +64,9 @@ Tensor IotaTensor(DType dtype, const Shape& shape);
 // or the compile-time default.
 std::string SourceDir();
 
+// The dcpp CLI built with the tests (env DCPP_CLI overrides) and the Python that has torch
+// (env DCPP_PYTHON overrides; default /usr/bin/python3).
+std::string CliPath();
+std::string PythonPath();
+
 }  // namespace dcpp::testing

@@ -1,8 +1,9 @@
 // A safe pickle reader and a small pickle writer, for the pickles PyTorch checkpoints contain
 // (torch.save's `data.pkl`, DCP's `.metadata`).
 //
-// The reader never runs anything. It turns the opcode stream (protocols 2-5) into a tree of
-// PickleValue nodes. Python constructs that would execute code are kept symbolically:
+// The reader never runs anything. It turns the opcode stream (protocols 2-5, plus the binary and
+// MARK-based opcodes of protocols 0-1) into a tree of PickleValue nodes. Python constructs that
+// would execute code are kept symbolically:
 //   GLOBAL / STACK_GLOBAL       -> kGlobal{module, name}, only if the allow-list accepts it;
 //   REDUCE f(args) / NEWOBJ     -> kObject{callable, args, newobj}; a later BUILD stores `state`,
 //                                  APPEND(S)/SETITEM(S) on it fill `list_items` / `dict_items`
@@ -19,7 +20,7 @@
 // last one wins, as in Python; see FindStrKey).
 //
 // Bounds: every length is checked against the remaining input before allocation; depth, memo
-// size and node count are limited (ReadOptions). Malformed input gives DataLoss with the byte
+// size and node count are limited (PickleReadOptions). Malformed input gives DataLoss with the byte
 // offset of the failing opcode; a global that the allow-list refuses gives InvalidArgument naming
 // "module.name"; opcodes outside the supported subset (out-of-band buffers, extension registry,
 // protocol-0 INST/OBJ and text strings) give Unimplemented.

@@ -20,6 +20,7 @@
 #include <charconv>
 #include <cmath>
 #include <cstring>
+#include <deque>
 #include <limits>
 #include <map>
 #include <unordered_map>
@@ -262,17 +263,23 @@ bool Utf8ToLatin1(std::string_view text, std::string* out) {
 class Reader {
  public:
   Reader(std::string_view data, const PickleReadOptions& options, const PickleAllowList& allow)
-      : data_(data), options_(options), allow_(allow) {
-    info_.reserve(std::min<size_t>(data.size() / 16, size_t{1} << 20));
-  }
+      : data_(data), options_(options), allow_(allow) {}
 
   Result<PickleRef> Run();
 
  private:
+  // Bookkeeping of a container the reader created.
   struct Info {
     size_t depth = 1;
     bool adopted = false;  // placed inside another value: no longer modifiable
   };
+  // A value on the stack or in the memo, with its Info (null for scalars). Items inside a
+  // container never need their Info again, so the tree itself stays plain PickleRefs.
+  struct Slot {
+    PickleRef value;
+    Info* info = nullptr;
+  };
+  using Slots = std::vector<Slot>;
 
   Status Fail(std::string_view message) const {
     std::string m = "pickle offset " + std::to_string(op_pos_);
@@ -319,30 +326,37 @@ class Reader {
   }
 
   size_t Floor() const { return marks_.empty() ? 0 : marks_.back(); }
-  Result<PickleRef> Pop() {
+  Result<Slot> Pop() {
     if (stack_.size() <= Floor()) return Fail("stack underflow");
-    PickleRef v = std::move(stack_.back());
+    Slot v = std::move(stack_.back());
     stack_.pop_back();
     return v;
   }
-  Result<PickleRef> Top() {
+  // The top slot; valid until the stack changes.
+  Result<Slot*> Top() {
     if (stack_.size() <= Floor()) return Fail("stack underflow");
-    return stack_.back();
+    return &stack_.back();
   }
-  Result<Items> PopN(size_t n) {
+  Result<Slots> PopN(size_t n) {
     if (stack_.size() - Floor() < n) return Fail("stack underflow");
-    Items items(std::make_move_iterator(stack_.end() - static_cast<std::ptrdiff_t>(n)),
+    Slots items(std::make_move_iterator(stack_.end() - static_cast<std::ptrdiff_t>(n)),
                 std::make_move_iterator(stack_.end()));
     stack_.resize(stack_.size() - n);
     return items;
   }
-  Result<Items> PopMark() {
+  Result<Slots> PopMark() {
     if (marks_.empty()) return Fail("no MARK on the stack");
     size_t n = stack_.size() - marks_.back();
     marks_.pop_back();
-    Items items(std::make_move_iterator(stack_.end() - static_cast<std::ptrdiff_t>(n)),
+    Slots items(std::make_move_iterator(stack_.end() - static_cast<std::ptrdiff_t>(n)),
                 std::make_move_iterator(stack_.end()));
     stack_.resize(stack_.size() - n);
+    return items;
+  }
+  static Items Values(Slots&& slots) {
+    Items items;
+    items.reserve(slots.size());
+    for (Slot& s : slots) items.push_back(std::move(s.value));
     return items;
   }
 
@@ -354,62 +368,72 @@ class Reader {
   }
   Status PushNew(PickleRef v) {
     DCPP_RETURN_IF_ERROR(Count());
-    stack_.push_back(std::move(v));
+    stack_.push_back(Slot{std::move(v), nullptr});
     return Status::Ok();
   }
-  Info& Register(const PickleRef& node) {
-    // insert_or_assign: a freed node's address may be reused by a new one.
-    return info_.insert_or_assign(node.get(), Info{}).first->second;
-  }
-  Status AddChild(Info& parent, const PickleRef& child) {
-    size_t d = 1;
-    if (IsContainer(child->kind())) {
-      Info& ci = info_[child.get()];
-      ci.adopted = true;
-      d = ci.depth;
-    }
-    parent.depth = std::max(parent.depth, d + 1);
-    if (parent.depth > static_cast<size_t>(std::max(options_.max_depth, 1))) {
+  Status CheckDepth(const Info& info) const {
+    if (info.depth > static_cast<size_t>(std::max(options_.max_depth, 1))) {
       return Fail("values nested deeper than " + std::to_string(options_.max_depth) +
                   " (max_depth)");
     }
     return Status::Ok();
   }
-  // `target` is about to receive `children`: it must not be inside another value yet (which
-  // also rules out cycles) and must not receive itself.
-  Result<Info*> Modifiable(const PickleRef& target) {
-    Info& info = info_[target.get()];
-    if (info.adopted) {
-      return Fail("cannot modify a " + std::string(PickleKindName(target->kind())) +
+  Status AddChild(Info& parent, const Slot& child) {
+    size_t d = 1;
+    if (child.info) {
+      child.info->adopted = true;
+      d = child.info->depth;
+    }
+    parent.depth = std::max(parent.depth, d + 1);
+    return CheckDepth(parent);
+  }
+  // `target` is about to receive children: it must not be inside another value yet (which also
+  // rules out cycles), and must not receive itself.
+  Result<Info*> Modifiable(const Slot& target) {
+    if (!target.info) return InternalError("pickle reader: container without bookkeeping");
+    if (target.info->adopted) {
+      return Fail("cannot modify a " + std::string(PickleKindName(target.value->kind())) +
                   " that is already part of another value (self-referencing pickles are not "
                   "supported)");
     }
-    return &info;
+    return target.info;
   }
-  Status AddChildTo(const PickleRef& target, Info& info, const PickleRef& child) {
-    if (child.get() == target.get()) return Fail("a value cannot contain itself");
+  Status AddChildTo(const Slot& target, Info& info, const Slot& child) {
+    if (child.value.get() == target.value.get()) return Fail("a value cannot contain itself");
     return AddChild(info, child);
   }
 
-  Status PushContainer(PickleRef node, const Items& children) {
+  // Pushes a new container whose children are `children` (already inside `node`), or whose
+  // depth is known to be `depth` when the children's bookkeeping is gone.
+  Status PushContainer(PickleRef node, const Slots& children, size_t depth = 1) {
     DCPP_RETURN_IF_ERROR(Count());
-    Info& info = Register(node);
-    for (const PickleRef& c : children) DCPP_RETURN_IF_ERROR(AddChild(info, c));
-    stack_.push_back(std::move(node));
+    Info& info = infos_.emplace_back();
+    info.depth = depth;
+    DCPP_RETURN_IF_ERROR(CheckDepth(info));
+    for (const Slot& c : children) DCPP_RETURN_IF_ERROR(AddChild(info, c));
+    stack_.push_back(Slot{std::move(node), &info});
     return Status::Ok();
   }
-  Status PushTuple(Items items) {
-    PickleRef t = PickleValue::Tuple(std::move(items));
-    return PushContainer(t, t->items());
+  Status PushSequence(Kind kind, Slots items) {
+    DCPP_RETURN_IF_ERROR(Count());
+    Info& info = infos_.emplace_back();
+    for (const Slot& c : items) DCPP_RETURN_IF_ERROR(AddChild(info, c));
+    Items values = Values(std::move(items));
+    PickleRef v = kind == Kind::kTuple  ? PickleValue::Tuple(std::move(values))
+                  : kind == Kind::kList ? PickleValue::List(std::move(values))
+                                        : PickleValue::Set(std::move(values));
+    stack_.push_back(Slot{std::move(v), &info});
+    return Status::Ok();
   }
 
   Result<int64_t> DecodeLong(std::string_view bytes);
   Result<int64_t> ParseDecimal(std::string_view text);
   Status DoGlobal(std::string_view module, std::string_view name);
-  Status DoAppends(Items items);
-  Status DoSetItems(Items items);
-  Status DoReduce(PickleRef callable, PickleRef args);
-  Status DoNewObj(PickleRef cls, PickleRef args, PickleRef kwargs);
+  Status DoAppends(Slots items);
+  Status DoSetItems(Slots items);
+  Status DoAddItems(Slots items);
+  Status DoReduce(Slot callable, Slot args);
+  Status DoNewObj(Slot cls, Slot args, const Slot* kwargs);
   Status DoBuild();
   Status MemoPut(uint64_t index);
   Status MemoGet(uint64_t index);
@@ -426,14 +450,14 @@ class Reader {
   bool stopped_ = false;
   PickleRef result_;
   size_t nodes_ = 0;
-  std::vector<PickleRef> stack_;
+  Slots stack_;
   std::vector<size_t> marks_;  // stack heights at each open MARK
+  std::deque<Info> infos_;     // one per container; stable addresses
   // Memo: indices written in order (MEMOIZE, CPython's BINPUTs) live in memo_dense_; any others
   // in memo_sparse_, so a hostile LONG_BINPUT index costs one entry, not a huge vector.
-  std::vector<PickleRef> memo_dense_;
-  std::unordered_map<uint64_t, PickleRef> memo_sparse_;
+  Slots memo_dense_;
+  std::unordered_map<uint64_t, Slot> memo_sparse_;
   size_t memo_count_ = 0;
-  std::unordered_map<const PickleValue*, Info> info_;  // containers only
 };
 
 Result<int64_t> Reader::DecodeLong(std::string_view bytes) {
@@ -479,40 +503,52 @@ Status Reader::DoGlobal(std::string_view module, std::string_view name) {
   return PushNew(PickleValue::MakeGlobal(std::string(module), std::string(name)));
 }
 
-Status Reader::DoAppends(Items items) {
-  DCPP_ASSIGN_OR_RETURN(PickleRef target, Top());
+Status Reader::DoAppends(Slots items) {
+  DCPP_ASSIGN_OR_RETURN(Slot * target, Top());
+  PickleValue& t = *target->value;
   Items* dest = nullptr;
-  if (target->is(Kind::kList)) {
-    dest = &target->items();
-  } else if (target->is(Kind::kObject)) {
-    dest = &target->object().list_items;
+  if (t.is(Kind::kList)) {
+    dest = &t.items();
+  } else if (t.is(Kind::kObject)) {
+    dest = &t.object().list_items;
   } else {
-    return Fail("cannot append to a " + std::string(PickleKindName(target->kind())));
+    return Fail("cannot append to a " + std::string(PickleKindName(t.kind())));
   }
-  DCPP_ASSIGN_OR_RETURN(Info * info, Modifiable(target));
-  for (const PickleRef& c : items) DCPP_RETURN_IF_ERROR(AddChildTo(target, *info, c));
-  dest->insert(dest->end(), std::make_move_iterator(items.begin()),
-               std::make_move_iterator(items.end()));
+  DCPP_ASSIGN_OR_RETURN(Info * info, Modifiable(*target));
+  for (const Slot& c : items) DCPP_RETURN_IF_ERROR(AddChildTo(*target, *info, c));
+  for (Slot& c : items) dest->push_back(std::move(c.value));
   return Status::Ok();
 }
 
-Status Reader::DoSetItems(Items items) {
+Status Reader::DoSetItems(Slots items) {
   if (items.size() % 2 != 0) return Fail("odd number of items for a dict");
-  DCPP_ASSIGN_OR_RETURN(PickleRef target, Top());
+  DCPP_ASSIGN_OR_RETURN(Slot * target, Top());
+  PickleValue& t = *target->value;
   DictItems* dest = nullptr;
-  if (target->is(Kind::kDict)) {
-    dest = &target->dict_items();
-  } else if (target->is(Kind::kObject)) {
-    dest = &target->object().dict_items;
+  if (t.is(Kind::kDict)) {
+    dest = &t.dict_items();
+  } else if (t.is(Kind::kObject)) {
+    dest = &t.object().dict_items;
   } else {
-    return Fail("cannot set items on a " + std::string(PickleKindName(target->kind())));
+    return Fail("cannot set items on a " + std::string(PickleKindName(t.kind())));
   }
-  DCPP_ASSIGN_OR_RETURN(Info * info, Modifiable(target));
-  for (const PickleRef& c : items) DCPP_RETURN_IF_ERROR(AddChildTo(target, *info, c));
-  dest->reserve(dest->size() + items.size() / 2);
+  DCPP_ASSIGN_OR_RETURN(Info * info, Modifiable(*target));
+  for (const Slot& c : items) DCPP_RETURN_IF_ERROR(AddChildTo(*target, *info, c));
   for (size_t i = 0; i < items.size(); i += 2) {
-    dest->emplace_back(std::move(items[i]), std::move(items[i + 1]));
+    dest->emplace_back(std::move(items[i].value), std::move(items[i + 1].value));
   }
+  return Status::Ok();
+}
+
+Status Reader::DoAddItems(Slots items) {
+  DCPP_ASSIGN_OR_RETURN(Slot * target, Top());
+  if (!target->value->is(Kind::kSet)) {
+    return Fail("cannot add items to a " + std::string(PickleKindName(target->value->kind())));
+  }
+  DCPP_ASSIGN_OR_RETURN(Info * info, Modifiable(*target));
+  for (const Slot& c : items) DCPP_RETURN_IF_ERROR(AddChildTo(*target, *info, c));
+  Items& dest = target->value->items();
+  for (Slot& c : items) dest.push_back(std::move(c.value));
   return Status::Ok();
 }
 
@@ -520,16 +556,19 @@ bool IsGlobal(const PickleValue& v, std::string_view module, std::string_view na
   return v.is(Kind::kGlobal) && v.global().module == module && v.global().name == name;
 }
 
-Status Reader::DoReduce(PickleRef callable, PickleRef args) {
-  if (!callable->is(Kind::kGlobal) && !callable->is(Kind::kObject)) {
-    return Fail("callable is a " + std::string(PickleKindName(callable->kind())));
+Status Reader::DoReduce(Slot callable, Slot args) {
+  const PickleValue& f = *callable.value;
+  if (!f.is(Kind::kGlobal) && !f.is(Kind::kObject)) {
+    return Fail("callable is a " + std::string(PickleKindName(f.kind())));
   }
-  if (!args->is(Kind::kTuple)) {
-    return Fail("arguments are a " + std::string(PickleKindName(args->kind())) + ", not a tuple");
+  if (!args.value->is(Kind::kTuple)) {
+    return Fail("arguments are a " + std::string(PickleKindName(args.value->kind())) +
+                ", not a tuple");
   }
-  const Items& a = args->items();
-  // Calls that only rebuild plain data are resolved here (see the header).
-  if (IsGlobal(*callable, "_codecs", "encode")) {
+  const Items& a = args.value->items();
+  // Calls that only rebuild plain data are resolved here (see the header). Their results hold
+  // only values already inside `args`, so args' depth bounds theirs.
+  if (IsGlobal(f, "_codecs", "encode")) {
     if (a.size() != 2 || !a[0]->is(Kind::kStr) || !a[1]->is(Kind::kStr) ||
         (a[1]->as_str() != "latin1" && a[1]->as_str() != "latin-1")) {
       return Fail("unsupported _codecs.encode call (expected (str, 'latin1'))");
@@ -540,67 +579,71 @@ Status Reader::DoReduce(PickleRef callable, PickleRef args) {
     }
     return PushNew(PickleValue::Bytes(std::move(bytes)));
   }
-  if ((IsGlobal(*callable, "builtins", "bytes") || IsGlobal(*callable, "builtins", "bytearray")) &&
+  if ((IsGlobal(f, "builtins", "bytes") || IsGlobal(f, "builtins", "bytearray")) &&
       (a.empty() || (a.size() == 1 && a[0]->is(Kind::kBytes)))) {
     return PushNew(PickleValue::Bytes(a.empty() ? std::string() : a[0]->as_str()));
   }
-  if ((IsGlobal(*callable, "builtins", "set") || IsGlobal(*callable, "builtins", "frozenset")) &&
+  if ((IsGlobal(f, "builtins", "set") || IsGlobal(f, "builtins", "frozenset")) &&
       (a.empty() || (a.size() == 1 && a[0]->is(Kind::kList)))) {
-    PickleRef s = PickleValue::Set(a.empty() ? Items() : a[0]->items());
-    return PushContainer(s, s->items());
+    // The set holds the list's items: one level less than args = (list,).
+    size_t depth = a.empty() ? 1 : args.info->depth - 1;
+    return PushContainer(PickleValue::Set(a.empty() ? Items() : a[0]->items()), {}, depth);
   }
-  if (IsGlobal(*callable, "copyreg", "__newobj__") && !a.empty()) {
-    Items rest(a.begin() + 1, a.end());
-    PickleRef cls = a[0];
-    PickleRef tuple = PickleValue::Tuple(std::move(rest));
+  if (IsGlobal(f, "copyreg", "__newobj__") && !a.empty()) {
+    // cls and the remaining arguments come out of args, whose depth bounds theirs.
+    Info& cls_info = infos_.emplace_back(Info{args.info->depth - 1, true});
+    Info& rest_info = infos_.emplace_back(Info{args.info->depth, false});
+    Slot cls{a[0], IsContainer(a[0]->kind()) ? &cls_info : nullptr};
     DCPP_RETURN_IF_ERROR(Count());
-    Info& ti = Register(tuple);
-    for (const PickleRef& c : tuple->items()) DCPP_RETURN_IF_ERROR(AddChild(ti, c));
-    return DoNewObj(std::move(cls), std::move(tuple), nullptr);
+    Slot rest{PickleValue::Tuple(Items(a.begin() + 1, a.end())), &rest_info};
+    return DoNewObj(std::move(cls), std::move(rest), nullptr);
   }
-  PickleRef obj = PickleValue::Call(callable, args);
-  return PushContainer(obj, {callable, args});
+  return PushContainer(PickleValue::Call(callable.value, args.value), {callable, args});
 }
 
-Status Reader::DoNewObj(PickleRef cls, PickleRef args, PickleRef kwargs) {
-  if (!cls->is(Kind::kGlobal) && !cls->is(Kind::kObject)) {
-    return Fail("class is a " + std::string(PickleKindName(cls->kind())));
+Status Reader::DoNewObj(Slot cls, Slot args, const Slot* kwargs) {
+  if (!cls.value->is(Kind::kGlobal) && !cls.value->is(Kind::kObject)) {
+    return Fail("class is a " + std::string(PickleKindName(cls.value->kind())));
   }
-  if (!args->is(Kind::kTuple)) {
-    return Fail("arguments are a " + std::string(PickleKindName(args->kind())) + ", not a tuple");
+  if (!args.value->is(Kind::kTuple)) {
+    return Fail("arguments are a " + std::string(PickleKindName(args.value->kind())) +
+                ", not a tuple");
   }
-  if (kwargs && !kwargs->is(Kind::kDict)) {
-    return Fail("keyword arguments are a " + std::string(PickleKindName(kwargs->kind())) +
+  if (kwargs && !kwargs->value->is(Kind::kDict)) {
+    return Fail("keyword arguments are a " + std::string(PickleKindName(kwargs->value->kind())) +
                 ", not a dict");
   }
-  PickleRef obj = PickleValue::New(cls, args);
-  obj->object().kwargs = kwargs;
-  Items children = {cls, args};
-  if (kwargs) children.push_back(kwargs);
-  return PushContainer(obj, children);
+  PickleRef obj = PickleValue::New(cls.value, args.value);
+  Slots children = {cls, args};
+  if (kwargs) {
+    obj->object().kwargs = kwargs->value;
+    children.push_back(*kwargs);
+  }
+  return PushContainer(std::move(obj), children);
 }
 
 Status Reader::DoBuild() {
-  DCPP_ASSIGN_OR_RETURN(PickleRef state, Pop());
-  DCPP_ASSIGN_OR_RETURN(PickleRef target, Top());
-  if (!target->is(Kind::kObject)) {
-    return Fail("cannot set state on a " + std::string(PickleKindName(target->kind())));
+  DCPP_ASSIGN_OR_RETURN(Slot state, Pop());
+  DCPP_ASSIGN_OR_RETURN(Slot * target, Top());
+  PickleValue& t = *target->value;
+  if (!t.is(Kind::kObject)) {
+    return Fail("cannot set state on a " + std::string(PickleKindName(t.kind())));
   }
-  if (target->object().state) return Fail("object state is already set");
-  DCPP_ASSIGN_OR_RETURN(Info * info, Modifiable(target));
-  DCPP_RETURN_IF_ERROR(AddChildTo(target, *info, state));
-  target->object().state = std::move(state);
+  if (t.object().state) return Fail("object state is already set");
+  DCPP_ASSIGN_OR_RETURN(Info * info, Modifiable(*target));
+  DCPP_RETURN_IF_ERROR(AddChildTo(*target, *info, state));
+  t.object().state = std::move(state.value);
   return Status::Ok();
 }
 
 Status Reader::MemoPut(uint64_t index) {
-  DCPP_ASSIGN_OR_RETURN(PickleRef top, Top());
+  DCPP_ASSIGN_OR_RETURN(Slot * top, Top());
   if (index < memo_dense_.size()) {
-    memo_dense_[index] = std::move(top);
+    memo_dense_[index] = *top;
     return Status::Ok();
   }
   if (auto it = memo_sparse_.find(index); it != memo_sparse_.end()) {
-    it->second = std::move(top);
+    it->second = *top;
     return Status::Ok();
   }
   if (memo_count_ >= options_.max_memo) {
@@ -608,9 +651,9 @@ Status Reader::MemoPut(uint64_t index) {
   }
   ++memo_count_;
   if (index == memo_dense_.size()) {
-    memo_dense_.push_back(std::move(top));
+    memo_dense_.push_back(*top);
   } else {
-    memo_sparse_.emplace(index, std::move(top));
+    memo_sparse_.emplace(index, *top);
   }
   return Status::Ok();
 }
@@ -634,7 +677,7 @@ Result<PickleRef> Reader::Finish() {
   if (pos_ != data_.size()) {
     return Fail(std::to_string(data_.size() - pos_) + " trailing bytes after STOP");
   }
-  return std::move(stack_.back());
+  return std::move(stack_.back().value);
 }
 
 Status Reader::Step(uint8_t code) {
@@ -736,67 +779,56 @@ Status Reader::Step(uint8_t code) {
       return PushNew(PickleValue::Bytes(std::string(s)));
     }
     case op::kEmptyTuple:
-      return PushTuple({});
+      return PushSequence(Kind::kTuple, {});
     case op::kTuple1:
     case op::kTuple2:
     case op::kTuple3: {
-      DCPP_ASSIGN_OR_RETURN(Items items, PopN(code - op::kTuple1 + 1));
-      return PushTuple(std::move(items));
+      DCPP_ASSIGN_OR_RETURN(Slots items, PopN(code - op::kTuple1 + 1));
+      return PushSequence(Kind::kTuple, std::move(items));
     }
     case op::kTuple: {
-      DCPP_ASSIGN_OR_RETURN(Items items, PopMark());
-      return PushTuple(std::move(items));
+      DCPP_ASSIGN_OR_RETURN(Slots items, PopMark());
+      return PushSequence(Kind::kTuple, std::move(items));
     }
     case op::kEmptyList:
       return PushContainer(PickleValue::List(), {});
     case op::kList: {
-      DCPP_ASSIGN_OR_RETURN(Items items, PopMark());
-      PickleRef l = PickleValue::List(std::move(items));
-      return PushContainer(l, l->items());
+      DCPP_ASSIGN_OR_RETURN(Slots items, PopMark());
+      return PushSequence(Kind::kList, std::move(items));
     }
     case op::kAppend: {
-      DCPP_ASSIGN_OR_RETURN(PickleRef v, Pop());
+      DCPP_ASSIGN_OR_RETURN(Slot v, Pop());
       return DoAppends({std::move(v)});
     }
     case op::kAppends: {
-      DCPP_ASSIGN_OR_RETURN(Items items, PopMark());
+      DCPP_ASSIGN_OR_RETURN(Slots items, PopMark());
       return DoAppends(std::move(items));
     }
     case op::kEmptyDict:
       return PushContainer(PickleValue::Dict(), {});
     case op::kDict: {
-      DCPP_ASSIGN_OR_RETURN(Items items, PopMark());
+      DCPP_ASSIGN_OR_RETURN(Slots items, PopMark());
       if (items.size() % 2 != 0) return Fail("odd number of items for a dict");
       DCPP_RETURN_IF_ERROR(PushContainer(PickleValue::Dict(), {}));
       return DoSetItems(std::move(items));
     }
     case op::kSetItem: {
-      DCPP_ASSIGN_OR_RETURN(Items kv, PopN(2));
+      DCPP_ASSIGN_OR_RETURN(Slots kv, PopN(2));
       return DoSetItems(std::move(kv));
     }
     case op::kSetItems: {
-      DCPP_ASSIGN_OR_RETURN(Items items, PopMark());
+      DCPP_ASSIGN_OR_RETURN(Slots items, PopMark());
       return DoSetItems(std::move(items));
     }
     case op::kEmptySet:
       return PushContainer(PickleValue::Set(), {});
     case op::kAddItems: {
-      DCPP_ASSIGN_OR_RETURN(Items items, PopMark());
-      DCPP_ASSIGN_OR_RETURN(PickleRef target, Top());
-      if (!target->is(Kind::kSet)) {
-        return Fail("cannot add items to a " + std::string(PickleKindName(target->kind())));
-      }
-      DCPP_ASSIGN_OR_RETURN(Info * info, Modifiable(target));
-      for (const PickleRef& c : items) DCPP_RETURN_IF_ERROR(AddChildTo(target, *info, c));
-      Items& dest = target->items();
-      dest.insert(dest.end(), std::make_move_iterator(items.begin()),
-                  std::make_move_iterator(items.end()));
-      return Status::Ok();
+      DCPP_ASSIGN_OR_RETURN(Slots items, PopMark());
+      return DoAddItems(std::move(items));
     }
     case op::kFrozenSet: {
-      DCPP_ASSIGN_OR_RETURN(Items items, PopMark());
-      PickleRef s = PickleValue::Set(std::move(items));
-      return PushContainer(s, s->items());
+      DCPP_ASSIGN_OR_RETURN(Slots items, PopMark());
+      return PushSequence(Kind::kSet, std::move(items));
     }
     case op::kMark:
       if (marks_.size() >= static_cast<size_t>(std::max(options_.max_depth, 1))) {
@@ -815,12 +847,13 @@ Status Reader::Step(uint8_t code) {
       }
       return Status::Ok();
     case op::kPopMark: {
-      DCPP_ASSIGN_OR_RETURN(Items discarded, PopMark());
+      DCPP_ASSIGN_OR_RETURN(Slots discarded, PopMark());
       return Status::Ok();
     }
     case op::kDup: {
-      DCPP_ASSIGN_OR_RETURN(PickleRef top, Top());
-      stack_.push_back(std::move(top));
+      DCPP_ASSIGN_OR_RETURN(Slot * top, Top());
+      Slot copy = *top;
+      stack_.push_back(std::move(copy));
       return Status::Ok();
     }
     case op::kGlobal: {
@@ -829,44 +862,44 @@ Status Reader::Step(uint8_t code) {
       return DoGlobal(module, name);
     }
     case op::kStackGlobal: {
-      DCPP_ASSIGN_OR_RETURN(PickleRef name, Pop());
-      DCPP_ASSIGN_OR_RETURN(PickleRef module, Pop());
-      if (!module->is(Kind::kStr) || !name->is(Kind::kStr)) {
+      DCPP_ASSIGN_OR_RETURN(Slot name, Pop());
+      DCPP_ASSIGN_OR_RETURN(Slot module, Pop());
+      if (!module.value->is(Kind::kStr) || !name.value->is(Kind::kStr)) {
         return Fail("module and name must be str, got " +
-                    std::string(PickleKindName(module->kind())) + " and " +
-                    std::string(PickleKindName(name->kind())));
+                    std::string(PickleKindName(module.value->kind())) + " and " +
+                    std::string(PickleKindName(name.value->kind())));
       }
-      return DoGlobal(module->as_str(), name->as_str());
+      return DoGlobal(module.value->as_str(), name.value->as_str());
     }
     case op::kReduce: {
-      DCPP_ASSIGN_OR_RETURN(PickleRef args, Pop());
-      DCPP_ASSIGN_OR_RETURN(PickleRef callable, Pop());
+      DCPP_ASSIGN_OR_RETURN(Slot args, Pop());
+      DCPP_ASSIGN_OR_RETURN(Slot callable, Pop());
       return DoReduce(std::move(callable), std::move(args));
     }
     case op::kNewObj: {
-      DCPP_ASSIGN_OR_RETURN(PickleRef args, Pop());
-      DCPP_ASSIGN_OR_RETURN(PickleRef cls, Pop());
+      DCPP_ASSIGN_OR_RETURN(Slot args, Pop());
+      DCPP_ASSIGN_OR_RETURN(Slot cls, Pop());
       return DoNewObj(std::move(cls), std::move(args), nullptr);
     }
     case op::kNewObjEx: {
-      DCPP_ASSIGN_OR_RETURN(PickleRef kwargs, Pop());
-      DCPP_ASSIGN_OR_RETURN(PickleRef args, Pop());
-      DCPP_ASSIGN_OR_RETURN(PickleRef cls, Pop());
-      return DoNewObj(std::move(cls), std::move(args), std::move(kwargs));
+      DCPP_ASSIGN_OR_RETURN(Slot kwargs, Pop());
+      DCPP_ASSIGN_OR_RETURN(Slot args, Pop());
+      DCPP_ASSIGN_OR_RETURN(Slot cls, Pop());
+      return DoNewObj(std::move(cls), std::move(args), &kwargs);
     }
     case op::kBuild:
       return DoBuild();
     case op::kBinPersId: {
-      DCPP_ASSIGN_OR_RETURN(PickleRef id, Pop());
-      PickleRef p = PickleValue::PersistentId(id);
-      return PushContainer(p, {id});
+      DCPP_ASSIGN_OR_RETURN(Slot id, Pop());
+      PickleRef p = PickleValue::PersistentId(id.value);
+      return PushContainer(std::move(p), {id});
     }
     case op::kPersId: {
       DCPP_ASSIGN_OR_RETURN(std::string_view line, ReadLine());
       DCPP_RETURN_IF_ERROR(Count());
-      PickleRef id = PickleValue::Str(std::string(line));
-      PickleRef p = PickleValue::PersistentId(id);
-      return PushContainer(p, {id});
+      Slot id{PickleValue::Str(std::string(line)), nullptr};
+      PickleRef p = PickleValue::PersistentId(id.value);
+      return PushContainer(std::move(p), {id});
     }
     case op::kBinPut: {
       DCPP_ASSIGN_OR_RETURN(uint64_t i, ReadLE(1, "memo index"));
@@ -951,7 +984,8 @@ class Writer {
   bool Proto4() const { return options_.protocol >= 4; }
 
   // Output with CPython's framing: a frame is opened lazily by the first write after a commit
-  // and committed at an opcode boundary once it holds kFrameSizeTarget bytes.
+  // and committed at an opcode boundary (the start of each value) once it holds
+  // kFrameSizeTarget bytes.
   void Write(std::string_view bytes) {
     if (framing_ && frame_start_ == std::string::npos) {
       frame_start_ = out_.size();
@@ -1071,7 +1105,10 @@ class Writer {
       return Status::Ok();
     }
     if (Proto4()) {
+      // CPython saves both names as values, so each one is an opcode boundary.
+      OpcodeBoundary();
       WriteSharedStr(module);
+      OpcodeBoundary();
       WriteSharedStr(name);
       WriteOp(op::kStackGlobal);
     } else {
@@ -1092,7 +1129,7 @@ class Writer {
   }
 
   // CPython's batch_list_exact / batch_dict_exact (a real list or dict): a lone item uses
-  // APPEND/SETITEM, otherwise every batch of up to 1000 is MARK ... APPENDS.
+  // APPEND/SETITEM, otherwise every batch of up to 1000 is MARK ... APPENDS / SETITEMS.
   Status WriteListItemsExact(const Items& items, int depth) {
     if (items.size() == 1) {
       DCPP_RETURN_IF_ERROR(SaveRef(items[0], depth, "list item"));
@@ -1114,13 +1151,18 @@ class Writer {
       WriteOp(op::kSetItem);
       return Status::Ok();
     }
-    for (size_t i = 0; i < items.size(); i += kBatchSize) {
+    if (items.empty()) return Status::Ok();
+    // Unlike lists, CPython loops while the last batch was full, so a multiple of 1000 ends
+    // with an empty MARK SETITEMS.
+    size_t i = 0;
+    size_t n = 0;
+    do {
       WriteOp(op::kMark);
-      for (size_t j = i; j < std::min(items.size(), i + kBatchSize); ++j) {
-        DCPP_RETURN_IF_ERROR(SavePair(items[j], depth));
+      for (n = 0; n < kBatchSize && i < items.size(); ++n, ++i) {
+        DCPP_RETURN_IF_ERROR(SavePair(items[i], depth));
       }
       WriteOp(op::kSetItems);
-    }
+    } while (n == kBatchSize);
     return Status::Ok();
   }
   // CPython's batch_list / batch_dict (items from an iterator, as for reduce's listitems and
@@ -1266,9 +1308,8 @@ class Writer {
       return InvalidArgumentError("pickle tree nested deeper than " +
                                   std::to_string(options_.max_depth) + " (max_depth)");
     }
-    DCPP_RETURN_IF_ERROR(SaveValue(v, depth, shared));
-    OpcodeBoundary();
-    return Status::Ok();
+    OpcodeBoundary();  // CPython's save() checks before each value, atoms included
+    return SaveValue(v, depth, shared);
   }
 
   Status SaveValue(const PickleValue& v, int depth, bool shared) {

@@ -668,6 +668,16 @@ TEST(WritePickleTest, BatchesOfAThousand) {
   EXPECT_EQ(Count(d, 'u'), 2u);
   EXPECT_EQ(Count(d, 's'), 0u);
   EXPECT_TRUE(d.ends_with("(NNu."));
+  // Exactly 1000: CPython's dict loop runs while the last batch was full, so an empty batch
+  // follows (lists stop at the item count instead).
+  DCPP_ASSERT_OK_AND_ASSIGN(
+      std::string d1000,
+      WritePickle(*PickleValue::Dict(PickleValue::DictItems(kv.begin(), kv.begin() + 1000))));
+  EXPECT_TRUE(d1000.ends_with("NNu(u."));
+  DCPP_ASSERT_OK_AND_ASSIGN(
+      std::string l1000,
+      WritePickle(*PickleValue::List(PickleValue::Items(items.begin(), items.begin() + 1000))));
+  EXPECT_TRUE(l1000.ends_with("NNe."));
   // Object items come from an iterator in CPython: the lone last item uses SETITEM.
   PickleRef od = PickleValue::Call(PickleValue::MakeGlobal("collections", "OrderedDict"), nullptr);
   od->object().dict_items = kv;
@@ -678,7 +688,7 @@ TEST(WritePickleTest, BatchesOfAThousand) {
   DCPP_ASSERT_OK_AND_ASSIGN(std::string one,
                             WritePickle(*PickleValue::List({PickleValue::None()})));
   EXPECT_EQ(one, "\x80\x02]q\x00Na."s);
-  for (const std::string& data : {l, d, o}) {
+  for (const std::string& data : {l, d, o, d1000, l1000}) {
     DCPP_ASSERT_OK_AND_ASSIGN(PickleRef back, ReadPickle(data));
     DCPP_ASSERT_OK_AND_ASSIGN(std::string again, WritePickle(*back));
     EXPECT_EQ(again, data);

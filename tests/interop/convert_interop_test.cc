@@ -14,10 +14,7 @@ using ::dcpp::testing::TempDir;
 
 int Shell(const std::string& cmd) { return WEXITSTATUS(std::system((cmd + " 2>&1").c_str())); }
 
-std::string Cli() {
-  const char* c = std::getenv("DCPP_CLI");
-  return c ? c : "dcpp";
-}
+std::string Cli() { return ::dcpp::testing::CliPath(); }
 
 std::string Peer() {
   const char* p = std::getenv("DCPP_PYTHON");
@@ -44,8 +41,7 @@ TEST(ConvertInteropTest, DiffReportsWhereCheckpointsDiffer) {
   TempDir dir;
   const std::string a = dir.Join("a.pt"), b = dir.Join("b.pt");
   ASSERT_EQ(Shell(Peer() + " write " + a), 0);
-  const char* py = std::getenv("DCPP_PYTHON");
-  ASSERT_EQ(Shell(std::string(py ? py : "/usr/bin/python3") +
+  ASSERT_EQ(Shell(::dcpp::testing::PythonPath() +
                   " -c \"import torch; sd = torch.load('" + a +
                   "'); "
                   "sd['model']['embed.weight'][3, 2] += 1e-3; sd['epoch'] = 5; torch.save(sd, '" +

@@ -13,10 +13,7 @@ namespace {
 using ::dcpp::testing::SourceDir;
 using ::dcpp::testing::TempDir;
 
-std::string Python() {
-  const char* p = std::getenv("DCPP_PYTHON");
-  return p ? p : "/usr/bin/python3";
-}
+std::string Python() { return ::dcpp::testing::PythonPath(); }
 
 int RunPeer(const std::string& args) {
   std::string cmd = Python() + " " + SourceDir() + "/tests/interop/dcp_peer.py " + args + " 2>&1";

@@ -50,7 +50,9 @@ CASES = {
                "t": True, "f": False},
     "sets": {"s": {1, 2, 3}, "e": set(), "nested": [{4}]},
     "ordered": collections.OrderedDict([("z", 1), ("a", [2])]),
-    "big": [list(range(2500)), {f"k{i}": i for i in range(1200)}],
+    "big": [list(range(2500)), {f"k{i}": i for i in range(1200)}, {i: None for i in range(2000)}],
+    # Several 64 KiB frames in protocol 4.
+    "frames": {f"layer.{i}.weight": [i, -i * 1000003, "v", 0.5] for i in range(12000)},
     "shared": shared_case(),
     "torch": [torch.Size([2, 3]), torch.Size([]), torch.float32, torch.bfloat16, torch.int64],
     "namespace": argparse.Namespace(a=1, b="two"),
