@@ -18,6 +18,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -121,6 +122,12 @@ struct TorchSaveWriteOptions {
   // Write PyTorch 2.x's extra records (byteorder, .format_version, .storage_alignment,
   // .data/serialization_id). Both forms load in torch >= 1.13.
   bool modern_records = true;
+  // Streaming: when set, each storage record's bytes come from materialize(t), called just
+  // before the record is written with the (first) tensor of that storage as found in the value,
+  // and released right after. The value may then hold placeholder tensors whose storage has the
+  // right size but no data (Storage::Wrap(nullptr, nbytes, ...)); each must own its storage
+  // alone and cover it exactly. Peak memory is one tensor.
+  std::function<Result<Tensor>(const Tensor& placeholder)> materialize;
 };
 
 // Writes `value` (tensors and plain values; ShardedTensor and Opaque are rejected) as one
@@ -139,5 +146,7 @@ Result<std::string> EncodeTorchSave(const Value& value, const TorchSaveWriteOpti
 // torch.save to a path does) atomically: temp file, fsync, rename.
 Result<Value> LoadTorchFile(const std::string& path);
 Status SaveTorchFile(const Value& value, const std::string& path);
+// As above with options; `archive_name` is always derived from `path`.
+Status SaveTorchFile(const Value& value, const std::string& path, TorchSaveWriteOptions options);
 
 }  // namespace dcpp

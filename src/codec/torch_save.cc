@@ -680,6 +680,7 @@ struct StorageGroup {
   DType dtype = DType::kFloat32;
   uint64_t nbytes = 0;
   std::string key;
+  size_t first_tensor = 0;  // index of its first tensor in pickling order
 };
 
 struct PlannedTensor {
@@ -874,8 +875,13 @@ Status WriteTorchSave(const Value& value, ByteSink& sink, const TorchSaveWriteOp
     const std::vector<size_t>& idx = users[s];
     StorageGroup g;
     g.key = std::to_string(groups.size());
+    g.first_tensor = idx[0];
     const Tensor& first = *found[idx[0]];
     g.dtype = first.dtype();
+    if (options.materialize && (idx.size() != 1 || !CoversStorageExactly(first))) {
+      return InvalidArgumentError(
+          "streaming torch.save needs tensors that own their storage alone and cover it exactly");
+    }
     if (idx.size() == 1) {
       Tensor t = CoversStorageExactly(first) ? first : first.Clone();
       g.storage = t.storage();
@@ -932,7 +938,18 @@ Status WriteTorchSave(const Value& value, ByteSink& sink, const TorchSaveWriteOp
               [](const StorageGroup* a, const StorageGroup* b) { return a->key < b->key; });
   }
   for (const StorageGroup* g : record_order) {
-    DCPP_RETURN_IF_ERROR(add("data/" + g->key, g->storage->data(), g->nbytes));
+    if (!options.materialize) {
+      DCPP_RETURN_IF_ERROR(add("data/" + g->key, g->storage->data(), g->nbytes));
+      continue;
+    }
+    const Tensor& placeholder = planned[g->first_tensor].tensor;
+    DCPP_ASSIGN_OR_RETURN(Tensor real, options.materialize(placeholder));
+    if (real.dtype() != placeholder.dtype() || real.shape() != placeholder.shape()) {
+      return InternalError("materialized tensor " + real.view().DebugString() +
+                           " does not match its placeholder " + placeholder.view().DebugString());
+    }
+    if (!real.is_contiguous() || !placeholder.is_contiguous()) real = real.Clone();
+    DCPP_RETURN_IF_ERROR(add("data/" + g->key, real.data(), g->nbytes));
   }
   DCPP_RETURN_IF_ERROR(add_str("version", "3\n"));
   if (options.modern_records) {
@@ -954,8 +971,11 @@ Result<Value> LoadTorchFile(const std::string& path) {
 }
 
 Status SaveTorchFile(const Value& value, const std::string& path) {
+  return SaveTorchFile(value, path, TorchSaveWriteOptions{});
+}
+
+Status SaveTorchFile(const Value& value, const std::string& path, TorchSaveWriteOptions options) {
   // As PyTorchStreamWriter: the basename up to its last '.'.
-  TorchSaveWriteOptions options;
   std::string base =
       path.substr(path.find_last_of('/') == std::string::npos ? 0 : path.find_last_of('/') + 1);
   const size_t dot = base.find_last_of('.');

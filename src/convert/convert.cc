@@ -144,16 +144,44 @@ Status ConvertDcpToTorch(const std::string& dcp_dir, const std::string& torch_fi
   DCPP_ASSIGN_OR_RETURN(auto src, DcpSource::Open(dcp_dir));
   int64_t total = 0, done = 0;
   for (const auto& e : src->entries()) total += e.nbytes;
+  // The tree with placeholder tensors (no memory behind them); the torch.save writer asks for
+  // each tensor's bytes just before writing its record, so one tensor is in memory at a time.
   Value root = Value::MakeDict();
+  std::map<const Storage*, const EntryInfo*> by_storage;
   for (const auto& e : src->entries()) {
-    auto v = src->Read(e);
-    if (!v.ok())
-      return v.status().WithContext("converting \"" + dcp_dir + "\" key \"" + e.fqn + "\"");
-    DCPP_RETURN_IF_ERROR(SetElement(root, e.path, std::move(*v)));
-    done += e.nbytes;
-    if (progress) progress(done, total);
+    Value leaf;
+    if (e.is_tensor) {
+      auto storage = Storage::Wrap(nullptr, static_cast<size_t>(e.nbytes), Device::CPU(), nullptr);
+      by_storage[storage.get()] = &e;
+      DCPP_ASSIGN_OR_RETURN(Tensor placeholder, Tensor::FromStorage(storage, e.dtype, e.shape));
+      leaf = Value::FromTensor(std::move(placeholder));
+    } else {
+      auto v = src->Read(e);
+      if (!v.ok())
+        return v.status().WithContext("converting \"" + dcp_dir + "\" key \"" + e.fqn + "\"");
+      if (v->is_opaque()) {
+        return UnimplementedError("converting \"" + dcp_dir + "\": key \"" + e.fqn + "\" holds a " +
+                                  v->opaque().type_name + " object that dcpp cannot re-encode");
+      }
+      leaf = std::move(*v);
+      done += e.nbytes;
+    }
+    DCPP_RETURN_IF_ERROR(SetElement(root, e.path, std::move(leaf)));
   }
-  return SaveTorchFile(root, torch_file);
+  TorchSaveWriteOptions options;
+  options.materialize = [&](const Tensor& placeholder) -> Result<Tensor> {
+    auto it = by_storage.find(placeholder.storage().get());
+    if (it == by_storage.end()) return InternalError("unknown placeholder tensor");
+    auto v = src->Read(*it->second);
+    if (!v.ok()) {
+      return v.status().WithContext("converting \"" + dcp_dir + "\" key \"" + it->second->fqn +
+                                    "\"");
+    }
+    done += it->second->nbytes;
+    if (progress) progress(done, total);
+    return v->tensor();
+  };
+  return SaveTorchFile(root, torch_file, std::move(options));
 }
 
 Status ConvertTorchToDcp(const std::string& torch_file, const std::string& dcp_dir,
