@@ -31,7 +31,7 @@
 // str/bytes/container/object, frames of at least 64 KiB except the last), so plain trees
 // usually come out byte-identical to `pickle.dumps`. Nodes shared within the tree are written
 // once and referenced through the memo, so output size is linear in the number of distinct nodes.
-// See docs/format_pickle.md.
+// See docs/format.md ("Pickle").
 //
 // Thread-safety: functions are reentrant; PickleValue trees are not synchronized.
 #pragma once

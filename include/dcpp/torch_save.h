@@ -4,7 +4,7 @@
 // `<dir>/data.pkl` (a protocol-2 pickle of the object tree, tensors referring to storages by
 // persistent id), `<dir>/data/<key>` (raw little-endian storage bytes, one per distinct storage),
 // `<dir>/version`, and in newer PyTorch `byteorder`, `.format_version`, `.storage_alignment`,
-// `.data/serialization_id`. docs/format_zip.md describes the bytes.
+// `.data/serialization_id`. docs/format.md describes the bytes.
 //
 // Reading maps the pickle to a dcpp::Value: tensors (any dtype, shared storages, storage offsets,
 // arbitrary strides, 0-d, empty) and None/bool/int/float/str/bytes/list/tuple/dict/OrderedDict.

@@ -1,6 +1,6 @@
 // The pickle subset PyTorch checkpoints use: a reader that never executes anything and a writer
 // that mirrors CPython's C pickler. Byte layouts and the reasons behind each rule are in
-// docs/format_pickle.md.
+// docs/format.md ("Pickle").
 //
 // Reading, step by step:
 //   1. Each opcode is decoded at its offset; every length is compared with the bytes left

@@ -1,5 +1,6 @@
 // torch.save archives. The zip container is codec/zip.h, the pickle codec dcpp/pickle.h; this
-// file maps PyTorch's object encoding to dcpp::Value and back. docs/format_zip.md has the bytes.
+// file maps PyTorch's object encoding to dcpp::Value and back. docs/format.md ("torch.save
+// archives") has the bytes.
 //
 // Reading, step by step:
 //   1. Parse the zip directory. The archive directory is the first entry's; records are named
@@ -24,6 +25,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <optional>
 #include <unordered_map>
 
@@ -663,12 +665,51 @@ Status TorchSaveArchive::ReadTensorInto(const TorchSaveTensorRef& ref, const Sha
     if (big_endian_) SwapBytes(dview.data(), n, ref.dtype);
     return Status::Ok();
   }
-  auto buffer = Storage::AllocateUninitialized(n);
-  Status s = source_->ReadAt(ref.record_offset + lo, buffer->data(), n);
-  if (!s.ok()) return s.WithContext(what);
-  if (big_endian_) SwapBytes(buffer->data(), n, ref.dtype);
-  const TensorView src(buffer->data(), ref.dtype, sizes, ref.strides, 0);
-  return CopyRegion(dst, dst_offsets, src, Shape(rank, 0), sizes);
+  if (const std::byte* mapped = source_->Peek(ref.record_offset + lo, n); mapped && !big_endian_) {
+    // Memory-backed source: copy the box out of it directly.
+    const TensorView src(const_cast<std::byte*>(mapped), ref.dtype, sizes, ref.strides, 0);
+    return CopyRegion(dst, dst_offsets, src, Shape(rank, 0), sizes);
+  }
+  // A strided box: read it in pieces whose covering byte range is dense enough (at most twice
+  // the bytes needed, or small) and bounded (kMaxPiece), splitting the box in halves along its
+  // outermost non-trivial dimension until it is. This bounds both the read amplification of a
+  // narrow column slice and the memory of the temporary buffer.
+  constexpr uint64_t kSmallRead = 256 << 10;
+  constexpr uint64_t kMaxPiece = 16 << 20;
+  std::shared_ptr<Storage> buffer;
+  std::function<Status(const Shape&, const Shape&)> read_box = [&](const Shape& off,
+                                                                   const Shape& size) -> Status {
+    int64_t a = 0, b = 0;
+    for (size_t i = 0; i < rank; ++i) {
+      a += off[i] * ref.strides[i];
+      b += (off[i] + size[i] - 1) * ref.strides[i];
+    }
+    const uint64_t piece = static_cast<uint64_t>(b - a + 1) * elem;
+    const uint64_t needed = static_cast<uint64_t>(NumElements(size)) * elem;
+    const bool dense_enough = piece <= std::max<uint64_t>(2 * needed, kSmallRead);
+    if (!(dense_enough && piece <= kMaxPiece)) {
+      size_t d = 0;
+      while (d < rank && size[d] == 1) ++d;
+      if (d < rank) {
+        Shape first_size = size, second_off = off, second_size = size;
+        first_size[d] = size[d] / 2;
+        second_off[d] = off[d] + first_size[d];
+        second_size[d] = size[d] - first_size[d];
+        DCPP_RETURN_IF_ERROR(read_box(off, first_size));
+        return read_box(second_off, second_size);
+      }
+    }
+    if (!buffer || buffer->nbytes() < piece) buffer = Storage::AllocateUninitialized(piece);
+    const uint64_t at = static_cast<uint64_t>(ref.storage_offset + a) * elem;
+    Status s = source_->ReadAt(ref.record_offset + at, buffer->data(), piece);
+    if (!s.ok()) return s.WithContext(what);
+    if (big_endian_) SwapBytes(buffer->data(), piece, ref.dtype);
+    const TensorView src(buffer->data(), ref.dtype, size, ref.strides, 0);
+    Shape dst_at(rank);
+    for (size_t i = 0; i < rank; ++i) dst_at[i] = dst_offsets[i] + off[i] - src_offsets[i];
+    return CopyRegion(dst, dst_at, src, Shape(rank, 0), size);
+  };
+  return read_box(src_offsets, sizes);
 }
 
 // ---- writing ----

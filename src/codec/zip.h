@@ -1,7 +1,7 @@
 // The zip subset PyTorch's archives use (torch.save, TorchScript): stored entries only, data
 // aligned to 64 bytes with an 'FB' padding extra field, a data descriptor after each non-empty
 // record, and ZIP64 end records always present. The writer's output is byte-identical to
-// PyTorch's (miniz) for the same records. docs/format_zip.md draws the bytes.
+// PyTorch's (miniz) for the same records. docs/format.md ("torch.save archives") draws the bytes.
 //
 // ZipWriter streams to a ByteSink: each AddRecord writes header, data (straight from the
 // caller's memory) and descriptor; Finish writes the central directory and end records. Offsets

@@ -1,7 +1,7 @@
 // `dcpp inspect PATH [--json]`: what a checkpoint holds, without reading tensor bytes.
 // A directory is a DCP checkpoint (inspect_dcp.cc); a file is a torch.save archive: every leaf's
 // key path, dtype, shape, layout, size and storage record, plain values inline, and totals.
-// The JSON schema is in docs/format_zip.md ("dcpp inspect --json").
+// The JSON schema is in docs/cli.md.
 #include <cmath>
 #include <filesystem>
 #include <iostream>
@@ -170,7 +170,7 @@ void RegisterInspect(CLI::App& app) {
   auto path = std::make_shared<std::string>();
   auto as_json = std::make_shared<bool>(false);
   cmd->add_option("path", *path, "torch.save file or DCP directory")->required();
-  cmd->add_flag("--json", *as_json, "Print a JSON object (schema in docs/format_zip.md)");
+  cmd->add_flag("--json", *as_json, "Print a JSON object (schema in docs/cli.md)");
   cmd->callback([path, as_json] {
     std::error_code ec;
     if (std::filesystem::is_directory(*path, ec)) {
