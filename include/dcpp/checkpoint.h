@@ -58,4 +58,13 @@ Result<Metadata> Save(const StateDict& state_dict, StorageWriter& writer,
 Status Load(StateDict& state_dict, const std::string& path, const LoadOptions& options = {});
 Status Load(StateDict& state_dict, StorageReader& reader, const LoadOptions& options = {});
 
+// Application state of Stateful objects (a model, an optimizer, a data loader), saved as one
+// state dict {name: object.GetStateDict()}. Loading asks each object for its current state dict
+// (its tensors are the destinations), loads into it, then hands it back through LoadStateDict.
+using AppState = std::vector<std::pair<std::string, Stateful*>>;
+
+Result<Metadata> Save(const AppState& app_state, const std::string& path,
+                      const SaveOptions& options = {});
+Status Load(const AppState& app_state, const std::string& path, const LoadOptions& options = {});
+
 }  // namespace dcpp

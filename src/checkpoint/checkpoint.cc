@@ -432,4 +432,47 @@ Status Load(StateDict& state_dict, const std::string& path, const LoadOptions& o
   return Load(state_dict, **reader, options);
 }
 
+// ------------------------------------------------------------------ Stateful objects
+
+namespace {
+
+Result<StateDict> Collect(const AppState& app_state) {
+  StateDict sd = Value::MakeDict();
+  for (const auto& [name, obj] : app_state) {
+    if (!obj) return InvalidArgumentError("app state \"" + name + "\" is null");
+    if (sd.Find(name)) return InvalidArgumentError("app state \"" + name + "\" appears twice");
+    sd.Set(name, obj->GetStateDict());
+  }
+  return sd;
+}
+
+}  // namespace
+
+Result<Metadata> Save(const AppState& app_state, const std::string& path,
+                      const SaveOptions& options) {
+  auto sd = Collect(app_state);
+  if (!sd.ok()) {
+    // Still join the collectives, so the other ranks learn of the failure instead of waiting.
+    StatusWriter failed(path, sd.status());
+    return Save(Value::MakeDict(), failed, options);
+  }
+  return Save(*sd, path, options);
+}
+
+Status Load(const AppState& app_state, const std::string& path, const LoadOptions& options) {
+  auto collected = Collect(app_state);
+  if (!collected.ok()) {
+    StatusReader failed(path, collected.status());
+    StateDict empty = Value::MakeDict();
+    return Load(empty, failed, options);
+  }
+  StateDict& sd = *collected;
+  DCPP_RETURN_IF_ERROR(Load(sd, path, options));
+  for (const auto& [name, obj] : app_state) {
+    DCPP_RETURN_IF_ERROR(
+        obj->LoadStateDict(*sd.Find(name)).WithContext("loading \"" + name + "\""));
+  }
+  return Status::Ok();
+}
+
 }  // namespace dcpp

@@ -227,5 +227,40 @@ TEST(CheckpointTest, OverwritePolicyAndFailedSaveKeepsLastGoodCheckpoint) {
   EXPECT_EQ(data_files, 1) << ::testing::PrintToString(keys);
 }
 
+// A user object that checkpoints itself.
+class Counter : public Stateful {
+ public:
+  Tensor weights = Tensor::Zeros(DType::kFloat32, {4});
+  int64_t count = 0;
+  StateDict GetStateDict() override {
+    Value sd = Value::MakeDict();
+    sd.Set("weights", Value::FromTensor(weights));  // shares storage: loads land in place
+    sd.Set("count", Value::Int(count));
+    return sd;
+  }
+  Status LoadStateDict(const StateDict& sd) override {
+    const Value* c = sd.Find("count");
+    if (!c || !c->is_int()) return InvalidArgumentError("count missing");
+    count = c->as_int();
+    return Status::Ok();
+  }
+};
+
+TEST(CheckpointTest, StatefulObjectsSaveAndLoadThemselves) {
+  TempDir dir;
+  Counter a, b;
+  a.weights = IotaTensor(DType::kFloat32, {4});
+  a.count = 5;
+  b.count = 9;
+  DCPP_ASSERT_OK(Save(AppState{{"a", &a}, {"b", &b}}, dir.Join("ck")).status());
+  Counter a2, b2;
+  DCPP_ASSERT_OK(Load(AppState{{"a", &a2}, {"b", &b2}}, dir.Join("ck")));
+  EXPECT_TRUE(a2.weights.BitwiseEqual(a.weights));
+  EXPECT_EQ(a2.count, 5);
+  EXPECT_EQ(b2.count, 9);
+  EXPECT_THAT(Save(AppState{{"a", &a}, {"a", &b}}, dir.Join("ck2")),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("appears twice")));
+}
+
 }  // namespace
 }  // namespace dcpp

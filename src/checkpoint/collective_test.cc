@@ -45,8 +45,9 @@ ShardedTensor Cut(const Tensor& full, const std::vector<ChunkBox>& boxes, bool f
   ShardedTensor st{full.dtype(), full.shape(), {}};
   for (const auto& b : boxes) {
     Tensor t = Tensor::Zeros(full.dtype(), b.sizes);
-    if (fill)
+    if (fill) {
       EXPECT_TRUE(CopyRegion(t.view(), Shape(b.dim(), 0), full.view(), b.offsets, b.sizes).ok());
+    }
     st.shards.push_back({b.offsets, t});
   }
   return st;

@@ -240,7 +240,9 @@ TEST(LoadPlannerTest, EmptyStateDictLoadsEverythingAsStored) {
   EXPECT_EQ(plan.items.size(), 3u);
   EXPECT_EQ(sd.DebugString(), "{'m': [{'w': tensor(int32[4])}], 'step': None}");
   for (const auto& item : plan.items) {
-    if (item.type == LoadItemType::kByteIO) DCPP_ASSERT_OK(p.LoadBytes(item, Value::Int(9)));
+    if (item.type == LoadItemType::kByteIO) {
+      DCPP_ASSERT_OK(p.LoadBytes(item, Value::Int(9)));
+    }
   }
   EXPECT_EQ(sd.Find("step")->as_int(), 9);
 }

@@ -41,8 +41,7 @@ TEST(ConvertInteropTest, DiffReportsWhereCheckpointsDiffer) {
   TempDir dir;
   const std::string a = dir.Join("a.pt"), b = dir.Join("b.pt");
   ASSERT_EQ(Shell(Peer() + " write " + a), 0);
-  ASSERT_EQ(Shell(::dcpp::testing::PythonPath() +
-                  " -c \"import torch; sd = torch.load('" + a +
+  ASSERT_EQ(Shell(::dcpp::testing::PythonPath() + " -c \"import torch; sd = torch.load('" + a +
                   "'); "
                   "sd['model']['embed.weight'][3, 2] += 1e-3; sd['epoch'] = 5; torch.save(sd, '" +
                   b + "')\""),

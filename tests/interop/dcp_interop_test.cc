@@ -43,7 +43,9 @@ ShardedTensor Split(const Tensor& full, int dim, int rank, int world, bool fill)
   off[dim] = n * rank / world;
   size[dim] = n * (rank + 1) / world - off[dim];
   Tensor piece = Tensor::Zeros(full.dtype(), size);
-  if (fill) EXPECT_TRUE(CopyRegion(piece.view(), {0, 0}, full.view(), off, size).ok());
+  if (fill) {
+    EXPECT_TRUE(CopyRegion(piece.view(), {0, 0}, full.view(), off, size).ok());
+  }
   return ShardedTensor{full.dtype(), full.shape(), {{off, piece}}};
 }
 
