@@ -117,10 +117,17 @@ Status ZipWriter::AddRecord(std::string_view name, const void* data, size_t size
   header.append(name);
   header.append(extra);
   DCPP_RETURN_IF_ERROR(sink_.Write(header.data(), header.size()));
-  if (size > 0) DCPP_RETURN_IF_ERROR(sink_.Write(data, size));
-
+  // The CRC is computed piece by piece just before each piece is written, so the bytes are read
+  // from memory once while still in cache.
+  constexpr size_t kPiece = 8 << 20;
   uint32_t crc = 0;
-  if (options_.compute_crc32 && size > 0) crc = Crc32(0, data, size);
+  const auto* bytes = static_cast<const std::byte*>(data);
+  for (size_t done = 0; done < size;) {
+    const size_t n = std::min(kPiece, size - done);
+    if (options_.compute_crc32) crc = Crc32(crc, bytes + done, n);
+    DCPP_RETURN_IF_ERROR(sink_.Write(bytes + done, n));
+    done += n;
+  }
   if (size > 0) {
     std::string descriptor;
     Put32(descriptor, kZipDataDescriptorSig);
