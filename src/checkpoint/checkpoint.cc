@@ -19,6 +19,7 @@
 #include <sstream>
 
 #include "core/log.h"
+#include "core/wire.h"
 #include "dcpp/comm.h"
 
 namespace dcpp {
@@ -27,16 +28,12 @@ namespace {
 
 using internal::PhaseTimer;
 
-// A status travelling with a payload: [code u8][msg len u32][msg][payload].
+// A status travelling with a payload.
 std::string Envelope(const Status& s, std::string_view payload) {
-  std::string out;
-  out.push_back(static_cast<char>(s.code()));
-  std::string_view msg = s.message();
-  uint32_t n = static_cast<uint32_t>(msg.size());
-  out.append(reinterpret_cast<const char*>(&n), 4);
-  out.append(msg);
-  out.append(payload);
-  return out;
+  internal::WireWriter w;
+  w.Status(s);
+  w.Raw(payload);
+  return w.Release();
 }
 
 struct Opened {
@@ -45,13 +42,11 @@ struct Opened {
 };
 
 Opened OpenEnvelope(std::string_view b) {
-  if (b.size() < 5) return {DataLossError("malformed collective message"), {}};
-  auto code = static_cast<StatusCode>(static_cast<uint8_t>(b[0]));
-  uint32_t n;
-  std::memcpy(&n, b.data() + 1, 4);
-  if (b.size() - 5 < n) return {DataLossError("malformed collective message"), {}};
-  Status s = code == StatusCode::kOk ? Status() : Status(code, std::string(b.substr(5, n)));
-  return {s, b.substr(5 + n)};
+  internal::WireReader r(b, "collective message");
+  Status carried;
+  Status decoded = r.ReadStatus(&carried);
+  if (!decoded.ok()) return {decoded, {}};
+  return {carried, r.Rest()};
 }
 
 // One error for every rank: the failed ranks, each with its cause. The code is the first failed

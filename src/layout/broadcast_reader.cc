@@ -7,6 +7,7 @@
 //    into place. Only one tensor is in flight at a time.
 #include <cstring>
 
+#include "core/wire.h"
 #include "dcpp/comm.h"
 #include "dcpp/layout.h"
 #include "dcpp/torch_save.h"
@@ -15,17 +16,20 @@ namespace dcpp {
 
 namespace {
 
-std::string WithStatus(const Status& s, std::string payload) {
-  std::string out(1, static_cast<char>(s.code()));
-  if (!s.ok()) return out + std::string(s.message());
-  return out + payload;
+std::string WithStatus(const Status& s, std::string_view payload) {
+  internal::WireWriter w;
+  w.Status(s);
+  if (s.ok()) w.Raw(payload);
+  return w.Release();
 }
 
+// Strips the status off `buf`, leaving the payload; returns the status.
 Status TakeStatus(std::string& buf) {
-  if (buf.empty()) return DataLossError("empty broadcast");
-  auto code = static_cast<StatusCode>(static_cast<uint8_t>(buf[0]));
-  if (code != StatusCode::kOk) return Status(code, buf.substr(1));
-  buf.erase(0, 1);
+  internal::WireReader r(buf, "broadcast");
+  Status carried;
+  DCPP_RETURN_IF_ERROR(r.ReadStatus(&carried));
+  if (!carried.ok()) return carried;
+  buf = std::string(r.Rest());
   return Status::Ok();
 }
 

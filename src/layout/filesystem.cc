@@ -26,6 +26,7 @@
 #include <thread>
 #include <unordered_map>
 
+#include "core/wire.h"
 #include "dcpp/layout.h"
 #include "dcpp/storage.h"
 #include "dcpp/torch_save.h"
@@ -112,86 +113,54 @@ std::vector<Bucket> SplitBySizeAndType(const SavePlan& plan, size_t bins) {
   return buckets;
 }
 
-void PutU64(std::string& out, uint64_t v) {
-  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>(v >> (8 * i)));
-}
-void PutStr(std::string& out, std::string_view s) {
-  PutU64(out, s.size());
-  out.append(s);
-}
-
 }  // namespace
 
 // ------------------------------------------------------------------ write results encoding
 
 std::string EncodeWriteResults(const std::vector<WriteResult>& results) {
-  std::string out;
-  PutU64(out, results.size());
+  internal::WireWriter w;
+  w.U64(results.size());
   for (const auto& r : results) {
-    PutStr(out, r.index.fqn);
-    PutU64(out, r.index.offset ? r.index.offset->size() + 1 : 0);
-    if (r.index.offset) {
-      for (int64_t x : *r.index.offset) PutU64(out, static_cast<uint64_t>(x));
-    }
-    PutU64(out, r.index.index ? static_cast<uint64_t>(*r.index.index) + 1 : 0);
-    PutU64(out, static_cast<uint64_t>(r.size_in_bytes));
-    PutStr(out, r.storage_data.relative_path);
-    PutU64(out, static_cast<uint64_t>(r.storage_data.offset));
-    PutU64(out, static_cast<uint64_t>(r.storage_data.length));
-    PutU64(out, r.storage_data.transform_descriptors.size());
-    for (const auto& d : r.storage_data.transform_descriptors) PutStr(out, d);
+    w.Str(r.index.fqn);
+    w.U64(r.index.offset ? 1 : 0);
+    if (r.index.offset) w.Dims(*r.index.offset);
+    w.U64(r.index.index ? static_cast<uint64_t>(*r.index.index) + 1 : 0);
+    w.U64(static_cast<uint64_t>(r.size_in_bytes));
+    w.Str(r.storage_data.relative_path);
+    w.U64(static_cast<uint64_t>(r.storage_data.offset));
+    w.U64(static_cast<uint64_t>(r.storage_data.length));
+    w.U64(r.storage_data.transform_descriptors.size());
+    for (const auto& d : r.storage_data.transform_descriptors) w.Str(d);
   }
-  return out;
+  return w.Release();
 }
 
-Result<std::vector<WriteResult>> DecodeWriteResults(std::string_view b) {
-  size_t pos = 0;
-  auto u64 = [&](uint64_t& v) -> bool {
-    if (b.size() - pos < 8) return false;
-    v = 0;
-    for (int i = 0; i < 8; ++i)
-      v |= static_cast<uint64_t>(static_cast<uint8_t>(b[pos + i])) << (8 * i);
-    pos += 8;
-    return true;
-  };
-  auto str = [&](std::string& s) -> bool {
-    uint64_t n;
-    if (!u64(n) || b.size() - pos < n) return false;
-    s.assign(b.substr(pos, n));
-    pos += n;
-    return true;
-  };
-  const Status bad = DataLossError("write results: malformed encoding");
-  uint64_t count;
-  if (!u64(count) || count > b.size()) return bad;
+Result<std::vector<WriteResult>> DecodeWriteResults(std::string_view bytes) {
+  internal::WireReader r(bytes, "write results");
+  DCPP_ASSIGN_OR_RETURN(uint64_t count, r.Count());
   std::vector<WriteResult> out(count);
-  for (auto& r : out) {
-    uint64_t off_n, idx, v;
-    if (!str(r.index.fqn) || !u64(off_n) || off_n > 65) return bad;
-    if (off_n) {
-      Shape s(off_n - 1);
-      for (auto& x : s) {
-        if (!u64(v)) return bad;
-        x = static_cast<int64_t>(v);
-      }
-      r.index.offset = std::move(s);
+  for (auto& w : out) {
+    DCPP_ASSIGN_OR_RETURN(w.index.fqn, r.Str());
+    DCPP_ASSIGN_OR_RETURN(uint64_t has_offset, r.U64());
+    if (has_offset) {
+      DCPP_ASSIGN_OR_RETURN(w.index.offset, r.Dims());
     }
-    if (!u64(idx)) return bad;
-    if (idx) r.index.index = static_cast<int64_t>(idx - 1);
-    if (!u64(v)) return bad;
-    r.size_in_bytes = static_cast<int64_t>(v);
-    if (!str(r.storage_data.relative_path) || !u64(v)) return bad;
-    r.storage_data.offset = static_cast<int64_t>(v);
-    if (!u64(v)) return bad;
-    r.storage_data.length = static_cast<int64_t>(v);
-    uint64_t nd;
-    if (!u64(nd) || nd > b.size()) return bad;
-    r.storage_data.transform_descriptors.resize(nd);
-    for (auto& d : r.storage_data.transform_descriptors) {
-      if (!str(d)) return bad;
+    DCPP_ASSIGN_OR_RETURN(uint64_t index, r.U64());
+    if (index) w.index.index = static_cast<int64_t>(index - 1);
+    DCPP_ASSIGN_OR_RETURN(uint64_t size, r.U64());
+    w.size_in_bytes = static_cast<int64_t>(size);
+    DCPP_ASSIGN_OR_RETURN(w.storage_data.relative_path, r.Str());
+    DCPP_ASSIGN_OR_RETURN(uint64_t offset, r.U64());
+    DCPP_ASSIGN_OR_RETURN(uint64_t length, r.U64());
+    w.storage_data.offset = static_cast<int64_t>(offset);
+    w.storage_data.length = static_cast<int64_t>(length);
+    DCPP_ASSIGN_OR_RETURN(uint64_t nd, r.Count());
+    w.storage_data.transform_descriptors.resize(nd);
+    for (auto& d : w.storage_data.transform_descriptors) {
+      DCPP_ASSIGN_OR_RETURN(d, r.Str());
     }
   }
-  if (pos != b.size()) return bad;
+  if (!r.done()) return r.Malformed();
   return out;
 }
 

@@ -10,6 +10,7 @@
 #include <queue>
 #include <unordered_map>
 
+#include "core/wire.h"
 #include "dcpp/planner.h"
 #include "dcpp/torch_save.h"
 
@@ -331,122 +332,68 @@ Result<WriteData> DefaultSavePlanner::ResolveData(const WriteItem& item) {
 
 // ------------------------------------------------------------------ plan encoding
 
-namespace {
-
-void PutU64(std::string& out, uint64_t v) {
-  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>(v >> (8 * i)));
-}
-void PutStr(std::string& out, std::string_view s) {
-  PutU64(out, s.size());
-  out.append(s);
-}
-void PutShape(std::string& out, const Shape& s) {
-  PutU64(out, s.size());
-  for (int64_t x : s) PutU64(out, static_cast<uint64_t>(x));
-}
-
-class Decoder {
- public:
-  explicit Decoder(std::string_view b) : b_(b) {}
-  Result<uint64_t> U64() {
-    if (b_.size() - pos_ < 8) return Truncated();
-    uint64_t v = 0;
-    for (int i = 0; i < 8; ++i)
-      v |= static_cast<uint64_t>(static_cast<uint8_t>(b_[pos_ + i])) << (8 * i);
-    pos_ += 8;
-    return v;
-  }
-  Result<std::string> Str() {
-    DCPP_ASSIGN_OR_RETURN(uint64_t n, U64());
-    if (b_.size() - pos_ < n) return Truncated();
-    std::string s(b_.substr(pos_, n));
-    pos_ += n;
-    return s;
-  }
-  Result<Shape> GetShape() {
-    DCPP_ASSIGN_OR_RETURN(uint64_t n, U64());
-    if (n > 64) return DataLossError("save plan: tensor rank " + std::to_string(n));
-    Shape s(n);
-    for (auto& x : s) {
-      DCPP_ASSIGN_OR_RETURN(uint64_t v, U64());
-      x = static_cast<int64_t>(v);
-    }
-    return s;
-  }
-  bool done() const { return pos_ == b_.size(); }
-
- private:
-  Status Truncated() const { return DataLossError("save plan: truncated encoding"); }
-  std::string_view b_;
-  size_t pos_ = 0;
-};
-
-}  // namespace
-
 std::string EncodeSavePlan(const SavePlan& plan) {
-  std::string out;
-  PutStr(out, plan.storage_prefix);
-  PutU64(out, plan.items.size());
+  internal::WireWriter w;
+  w.Str(plan.storage_prefix);
+  w.U64(plan.items.size());
   for (const auto& item : plan.items) {
-    PutStr(out, item.index.fqn);
-    PutU64(out, item.index.offset ? 1 : 0);
-    if (item.index.offset) PutShape(out, *item.index.offset);
-    PutU64(out, item.index.index ? static_cast<uint64_t>(*item.index.index) + 1 : 0);
-    PutU64(out, static_cast<uint64_t>(item.type));
+    w.Str(item.index.fqn);
+    w.U64(item.index.offset ? 1 : 0);
+    if (item.index.offset) w.Dims(*item.index.offset);
+    w.U64(item.index.index ? static_cast<uint64_t>(*item.index.index) + 1 : 0);
+    w.U64(static_cast<uint64_t>(item.type));
     if (item.tensor_data) {
       const auto& td = *item.tensor_data;
-      PutShape(out, td.chunk.offsets);
-      PutShape(out, td.chunk.sizes);
-      PutShape(out, td.size);
-      PutU64(out, static_cast<uint64_t>(td.properties.dtype) |
-                      (td.properties.requires_grad ? 0x100 : 0) |
-                      (td.properties.pin_memory ? 0x200 : 0) |
-                      (static_cast<uint64_t>(td.properties.memory_format) << 16));
+      w.Dims(td.chunk.offsets);
+      w.Dims(td.chunk.sizes);
+      w.Dims(td.size);
+      w.U64(static_cast<uint64_t>(td.properties.dtype) | (td.properties.requires_grad ? 0x100 : 0) |
+            (td.properties.pin_memory ? 0x200 : 0) |
+            (static_cast<uint64_t>(td.properties.memory_format) << 16));
     }
   }
-  PutU64(out, plan.mappings.size());
+  w.U64(plan.mappings.size());
   for (const auto& [fqn, path] : plan.mappings) {
-    PutStr(out, fqn);
-    PutU64(out, path.size());
+    w.Str(fqn);
+    w.U64(path.size());
     for (const auto& part : path) {
       if (const auto* s = std::get_if<std::string>(&part)) {
-        PutU64(out, 0);
-        PutStr(out, *s);
+        w.U64(0);
+        w.Str(*s);
       } else {
-        PutU64(out, 1);
-        PutU64(out, static_cast<uint64_t>(std::get<int64_t>(part)));
+        w.U64(1);
+        w.U64(static_cast<uint64_t>(std::get<int64_t>(part)));
       }
     }
   }
-  return out;
+  return w.Release();
 }
 
 Result<SavePlan> DecodeSavePlan(std::string_view bytes) {
-  Decoder d(bytes);
+  internal::WireReader r(bytes, "save plan");
   SavePlan plan;
-  DCPP_ASSIGN_OR_RETURN(plan.storage_prefix, d.Str());
-  DCPP_ASSIGN_OR_RETURN(uint64_t n, d.U64());
-  if (n > bytes.size()) return DataLossError("save plan: item count " + std::to_string(n));
+  DCPP_ASSIGN_OR_RETURN(plan.storage_prefix, r.Str());
+  DCPP_ASSIGN_OR_RETURN(uint64_t n, r.Count());
   plan.items.resize(n);
   for (auto& item : plan.items) {
-    DCPP_ASSIGN_OR_RETURN(item.index.fqn, d.Str());
-    DCPP_ASSIGN_OR_RETURN(uint64_t has_offset, d.U64());
+    DCPP_ASSIGN_OR_RETURN(item.index.fqn, r.Str());
+    DCPP_ASSIGN_OR_RETURN(uint64_t has_offset, r.U64());
     if (has_offset) {
-      DCPP_ASSIGN_OR_RETURN(item.index.offset, d.GetShape());
+      DCPP_ASSIGN_OR_RETURN(item.index.offset, r.Dims());
     }
-    DCPP_ASSIGN_OR_RETURN(uint64_t index, d.U64());
+    DCPP_ASSIGN_OR_RETURN(uint64_t index, r.U64());
     if (index) item.index.index = static_cast<int64_t>(index - 1);
-    DCPP_ASSIGN_OR_RETURN(uint64_t type, d.U64());
-    if (type < 1 || type > 3) return DataLossError("save plan: item type " + std::to_string(type));
+    DCPP_ASSIGN_OR_RETURN(uint64_t type, r.U64());
+    if (type < 1 || type > 3) return r.Malformed();
     item.type = static_cast<WriteItemType>(type);
     if (item.type != WriteItemType::kByteIO) {
       TensorWriteData td;
-      DCPP_ASSIGN_OR_RETURN(td.chunk.offsets, d.GetShape());
-      DCPP_ASSIGN_OR_RETURN(td.chunk.sizes, d.GetShape());
-      DCPP_ASSIGN_OR_RETURN(td.size, d.GetShape());
-      DCPP_ASSIGN_OR_RETURN(uint64_t props, d.U64());
+      DCPP_ASSIGN_OR_RETURN(td.chunk.offsets, r.Dims());
+      DCPP_ASSIGN_OR_RETURN(td.chunk.sizes, r.Dims());
+      DCPP_ASSIGN_OR_RETURN(td.size, r.Dims());
+      DCPP_ASSIGN_OR_RETURN(uint64_t props, r.U64());
       if ((props & 0xff) >= static_cast<uint64_t>(kNumDTypes) || ((props >> 16) & 0xff) > 2) {
-        return DataLossError("save plan: bad tensor properties");
+        return r.Malformed();
       }
       td.properties.dtype = static_cast<DType>(props & 0xff);
       td.properties.requires_grad = props & 0x100;
@@ -455,26 +402,24 @@ Result<SavePlan> DecodeSavePlan(std::string_view bytes) {
       item.tensor_data = std::move(td);
     }
   }
-  DCPP_ASSIGN_OR_RETURN(uint64_t m, d.U64());
-  if (m > bytes.size()) return DataLossError("save plan: mapping count " + std::to_string(m));
+  DCPP_ASSIGN_OR_RETURN(uint64_t m, r.Count());
   for (uint64_t i = 0; i < m; ++i) {
-    DCPP_ASSIGN_OR_RETURN(std::string fqn, d.Str());
-    DCPP_ASSIGN_OR_RETURN(uint64_t parts, d.U64());
-    if (parts > bytes.size()) return DataLossError("save plan: path length");
+    DCPP_ASSIGN_OR_RETURN(std::string fqn, r.Str());
+    DCPP_ASSIGN_OR_RETURN(uint64_t parts, r.Count());
     ObjectPath path;
     for (uint64_t j = 0; j < parts; ++j) {
-      DCPP_ASSIGN_OR_RETURN(uint64_t tag, d.U64());
+      DCPP_ASSIGN_OR_RETURN(uint64_t tag, r.U64());
       if (tag == 0) {
-        DCPP_ASSIGN_OR_RETURN(std::string s, d.Str());
-        path.emplace_back(std::move(s));
+        DCPP_ASSIGN_OR_RETURN(std::string part, r.Str());
+        path.emplace_back(std::move(part));
       } else {
-        DCPP_ASSIGN_OR_RETURN(uint64_t v, d.U64());
+        DCPP_ASSIGN_OR_RETURN(uint64_t v, r.U64());
         path.emplace_back(static_cast<int64_t>(v));
       }
     }
     plan.mappings.emplace(std::move(fqn), std::move(path));
   }
-  if (!d.done()) return DataLossError("save plan: trailing bytes");
+  if (!r.done()) return r.Malformed();
   return plan;
 }
 
