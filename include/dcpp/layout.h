@@ -54,7 +54,8 @@ class StorageWriter {
   // commits it. Nothing is visible as a checkpoint before this returns OK.
   virtual Status Finish(Metadata& metadata,
                         const std::vector<std::vector<WriteResult>>& results) = 0;
-  // Coordinator, after a successful Finish: removes files of a replaced checkpoint.
+  // After a successful Finish (by the rank that called it): removes the data files of the
+  // checkpoint this save replaced that the new one does not use.
   virtual Status CleanUp() { return Status::Ok(); }
   // The checkpoint's name for messages and StorageMeta.
   virtual std::string checkpoint_id() const = 0;
@@ -112,6 +113,7 @@ class FileSystemWriter final : public StorageWriter {
   bool use_collectives_ = true;
   std::string save_tag_;  // non-empty when replacing a checkpoint: makes file names unique
   std::vector<std::string> referenced_;  // files of the committed metadata (for CleanUp)
+  std::vector<std::string> replaced_;    // files of the checkpoint this save replaces
 };
 
 struct FileSystemReaderOptions {

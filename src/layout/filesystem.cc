@@ -14,8 +14,9 @@
 //      the Metadata, which is encoded and written to `.metadata.tmp`, fsync'ed, renamed to
 //      `.metadata`, and the directory fsync'ed. The rename is the commit point: before it the
 //      previous checkpoint (if any) is intact; after it the new one is complete and durable.
-//   5. CleanUp (coordinator): data files that the new metadata does not reference (a replaced
-//      checkpoint's, or a failed save's) are removed.
+//   5. CleanUp (coordinator): the replaced checkpoint's data files that the new metadata does
+//      not reference are removed. (Files of a save that failed before its commit are left; they
+//      are never referenced and are overwritten or removed by a later save.)
 // A load reads `.metadata` (or `__{rank}.metadata` in rank-local mode), then reads for each
 // item only its byte range, decoding the torch.save archive in place.
 #include <zstd.h>
@@ -185,13 +186,27 @@ Status FileSystemWriter::SetUp(bool is_coordinator, int rank, bool use_collectiv
   use_collectives_ = use_collectives;
   const std::string marker = use_collectives ? kMetadataFileName : RankMetadataName(rank);
   DCPP_ASSIGN_OR_RETURN(bool exists, store_->Exists(marker));
+  // A checkpoint of the other mode may live here too: its data files must survive as well.
+  DCPP_ASSIGN_OR_RETURN(
+      bool other, store_->Exists(use_collectives ? RankMetadataName(rank) : kMetadataFileName));
   save_tag_.clear();
+  if (other && !exists) save_tag_ = RandomHex(8);
+  replaced_.clear();
   if (exists) {
     if (!options_.overwrite && (is_coordinator || !use_collectives)) {
       return FailedPreconditionError("checkpoint \"" + checkpoint_id_ +
                                      "\" already exists and overwrite is off");
     }
     save_tag_ = RandomHex(8);
+    // Remember the replaced checkpoint's files, to remove them once the new one is committed.
+    // If its metadata cannot be read, nothing is removed.
+    if (is_coordinator || !use_collectives) {
+      auto old = store_->ReadAll(marker);
+      auto md = old.ok() ? ParseMetadata(*old) : Result<Metadata>(old.status());
+      if (md.ok()) {
+        for (const auto& [idx, info] : md->storage_data) replaced_.push_back(info.relative_path);
+      }
+    }
   }
   return Status::Ok();
 }
@@ -299,16 +314,15 @@ Status FileSystemWriter::Finish(Metadata& metadata,
 }
 
 Status FileSystemWriter::CleanUp() {
-  if (!use_collectives_ || referenced_.empty()) return Status::Ok();
   std::sort(referenced_.begin(), referenced_.end());
-  DCPP_ASSIGN_OR_RETURN(std::vector<std::string> keys, store_->List());
-  for (const auto& k : keys) {
-    const bool data_file =
-        k.rfind("__", 0) == 0 && k.size() > 7 && k.compare(k.size() - 7, 7, kSuffix) == 0;
-    if (data_file && !std::binary_search(referenced_.begin(), referenced_.end(), k)) {
-      DCPP_RETURN_IF_ERROR(store_->Remove(k));
-    }
+  std::sort(replaced_.begin(), replaced_.end());
+  replaced_.erase(std::unique(replaced_.begin(), replaced_.end()), replaced_.end());
+  for (const auto& f : replaced_) {
+    if (std::binary_search(referenced_.begin(), referenced_.end(), f)) continue;
+    Status s = store_->Remove(f);
+    if (!s.ok() && s.code() != StatusCode::kNotFound) return s;
   }
+  replaced_.clear();
   return Status::Ok();
 }
 
