@@ -85,6 +85,10 @@ struct FileSystemWriterOptions {
   // valid until the new .metadata is committed) when true, refused when false.
   bool overwrite = true;
   MetadataEncodeOptions metadata;
+  // Compress each item blob as one zstd frame (PyTorch's `_extensions=[ZStandard()]`, recorded
+  // as transform descriptor "stream.zstd/1"; PyTorch >= 2.7 with the zstandard module reads it).
+  // Costs one in-memory copy of each item. 0 = off, else the zstd level (1..19).
+  int zstd_level = 0;
 };
 
 class FileSystemWriter final : public StorageWriter {

@@ -227,6 +227,33 @@ TEST(CheckpointTest, OverwritePolicyAndFailedSaveKeepsLastGoodCheckpoint) {
   EXPECT_EQ(data_files, 1) << ::testing::PrintToString(keys);
 }
 
+TEST(CheckpointTest, ZstdCompressedItemsRoundTrip) {
+  TempDir dir;
+  Value sd = Value::MakeDict();
+  sd.Set("zeros", Value::FromTensor(Tensor::Zeros(DType::kFloat32, {256, 256})));
+  sd.Set("w", Value::FromSharded(
+                  Shards(PatternTensor(DType::kBFloat16, {40, 8}, 2), Grid(40, 8, 3, 1))));
+  sd.Set("note", Value::Str("compressed"));
+  SaveOptions so;
+  so.writer.zstd_level = 3;
+  so.writer.thread_count = 2;
+  DCPP_ASSERT_OK_AND_ASSIGN(Metadata md, Save(sd, dir.Join("ck"), so));
+  int64_t stored = 0;
+  for (const auto& [idx, info] : md.storage_data) {
+    EXPECT_EQ(info.transform_descriptors, std::vector<std::string>{"stream.zstd/1"});
+    stored += info.length;
+  }
+  EXPECT_LT(stored, 256 * 256 * 4 / 10);  // the zeros compress away
+  Value back = Value::MakeDict();
+  DCPP_ASSERT_OK(Load(back, dir.Join("ck")));
+  EXPECT_TRUE(back.Find("zeros")->tensor().BitwiseEqual(sd.Find("zeros")->tensor()));
+  EXPECT_EQ(back.Find("note")->as_str(), "compressed");
+  Value dst = Value::MakeDict();
+  dst.Set("w", Value::FromSharded(EmptyShards(DType::kBFloat16, {40, 8}, Grid(40, 8, 1, 2))));
+  DCPP_ASSERT_OK(Load(dst, dir.Join("ck"), {.planner_options = {.allow_partial_load = true}}));
+  ExpectShardsOf(PatternTensor(DType::kBFloat16, {40, 8}, 2), dst.Find("w")->sharded());
+}
+
 // A user object that checkpoints itself.
 class Counter : public Stateful {
  public:

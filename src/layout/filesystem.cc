@@ -38,6 +38,7 @@ namespace {
 
 constexpr const char* kVersion = "1.0.0";
 constexpr const char* kSuffix = ".distcp";
+constexpr const char* kZstdDescriptor = "stream.zstd/1";
 
 std::string RandomHex(int n) {
   static thread_local std::mt19937_64 rng(std::random_device{}());
@@ -112,6 +113,40 @@ std::vector<Bucket> SplitBySizeAndType(const SavePlan& plan, size_t bins) {
     buckets[best].bytes += plan.items[i].StorageSize();
   }
   return buckets;
+}
+
+// One zstd frame holding `blob` (with its content size, so readers can size their buffer).
+Result<std::string> ZstdCompress(std::string_view blob, int level) {
+  std::string out(ZSTD_compressBound(blob.size()), '\0');
+  const size_t n = ZSTD_compress(out.data(), out.size(), blob.data(), blob.size(), level);
+  if (ZSTD_isError(n)) return InternalError(std::string("zstd: ") + ZSTD_getErrorName(n));
+  out.resize(n);
+  return out;
+}
+
+// Decompresses one zstd-transformed blob (DCP's "stream.zstd/1" extension).
+Result<std::string> ZstdDecompress(const ByteSource& src, const std::string& what) {
+  std::string in(src.size(), '\0');
+  DCPP_RETURN_IF_ERROR(src.ReadAt(0, in.data(), in.size()));
+  std::string out;
+  ZSTD_DStream* ds = ZSTD_createDStream();
+  ZSTD_initDStream(ds);
+  ZSTD_inBuffer ib{in.data(), in.size(), 0};
+  std::string chunk(ZSTD_DStreamOutSize(), '\0');
+  size_t ret = 1;
+  while (ib.pos < ib.size) {
+    ZSTD_outBuffer ob{chunk.data(), chunk.size(), 0};
+    ret = ZSTD_decompressStream(ds, &ob, &ib);
+    if (ZSTD_isError(ret)) {
+      ZSTD_freeDStream(ds);
+      return DataLossError(what + ": zstd: " + ZSTD_getErrorName(ret));
+    }
+    out.append(chunk.data(), ob.pos);
+    if (ob.pos == 0 && ret == 0) break;
+  }
+  ZSTD_freeDStream(ds);
+  if (ret != 0) return DataLossError(what + ": truncated zstd stream");
+  return out;
 }
 
 }  // namespace
@@ -257,7 +292,23 @@ Result<std::vector<WriteResult>> FileSystemWriter::WriteData(const SavePlan& pla
       const WriteItem& item = plan.items[i];
       const uint64_t offset = sink.position();
       Status s;
-      if (item.type == WriteItemType::kByteIO) {
+      if (options_.zstd_level > 0) {
+        // Encode in memory, then write one zstd frame.
+        std::string blob;
+        if (item.type == WriteItemType::kByteIO) {
+          blob = std::move(data[i].bytes);
+        } else {
+          auto t = Borrow(data[i].tensor);
+          auto encoded = t.ok() ? EncodeTorchSave(Value::FromTensor(*std::move(t)))
+                                : Result<std::string>(t.status());
+          s = encoded.status();
+          if (s.ok()) blob = std::move(*encoded);
+        }
+        if (s.ok()) {
+          auto frame = ZstdCompress(blob, options_.zstd_level);
+          s = frame.ok() ? sink.Write(frame->data(), frame->size()) : frame.status();
+        }
+      } else if (item.type == WriteItemType::kByteIO) {
         s = sink.Write(data[i].bytes.data(), data[i].bytes.size());
       } else {
         auto t = Borrow(data[i].tensor);
@@ -266,8 +317,9 @@ Result<std::vector<WriteResult>> FileSystemWriter::WriteData(const SavePlan& pla
       if (!s.ok())
         return s.WithContext("writing \"" + name + "\" item \"" + item.index.ToString() + "\"");
       const int64_t length = static_cast<int64_t>(sink.position() - offset);
-      results[b].push_back(
-          {item.index, length, StorageInfo{name, static_cast<int64_t>(offset), length, {}}});
+      StorageInfo info{name, static_cast<int64_t>(offset), length, {}};
+      if (options_.zstd_level > 0) info.transform_descriptors = {kZstdDescriptor};
+      results[b].push_back({item.index, length, std::move(info)});
     }
     if (options_.sync_files) {
       DCPP_RETURN_IF_ERROR(file->Sync().WithContext("syncing \"" + name + "\""));
@@ -366,35 +418,6 @@ Status FileSystemReader::SetUp(const Metadata& metadata, bool /*is_coordinator*/
   rank_ = rank;
   return Status::Ok();
 }
-
-namespace {
-
-// Decompresses one zstd-transformed blob (DCP's "stream.zstd/1" extension).
-Result<std::string> ZstdDecompress(const ByteSource& src, const std::string& what) {
-  std::string in(src.size(), '\0');
-  DCPP_RETURN_IF_ERROR(src.ReadAt(0, in.data(), in.size()));
-  std::string out;
-  ZSTD_DStream* ds = ZSTD_createDStream();
-  ZSTD_initDStream(ds);
-  ZSTD_inBuffer ib{in.data(), in.size(), 0};
-  std::string chunk(ZSTD_DStreamOutSize(), '\0');
-  size_t ret = 1;
-  while (ib.pos < ib.size) {
-    ZSTD_outBuffer ob{chunk.data(), chunk.size(), 0};
-    ret = ZSTD_decompressStream(ds, &ob, &ib);
-    if (ZSTD_isError(ret)) {
-      ZSTD_freeDStream(ds);
-      return DataLossError(what + ": zstd: " + ZSTD_getErrorName(ret));
-    }
-    out.append(chunk.data(), ob.pos);
-    if (ob.pos == 0 && ret == 0) break;
-  }
-  ZSTD_freeDStream(ds);
-  if (ret != 0) return DataLossError(what + ": truncated zstd stream");
-  return out;
-}
-
-}  // namespace
 
 Status FileSystemReader::ReadData(const LoadPlan& plan, LoadPlanner& planner) {
   if (!metadata_) return FailedPreconditionError("FileSystemReader::ReadData before SetUp");
