@@ -8,11 +8,16 @@ mkdir -p "$out"
 "$build"/examples/dcpp_demo "$out" --mb "${DCPP_DEMO_MB:-320}"
 echo
 echo "== dcpp inspect (first lines)"
-"$build"/dcpp inspect "$out/ckpt" | head -n 12
+"$build"/dcpp inspect "$out/ckpt" > "$out/inspect.txt"
+sed -n 1,12p "$out/inspect.txt"
 echo "..."
-"$build"/dcpp inspect "$out/ckpt" | tail -n 1
+tail -n 1 "$out/inspect.txt"
 echo
 echo "== dcpp convert to torch.save, then inspect it"
 "$build"/dcpp convert "$out/ckpt" "$out/model.pt" --to torch
-"$build"/dcpp inspect "$out/model.pt" | tail -n 4
-"$build"/dcpp diff "$out/ckpt" "$out/model.pt" | tail -n 1
+"$build"/dcpp inspect "$out/model.pt" > "$out/inspect_pt.txt"
+tail -n 4 "$out/inspect_pt.txt"
+echo
+echo "== dcpp diff DCP vs torch.save"
+"$build"/dcpp diff "$out/ckpt" "$out/model.pt" > "$out/diff.txt"
+tail -n 1 "$out/diff.txt"
