@@ -21,3 +21,16 @@ echo
 echo "== dcpp diff DCP vs torch.save"
 "$build"/dcpp diff "$out/ckpt" "$out/model.pt" > "$out/diff.txt"
 tail -n 1 "$out/diff.txt"
+if /usr/bin/python3 -c "import torch" 2>/dev/null; then
+  echo
+  echo "== torch.load of the converted file by PyTorch $(/usr/bin/python3 -c 'import torch; print(torch.__version__)')"
+  /usr/bin/python3 - "$out/model.pt" <<'PY'
+import sys, torch
+sd = torch.load(sys.argv[1])
+w = sd["model"]["layer3"]["weight"]
+# The demo's values: element (r, c) of layer l is ((l*131 + r*7 + c) % 1000) * 0.5.
+r, c = 4321, 1234
+assert w[r, c].item() == ((3 * 131 + r * 7 + c) % 1000) * 0.5, w[r, c]
+print(f"   {len(sd['model'])} layers, step {sd['step']}, layer3.weight{list(w.shape)} {w.dtype}: values check out")
+PY
+fi
