@@ -78,6 +78,10 @@ class MpiCommunicator final : public Communicator {
   Status Check(int rc, const char* call) const;
   // Broadcasts n bytes at p from root in messages of at most max_message_bytes.
   Status BroadcastBytes(char* p, size_t n, int root);
+  // Every rank's byte count, on every rank.
+  Result<std::vector<uint64_t>> ExchangeSizes(uint64_t my_size);
+  static void Layout(const std::vector<uint64_t>& sizes, std::vector<int>& counts,
+                     std::vector<int>& displs);
   Status SendBytes(const char* p, size_t n, int to);
   Status RecvBytes(char* p, size_t n, int from);
 

@@ -400,9 +400,9 @@ Status Load(StateDict& state_dict, StorageReader& reader, const LoadOptions& opt
       const TensorView& dst = shared_dest[fqn];
       std::string buf;
       if (owner == rank) {
-        Tensor whole = Tensor::Zeros(dst.dtype(), dst.shape());
-        DCPP_RETURN_IF_ERROR(CopyTensor(whole.view(), dst));
-        buf.assign(reinterpret_cast<const char*>(whole.data()), whole.nbytes());
+        // Pack the tensor into the broadcast buffer (one copy, strided or not).
+        buf.resize(dst.nbytes());
+        DCPP_RETURN_IF_ERROR(CopyTensor(TensorView(buf.data(), dst.dtype(), dst.shape()), dst));
       }
       DCPP_RETURN_IF_ERROR(comm.Broadcast(buf, owner).WithContext(ctx));
       if (owner != rank) {

@@ -125,24 +125,37 @@ Status MpiCommunicator::Broadcast(std::string& buf, int root) {
   return BroadcastBytes(buf.data(), n, root);
 }
 
-Result<std::vector<std::string>> MpiCommunicator::Gather(const std::string& mine, int root) {
-  DCPP_RETURN_IF_ERROR(internal::CheckRoot(*this, root, "Gather"));
-  // Every rank learns every size, so all of them choose the same path below.
-  uint64_t my_size = mine.size();
+Result<std::vector<uint64_t>> MpiCommunicator::ExchangeSizes(uint64_t my_size) {
   std::vector<uint64_t> sizes(size_);
   DCPP_RETURN_IF_ERROR(
       Check(MPI_Allgather(&my_size, 1, MPI_UINT64_T, sizes.data(), 1, MPI_UINT64_T, comm_),
             "MPI_Allgather"));
+  return sizes;
+}
+
+// Counts and displacements of a v-collective; the caller has checked the total fits an int.
+void MpiCommunicator::Layout(const std::vector<uint64_t>& sizes, std::vector<int>& counts,
+                             std::vector<int>& displs) {
+  counts.resize(sizes.size());
+  displs.resize(sizes.size());
+  for (size_t r = 0, off = 0; r < sizes.size(); ++r) {
+    counts[r] = static_cast<int>(sizes[r]);
+    displs[r] = static_cast<int>(off);
+    off += sizes[r];
+  }
+}
+
+Result<std::vector<std::string>> MpiCommunicator::Gather(const std::string& mine, int root) {
+  DCPP_RETURN_IF_ERROR(internal::CheckRoot(*this, root, "Gather"));
+  // Every rank learns every size, so all of them choose the same path below.
+  const uint64_t my_size = mine.size();
+  DCPP_ASSIGN_OR_RETURN(std::vector<uint64_t> sizes, ExchangeSizes(my_size));
   uint64_t total = 0;
   for (uint64_t s : sizes) total += s;
   std::vector<std::string> out;
   if (total <= options_.max_message_bytes) {
-    std::vector<int> counts(size_), displs(size_);
-    for (int r = 0, off = 0; r < size_; ++r) {
-      counts[r] = static_cast<int>(sizes[r]);
-      displs[r] = off;
-      off += counts[r];
-    }
+    std::vector<int> counts, displs;
+    Layout(sizes, counts, displs);
     std::string all(rank_ == root ? total : 0, '\0');
     DCPP_RETURN_IF_ERROR(
         Check(MPI_Gatherv(mine.data(), static_cast<int>(my_size), MPI_BYTE, all.data(),
@@ -171,21 +184,14 @@ Result<std::vector<std::string>> MpiCommunicator::Gather(const std::string& mine
 }
 
 Result<std::vector<std::string>> MpiCommunicator::AllGather(const std::string& mine) {
-  uint64_t my_size = mine.size();
-  std::vector<uint64_t> sizes(size_);
-  DCPP_RETURN_IF_ERROR(
-      Check(MPI_Allgather(&my_size, 1, MPI_UINT64_T, sizes.data(), 1, MPI_UINT64_T, comm_),
-            "MPI_Allgather"));
+  const uint64_t my_size = mine.size();
+  DCPP_ASSIGN_OR_RETURN(std::vector<uint64_t> sizes, ExchangeSizes(my_size));
   uint64_t total = 0;
   for (uint64_t s : sizes) total += s;
   std::vector<std::string> out(size_);
   if (total <= options_.max_message_bytes) {
-    std::vector<int> counts(size_), displs(size_);
-    for (int r = 0, off = 0; r < size_; ++r) {
-      counts[r] = static_cast<int>(sizes[r]);
-      displs[r] = off;
-      off += counts[r];
-    }
+    std::vector<int> counts, displs;
+    Layout(sizes, counts, displs);
     std::string all(total, '\0');
     DCPP_RETURN_IF_ERROR(
         Check(MPI_Allgatherv(mine.data(), static_cast<int>(my_size), MPI_BYTE, all.data(),
