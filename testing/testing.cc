@@ -94,4 +94,13 @@ std::string PythonPath() {
   return "/usr/bin/python3";
 }
 
+std::string Torch2PythonPath() {
+  if (const char* p = std::getenv("DCPP_TORCH2_PYTHON")) return p;
+#ifdef DCPP_VENV_PYTHON_DEFAULT
+  return DCPP_VENV_PYTHON_DEFAULT;
+#else
+  return "python3";
+#endif
+}
+
 }  // namespace dcpp::testing

@@ -68,5 +68,8 @@ std::string SourceDir();
 // (env DCPP_PYTHON overrides; default /usr/bin/python3).
 std::string CliPath();
 std::string PythonPath();
+// The Python of scripts/setup's venv: PyTorch 2.x, safetensors, numpy (env DCPP_TORCH2_PYTHON
+// overrides).
+std::string Torch2PythonPath();
 
 }  // namespace dcpp::testing
