@@ -30,7 +30,7 @@
 #include "core/wire.h"
 #include "dcpp/layout.h"
 #include "dcpp/storage.h"
-#include "dcpp/torch_save.h"
+#include "codec/torch_save.h"
 
 namespace dcpp {
 

@@ -12,7 +12,7 @@
 
 #include "core/wire.h"
 #include "dcpp/planner.h"
-#include "dcpp/torch_save.h"
+#include "codec/torch_save.h"
 
 namespace dcpp {
 
