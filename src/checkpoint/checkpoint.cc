@@ -442,7 +442,9 @@ Status LoadSteps::Broadcast() {
   PhaseTimer t("load.broadcast", RankField(comm_));
   // shared_ is empty on every rank unless every step so far succeeded everywhere.
   Status unpacked;  // this rank's failures as a receiver, agreed on below
-  for (const auto& [fqn, owner] : shared_) {
+  for (const auto& entry : shared_) {
+    const std::string& fqn = entry.first;  // not a structured binding: lambdas below capture it
+    const int owner = entry.second;
     const TensorView& dst = shared_dest_[fqn];
     Carried mine;
     if (owner == rank_) {
