@@ -24,6 +24,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -101,6 +102,41 @@ class Store {
 // A store over the directory `path`. With create, the directory (and its parents) is created;
 // without, NotFound if it does not exist and FailedPrecondition if it is not a directory.
 Result<std::unique_ptr<Store>> OpenLocalStore(const std::string& path, bool create);
+
+// ---- stores by URL ----
+//
+// Every layer reaches bytes through OpenStore, so a backend plugs in by registering its scheme.
+// A plain path ("/ckpt/step_1", "rel/dir") or a file URL ("file:///ckpt/step_1") opens a local
+// store; "scheme://..." opens the store registered for that scheme; anything else is
+// InvalidArgument naming the URL and the known schemes.
+
+struct StoreOpenOptions {
+  // Create the location (directory, prefix) if it does not exist; otherwise NotFound.
+  bool create = false;
+};
+
+Result<std::unique_ptr<Store>> OpenStore(std::string_view url,
+                                         const StoreOpenOptions& options = {});
+
+// A backend's constructor: gets the whole URL (scheme included).
+using StoreFactory = std::function<Result<std::unique_ptr<Store>>(std::string_view url,
+                                                                  const StoreOpenOptions& options)>;
+// Makes OpenStore send "scheme://..." URLs to `factory` (replacing an earlier registration).
+// Thread-safe; register before the first OpenStore of that scheme.
+void RegisterStoreScheme(std::string scheme, StoreFactory factory);
+
+// One file named by a URL ("/dir/model.pt", "s3://bucket/x/model.pt"): the store of its parent
+// location and the file's key in it. For single-file formats (torch.save, safetensors).
+struct StoreFile {
+  std::unique_ptr<Store> store;
+  std::string key;
+};
+Result<StoreFile> OpenStoreFile(std::string_view url, const StoreOpenOptions& options = {});
+
+// "" for a plain path, else the scheme before "://" ("file", "s3"); InvalidArgument if malformed.
+Result<std::string_view> UrlScheme(std::string_view url);
+// The local path of a plain path or file:// URL; InvalidArgument for other schemes.
+Result<std::string> LocalPathOfUrl(std::string_view url);
 
 // An in-memory store for tests. It models durability exactly as documented above: each file
 // has a live content and a synced content, each directory a live and a synced set of names.

@@ -204,7 +204,7 @@ Result<std::vector<WriteResult>> DecodeWriteResults(std::string_view bytes) {
 
 Result<std::unique_ptr<FileSystemWriter>> FileSystemWriter::Open(const std::string& path,
                                                                  FileSystemWriterOptions options) {
-  DCPP_ASSIGN_OR_RETURN(std::unique_ptr<Store> store, OpenLocalStore(path, /*create=*/true));
+  DCPP_ASSIGN_OR_RETURN(std::unique_ptr<Store> store, OpenStore(path, {.create = true}));
   auto w = std::make_unique<FileSystemWriter>(store.get(), path, options);
   w->owned_store_ = std::move(store);
   return w;
@@ -382,7 +382,7 @@ Status FileSystemWriter::CleanUp() {
 
 Result<std::unique_ptr<FileSystemReader>> FileSystemReader::Open(const std::string& path,
                                                                  FileSystemReaderOptions options) {
-  DCPP_ASSIGN_OR_RETURN(std::unique_ptr<Store> store, OpenLocalStore(path, /*create=*/false));
+  DCPP_ASSIGN_OR_RETURN(std::unique_ptr<Store> store, OpenStore(path));
   auto r = std::make_unique<FileSystemReader>(store.get(), path, options);
   r->owned_store_ = std::move(store);
   return r;
