@@ -202,10 +202,9 @@ int InspectSvg(const std::string& path, const std::string& out_path, const std::
     const size_t esize = ElementSize(t->properties.dtype);
     const int64_t nbytes = NumElements(shape) * static_cast<int64_t>(esize);
     body << "<text x='" << kLeft << "' y='" << Num(y) << "' class='h2'>" << Escape(fqn)
-         << "</text><text x='" << Num(kLeft + 12 + 8.5 * static_cast<double>(fqn.size())) << "' y='"
-         << Num(y) << "' class='t'>" << DTypeName(t->properties.dtype) << ShapeToString(shape)
+         << "<tspan dx='10' class='t'>" << DTypeName(t->properties.dtype) << ShapeToString(shape)
          << ", " << HumanBytes(static_cast<double>(nbytes)) << ", " << t->chunks.size() << " chunk"
-         << (t->chunks.size() == 1 ? "" : "s") << "</text>\n";
+         << (t->chunks.size() == 1 ? "" : "s") << "</tspan></text>\n";
     y += 10;
     Frame f;
     f.dims = dims;
@@ -316,7 +315,7 @@ int InspectSvg(const std::string& path, const std::string& out_path, const std::
       << "<svg xmlns='http://www.w3.org/2000/svg' width='960' height='" << Num(y + 10)
       << "' viewBox='0 0 960 " << Num(y + 10) << "' font-family='DejaVu Sans, Arial, sans-serif'>\n"
       << "<style>.h1{font-size:16px;font-weight:bold}.h2{font-size:14px;font-weight:bold}"
-      << ".t{font-size:12px;fill:#333}.in{font-size:11px;fill:#fff}"
+      << ".t{font-size:12px;font-weight:normal;fill:#333}.in{font-size:11px;fill:#fff}"
       << ".box{fill:#f4f4f4;stroke:#555;stroke-width:1}.chunk{stroke:#fff;stroke-width:1.5}"
       << ".want{fill:none;stroke:#111;stroke-width:2.5;stroke-dasharray:7 4}"
       << ".wl{font-size:11px;font-weight:bold;fill:#111}</style>\n"
