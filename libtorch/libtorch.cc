@@ -453,32 +453,90 @@ Status SetOptimizerStateDict(const torch::nn::Module& module, torch::optim::Opti
   return Status();
 }
 
+namespace {
+
+// Stand-ins for the planners on a rank whose state dict could not be built: every step fails with
+// that status, so the rank still joins the collectives and every rank returns the same error.
+class FailedSavePlanner final : public SavePlanner {
+ public:
+  explicit FailedSavePlanner(Status s) : s_(std::move(s)) {}
+  Status SetUp(const StateDict&, bool) override { return s_; }
+  Result<SavePlan> CreateLocalPlan() override { return s_; }
+  Result<std::pair<std::vector<SavePlan>, Metadata>> CreateGlobalPlan(
+      std::vector<SavePlan>) override {
+    return s_;
+  }
+  Result<SavePlan> FinishPlan(SavePlan) override { return s_; }
+  Result<WriteData> ResolveData(const WriteItem&) override { return s_; }
+
+ private:
+  Status s_;
+};
+
+class FailedLoadPlanner final : public LoadPlanner {
+ public:
+  explicit FailedLoadPlanner(Status s) : s_(std::move(s)) {}
+  Status SetUp(StateDict*, const Metadata&, bool) override { return s_; }
+  Result<LoadPlan> CreateLocalPlan() override { return s_; }
+  Result<TensorView> ResolveTensor(const ReadItem&) override { return s_; }
+  Status LoadBytes(const ReadItem&, Value) override { return s_; }
+
+ private:
+  Status s_;
+};
+
+// {"model": ..., "optim": ...}; libtorch's exceptions (allocation of missing optimizer state)
+// become Status values here, before any collective.
+Result<StateDict> BuildStateDict(torch::nn::Module& module, torch::optim::Optimizer* optimizer,
+                                 bool python_defaults) {
+  try {
+    Value sd = Value::MakeDict();
+    DCPP_ASSIGN_OR_RETURN(Value model, ModelStateDict(module));
+    sd.Set("model", std::move(model));
+    if (optimizer != nullptr) {
+      DCPP_ASSIGN_OR_RETURN(Value optim,
+                            OptimizerStateDictImpl(module, *optimizer, python_defaults));
+      sd.Set("optim", std::move(optim));
+    }
+    return sd;
+  } catch (const std::exception& e) {
+    return InternalError(std::string("libtorch: ") + e.what());
+  }
+}
+
+}  // namespace
+
 Result<Metadata> Save(torch::nn::Module& module, torch::optim::Optimizer* optimizer,
                       const std::string& path, const SaveOptions& options) {
-  Value sd = Value::MakeDict();
-  DCPP_ASSIGN_OR_RETURN(Value model, ModelStateDict(module));
-  sd.Set("model", std::move(model));
-  if (optimizer != nullptr) {
-    DCPP_ASSIGN_OR_RETURN(Value optim, OptimizerStateDict(module, *optimizer));
-    sd.Set("optim", std::move(optim));
+  Result<StateDict> sd = BuildStateDict(module, optimizer, /*python_defaults=*/true);
+  if (!sd.ok()) {
+    if (options.comm == nullptr) return sd.status();
+    FailedSavePlanner failed(sd.status());
+    SaveOptions o = options;
+    o.planner = &failed;
+    return dcpp::Save(Value::MakeDict(), path, o);
   }
-  return dcpp::Save(sd, path, options);
+  return dcpp::Save(*sd, path, options);
 }
 
 Status Load(torch::nn::Module& module, torch::optim::Optimizer* optimizer, const std::string& path,
             const LoadOptions& options) {
-  Value sd = Value::MakeDict();
-  DCPP_ASSIGN_OR_RETURN(Value model, ModelStateDict(module));
-  sd.Set("model", std::move(model));
-  if (optimizer != nullptr) {
-    DCPP_ASSIGN_OR_RETURN(Value optim, OptimizerStateDictImpl(module, *optimizer, false));
-    sd.Set("optim", std::move(optim));
+  Result<StateDict> sd = BuildStateDict(module, optimizer, /*python_defaults=*/false);
+  if (!sd.ok()) {
+    if (options.comm == nullptr) return sd.status();
+    FailedLoadPlanner failed(sd.status());
+    LoadOptions o = options;
+    o.planner = &failed;
+    Value empty = Value::MakeDict();
+    return dcpp::Load(empty, path, o);
   }
-  DCPP_RETURN_IF_ERROR(dcpp::Load(sd, path, options));
-  if (optimizer != nullptr) {
-    return SetOptimizerStateDict(module, *optimizer, *sd.Find("optim"));
+  DCPP_RETURN_IF_ERROR(dcpp::Load(*sd, path, options));
+  if (optimizer == nullptr) return Status();
+  try {
+    return SetOptimizerStateDict(module, *optimizer, *sd->Find("optim"));
+  } catch (const std::exception& e) {
+    return InternalError(std::string("libtorch: ") + e.what());
   }
-  return Status();
 }
 
 }  // namespace dcpp::libtorch

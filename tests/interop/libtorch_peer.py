@@ -1,6 +1,7 @@
-"""Python PyTorch (2.x) loads the checkpoint examples/libtorch_train.cc saved with libtorch + dcpp.
+"""Python PyTorch (2.x) as the peer of dcpp's libtorch adapter, both directions.
 
-    libtorch_peer.py DIR
+    libtorch_peer.py check DIR   load what examples/libtorch_train.cc saved, compare outputs
+    libtorch_peer.py save DIR    train Net a few steps, save it the same way for libtorch to load
 
 DIR/ckpt holds {"model": ..., "optim": ...} written by 4 MPI ranks; DIR/eval the C++ side's
 evaluation batch, its output, and its output after one more Adam step. This script builds the
@@ -8,6 +9,10 @@ same architecture, takes the template from get_state_dict(model, optim), checks 
 checkpoint has exactly the template's keys, loads it with dcp.load + set_state_dict, and checks
 that the network gives the C++ output and that one more Adam step gives the C++ result too (so
 the optimizer state and options came across). Exits non-zero on any mismatch.
+
+`save` writes DIR/ckpt with dcp.save({"model": msd, "optim": osd}) after get_state_dict, and
+DIR/eval with an input batch, the output, a target and the output after one more Adam step, which
+the C++ test (LibtorchAdapterTest.LoadsWhatPyTorchSaved) reproduces with libtorch.
 """
 import os
 import sys
@@ -33,7 +38,35 @@ class Net(nn.Module):
         return self.fc2(torch.relu(self.bn(self.fc1(x))))
 
 
-def main(d):
+def save(d):
+    ckpt, eval_dir = os.path.join(d, "ckpt"), os.path.join(d, "eval")
+    torch.manual_seed(0)
+    model = Net()
+    optim = torch.optim.Adam(model.parameters(), lr=2e-2, betas=(0.85, 0.995))
+    x, y = torch.randn(64, 8), torch.randn(64, 4)
+    model.train()
+    for _ in range(7):
+        optim.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optim.step()
+    msd, osd = get_state_dict(model, optim)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
+    model.eval()
+    ex, ey = torch.randn(32, 8), torch.randn(32, 4)
+    with torch.no_grad():
+        out = model(ex)
+    optim.zero_grad()
+    nn.functional.mse_loss(model(ex), ey).backward()
+    optim.step()
+    with torch.no_grad():
+        after = model(ex)
+    dcp.save({"input": ex, "target": ey, "output": out, "output_after_step": after},
+             checkpoint_id=eval_dir)
+    print(f"PyTorch {torch.__version__} saved Net + Adam (7 steps) to {ckpt}")
+    return 0
+
+
+def check(d):
     ckpt, eval_dir = os.path.join(d, "ckpt"), os.path.join(d, "eval")
     torch.manual_seed(123)  # other weights than the C++ side's, so a load that did nothing fails
     model = Net()
@@ -83,4 +116,4 @@ def main(d):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit({"check": check, "save": save}[sys.argv[1]](sys.argv[2]))

@@ -55,10 +55,13 @@ Status SetOptimizerStateDict(const torch::nn::Module& module, torch::optim::Opti
 
 // Saves {"model": ModelStateDict, "optim": OptimizerStateDict} (optim left out when null): what
 // Python loads with dcp.load({"model": msd, "optim": osd}) after get_state_dict(model, optim).
-// Collective when options.comm is set; every rank passes its replica (or shards) of the module.
+// Collective when options.comm is set; every rank passes its replica of the module. A rank whose
+// state dict cannot be built (an unmapped optimizer, a CUDA tensor, a libtorch exception) still
+// takes part in every collective step, so all ranks return the same error and none hangs.
 Result<Metadata> Save(torch::nn::Module& module, torch::optim::Optimizer* optimizer,
                       const std::string& path, const SaveOptions& options = {});
-// Loads such a checkpoint (also one Python wrote that way) into `module` and `optimizer` in place.
+// Loads such a checkpoint (also one Python wrote that way) into `module` and `optimizer` in place;
+// collective like Save. Applying the loaded optimizer options afterwards is local to each rank.
 Status Load(torch::nn::Module& module, torch::optim::Optimizer* optimizer, const std::string& path,
             const LoadOptions& options = {});
 
