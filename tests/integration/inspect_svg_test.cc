@@ -69,6 +69,8 @@ TEST(InspectSvgTest, DrawsChunksByFileAndReaderBoxes) {
     EXPECT_THAT(text, HasSubstr("__" + std::to_string(r) + "_0.distcp")) << r;
   }
   EXPECT_THAT(text, HasSubstr("float32[64, 32]"));
+  EXPECT_THAT(text, HasSubstr("written by 4 ranks"));
+  EXPECT_THAT(text, HasSubstr("rank 2 (__2_0.distcp)"));
   EXPECT_THAT(text, Not(HasSubstr("class='want'")));
 
   // --match keeps one tensor; --against (or --ranks/--dim) overlays 3 readers along dim 1.
@@ -79,7 +81,8 @@ TEST(InspectSvgTest, DrawsChunksByFileAndReaderBoxes) {
   EXPECT_EQ(Count(text, "class='chunk'"), 4);
   EXPECT_EQ(Count(text, "class='want'"), 3);
   // Reader 0 wants columns [0, 10) of all 64 rows: a piece of each of the 4 row chunks.
-  EXPECT_THAT(text, HasSubstr("reader 0 wants offsets [0, 0] sizes [64, 10]: 4 reads, 2.5 KiB"));
+  EXPECT_THAT(text, HasSubstr("reader 0 wants offsets [0, 0] sizes [64, 10]: 4 reads, 2.5 KiB "
+                              "from rank 0 640 B, rank 1 640 B, rank 2 640 B, rank 3 640 B"));
   EXPECT_THAT(text, HasSubstr("not matching"));
 
   EXPECT_EQ(Shell(cli + " inspect " + dir.Join("ckpt") + " --svg " + svg +
@@ -88,7 +91,7 @@ TEST(InspectSvgTest, DrawsChunksByFileAndReaderBoxes) {
 }
 
 // Headless Chromium renders the picture; the screenshot must not be blank: enough non-white
-// pixels, and the colours of at least 4 files.
+// pixels, and the colours of the 4 writing ranks.
 TEST(InspectSvgTest, RendersInHeadlessChromium) {
   const char* chromium = "/usr/bin/chromium";
   if (!std::filesystem::exists(chromium)) GTEST_SKIP() << "chromium is not installed";

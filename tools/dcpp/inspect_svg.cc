@@ -1,15 +1,16 @@
 // `dcpp inspect DIR --svg OUT [--match GLOB] [--against ranks=N,dim=D]`: a picture of where a
 // DCP checkpoint's tensors live. Each tensor is drawn as its global box (dims 0 and 1; a 1-d
 // tensor is a strip, a 0-d one a cell) split into the stored chunks, each chunk coloured by the
-// file that holds it (one file per writing rank) and labelled with the file and its size. With
-// --against, the boxes a loader of N ranks sharded evenly along dim D asks for are drawn over the
-// stored chunks, and each reader's reads are listed: how many stored chunks it touches and how
-// many bytes it reads from which files, which is what explains a resharding load's I/O.
-// Tensors of 3 or more dims are drawn by their first two dims (chunks split along later dims
-// overlap in the picture; the panel says so).
+// rank that wrote it (from the file name `__{rank}_{n}.distcp`; any other file name is its own
+// colour) and labelled with the file and its size. With --against, the boxes a loader of N ranks
+// sharded evenly along dim D asks for are drawn over the stored chunks, and each reader's reads are
+// listed: how many stored chunks it touches and how many bytes it reads from which rank's files,
+// which is what explains a resharding load's I/O. Tensors of 3 or more dims are drawn by their
+// first two dims (chunks split along later dims overlap in the picture; the panel says so).
 #include <fnmatch.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -71,6 +72,20 @@ std::string Num(double v) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.1f", v);
   return buf;
+}
+
+// (rank, "") for a DCP data file `__{rank}_{n}.distcp`, (INT64_MAX, name) for any other name.
+std::pair<int64_t, std::string> WriterKey(const std::string& name) {
+  if (name.size() > 2 && name.compare(0, 2, "__") == 0) {
+    size_t i = 2;
+    int64_t rank = 0;
+    while (i < name.size() && i < 12 && name[i] >= '0' && name[i] <= '9') {
+      rank = rank * 10 + (name[i] - '0');
+      ++i;
+    }
+    if (i > 2 && i < name.size() && name[i] == '_') return {rank, ""};
+  }
+  return {INT64_MAX, name};
 }
 
 struct ReaderSpec {
@@ -153,13 +168,31 @@ int InspectSvg(const std::string& path, const std::string& out_path, const std::
     std::cerr << "dcpp inspect: " << md.status().message() << "\n";
     return 1;
   }
-  // Files in name order, each with its colour and bytes.
+  // Chunks are coloured by writer: the rank of a DCP file name `__{rank}_{n}.distcp` (a rank with
+  // several writer threads has several files), or the file itself for other names.
   std::map<std::string, int64_t> file_bytes;
   for (const auto& [index, info] : md->storage_data) file_bytes[info.relative_path] += info.length;
-  std::map<std::string, int> colour;
+  struct Writer {
+    std::vector<std::string> files;
+    int64_t bytes = 0;
+  };
+  std::map<std::pair<int64_t, std::string>, Writer> writers;  // (rank, "") or (max, file)
+  std::map<std::string, std::string> writer_of;               // file -> writer label
+  std::map<std::string, int> colour;                          // file -> palette index
   for (const auto& [name, bytes] : file_bytes) {
-    const int i = static_cast<int>(colour.size());
-    colour[name] = i % kPaletteSize;
+    const auto key = WriterKey(name);
+    writers[key].files.push_back(name);
+    writers[key].bytes += bytes;
+  }
+  int ranks = 0, next_colour = 0;
+  for (const auto& [key, w] : writers) {
+    const bool is_rank = key.second.empty();
+    ranks += is_rank;
+    for (const auto& f : w.files) {
+      writer_of[f] = is_rank ? "rank " + std::to_string(key.first) : f;
+      colour[f] = next_colour % kPaletteSize;
+    }
+    ++next_colour;
   }
 
   std::ostringstream body;
@@ -167,19 +200,24 @@ int InspectSvg(const std::string& path, const std::string& out_path, const std::
   body << "<text x='" << kLeft << "' y='" << y << "' class='h1'>" << Escape(path) << "</text>\n";
   y += 22;
   body << "<text x='" << kLeft << "' y='" << y << "' class='t'>" << md->state_dict_metadata.size()
-       << " keys in " << file_bytes.size()
-       << " files. Chunks are coloured by the file (writing rank)"
-       << " that holds them" << (spec ? "; dashed boxes: what each reader rank asks for" : "")
-       << ".</text>\n";
+       << " keys in " << file_bytes.size() << " files"
+       << (ranks ? " written by " + std::to_string(ranks) + " ranks" : std::string())
+       << ". Chunks are coloured by the rank (file) that wrote them"
+       << (spec ? "; dashed boxes: what each reader rank asks for" : "") << ".</text>\n";
   y += 14;
-  // Legend.
+  // Legend: one entry per writer, with its files and bytes.
   double lx = kLeft;
-  for (const auto& [name, bytes] : file_bytes) {
-    const std::string label = name + "  " + HumanBytes(static_cast<double>(bytes));
-    const double width = 26 + 7.0 * static_cast<double>(label.size());
+  for (const auto& [key, w] : writers) {
+    std::string label = writer_of[w.files[0]];
+    if (key.second.empty()) {
+      label += w.files.size() == 1 ? " (" + w.files[0] + ")"
+                                   : " (" + std::to_string(w.files.size()) + " files)";
+    }
+    label += "  " + HumanBytes(static_cast<double>(w.bytes));
+    const double width = 30 + 7.0 * static_cast<double>(label.size());
     if (lx + width > kLeft + 900) lx = kLeft, y += 20;
     body << "<rect x='" << Num(lx) << "' y='" << Num(y) << "' width='14' height='14' fill='"
-         << kPalette[colour[name]] << "'/><text x='" << Num(lx + 19) << "' y='" << Num(y + 12)
+         << kPalette[colour[w.files[0]]] << "'/><text x='" << Num(lx + 19) << "' y='" << Num(y + 12)
          << "' class='t'>" << Escape(label) << "</text>\n";
     lx += width;
   }
@@ -274,28 +312,38 @@ int InspectSvg(const std::string& path, const std::string& out_path, const std::
                << "' class='wl'>" << (whole ? "every reader" : "reader " + std::to_string(r))
                << "</text>\n";
         }
-        // What this reader reads: the overlap with every stored chunk.
+        // What this reader reads: the overlap with every stored chunk, summed per writer.
         std::map<std::string, int64_t> from;
         int reads = 0;
+        int64_t total = 0;
         for (const auto& c : t->chunks) {
           auto o = Intersect(want, {c.offsets, c.sizes});
           if (!o || o->numel() == 0) continue;
           ++reads;
           auto info = md->FindStorage({fqn, c.offsets, std::nullopt});
-          from[info.ok() ? (*info)->relative_path : "?"] +=
-              o->numel() * static_cast<int64_t>(esize);
+          const std::string file = info.ok() ? (*info)->relative_path : "?";
+          const int64_t bytes = o->numel() * static_cast<int64_t>(esize);
+          from[writer_of.count(file) ? writer_of[file] : file] += bytes;
+          total += bytes;
         }
         below += kLine;
         std::string line = "reader " + std::to_string(r) + " wants " + want.ToString() + ": " +
-                           std::to_string(reads) + " read" + (reads == 1 ? "" : "s");
-        int64_t total = 0;
-        std::string parts;
-        for (const auto& [file, bytes] : from) {
-          total += bytes;
-          parts +=
-              (parts.empty() ? "" : ", ") + file + " " + HumanBytes(static_cast<double>(bytes));
+                           std::to_string(reads) + " read" + (reads == 1 ? "" : "s") + ", " +
+                           HumanBytes(static_cast<double>(total)) + " from ";
+        // At most 4 writers a line, so wide jobs stay inside the picture.
+        int on_line = 0;
+        for (const auto& [writer, bytes] : from) {
+          if (on_line == 4) {
+            body << "<text x='" << kLeft << "' y='" << Num(below) << "' class='t'>" << Escape(line)
+                 << ",</text>\n";
+            below += kLine;
+            line = "    ";
+            on_line = 0;
+          }
+          line += std::string(on_line ? ", " : "") + writer + " " +
+                  HumanBytes(static_cast<double>(bytes));
+          ++on_line;
         }
-        line += ", " + HumanBytes(static_cast<double>(total)) + " from " + parts;
         body << "<text x='" << kLeft << "' y='" << Num(below) << "' class='t'>" << Escape(line)
              << "</text>\n";
       }
