@@ -1,10 +1,10 @@
 # The installed package, used from outside dcpp's tree:
 #   1. `cmake --install` of the build tree under test into WORK/prefix;
 #   2. a consumer project configured with find_package(dcpp) (CMAKE_PREFIX_PATH=prefix), built,
-#      run: dcpp::dcpp and dcpp::mpi;
+#      run: dcpp::dcpp and dcpp::mpi, and dcpp::torch when the build under test has it (WITH_TORCH);
 #   3. the same program compiled with the flags `pkg-config --cflags --libs dcpp` gives, run;
 #   4. the installed CLI inspects the consumer's checkpoint.
-# cmake -DBUILD_DIR=... -DSOURCE_DIR=... -DWORK=... -P consumer_test.cmake
+# cmake -DBUILD_DIR=... -DSOURCE_DIR=... -DWORK=... [-DWITH_TORCH=ON] -P consumer_test.cmake
 foreach(v BUILD_DIR SOURCE_DIR WORK)
   if(NOT DEFINED ${v})
     message(FATAL_ERROR "${v} is not set")
@@ -36,10 +36,13 @@ get_filename_component(pc_dir ${pc_file} DIRECTORY)
 
 # 2. find_package(dcpp)
 run(${CMAKE_COMMAND} -S ${SOURCE_DIR}/tests/package/consumer -B ${WORK}/cmake-build -G Ninja
-    -DCMAKE_PREFIX_PATH=${prefix} -DCMAKE_BUILD_TYPE=Release)
-run(${CMAKE_COMMAND} --build ${WORK}/cmake-build)
+    -DCMAKE_PREFIX_PATH=${prefix} -DCMAKE_BUILD_TYPE=Release -DWITH_TORCH=${WITH_TORCH})
+run(${CMAKE_COMMAND} --build ${WORK}/cmake-build -j1)
 run(${WORK}/cmake-build/consumer ${WORK}/ckpt_cmake)
 run(${WORK}/cmake-build/consumer_mpi ${WORK}/ckpt_mpi)
+if(WITH_TORCH)
+  run(${WORK}/cmake-build/consumer_torch ${WORK}/ckpt_torch)
+endif()
 
 # 3. pkg-config
 find_program(PKG_CONFIG pkg-config REQUIRED)
