@@ -3,13 +3,13 @@
 // key path, dtype, shape, layout, size and storage record, plain values inline, and totals.
 // The JSON schema is in docs/cli.md.
 #include <cmath>
-#include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <set>
 
-#include "dcpp/file.h"
-#include "dcpp/torch_save.h"
+#include "codec/torch_save.h"
+#include "dcpp/convert.h"
+#include "dcpp/storage.h"
 #include "tools/dcpp/commands.h"
 
 namespace dcpp::cli {
@@ -84,7 +84,9 @@ int InspectTorchSave(const std::string& path, bool as_json) {
     std::cerr << "dcpp inspect: " << path << ": " << s.ToString() << "\n";
     return 1;
   };
-  auto source = FileSource::Open(path);
+  auto file = OpenStoreFile(path);
+  if (!file.ok()) return fail(file.status());
+  auto source = file->store->OpenRead(file->key);
   if (!source.ok()) return fail(source.status());
   auto archive = TorchSaveArchive::Open(**source);
   if (!archive.ok()) return fail(archive.status());
@@ -184,10 +186,12 @@ void RegisterInspect(CLI::App& app) {
   cmd->add_option("--ranks", *ranks, "With --svg: shorthand for --against ranks=N")->needs(svg_opt);
   cmd->add_option("--dim", *dim, "With --ranks: the dim the loader shards along (default 0)");
   cmd->callback([=] {
-    std::error_code ec;
-    const bool is_dir = std::filesystem::is_directory(*path, ec);
-    if (!svg->empty()) {
-      if (!is_dir) {
+    auto format = DetectFormat(*path);
+    if (!format.ok()) {
+      std::cerr << "dcpp inspect: " << format.status().ToString() << "\n";
+      SetExitCode(1);
+    } else if (!svg->empty()) {
+      if (*format != CheckpointFormat::kDcp) {
         std::cerr << "dcpp inspect: --svg needs a DCP checkpoint directory\n";
         SetExitCode(2);
         return;
@@ -197,7 +201,7 @@ void RegisterInspect(CLI::App& app) {
         spec = "ranks=" + std::to_string(*ranks) + ",dim=" + std::to_string(*dim);
       }
       SetExitCode(InspectSvg(*path, *svg, *match, spec));
-    } else if (is_dir) {
+    } else if (*format == CheckpointFormat::kDcp) {
       SetExitCode(InspectDcp(*path, *as_json));
     } else {
       SetExitCode(InspectTorchSave(*path, *as_json));
