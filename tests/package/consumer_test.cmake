@@ -16,7 +16,7 @@ set(prefix ${WORK}/prefix)
 
 function(run)
   execute_process(COMMAND ${ARGV} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err
-                  TIMEOUT 240)
+                  TIMEOUT 500)
   message(STATUS "$ ${ARGV}\n${out}${err}")
   if(NOT rc EQUAL 0)
     message(FATAL_ERROR "failed (${rc}): ${ARGV}")
