@@ -14,7 +14,15 @@
 namespace dcpp {
 
 std::string_view FormatName(CheckpointFormat format) {
-  return format == CheckpointFormat::kDcp ? "dcp" : "torch";
+  switch (format) {
+    case CheckpointFormat::kDcp:
+      return "dcp";
+    case CheckpointFormat::kTorchSave:
+      return "torch";
+    case CheckpointFormat::kSafetensors:
+      return "safetensors";
+  }
+  return "unknown";
 }
 
 Result<CheckpointFormat> DetectFormat(const std::string& path) {
@@ -26,12 +34,21 @@ Result<CheckpointFormat> DetectFormat(const std::string& path) {
         std::filesystem::exists(std::filesystem::path(path) / "__0.metadata")) {
       return CheckpointFormat::kDcp;
     }
+    for (const auto& e : std::filesystem::directory_iterator(path, ec)) {
+      if (e.path().extension() == ".safetensors" ||
+          e.path().filename() == "model.safetensors.index.json") {
+        return CheckpointFormat::kSafetensors;
+      }
+    }
     return InvalidArgumentError("\"" + path + "\" is a directory without DCP metadata (.metadata)");
   }
   DCPP_ASSIGN_OR_RETURN(auto src, FileSource::Open(path));
   char magic[4] = {};
   if (src->size() >= 4) DCPP_RETURN_IF_ERROR(src->ReadAt(0, magic, 4));
   if (std::memcmp(magic, "PK\3\4", 4) == 0) return CheckpointFormat::kTorchSave;
+  if (std::filesystem::path(path).extension() == ".safetensors") {
+    return CheckpointFormat::kSafetensors;
+  }
   return InvalidArgumentError("\"" + path + "\" is neither a DCP directory nor a torch.save file");
 }
 
@@ -136,6 +153,7 @@ class TorchSource final : public CheckpointSource {
 Result<std::unique_ptr<CheckpointSource>> OpenCheckpoint(const std::string& path) {
   DCPP_ASSIGN_OR_RETURN(CheckpointFormat f, DetectFormat(path));
   if (f == CheckpointFormat::kDcp) return DcpSource::Open(path);
+  if (f == CheckpointFormat::kSafetensors) return OpenSafetensorsCheckpoint(path);
   return TorchSource::Open(path);
 }
 

@@ -15,6 +15,8 @@ void RegisterDiff(CLI::App& app);
 
 // `dcpp inspect` of a DCP directory; returns the exit code.
 int InspectDcp(const std::string& path, bool json);
+// `dcpp inspect` of a safetensors file or directory; returns the exit code.
+int InspectSafetensors(const std::string& path, bool json);
 
 // Process exit code set by the subcommand that ran (0 by default).
 int ExitCode();

@@ -1,5 +1,6 @@
 // `dcpp inspect PATH [--json]`: what a checkpoint holds, without reading tensor bytes.
-// A directory is a DCP checkpoint (inspect_dcp.cc); a file is a torch.save archive: every leaf's
+// A directory is a DCP checkpoint (inspect_dcp.cc), safetensors are shown by
+// inspect_safetensors.cc; a file is a torch.save archive: every leaf's
 // key path, dtype, shape, layout, size and storage record, plain values inline, and totals.
 // The JSON schema is in docs/cli.md.
 #include <cmath>
@@ -8,6 +9,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "dcpp/convert.h"
 #include "dcpp/file.h"
 #include "dcpp/torch_save.h"
 #include "tools/dcpp/commands.h"
@@ -169,11 +171,15 @@ void RegisterInspect(CLI::App& app) {
   auto* cmd = app.add_subcommand("inspect", "Show the contents of a checkpoint");
   auto path = std::make_shared<std::string>();
   auto as_json = std::make_shared<bool>(false);
-  cmd->add_option("path", *path, "torch.save file or DCP directory")->required();
+  cmd->add_option("path", *path, "torch.save file, DCP directory, or safetensors file/directory")
+      ->required();
   cmd->add_flag("--json", *as_json, "Print a JSON object (schema in docs/cli.md)");
   cmd->callback([path, as_json] {
     std::error_code ec;
-    if (std::filesystem::is_directory(*path, ec)) {
+    auto format = DetectFormat(*path);
+    if (format.ok() && *format == CheckpointFormat::kSafetensors) {
+      SetExitCode(InspectSafetensors(*path, *as_json));
+    } else if (std::filesystem::is_directory(*path, ec)) {
       SetExitCode(InspectDcp(*path, *as_json));
     } else {
       SetExitCode(InspectTorchSave(*path, *as_json));
