@@ -111,7 +111,8 @@ struct ConsolidateOptions {
   // fqn -> 1-based output file (PyTorch's fqn_to_index_mapping); empty: one file.
   std::map<std::string, int> fqn_to_index_mapping;
   int thread_count = 1;
-  // Bytes of one assembly window; at most 2 x thread_count windows are in memory at once.
+  // Bytes of one assembly window; at most 2 x thread_count windows are in memory at once (plus
+  // one bounded read piece of at most 8 MiB per thread).
   uint64_t window_bytes = 8 << 20;
   bool sync_files = true;
   // Key prefix (a directory) of the shards in the input store; "" = its top level.
@@ -121,8 +122,9 @@ struct ConsolidateOptions {
 struct ConsolidateReport {
   int files = 0;
   int64_t tensors = 0;
-  int64_t bytes = 0;                // tensor bytes written
-  uint64_t buffer_bound_bytes = 0;  // the most window memory that could be held at once
+  int64_t bytes = 0;  // tensor bytes written
+  // The most assembly memory held at once: 2 x threads windows + 8 MiB read piece per thread.
+  uint64_t buffer_bound_bytes = 0;
 };
 
 // Assembles DCP's sharded safetensors output (files with DCP_SHARDING_INFO) in `input` into

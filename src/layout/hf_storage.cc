@@ -602,7 +602,8 @@ Result<ConsolidateReport> ConsolidateSafetensors(Store& input, Store& output,
   const size_t slots = 2 * static_cast<size_t>(threads);
   const uint64_t window = std::max<uint64_t>(options.window_bytes, 64);
   ConsolidateReport report;
-  report.buffer_bound_bytes = slots * window;
+  // Windows in flight, plus each worker's bounded read piece (ReadBoxInto's 8 MiB).
+  report.buffer_bound_bytes = slots * window + static_cast<uint64_t>(threads) * (8 << 20);
   std::map<std::string, std::string> weight_map;
 
   for (const auto& [index, list] : by_file) {
