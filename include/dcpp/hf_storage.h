@@ -91,7 +91,13 @@ class HuggingFaceStorageReader : public StorageReader {
   Status ReadData(const LoadPlan& plan, LoadPlanner& planner) override;
   std::string checkpoint_id() const override { return checkpoint_id_; }
 
-  struct Piece;  // where one stored chunk lives
+  // Where one stored chunk lives.
+  struct Piece {
+    std::string file;
+    uint64_t at = 0;
+    Shape shape;
+    DType dtype = DType::kFloat32;
+  };
 
  protected:
   Store* store() const { return store_; }
@@ -106,6 +112,43 @@ class HuggingFaceStorageReader : public StorageReader {
   struct State;
   std::unique_ptr<State> state_;
 };
+
+// PyTorch's QuantizedHuggingFaceStorageReader for DeepSeek-V3-style fp8 checkpoints: a tensor
+// "X.weight" stored as float8_e4m3fn with a "X.weight_scale_inv" tensor holding one scale per
+// block_size x block_size block is dequantized on load (w * scale in float32, then rounded to
+// the destination's dtype, float32 or bfloat16). The metadata reports such weights with
+// `target_dtype`, so loading everything as stored allocates dequantized tensors. Any sharding
+// of the destination works: each rank reads only its rows and columns (in bounded strips) and
+// the scale tensor. Quantized weights must be stored whole (not sharded), as in PyTorch.
+struct QuantizedReaderOptions {
+  int thread_count = 1;
+  DType target_dtype = DType::kFloat32;  // kFloat32 or kBFloat16
+  int64_t block_size = 128;
+};
+
+class QuantizedHuggingFaceStorageReader final : public HuggingFaceStorageReader {
+ public:
+  static Result<std::unique_ptr<QuantizedHuggingFaceStorageReader>> Open(
+      const std::string& path, QuantizedReaderOptions options = {});
+  QuantizedHuggingFaceStorageReader(Store* store, std::string checkpoint_id,
+                                    QuantizedReaderOptions options);
+  ~QuantizedHuggingFaceStorageReader() override;
+
+  Result<Metadata> ReadMetadata(int rank = -1) override;
+  Status ReadData(const LoadPlan& plan, LoadPlanner& planner) override;
+
+ private:
+  std::unique_ptr<Store> owned_store_;
+  QuantizedReaderOptions qoptions_;
+  std::map<std::string, std::string> scale_of_;  // weight fqn -> scale fqn
+};
+
+// Dequantizes `rows` x `cols` float8_e4m3fn values (row stride `src_stride` bytes) into `dst`
+// (float32 or bfloat16, row stride `dst_stride` elements), multiplying every value of column j
+// by scales[j / block] (float32, one per block of columns, for this row strip).
+void DequantizeFp8Rows(const uint8_t* src, int64_t src_stride, int64_t rows, int64_t cols,
+                       const float* scales, int64_t first_col, int64_t block, DType dst_dtype,
+                       void* dst, int64_t dst_stride);
 
 struct ConsolidateOptions {
   // fqn -> 1-based output file (PyTorch's fqn_to_index_mapping); empty: one file.

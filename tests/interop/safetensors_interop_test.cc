@@ -12,6 +12,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -288,6 +289,76 @@ TEST(SafetensorsInteropTest, HostileHeadersAreRefusedByBothSides) {
     all += " " + f;
   }
   EXPECT_EQ(RunPeer("expect-reject" + all), 0);
+}
+
+}  // namespace
+}  // namespace dcpp
+
+namespace dcpp {
+namespace {
+
+// An independent float8_e4m3fn decode: (-1)^s 2^(e-7) (1 + m/8), subnormal m 2^-9.
+float DecodeE4m3(uint8_t b) {
+  const int s = b >> 7, e = (b >> 3) & 15, m = b & 7;
+  const double v = e == 0 ? m / 512.0 : std::pow(2.0, e - 7) * (1.0 + m / 8.0);
+  return static_cast<float>(s ? -v : v);
+}
+
+TEST(SafetensorsInteropTest, QuantizedFp8LoadsLikePyTorchsQuantizedReader) {
+  TempDir tmp;
+  const std::string dir = tmp.Join("fp8"), ref = tmp.Join("ref");
+  ASSERT_EQ(RunPeer("quant-make " + dir + " " + ref), 0);
+  // The raw fp8 bytes and scales, through the plain reader.
+  Value raw = LoadAll(dir);
+  const Tensor& w = raw.Find("layers.0.mlp.weight")->tensor();
+  const Tensor& scale = raw.Find("layers.0.mlp.weight_scale_inv")->tensor();
+  ASSERT_EQ(w.dtype(), DType::kFloat8_e4m3fn);
+  ASSERT_EQ(scale.shape(), Shape({3, 3}));
+  Tensor expect = Tensor::Zeros(DType::kFloat32, {300, 260});
+  for (int64_t r = 0; r < 300; ++r) {
+    for (int64_t c = 0; c < 260; ++c) {
+      const uint8_t b = reinterpret_cast<const uint8_t*>(w.data())[r * 260 + c];
+      expect.data_as<float>()[r * 260 + c] =
+          DecodeE4m3(b) * scale.data_as<float>()[(r / 128) * 3 + c / 128];
+    }
+  }
+  for (DType target : {DType::kFloat32, DType::kBFloat16}) {
+    const std::string name = target == DType::kFloat32 ? "float32" : "bfloat16";
+    Value want = LoadAll(ref + "/ref_" + name + ".safetensors");
+    if (target == DType::kFloat32) {
+      EXPECT_TRUE(want.Find("layers.0.mlp.weight")->tensor().BitwiseEqual(expect));
+    }
+    // Everything as stored: weights come back dequantized to the target dtype.
+    auto reader = QuantizedHuggingFaceStorageReader::Open(dir, {.target_dtype = target});
+    ASSERT_THAT(reader.status(), IsOk());
+    Value all = Value::MakeDict();
+    ASSERT_THAT(Load(all, **reader), IsOk());
+    for (const char* k : {"layers.0.mlp.weight", "layers.0.norm.weight"}) {
+      EXPECT_TRUE(all.Find(k)->tensor().BitwiseEqual(want.Find(k)->tensor())) << name << " " << k;
+    }
+    // Resharded over 3 ranks: rows not aligned to the 128-blocks, plus a column split.
+    std::mutex mu;
+    RunOnThreads(3, [&](Communicator& comm) {
+      const Tensor& full = want.Find("layers.0.mlp.weight")->tensor();
+      const int64_t a = 100 * comm.rank(), c = comm.rank() == 1 ? 70 : 0;
+      const Shape off = {a, c}, size = {100, 260 - c};
+      Value sd = Value::MakeDict();
+      sd.Set("layers.0.mlp.weight",
+             Value::FromSharded({target, {300, 260}, {{off, Tensor::Zeros(target, size)}}}));
+      auto r =
+          QuantizedHuggingFaceStorageReader::Open(dir, {.thread_count = 2, .target_dtype = target});
+      LoadOptions lo;
+      lo.comm = &comm;
+      lo.planner_options.allow_partial_load = true;
+      Status s = r.ok() ? Load(sd, **r, lo) : r.status();
+      std::lock_guard<std::mutex> lock(mu);
+      ASSERT_THAT(s, IsOk());
+      Tensor piece = Tensor::Zeros(target, size);
+      ASSERT_THAT(CopyRegion(piece.view(), {0, 0}, full.view(), off, size), IsOk());
+      EXPECT_TRUE(sd.Find("layers.0.mlp.weight")->sharded().shards[0].tensor.BitwiseEqual(piece))
+          << name << " rank " << comm.rank();
+    });
+  }
 }
 
 }  // namespace

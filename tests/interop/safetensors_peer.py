@@ -137,6 +137,33 @@ def main():
         assert index["metadata"]["total_size"] == sum(
             t.numel() * t.element_size() for t in loaded.values())
         check(loaded, model(float_only=len(args) > 1), "safetensors + index")
+    elif cmd == "quant-make":  # DIR REF_DIR: a DeepSeek-V3-style fp8 checkpoint, and what
+        # PyTorch's QuantizedHuggingFaceStorageReader loads from it (float32 and bfloat16)
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import QuantizedHuggingFaceStorageReader
+        d, ref = args
+        os.makedirs(d, exist_ok=True)
+        os.makedirs(ref, exist_ok=True)
+        raw = pattern(torch.uint8, (300, 260), 9)
+        raw[(raw & 0x7F) == 0x7F] = 0  # no NaN encodings
+        w = raw.view(torch.float8_e4m3fn)
+        k = torch.arange(9, dtype=torch.float32).reshape(3, 3)
+        scale = torch.ldexp(1 + k / 8, (k - 4).to(torch.int32))
+        norm = pattern(torch.bfloat16, (260,), 10)
+        save_file({"layers.0.mlp.weight": w, "layers.0.norm.weight": norm},
+                  f"{d}/model-00001-of-00002.safetensors")
+        save_file({"layers.0.mlp.weight_scale_inv": scale}, f"{d}/model-00002-of-00002.safetensors")
+        json.dump({"metadata": {"total_size": 300 * 260 + 36 + 520}, "weight_map": {
+            "layers.0.mlp.weight": "model-00001-of-00002.safetensors",
+            "layers.0.norm.weight": "model-00001-of-00002.safetensors",
+            "layers.0.mlp.weight_scale_inv": "model-00002-of-00002.safetensors"}},
+            open(f"{d}/model.safetensors.index.json", "w"), indent=2)
+        for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+            sd = {"layers.0.mlp.weight": torch.zeros(300, 260, dtype=dt),
+                  "layers.0.norm.weight": torch.zeros(260, dtype=torch.bfloat16)}
+            dcp.load(sd, storage_reader=QuantizedHuggingFaceStorageReader(d, target_dtype=dt),
+                     no_dist=True)
+            save_file(sd, f"{ref}/ref_{name}.safetensors")
     elif cmd == "expect-reject":  # FILE...: the safetensors package must refuse each
         from safetensors import safe_open
         for f in args:
