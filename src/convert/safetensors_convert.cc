@@ -122,6 +122,46 @@ Result<std::shared_ptr<Mapping>> MapFile(const std::string& path) {
   return m;
 }
 
+// Reads boxes of a DCP checkpoint's tensors into a reused window buffer.
+struct DcpWindows {
+  static constexpr uint64_t kWindow = 16 << 20;
+  std::unique_ptr<FileSystemReader> reader;
+  Metadata metadata;
+  std::shared_ptr<Storage> buffer;
+
+  static Result<std::unique_ptr<DcpWindows>> Open(const std::string& path) {
+    auto w = std::make_unique<DcpWindows>();
+    DCPP_ASSIGN_OR_RETURN(w->reader, FileSystemReader::Open(path));
+    auto md = w->reader->ReadMetadata();
+    if (!md.ok() && md.status().code() == StatusCode::kNotFound) md = w->reader->ReadMetadata(0);
+    DCPP_ASSIGN_OR_RETURN(w->metadata, std::move(md));
+    DCPP_RETURN_IF_ERROR(w->reader->SetUp(w->metadata, true, 0));
+    w->buffer = Storage::AllocateUninitialized(kWindow);
+    return w;
+  }
+};
+
+// Appends tensor `e` of a DCP checkpoint to `sink` in row-major windows.
+Status StreamDcpTensor(DcpWindows& w, const EntryInfo& e, ByteSink& sink,
+                       const ProgressFn& progress, int64_t& done, int64_t total) {
+  const size_t elem = ElementSize(e.dtype);
+  return st::ForEachContiguousBox(
+      e.shape, elem, DcpWindows::kWindow, [&](const Shape& off, const Shape& size) -> Status {
+        DCPP_ASSIGN_OR_RETURN(Tensor window, Tensor::FromStorage(w.buffer, e.dtype, size));
+        Value sd = Value::MakeDict();
+        sd.Set(e.fqn, Value::FromSharded({e.dtype, e.shape, {{off, window}}}));
+        DefaultLoadPlanner planner({.flatten_state_dict = false});
+        DCPP_RETURN_IF_ERROR(planner.SetUp(&sd, w.metadata, true));
+        DCPP_ASSIGN_OR_RETURN(LoadPlan plan, planner.CreateLocalPlan());
+        DCPP_RETURN_IF_ERROR(w.reader->ReadData(plan, planner));
+        const uint64_t n = static_cast<uint64_t>(NumElements(size)) * elem;
+        DCPP_RETURN_IF_ERROR(sink.Write(w.buffer->data(), n));
+        done += static_cast<int64_t>(n);
+        if (progress) progress(done, total);
+        return Status::Ok();
+      });
+}
+
 }  // namespace
 
 Result<std::unique_ptr<CheckpointSource>> OpenSafetensorsCheckpoint(const std::string& path) {
@@ -149,6 +189,11 @@ Status ConvertToSafetensors(const std::string& src, const std::string& dst_dir,
     in_file += n;
     total += e.nbytes;
   }
+  // A DCP source is read window by window straight into one reused buffer.
+  std::unique_ptr<DcpWindows> dcp;
+  if (source->format() == CheckpointFormat::kDcp) {
+    DCPP_ASSIGN_OR_RETURN(dcp, DcpWindows::Open(src));
+  }
   DCPP_ASSIGN_OR_RETURN(std::unique_ptr<Store> out, OpenLocalStore(dst_dir, /*create=*/true));
   const int count = static_cast<int>(files.size());
   nlohmann::ordered_json weight_map = nlohmann::ordered_json::object();
@@ -170,14 +215,19 @@ Status ConvertToSafetensors(const std::string& src, const std::string& dst_dir,
     DCPP_RETURN_IF_ERROR(file->Append(head.data(), head.size()));
     for (const auto& t : header.tensors) {
       const EntryInfo& e = *by_name.at(t.name);
-      auto v = source->Read(e);
-      if (!v.ok())
-        return v.status().WithContext("converting \"" + src + "\" key \"" + e.fqn + "\"");
-      DCPP_RETURN_IF_ERROR(st::WriteTensorData(*file, v->tensor().view())
-                               .WithContext("writing \"" + out->Describe(name) + "\""));
+      const std::string what = "converting \"" + src + "\" key \"" + e.fqn + "\"";
+      if (dcp) {
+        DCPP_RETURN_IF_ERROR(StreamDcpTensor(*dcp, e, *file, progress, done, total)
+                                 .WithContext(what + " into \"" + out->Describe(name) + "\""));
+      } else {
+        auto v = source->Read(e);
+        if (!v.ok()) return v.status().WithContext(what);
+        DCPP_RETURN_IF_ERROR(st::WriteTensorData(*file, v->tensor().view())
+                                 .WithContext("writing \"" + out->Describe(name) + "\""));
+        done += e.nbytes;
+        if (progress) progress(done, total);
+      }
       weight_map[t.name] = name;
-      done += e.nbytes;
-      if (progress) progress(done, total);
     }
     if (options.sync_files) DCPP_RETURN_IF_ERROR(file->Sync());
     DCPP_RETURN_IF_ERROR(file->Close());
