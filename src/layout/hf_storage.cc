@@ -439,13 +439,6 @@ Status HuggingFaceStorageWriter::Finish(Metadata& /*metadata*/,
 
 // ------------------------------------------------------------------ reader
 
-struct HuggingFaceStorageReader::Piece {
-  std::string file;
-  uint64_t at = 0;
-  Shape shape;
-  DType dtype = DType::kFloat32;
-};
-
 struct HuggingFaceStorageReader::State {
   std::map<MetadataIndex, Piece> pieces;
   const Metadata* metadata = nullptr;
