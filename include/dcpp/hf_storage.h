@@ -77,7 +77,8 @@ struct HuggingFaceReaderOptions {
 
 class HuggingFaceStorageReader : public StorageReader {
  public:
-  // `path`: a directory (its *.safetensors files; DCP's sharded/ output too) or one file.
+  // `path` (a path or URL, through OpenStore): a directory (its *.safetensors files; DCP's
+  // sharded/ output too) or one file ending in ".safetensors".
   static Result<std::unique_ptr<HuggingFaceStorageReader>> Open(
       const std::string& path, HuggingFaceReaderOptions options = {});
   // Over a store the caller keeps alive; `files` restricts the keys read (empty: every

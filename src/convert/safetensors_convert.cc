@@ -16,11 +16,11 @@
 #include <nlohmann/json.hpp>
 
 #include "codec/safetensors.h"
+#include "convert/torch_file.h"
 #include "dcpp/checkpoint.h"
 #include "dcpp/convert.h"
 #include "dcpp/hf_storage.h"
 #include "dcpp/storage.h"
-#include "dcpp/torch_save.h"
 
 namespace dcpp {
 
@@ -28,27 +28,31 @@ namespace st = safetensors;
 
 namespace {
 
-// The directory and the files a safetensors path names (one file, or a directory's).
+// The store and the files a safetensors path or URL names (one ".safetensors" file, or a
+// directory's files).
 struct HfPath {
-  std::string dir;
+  std::unique_ptr<Store> store;
   std::vector<std::string> files;  // empty: let the reader find them
 };
 
-HfPath SplitPath(const std::string& path) {
-  std::error_code ec;
-  if (std::filesystem::is_regular_file(path, ec)) {
-    const std::filesystem::path p(path);
-    return {p.has_parent_path() ? p.parent_path().string() : ".", {p.filename().string()}};
+Result<HfPath> SplitPath(const std::string& path) {
+  HfPath p;
+  if (path.size() > 12 && path.compare(path.size() - 12, 12, ".safetensors") == 0) {
+    DCPP_ASSIGN_OR_RETURN(StoreFile file, OpenStoreFile(path));
+    p.store = std::move(file.store);
+    p.files.push_back(std::move(file.key));
+  } else {
+    DCPP_ASSIGN_OR_RETURN(p.store, OpenStore(path));
   }
-  return {path, {}};
+  return p;
 }
 
 class SafetensorsSource final : public CheckpointSource {
  public:
   static Result<std::unique_ptr<CheckpointSource>> Open(const std::string& path) {
     auto s = std::unique_ptr<SafetensorsSource>(new SafetensorsSource());
-    HfPath p = SplitPath(path);
-    DCPP_ASSIGN_OR_RETURN(s->store_, OpenLocalStore(p.dir, /*create=*/false));
+    DCPP_ASSIGN_OR_RETURN(HfPath p, SplitPath(path));
+    s->store_ = std::move(p.store);
     s->reader_ = std::make_unique<HuggingFaceStorageReader>(s->store_.get(), path,
                                                             HuggingFaceReaderOptions{}, p.files);
     DCPP_ASSIGN_OR_RETURN(s->metadata_, s->reader_->ReadMetadata());
@@ -194,7 +198,7 @@ Status ConvertToSafetensors(const std::string& src, const std::string& dst_dir,
   if (source->format() == CheckpointFormat::kDcp) {
     DCPP_ASSIGN_OR_RETURN(dcp, DcpWindows::Open(src));
   }
-  DCPP_ASSIGN_OR_RETURN(std::unique_ptr<Store> out, OpenLocalStore(dst_dir, /*create=*/true));
+  DCPP_ASSIGN_OR_RETURN(std::unique_ptr<Store> out, OpenStore(dst_dir, {.create = true}));
   const int count = static_cast<int>(files.size());
   nlohmann::ordered_json weight_map = nlohmann::ordered_json::object();
   int64_t done = 0;
@@ -240,16 +244,25 @@ Status ConvertToSafetensors(const std::string& src, const std::string& dst_dir,
 
 Status ConvertSafetensorsToDcp(const std::string& src, const std::string& dcp_dir,
                                const ProgressFn& progress) {
-  HfPath p = SplitPath(src);
-  DCPP_ASSIGN_OR_RETURN(std::unique_ptr<Store> store, OpenLocalStore(p.dir, /*create=*/false));
-  HuggingFaceStorageReader reader(store.get(), src, {}, p.files);
+  DCPP_ASSIGN_OR_RETURN(HfPath p, SplitPath(src));
+  HuggingFaceStorageReader reader(p.store.get(), src, {}, p.files);
   DCPP_ASSIGN_OR_RETURN(Metadata md, reader.ReadMetadata());
+  auto local = LocalPathOfUrl(src);
+  if (!local.ok()) {
+    // Not a local file system: no mapping; the tensors are read into memory.
+    Value all = Value::MakeDict();
+    DCPP_RETURN_IF_ERROR(Load(all, reader));
+    DCPP_RETURN_IF_ERROR(Save(all, dcp_dir).status());
+    if (progress) progress(1, 1);
+    return Status::Ok();
+  }
+  const std::filesystem::path dir =
+      p.files.empty() ? std::filesystem::path(*local) : std::filesystem::path(*local).parent_path();
   // One mapping per file; tensors are views into them.
   std::map<std::string, std::shared_ptr<Mapping>> maps;
   for (const auto& [index, info] : md.storage_data) {
     if (maps.count(info.relative_path)) continue;
-    DCPP_ASSIGN_OR_RETURN(maps[info.relative_path],
-                          MapFile((std::filesystem::path(p.dir) / info.relative_path).string()));
+    DCPP_ASSIGN_OR_RETURN(maps[info.relative_path], MapFile((dir / info.relative_path).string()));
   }
   Value sd = Value::MakeDict();
   for (const auto& [fqn, m] : md.state_dict_metadata) {
@@ -306,7 +319,7 @@ Status ConvertSafetensorsToTorch(const std::string& src, const std::string& torc
     if (progress) progress(done, total);
     return v->tensor();
   };
-  return SaveTorchFile(root, torch_file, std::move(options));
+  return internal::SaveTorchFile(root, torch_file, std::move(options));
 }
 
 }  // namespace dcpp

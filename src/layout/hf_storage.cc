@@ -23,7 +23,6 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdio>
-#include <filesystem>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -283,7 +282,7 @@ std::string HfFileName(int index, int count, int shard_index) {
 
 Result<std::unique_ptr<HuggingFaceStorageWriter>> HuggingFaceStorageWriter::Open(
     const std::string& path, HuggingFaceWriterOptions options) {
-  DCPP_ASSIGN_OR_RETURN(std::unique_ptr<Store> store, OpenLocalStore(path, /*create=*/true));
+  DCPP_ASSIGN_OR_RETURN(std::unique_ptr<Store> store, OpenStore(path, {.create = true}));
   auto w = std::make_unique<HuggingFaceStorageWriter>(store.get(), path, std::move(options));
   w->owned_store_ = std::move(store);
   return w;
@@ -446,15 +445,15 @@ struct HuggingFaceStorageReader::State {
 
 Result<std::unique_ptr<HuggingFaceStorageReader>> HuggingFaceStorageReader::Open(
     const std::string& path, HuggingFaceReaderOptions options) {
-  std::error_code ec;
   std::vector<std::string> files;
-  std::string dir = path;
-  if (std::filesystem::is_regular_file(path, ec)) {
-    const std::filesystem::path p(path);
-    dir = p.has_parent_path() ? p.parent_path().string() : ".";
-    files.push_back(p.filename().string());
+  std::unique_ptr<Store> store;
+  if (EndsWith(path, kSuffix)) {
+    DCPP_ASSIGN_OR_RETURN(StoreFile file, OpenStoreFile(path));
+    store = std::move(file.store);
+    files.push_back(std::move(file.key));
+  } else {
+    DCPP_ASSIGN_OR_RETURN(store, OpenStore(path));
   }
-  DCPP_ASSIGN_OR_RETURN(std::unique_ptr<Store> store, OpenLocalStore(dir, /*create=*/false));
   auto r = std::make_unique<HuggingFaceStorageReader>(store.get(), path, options, std::move(files));
   r->owned_store_ = std::move(store);
   return r;
@@ -717,8 +716,8 @@ Result<ConsolidateReport> ConsolidateSafetensors(Store& input, Store& output,
 Result<ConsolidateReport> ConsolidateSafetensorsFiles(const std::string& input_dir,
                                                       const std::string& output_dir,
                                                       const ConsolidateOptions& options) {
-  DCPP_ASSIGN_OR_RETURN(std::unique_ptr<Store> in, OpenLocalStore(input_dir, /*create=*/false));
-  DCPP_ASSIGN_OR_RETURN(std::unique_ptr<Store> out, OpenLocalStore(output_dir, /*create=*/true));
+  DCPP_ASSIGN_OR_RETURN(std::unique_ptr<Store> in, OpenStore(input_dir));
+  DCPP_ASSIGN_OR_RETURN(std::unique_ptr<Store> out, OpenStore(output_dir, {.create = true}));
   ConsolidateOptions o = options;
   o.input_dir.clear();
   return ConsolidateSafetensors(*in, *out, o);

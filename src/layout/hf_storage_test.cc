@@ -11,6 +11,7 @@
 #include "dcpp/chunk.h"
 #include "dcpp/comm.h"
 #include "dcpp/storage.h"
+#include "testing/memory_store.h"
 #include "testing/testing.h"
 
 namespace dcpp {

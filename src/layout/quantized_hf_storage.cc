@@ -89,7 +89,7 @@ void DequantizeFp8Rows(const uint8_t* src, int64_t src_stride, int64_t rows, int
 
 Result<std::unique_ptr<QuantizedHuggingFaceStorageReader>> QuantizedHuggingFaceStorageReader::Open(
     const std::string& path, QuantizedReaderOptions options) {
-  DCPP_ASSIGN_OR_RETURN(std::unique_ptr<Store> store, OpenLocalStore(path, /*create=*/false));
+  DCPP_ASSIGN_OR_RETURN(std::unique_ptr<Store> store, OpenStore(path));
   auto r = std::make_unique<QuantizedHuggingFaceStorageReader>(store.get(), path, options);
   r->owned_store_ = std::move(store);
   return r;

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "testing/fault_store.h"
 #include "testing/store_conformance.h"
 #include "testing/testing.h"
 
@@ -440,3 +441,64 @@ TEST(StoreOpNameTest, NamesEveryOp) {
 
 }  // namespace
 }  // namespace dcpp::testing
+
+namespace dcpp {
+namespace {
+
+using ::dcpp::testing::StatusIs;
+using ::dcpp::testing::TempDir;
+using ::testing::HasSubstr;
+
+TEST(OpenStoreTest, PlainPathAndFileUrlOpenTheSameDirectory) {
+  TempDir dir;
+  DCPP_ASSERT_OK_AND_ASSIGN(auto a, OpenStore(dir.Join("ck"), {.create = true}));
+  DCPP_ASSERT_OK(a->WriteAll("x", "hello"));
+  DCPP_ASSERT_OK_AND_ASSIGN(auto b, OpenStore("file://" + dir.Join("ck")));
+  DCPP_ASSERT_OK_AND_ASSIGN(std::string got, b->ReadAll("x"));
+  EXPECT_EQ(got, "hello");
+  EXPECT_THAT(OpenStore(dir.Join("absent")), StatusIs(StatusCode::kNotFound, HasSubstr("absent")));
+}
+
+TEST(OpenStoreTest, UnknownAndMalformedSchemesAreInvalidArgument) {
+  EXPECT_THAT(
+      OpenStore("gopher://host/x"),
+      StatusIs(StatusCode::kInvalidArgument, HasSubstr("no store for scheme \"gopher://\"")));
+  EXPECT_THAT(OpenStore("Bad Scheme://x"),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("scheme")));
+  EXPECT_THAT(OpenStore("file://relative/dir"),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("absolute path")));
+  EXPECT_THAT(OpenStore(""), StatusIs(StatusCode::kInvalidArgument, HasSubstr("empty")));
+}
+
+TEST(OpenStoreTest, RegisteredSchemeReceivesTheWholeUrl) {
+  std::string seen;
+  RegisterStoreScheme(
+      "mem-test",
+      [&](std::string_view url, const StoreOpenOptions& o) -> Result<std::unique_ptr<Store>> {
+        seen = std::string(url);
+        return std::unique_ptr<Store>(new MemoryStore("mem"));
+      });
+  DCPP_ASSERT_OK_AND_ASSIGN(auto s, OpenStore("mem-test://bucket/prefix"));
+  EXPECT_EQ(seen, "mem-test://bucket/prefix");
+  DCPP_ASSERT_OK_AND_ASSIGN(StoreFile f, OpenStoreFile("mem-test://bucket/prefix/model.pt"));
+  EXPECT_EQ(seen, "mem-test://bucket/prefix");
+  EXPECT_EQ(f.key, "model.pt");
+}
+
+TEST(OpenStoreTest, StoreFileSplitsParentAndKey) {
+  TempDir dir;
+  DCPP_ASSERT_OK_AND_ASSIGN(auto s, OpenStore(dir.Join("d"), {.create = true}));
+  DCPP_ASSERT_OK(s->WriteAll("m.pt", "abc"));
+  for (std::string url : {dir.Join("d/m.pt"), "file://" + dir.Join("d/m.pt")}) {
+    DCPP_ASSERT_OK_AND_ASSIGN(StoreFile f, OpenStoreFile(url));
+    EXPECT_EQ(f.key, "m.pt");
+    DCPP_ASSERT_OK_AND_ASSIGN(std::string got, f.store->ReadAll(f.key));
+    EXPECT_EQ(got, "abc");
+  }
+  EXPECT_THAT(OpenStoreFile(dir.Join("d") + "/"),
+              StatusIs(StatusCode::kInvalidArgument, ::testing::_));
+  EXPECT_THAT(OpenStoreFile("mem-test://"), StatusIs(StatusCode::kInvalidArgument, ::testing::_));
+}
+
+}  // namespace
+}  // namespace dcpp

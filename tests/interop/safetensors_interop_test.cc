@@ -22,7 +22,6 @@
 #include "dcpp/checkpoint.h"
 #include "dcpp/chunk.h"
 #include "dcpp/comm.h"
-#include "dcpp/file.h"
 #include "dcpp/hf_storage.h"
 #include "dcpp/storage.h"
 #include "testing/testing.h"
@@ -180,7 +179,9 @@ TEST(SafetensorsInteropTest, PythonSafetensorsAndDcppReadEachOthersFiles) {
   ASSERT_EQ(RunPeer("write-all-dtypes " + py_file), 0);
   ExpectEqual(LoadAll(py_file), AllDtypes());
   // The peer's metadata is kept as written.
-  auto src = FileSource::Open(py_file);
+  auto file = OpenStoreFile(py_file);
+  ASSERT_THAT(file.status(), IsOk());
+  auto src = file->store->OpenRead(file->key);
   ASSERT_THAT(src.status(), IsOk());
   auto header = safetensors::ReadHeader(**src);
   ASSERT_THAT(header.status(), IsOk());

@@ -1,33 +1,44 @@
 // `dcpp inspect` of safetensors: one file, or a directory of them (Hugging Face shards with an
 // index, or DCP's sharded output). Every header is validated; tensors are listed with dtype,
 // shape, byte range and, for DCP shards, their global offsets. No tensor bytes are read.
-#include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <string_view>
 
 #include "codec/safetensors.h"
-#include "dcpp/file.h"
+#include "dcpp/storage.h"
 #include "tools/dcpp/commands.h"
 
 namespace dcpp::cli {
 
 int InspectSafetensors(const std::string& path, bool as_json) {
   using json = nlohmann::ordered_json;
-  namespace fs = std::filesystem;
+  auto fail = [](const Status& s) {
+    std::cerr << "dcpp inspect: " << s.ToString() << "\n";
+    return 1;
+  };
+  auto ends_with = [](const std::string& s, std::string_view suffix) {
+    return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
+  };
+  // The store and the keys to show: one file, or the directory's (and its sharded/) files.
+  std::unique_ptr<Store> store;
   std::vector<std::string> files;
-  std::error_code ec;
-  if (fs::is_directory(path, ec)) {
-    for (const auto& e : fs::directory_iterator(path, ec)) {
-      if (e.path().extension() == ".safetensors") files.push_back(e.path().string());
-    }
-    if (fs::is_directory(fs::path(path) / "sharded", ec)) {
-      for (const auto& e : fs::directory_iterator(fs::path(path) / "sharded", ec)) {
-        if (e.path().extension() == ".safetensors") files.push_back(e.path().string());
-      }
-    }
-    std::sort(files.begin(), files.end());
+  if (ends_with(path, ".safetensors")) {
+    auto file = OpenStoreFile(path);
+    if (!file.ok()) return fail(file.status());
+    store = std::move(file->store);
+    files.push_back(file->key);
   } else {
-    files.push_back(path);
+    auto dir = OpenStore(path);
+    if (!dir.ok()) return fail(dir.status());
+    store = *std::move(dir);
+    auto keys = store->List();
+    if (!keys.ok()) return fail(keys.status());
+    for (const auto& k : *keys) {
+      const bool top = k.find('/') == std::string::npos ||
+                       (k.rfind("sharded/", 0) == 0 && k.find('/', 8) == std::string::npos);
+      if (top && ends_with(k, ".safetensors")) files.push_back(k);
+    }
   }
   json out;
   out["format"] = "safetensors";
@@ -35,20 +46,12 @@ int InspectSafetensors(const std::string& path, bool as_json) {
   json jfiles = json::array();
   uint64_t total_bytes = 0, total_tensors = 0;
   for (const auto& f : files) {
-    auto src = FileSource::Open(f);
-    if (!src.ok()) {
-      std::cerr << "dcpp inspect: " << src.status().ToString() << "\n";
-      return 1;
-    }
+    auto src = store->OpenRead(f);
+    if (!src.ok()) return fail(src.status());
     auto h = safetensors::ReadHeader(**src);
-    if (!h.ok()) {
-      std::cerr << "dcpp inspect: " << h.status().ToString() << "\n";
-      return 1;
-    }
+    if (!h.ok()) return fail(h.status());
     json jf;
-    jf["file"] =
-        fs::relative(f, fs::is_directory(path, ec) ? fs::path(path) : fs::path(f).parent_path())
-            .string();
+    jf["file"] = f;
     jf["header_bytes"] = h->header_size;
     jf["data_bytes"] = h->data_size;
     json meta = json::object();
