@@ -1,5 +1,6 @@
 // `dcpp inspect PATH [--json | --svg OUT]`: what a checkpoint holds, without reading tensor bytes.
-// A directory is a DCP checkpoint (inspect_dcp.cc); a file is a torch.save archive: every leaf's
+// A directory is a DCP checkpoint (inspect_dcp.cc), safetensors are shown by
+// inspect_safetensors.cc; a file is a torch.save archive: every leaf's
 // key path, dtype, shape, layout, size and storage record, plain values inline, and totals.
 // The JSON schema is in docs/cli.md.
 #include <cmath>
@@ -176,7 +177,8 @@ void RegisterInspect(CLI::App& app) {
   auto against = std::make_shared<std::string>();
   auto ranks = std::make_shared<int>(0);
   auto dim = std::make_shared<int>(0);
-  cmd->add_option("path", *path, "torch.save file or DCP directory")->required();
+  cmd->add_option("path", *path, "torch.save file, DCP directory, or safetensors file/directory")
+      ->required();
   cmd->add_flag("--json", *as_json, "Print a JSON object (schema in docs/cli.md)");
   auto* svg_opt = cmd->add_option("--svg", *svg, "Draw the shard map of a DCP checkpoint as SVG");
   cmd->add_option("--match", *match, "With --svg: only keys matching this glob")->needs(svg_opt);
@@ -201,6 +203,8 @@ void RegisterInspect(CLI::App& app) {
         spec = "ranks=" + std::to_string(*ranks) + ",dim=" + std::to_string(*dim);
       }
       SetExitCode(InspectSvg(*path, *svg, *match, spec));
+    } else if (*format == CheckpointFormat::kSafetensors) {
+      SetExitCode(InspectSafetensors(*path, *as_json));
     } else if (*format == CheckpointFormat::kDcp) {
       SetExitCode(InspectDcp(*path, *as_json));
     } else {
