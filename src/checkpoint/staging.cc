@@ -16,6 +16,7 @@ namespace dcpp::internal {
 namespace {
 
 constexpr size_t kSlotAlign = 64;
+constexpr size_t kHugePage = size_t{2} << 20;
 
 std::atomic<int64_t> g_allocations{0};
 std::atomic<int64_t> g_bytes_held{0};
@@ -100,9 +101,18 @@ Status Stager::Reserve(size_t bytes, const StagingOptions& options) {
     }
     shm_fd_ = fd;
   } else {
-    p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1,
-             0);
-    if (p == MAP_FAILED) return UnavailableError(Errno("staging: mmap"));
+    // Over-mapped by one huge page so the arena can start on a 2 MiB boundary: with
+    // transparent huge pages the copy misses the TLB far less and faults 512 times less.
+    void* raw =
+        mmap(nullptr, size + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw == MAP_FAILED) return UnavailableError(Errno("staging: mmap"));
+    const uintptr_t start = reinterpret_cast<uintptr_t>(raw);
+    const uintptr_t aligned = RoundUp(start, kHugePage);
+    const uintptr_t end = start + size + kHugePage;
+    if (aligned > start) munmap(raw, aligned - start);
+    if (end > aligned + size) munmap(reinterpret_cast<void*>(aligned + size), end - aligned - size);
+    p = reinterpret_cast<void*>(aligned);
+    (void)madvise(p, size, MADV_HUGEPAGE);  // advice only: without THP, small pages do
   }
   base_ = static_cast<std::byte*>(p);
   capacity_ = size;
