@@ -32,11 +32,13 @@
 // Policy: one async save in flight per process. A new AsyncSave while one runs waits for its
 // commit (InFlightPolicy::kWait) or fails at once with FailedPrecondition (kFail).
 //
-// Executors: kThread runs the save on the save thread of this process. kProcess also plans and
-// commits on the save thread, but the bytes are written by a long-lived writer process that reads
-// the staged tensors from shared memory (no second copy, none of the trainer's threads or
-// allocator involved); if that process dies, committed fails with Unavailable naming it, nothing
-// is committed, and the next save starts a new one.
+// Executors: kThread runs the save on the save thread of this process. kProcess (path overload
+// only) also plans and commits on the save thread, but the bytes are written by a long-lived
+// writer process (the `dcpp_writer` binary: $DCPP_WRITER, beside the executable, or the build
+// tree's) that maps the shared-memory staging arena and writes straight from it (no second copy,
+// none of the trainer's threads or allocator involved). If that process dies, committed fails
+// with Unavailable naming its pid and signal, nothing is committed (the last good checkpoint is
+// untouched), and the next save starts a new one.
 //
 // Thread-safety: AsyncSave may be called from any one thread per rank (the one that would
 // otherwise call Save); the handle's futures may be waited on from any thread.
@@ -99,5 +101,10 @@ void WaitForAsyncSaves();
 // Staging arenas mapped by this process so far, and bytes held now (for tests and benchmarks).
 int64_t StagingArenaAllocations();
 int64_t StagingArenaBytes();
+// The pid of rank `rank`'s writer process (kProcess), or -1 when none runs.
+int WriterProcessPid(int rank = 0);
+// Waits for the async saves in flight, then ends the writer processes (at shutdown, or to start
+// them afresh); a later kProcess save starts a new one.
+void StopWriterProcesses();
 
 }  // namespace dcpp

@@ -21,6 +21,7 @@
 
 #include "checkpoint/staging.h"
 #include "checkpoint/steps.h"
+#include "checkpoint/writer_process.h"
 #include "core/log.h"
 #include "dcpp/comm.h"
 #include "dcpp/layout.h"
@@ -85,6 +86,7 @@ struct RankContext {
   InFlight in_flight;
   SaveThread thread;
   internal::Stager stager;
+  internal::WriterProcess writer_process;  // kProcess only, started on first use
 };
 
 std::mutex& ContextsMutex() {
@@ -119,10 +121,49 @@ class FailingWriter final : public StorageWriter {
   Status s_;
 };
 
-using WriterSource = std::function<std::unique_ptr<StorageWriter>(StorageWriter** use)>;
+// kProcess: plans and commits through `inner` on the save thread; the bytes are written by the
+// rank's writer process, from the shared-memory arena.
+class ProcessWriter final : public StorageWriter {
+ public:
+  ProcessWriter(std::unique_ptr<StorageWriter> inner, std::string path,
+                FileSystemWriterOptions options, RankContext& context)
+      : inner_(std::move(inner)), path_(std::move(path)), options_(options), context_(context) {}
+  Status SetUp(bool is_coordinator, int rank, bool use_collectives) override {
+    rank_ = rank;
+    use_collectives_ = use_collectives;
+    return inner_->SetUp(is_coordinator, rank, use_collectives);
+  }
+  Result<SavePlan> PrepareLocalPlan(SavePlan p) override {
+    return inner_->PrepareLocalPlan(std::move(p));
+  }
+  Result<std::vector<SavePlan>> PrepareGlobalPlan(std::vector<SavePlan> p) override {
+    return inner_->PrepareGlobalPlan(std::move(p));
+  }
+  Result<std::vector<WriteResult>> WriteData(const SavePlan& plan, SavePlanner& planner) override {
+    return context_.writer_process.WriteData(path_, options_, rank_, use_collectives_, plan,
+                                             planner, context_.stager);
+  }
+  Status Finish(Metadata& m, const std::vector<std::vector<WriteResult>>& r) override {
+    return inner_->Finish(m, r);
+  }
+  Status CleanUp() override { return inner_->CleanUp(); }
+  std::string checkpoint_id() const override { return inner_->checkpoint_id(); }
+
+ private:
+  std::unique_ptr<StorageWriter> inner_;
+  std::string path_;
+  FileSystemWriterOptions options_;
+  RankContext& context_;
+  int rank_ = 0;
+  bool use_collectives_ = true;
+};
+
+// Opens the writer on the save thread.
+using WriterSource =
+    std::function<std::unique_ptr<StorageWriter>(StorageWriter** use, RankContext& context)>;
 
 AsyncSaveHandle Start(const StateDict& state_dict, std::string id, WriterSource writer_source,
-                      const AsyncSaveOptions& options) {
+                      bool to_path, const AsyncSaveOptions& options) {
   const auto t0 = Clock::now();
   auto staged_p = std::make_shared<std::promise<Status>>();
   auto committed_p = std::make_shared<std::promise<Result<Metadata>>>();
@@ -154,11 +195,15 @@ AsyncSaveHandle Start(const StateDict& state_dict, std::string id, WriterSource 
   Status failed;
   StateDict staged;
   bool staged_now = true;
-  if (options.executor == AsyncExecutor::kProcess) {
+  if (options.executor == AsyncExecutor::kProcess && !to_path) {
     // Every rank has the same options, so every rank fails alike in the steps below.
-    failed = UnimplementedError("async save: the writer-process executor is not built yet");
+    failed = UnimplementedError("async save of \"" + id +
+                                "\": the process executor writes to a path, not a caller's writer");
   } else {
-    auto r = context.stager.Stage(state_dict, options.staging);
+    StagingOptions staging = options.staging;
+    // The writer process reads the staged bytes from the arena itself.
+    if (options.executor == AsyncExecutor::kProcess) staging.use_shared_memory = true;
+    auto r = context.stager.Stage(state_dict, staging);
     if (r.ok()) {
       staged = std::move(r->staged);
       handle.stats.staged_bytes = r->staged_bytes;
@@ -184,7 +229,7 @@ AsyncSaveHandle Start(const StateDict& state_dict, std::string id, WriterSource 
       StorageWriter* writer = nullptr;
       std::unique_ptr<StorageWriter> owned;
       std::unique_ptr<StorageWriter> failing;
-      if (failed.ok()) owned = writer_source(&writer);
+      if (failed.ok()) owned = writer_source(&writer, context);
       if (!failed.ok() || writer == nullptr) {
         failing = std::make_unique<FailingWriter>(
             id, failed.ok() ? InternalError("async save: no writer") : failed);
@@ -222,29 +267,33 @@ AsyncSaveHandle AsyncSave(const StateDict& state_dict, const std::string& path,
                           const AsyncSaveOptions& options) {
   return Start(
       state_dict, path,
-      [path, writer_options = options.save.writer](StorageWriter** use) {
+      [path, writer_options = options.save.writer,
+       process = options.executor == AsyncExecutor::kProcess](StorageWriter** use,
+                                                              RankContext& context) {
         std::unique_ptr<StorageWriter> out;
         auto w = FileSystemWriter::Open(path, writer_options);
-        if (w.ok()) {
-          out = std::move(*w);
-        } else {
+        if (!w.ok()) {
           out = std::make_unique<FailingWriter>(path, w.status());
+        } else if (process) {
+          out = std::make_unique<ProcessWriter>(std::move(*w), path, writer_options, context);
+        } else {
+          out = std::move(*w);
         }
         *use = out.get();
         return out;
       },
-      options);
+      /*to_path=*/true, options);
 }
 
 AsyncSaveHandle AsyncSave(const StateDict& state_dict, StorageWriter& writer,
                           const AsyncSaveOptions& options) {
   return Start(
       state_dict, writer.checkpoint_id(),
-      [&writer](StorageWriter** use) {
+      [&writer](StorageWriter** use, RankContext&) {
         *use = &writer;
         return std::unique_ptr<StorageWriter>();
       },
-      options);
+      /*to_path=*/false, options);
 }
 
 void WaitForAsyncSaves() {
@@ -262,4 +311,14 @@ void WaitForAsyncSaves() {
 int64_t StagingArenaAllocations() { return internal::Stager::TotalAllocations(); }
 int64_t StagingArenaBytes() { return internal::Stager::BytesHeld(); }
 
+}  // namespace dcpp
+
+namespace dcpp {
+int WriterProcessPid(int rank) { return ContextOf(rank).writer_process.pid(); }
+
+void StopWriterProcesses() {
+  WaitForAsyncSaves();
+  std::lock_guard<std::mutex> lock(ContextsMutex());
+  for (auto& [rank, c] : Contexts()) c->writer_process.Stop();
+}
 }  // namespace dcpp

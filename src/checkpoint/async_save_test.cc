@@ -1,5 +1,6 @@
 #include "dcpp/async_save.h"
 
+#include <signal.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -275,6 +276,88 @@ TEST(AsyncSaveTest, FourRanksSaveShardsThatOneProcessLoadsWhole) {
   back.Set("w", Value::FromTensor(Tensor::Zeros(DType::kFloat32, {8, 16})));
   DCPP_ASSERT_OK(Load(back, dir));
   EXPECT_TRUE(back.Find("w")->tensor().BitwiseEqual(full));
+}
+
+}  // namespace
+}  // namespace dcpp
+
+namespace dcpp {
+namespace {
+
+using ::dcpp::testing::PatternTensor;
+using ::dcpp::testing::StatusIs;
+using ::dcpp::testing::TempDir;
+using ::testing::HasSubstr;
+
+StateDict ProcessState(uint64_t seed) {
+  StateDict sd = Value::MakeDict();
+  sd.Set("w", Value::FromTensor(PatternTensor(DType::kFloat32, {128, 64}, seed)));
+  sd.Set("h", Value::FromTensor(PatternTensor(DType::kFloat16, {33}, seed + 1)));
+  sd.Set("note", Value::Str("epoch " + std::to_string(seed)));
+  return sd;
+}
+
+StateDict LoadProcessState(const std::string& dir) {
+  StateDict sd = Value::MakeDict();
+  sd.Set("w", Value::FromTensor(Tensor::Zeros(DType::kFloat32, {128, 64})));
+  sd.Set("h", Value::FromTensor(Tensor::Zeros(DType::kFloat16, {33})));
+  sd.Set("note", Value::None());
+  Status s = Load(sd, dir);
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  return sd;
+}
+
+AsyncSaveOptions ProcessOptions() {
+  AsyncSaveOptions options;
+  options.executor = AsyncExecutor::kProcess;
+  return options;
+}
+
+TEST(AsyncSaveProcessTest, AWriterProcessWritesWhatWasStagedAndStaysForTheNextSave) {
+  TempDir tmp;
+  StateDict sd = ProcessState(1);
+  StateDict original = ProcessState(1);
+  AsyncSaveHandle h = AsyncSave(sd, tmp.Join("a"), ProcessOptions());
+  DCPP_ASSERT_OK(h.staged.get());
+  Tensor& w = sd.Find("w")->tensor();
+  std::memset(w.data(), 0, w.nbytes());
+  DCPP_ASSERT_OK(h.committed.get().status());
+  EXPECT_EQ(LoadProcessState(tmp.Join("a")), original);
+  const int pid = WriterProcessPid();
+  EXPECT_GT(pid, 0);
+  StateDict next = ProcessState(2);
+  DCPP_ASSERT_OK(AsyncSave(next, tmp.Join("b"), ProcessOptions()).committed.get().status());
+  EXPECT_EQ(WriterProcessPid(), pid);  // long-lived: the same process served both saves
+  EXPECT_EQ(LoadProcessState(tmp.Join("b")), next);
+}
+
+TEST(AsyncSaveProcessTest, AWriterKilledMidSaveFailsItKeepsTheLastCheckpointAndIsReplaced) {
+  TempDir tmp;
+  const std::string dir = tmp.Join("ckpt");
+  StateDict good = ProcessState(3);
+  DCPP_ASSERT_OK(AsyncSave(good, dir, ProcessOptions()).committed.get().status());
+  // A fresh writer that holds its request unanswered, so it is surely mid-save when killed.
+  StopWriterProcesses();
+  setenv("DCPP_WRITER_STALL_FOR_TESTING", "1", 1);
+  StateDict doomed = ProcessState(4);
+  AsyncSaveHandle h = AsyncSave(doomed, dir, ProcessOptions());
+  int pid = -1;
+  for (int i = 0; i < 30000 && pid <= 0; ++i) {
+    pid = WriterProcessPid();
+    if (pid <= 0) usleep(1000);
+  }
+  unsetenv("DCPP_WRITER_STALL_FOR_TESTING");
+  ASSERT_GT(pid, 0);
+  ASSERT_EQ(kill(pid, SIGKILL), 0);
+  Status s = h.committed.get().status();
+  EXPECT_THAT(s, StatusIs(StatusCode::kUnavailable, HasSubstr("killed by signal 9")));
+  EXPECT_THAT(s.message(), HasSubstr("nothing was committed"));
+  EXPECT_EQ(LoadProcessState(dir), good);  // the last good checkpoint is untouched
+  StateDict after = ProcessState(5);
+  DCPP_ASSERT_OK(AsyncSave(after, dir, ProcessOptions()).committed.get().status());
+  EXPECT_GT(WriterProcessPid(), 0);
+  EXPECT_NE(WriterProcessPid(), pid);
+  EXPECT_EQ(LoadProcessState(dir), after);
 }
 
 }  // namespace
