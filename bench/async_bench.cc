@@ -1,7 +1,8 @@
 // Blocking time of AsyncSave against a plain memcpy of the same bytes, in the same run.
 //
-// For 1 and 4 ranks (4: thread ranks of this process, the bytes split between them): a memcpy
-// of each rank's bytes into a buffer already faulted in (the floor for any staging), then
+// For 1 rank (thread and process executors) and 4 ranks (thread executor) (4: thread ranks of this
+// process, the bytes split between them): a memcpy of each rank's bytes into a buffer already
+// faulted in (the floor for any staging), then
 // `--saves` async saves of the same state, each waited for and each preceded by that memcpy.
 // Printed as JSON rows
 // {"case", "figures", "target", "pass"}: blocking of the first save and of later ones (fastest
@@ -63,7 +64,8 @@ struct Figures {
 };
 
 // One rank's part: returns its figures (blocking is per rank; the slowest rank counts).
-Figures RunRank(size_t bytes, int saves, const std::string& dir, dcpp::Communicator* comm) {
+Figures RunRank(size_t bytes, int saves, const std::string& dir, dcpp::Communicator* comm,
+                dcpp::AsyncExecutor executor = dcpp::AsyncExecutor::kThread) {
   const int rank = comm ? comm->rank() : 0;
   dcpp::StateDict sd = MakeState(bytes, rank);
   Figures f;
@@ -89,6 +91,7 @@ Figures RunRank(size_t bytes, int saves, const std::string& dir, dcpp::Communica
     if (comm) (void)comm->Barrier();
     dcpp::AsyncSaveOptions options;
     options.save.comm = comm;
+    options.executor = executor;
     auto t0 = Clock::now();
     dcpp::AsyncSaveHandle h = dcpp::AsyncSave(sd, dir + "/" + std::to_string(i % 2), options);
     dcpp::Status staged = h.staged.get();
@@ -118,10 +121,10 @@ Figures RunRank(size_t bytes, int saves, const std::string& dir, dcpp::Communica
   return f;
 }
 
-void PrintRow(int ranks, size_t bytes, const Figures& f) {
+void PrintRow(int ranks, size_t bytes, const Figures& f, const char* executor = "thread") {
   const double ratio = f.ratio;
   const bool pass = ratio <= 1.2 && f.second_allocations == 0;
-  std::cout << "{\"case\": \"async_save thread executor, " << ranks << " rank"
+  std::cout << "{\"case\": \"async_save " << executor << " executor, " << ranks << " rank"
             << (ranks > 1 ? "s" : "") << ", " << bytes / (1 << 20) << " MiB per rank\", "
             << "\"figures\": {\"memcpy_ms\": " << f.memcpy_s * 1e3
             << ", \"first_blocking_ms\": " << f.first_block_s * 1e3
@@ -151,6 +154,8 @@ int main(int argc, char** argv) {
   std::filesystem::create_directories(dir);
   const size_t bytes = mib << 20;
   PrintRow(1, bytes, RunRank(bytes, saves, dir + "/r1", nullptr));
+  PrintRow(1, bytes, RunRank(bytes, saves, dir + "/p1", nullptr, dcpp::AsyncExecutor::kProcess),
+           "process");
   std::mutex mu;
   Figures worst;
   dcpp::RunOnThreads(4, [&](dcpp::Communicator& comm) {
