@@ -8,6 +8,7 @@
 #include <signal.h>
 #include <spawn.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -359,6 +360,9 @@ Result<std::string> Serve(std::string_view request, int fd, Mapping& arena) {
 
 int RunWriterProcess(int sock) {
   signal(SIGPIPE, SIG_IGN);
+  // A writer outlives no trainer: the parent's death ends it too (its socket would as well, but
+  // only once a request is pending).
+  prctl(PR_SET_PDEATHSIG, SIGKILL);
   Mapping arena;
   for (;;) {
     std::string request;
