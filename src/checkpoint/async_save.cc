@@ -212,7 +212,7 @@ AsyncSaveHandle Start(const StateDict& state_dict, std::string id, WriterSource 
       handle.stats.page_faults = r->page_faults;
       staged_now = r->unstaged_bytes == 0;
     } else {
-      failed = r.status().WithContext("rank " + std::to_string(rank) + ": staging \"" + id + "\"");
+      failed = r.status();  // the save steps name the rank and the checkpoint
       staged = Value::MakeDict();
     }
   }
@@ -314,7 +314,11 @@ int64_t StagingArenaBytes() { return internal::Stager::BytesHeld(); }
 }  // namespace dcpp
 
 namespace dcpp {
-int WriterProcessPid(int rank) { return ContextOf(rank).writer_process.pid(); }
+int WriterProcessPid(int rank) {
+  std::lock_guard<std::mutex> lock(ContextsMutex());
+  auto it = Contexts().find(rank);
+  return it == Contexts().end() ? -1 : it->second->writer_process.pid();
+}
 
 void StopWriterProcesses() {
   WaitForAsyncSaves();

@@ -54,10 +54,21 @@ void ForEachTensor(Value& v, const std::function<void(Tensor&)>& fn) {
 
 }  // namespace
 
+#ifndef DCPP_WITH_CUDA
+Status CudaPinHost(void*, size_t) {
+  return UnimplementedError("staging: pinned memory needs a dcpp built with CUDA");
+}
+void CudaUnpinHost(void*) {}
+Status CudaCopyToHost(void*, const void*, size_t) {
+  return UnimplementedError("staging: a CUDA tensor needs a dcpp built with CUDA");
+}
+#endif
+
 Stager::~Stager() { Release(); }
 
 void Stager::Release() {
   if (base_ != nullptr) {
+    if (pinned_) CudaUnpinHost(base_);
     if (locked_) munlock(base_, capacity_);
     munmap(base_, capacity_);
     g_bytes_held -= static_cast<int64_t>(capacity_);
@@ -68,12 +79,13 @@ void Stager::Release() {
   shm_fd_ = -1;
   locked_ = false;
   shared_ = false;
+  pinned_ = false;
 }
 
 Status Stager::Reserve(size_t bytes, const StagingOptions& options) {
   const bool want_shared = options.use_shared_memory;
   if (base_ != nullptr && capacity_ >= bytes && shared_ == want_shared &&
-      locked_ == options.use_mlock) {
+      locked_ == options.use_mlock && pinned_ == options.use_pinned_memory) {
     return Status::Ok();
   }
   Release();
@@ -130,13 +142,18 @@ Status Stager::Reserve(size_t bytes, const StagingOptions& options) {
     }
     locked_ = true;
   }
+  if (options.use_pinned_memory) {
+    Status s = CudaPinHost(base_, capacity_);
+    if (!s.ok()) {
+      Release();
+      return s;
+    }
+    pinned_ = true;
+  }
   return Status::Ok();
 }
 
 Result<StageResult> Stager::Stage(const StateDict& state_dict, const StagingOptions& options) {
-  if (options.use_pinned_memory) {
-    return UnimplementedError("staging: pinned memory needs a dcpp built with CUDA");
-  }
   const int64_t faults_before = ThreadFaults();
   StageResult out;
   out.staged = state_dict;  // shares the caller's tensors until each is replaced below
@@ -145,9 +162,13 @@ Result<StageResult> Stager::Stage(const StateDict& state_dict, const StagingOpti
   size_t fitting = 0;  // bytes of the slots within the budget
   ForEachTensor(out.staged, [&](Tensor& t) {
     if (!t.defined()) return;
-    if (!t.view().device().is_cpu() && bad.ok()) {
-      bad = UnimplementedError("staging: tensor on " + t.view().device().ToString() +
-                               " needs a dcpp built with CUDA");
+    const Device d = t.view().device();
+    if (!d.is_cpu() && d.type != Device::Type::kCUDA && bad.ok()) {
+      bad = UnimplementedError("staging: tensors on " + d.ToString() + " are not supported");
+    }
+    if (d.type == Device::Type::kCUDA && !t.is_contiguous() && bad.ok()) {
+      bad = UnimplementedError("staging: a strided tensor on " + d.ToString() +
+                               " (make it contiguous first)");
     }
     const size_t slot = RoundUp(t.nbytes(), kSlotAlign);
     if (options.budget_bytes == 0 || needed + slot <= options.budget_bytes) fitting += slot;
@@ -171,7 +192,13 @@ Result<StageResult> Stager::Stage(const StateDict& state_dict, const StagingOpti
       return;
     }
     std::byte* dst = base_ + offset;
-    if (t.is_contiguous()) {
+    if (t.view().device().type == Device::Type::kCUDA) {
+      Status s = n > 0 ? CudaCopyToHost(dst, t.data(), n) : Status::Ok();
+      if (!s.ok()) {
+        bad = s.WithContext("staging");
+        return;
+      }
+    } else if (t.is_contiguous()) {
       if (n > 0) std::memcpy(dst, t.data(), n);
     } else {
       Status s = CopyTensor(TensorView(dst, t.dtype(), t.shape()), t.view());

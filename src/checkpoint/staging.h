@@ -52,6 +52,12 @@ class Stager {
   int shm_fd_ = -1;
   bool locked_ = false;
   bool shared_ = false;
+  bool pinned_ = false;
 };
+
+// CUDA (staging_cuda.cc, built when a CUDA toolkit is found; otherwise these are Unimplemented).
+Status CudaPinHost(void* p, size_t n);
+void CudaUnpinHost(void* p);
+Status CudaCopyToHost(void* dst, const void* src, size_t n);
 
 }  // namespace dcpp::internal
