@@ -56,7 +56,9 @@ namespace dcpp {
 struct StagingOptions {
   bool use_mlock = false;          // lock the arena in RAM (needs RLIMIT_MEMLOCK)
   bool use_shared_memory = false;  // back the arena by POSIX shared memory (kProcess implies it)
-  bool use_pinned_memory = false;  // CUDA pinned host memory: Unimplemented without CUDA
+  // CUDA pinned host memory (cudaHostRegister of the arena, once). Only in a dcpp built with a
+  // CUDA toolkit, which also stages contiguous CUDA tensors; otherwise Unimplemented.
+  bool use_pinned_memory = false;
   // Bytes of staging at most; 0: as much as the state needs.
   size_t budget_bytes = 0;
 };
