@@ -1,0 +1,1051 @@
+// S3Store: a Store over an S3 bucket, with libcurl (which signs requests itself, SigV4).
+//
+// How the Store calls map onto S3 requests:
+//   1. OpenWrite checks that no object is a "parent directory" of the key and that no object
+//      lives under key + "/" (the file system's file/directory rules); the writer then buffers
+//      appends into parts. A file of at most one part is one PUT at Close; a larger one starts a
+//      multipart upload when its first part fills, uploads each full part on the store's pool
+//      while the caller keeps appending (a few parts in flight per file), and completes the upload
+//      at Close. Until then no object exists; a writer destroyed unclosed aborts its upload.
+//   2. WriteAtomic is that same upload: S3 makes each object appear whole, so `.metadata` needs
+//      no temporary and no rename.
+//   3. OpenRead GETs the first open_prefetch bytes, which also gives the size and the ETag; a
+//      small object is then served from memory. Larger reads are ranged GETs with If-Match on the
+//      ETag (a replaced object fails instead of mixing versions), split into read_part_size
+//      pieces fetched in parallel straight into the caller's buffer.
+//   4. Every request is retried on transport errors, 5xx, 429 and RequestTimeout, with
+//      exponential backoff and jitter; when retries run out the error is Unavailable.
+#include "dcpp/s3_store.h"
+
+#include <cstdlib>
+#include <string>
+
+namespace dcpp {
+namespace {
+
+std::string Env(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? std::string(v) : std::string();
+}
+
+}  // namespace
+
+S3Options S3OptionsFromEnv() {
+  S3Options o;
+  o.access_key_id = Env("AWS_ACCESS_KEY_ID");
+  o.secret_access_key = Env("AWS_SECRET_ACCESS_KEY");
+  o.session_token = Env("AWS_SESSION_TOKEN");
+  if (std::string r = Env("AWS_REGION"); !r.empty()) {
+    o.region = r;
+  } else if (std::string d = Env("AWS_DEFAULT_REGION"); !d.empty()) {
+    o.region = d;
+  }
+  if (std::string e = Env("AWS_ENDPOINT_URL_S3"); !e.empty()) {
+    o.endpoint = e;
+  } else if (std::string g = Env("AWS_ENDPOINT_URL"); !g.empty()) {
+    o.endpoint = g;
+  }
+  return o;
+}
+
+StoreFactory S3StoreFactory(S3Options options) {
+  return [options = std::move(options)](std::string_view url, const StoreOpenOptions& open) {
+    return OpenS3Store(url, options, open);
+  };
+}
+
+}  // namespace dcpp
+
+#ifndef DCPP_HAVE_S3
+
+namespace dcpp {
+bool S3StoreAvailable() { return false; }
+Result<std::unique_ptr<Store>> OpenS3Store(std::string_view url, const S3Options&,
+                                           const StoreOpenOptions&) {
+  return UnimplementedError("\"" + std::string(url) +
+                            "\": this build of dcpp has no S3 store (libcurl was not found)");
+}
+}  // namespace dcpp
+
+#else  // DCPP_HAVE_S3
+
+#include <curl/curl.h>
+#include <pugixml.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <future>
+#include <map>
+#include <mutex>
+#include <random>
+#include <sstream>
+#include <thread>
+#include <vector>
+
+namespace dcpp {
+namespace {
+
+// ------------------------------------------------------------------ helpers
+
+// RFC 3986 percent-encoding as SigV4 canonicalizes it: only unreserved bytes stay literal.
+std::string UriEncode(std::string_view s, bool keep_slash) {
+  static const char* kHex = "0123456789ABCDEF";
+  std::string out;
+  out.reserve(s.size());
+  for (unsigned char c : s) {
+    if ((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-' ||
+        c == '_' || c == '.' || c == '~' || (keep_slash && c == '/')) {
+      out += static_cast<char>(c);
+    } else {
+      out += '%';
+      out += kHex[c >> 4];
+      out += kHex[c & 15];
+    }
+  }
+  return out;
+}
+
+// A query string in SigV4's canonical form (sorted by name, every name and value encoded), so
+// the URL libcurl signs is already canonical.
+std::string Query(std::vector<std::pair<std::string, std::string>> params) {
+  std::sort(params.begin(), params.end());
+  std::string q;
+  for (const auto& [k, v] : params) {
+    if (!q.empty()) q += '&';
+    q += UriEncode(k, false) + "=" + UriEncode(v, false);
+  }
+  return q;
+}
+
+std::string Lower(std::string s) {
+  for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return s;
+}
+
+// Bucket names: 3-63 of [a-z0-9.-] (S3's rules); checked so a URL cannot smuggle a path.
+bool ValidBucket(std::string_view b) {
+  if (b.size() < 3 || b.size() > 63) return false;
+  for (char c : b) {
+    if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' || c == '-')) return false;
+  }
+  return true;
+}
+
+void InitCurlOnce() {
+  static std::once_flag once;
+  std::call_once(once, [] { curl_global_init(CURL_GLOBAL_DEFAULT); });
+}
+
+// ------------------------------------------------------------------ thread pool
+
+// Runs the parts of uploads and reads. Tasks never wait on other tasks, so a bounded pool cannot
+// deadlock; callers wait on the futures.
+class TaskPool {
+ public:
+  explicit TaskPool(int threads) : size_(std::max(threads, 1)) {}
+  ~TaskPool() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+
+  std::future<Status> Submit(std::function<Status()> fn) {
+    std::packaged_task<Status()> task(std::move(fn));
+    std::future<Status> f = task.get_future();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      queue_.push_back(std::move(task));
+      // Threads start on demand: a store used only for small requests starts none.
+      if (threads_.size() < static_cast<size_t>(size_) && idle_ == 0) {
+        threads_.emplace_back([this] { Work(); });
+      }
+    }
+    cv_.notify_one();
+    return f;
+  }
+
+ private:
+  void Work() {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (true) {
+      ++idle_;
+      cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+      --idle_;
+      if (queue_.empty()) return;  // stopping
+      std::packaged_task<Status()> task = std::move(queue_.front());
+      queue_.pop_front();
+      lock.unlock();
+      task();
+      lock.lock();
+    }
+  }
+
+  const int size_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::packaged_task<Status()>> queue_;
+  std::vector<std::thread> threads_;
+  int idle_ = 0;
+  bool stop_ = false;
+};
+
+// Waits for every future (none may be left running) and returns the first error.
+Status WaitAll(std::vector<std::future<Status>>& futures) {
+  Status first;
+  for (auto& f : futures) {
+    Status s = f.get();
+    if (first.ok() && !s.ok()) first = s;
+  }
+  return first;
+}
+
+// ------------------------------------------------------------------ HTTP
+
+struct Request {
+  std::string method = "GET";
+  std::string object;  // key in the bucket; "" for the bucket itself
+  std::string query;   // canonical (Query()), without '?'
+  std::vector<std::string> headers;
+  std::string_view body;  // PUT/POST payload
+  // A GET's body goes here when set (exactly `capacity` bytes expected), else into Response::body.
+  char* dst = nullptr;
+  size_t capacity = 0;
+};
+
+struct Response {
+  long code = 0;
+  std::string body;
+  std::map<std::string, std::string> headers;  // lower-case names
+  size_t received = 0;                         // bytes written to Request::dst
+  bool overflow = false;                       // the server sent more than capacity
+};
+
+struct S3Error {
+  std::string code;
+  std::string message;
+};
+
+S3Error ParseError(std::string_view body) {
+  S3Error e;
+  pugi::xml_document doc;
+  if (body.empty() || !doc.load_buffer(body.data(), body.size())) return e;
+  pugi::xml_node err = doc.child("Error");
+  e.code = err.child_value("Code");
+  e.message = err.child_value("Message");
+  return e;
+}
+
+bool RetryableHttp(long code, const Response& r) {
+  if (code >= 500 || code == 429) return true;
+  if (code == 400) {
+    std::string c = ParseError(r.body).code;
+    return c == "RequestTimeout" || c == "RequestTimeTooSkewed";
+  }
+  return false;
+}
+
+bool RetryableCurl(CURLcode c) {
+  switch (c) {
+    case CURLE_COULDNT_CONNECT:
+    case CURLE_COULDNT_RESOLVE_HOST:
+    case CURLE_OPERATION_TIMEDOUT:
+    case CURLE_SEND_ERROR:
+    case CURLE_RECV_ERROR:
+    case CURLE_GOT_NOTHING:
+    case CURLE_PARTIAL_FILE:
+    case CURLE_SSL_CONNECT_ERROR:
+    case CURLE_HTTP2:
+    case CURLE_HTTP2_STREAM:
+      return true;
+    default:
+      return false;
+  }
+}
+
+class Client {
+ public:
+  Client(const S3Options& o, std::string bucket) : options_(o), bucket_(std::move(bucket)) {
+    std::string ep = o.endpoint;
+    const bool aws = ep.empty();
+    if (aws) ep = "https://s3." + o.region + ".amazonaws.com";
+    while (!ep.empty() && ep.back() == '/') ep.pop_back();
+    const bool path_style = o.path_style.value_or(!aws);
+    if (path_style) {
+      base_ = ep + "/" + UriEncode(bucket_, false);
+    } else {
+      size_t scheme_end = ep.find("://");
+      size_t host = scheme_end == std::string::npos ? 0 : scheme_end + 3;
+      base_ = ep.substr(0, host) + bucket_ + "." + ep.substr(host);
+    }
+    sigv4_ = "aws:amz:" + o.region + ":s3";
+  }
+  ~Client() {
+    for (CURL* h : idle_) curl_easy_cleanup(h);
+  }
+
+  const S3Options& options() const { return options_; }
+
+  // Runs `req` with retries. OK once an answer arrived that is not retryable (any HTTP code: the
+  // caller judges it); Unavailable when retries ran out; DataLoss if a GET overflowed `dst`.
+  Status Perform(const Request& req, Response& resp, std::string_view what) {
+    Status last;
+    for (int attempt = 0;; ++attempt) {
+      resp = Response();
+      CURLcode cc = PerformOnce(req, resp);
+      if (cc == CURLE_WRITE_ERROR && resp.overflow) {
+        return DataLossError(std::string(what) + ": the server sent more bytes than asked for");
+      }
+      bool retry;
+      if (cc != CURLE_OK) {
+        retry = RetryableCurl(cc);
+        last = UnavailableError(std::string(what) + ": " + curl_easy_strerror(cc));
+        if (!retry) return last;
+      } else {
+        retry = RetryableHttp(resp.code, resp);
+        if (!retry) return Status::Ok();
+        last = UnavailableError(std::string(what) + ": " + Describe(resp));
+      }
+      if (attempt >= options_.max_retries) {
+        return UnavailableError(std::string(last.message()) + " (gave up after " +
+                                std::to_string(attempt + 1) + " attempts)");
+      }
+      std::this_thread::sleep_for(Backoff(attempt));
+    }
+  }
+
+  // "HTTP 404 NoSuchKey: The specified key does not exist."
+  static std::string Describe(const Response& r) {
+    S3Error e = ParseError(r.body);
+    std::string s = "HTTP " + std::to_string(r.code);
+    if (!e.code.empty()) s += " " + e.code;
+    if (!e.message.empty()) s += ": " + e.message;
+    return s;
+  }
+
+  // The Status of a completed, non-2xx answer.
+  Status HttpError(const Response& r, std::string_view what) const {
+    std::string msg = std::string(what) + ": " + Describe(r);
+    switch (r.code) {
+      case 404:
+        return NotFoundError(msg);
+      case 403:
+        return FailedPreconditionError(
+            msg +
+            " (access denied: check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+            "AWS_SESSION_TOKEN and the bucket's policy)");
+      case 412:
+        return FailedPreconditionError(msg + " (the object changed after it was opened)");
+      case 416:
+        return DataLossError(msg);
+      case 409:
+        return AbortedError(msg);
+      default:
+        if (r.code >= 500 || r.code == 429) return UnavailableError(msg);
+        return InvalidArgumentError(msg);
+    }
+  }
+
+ private:
+  std::chrono::milliseconds Backoff(int attempt) {
+    thread_local std::mt19937 rng(std::random_device{}());
+    const double cap = std::min<double>(options_.max_backoff_ms,
+                                        options_.initial_backoff_ms * std::pow(2.0, attempt));
+    std::uniform_real_distribution<double> jitter(0.5, 1.0);
+    return std::chrono::milliseconds(static_cast<int64_t>(cap * jitter(rng)));
+  }
+
+  CURL* Acquire() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!idle_.empty()) {
+        CURL* h = idle_.back();
+        idle_.pop_back();
+        return h;
+      }
+    }
+    return curl_easy_init();
+  }
+  void Release(CURL* h) {
+    std::lock_guard<std::mutex> lock(mu_);
+    idle_.push_back(h);  // keeps its connection alive for the next request
+  }
+
+  struct Upload {
+    std::string_view body;
+    size_t pos = 0;
+  };
+
+  static size_t ReadBody(char* buf, size_t size, size_t n, void* p) {
+    auto* u = static_cast<Upload*>(p);
+    size_t k = std::min(size * n, u->body.size() - u->pos);
+    std::memcpy(buf, u->body.data() + u->pos, k);
+    u->pos += k;
+    return k;
+  }
+
+  struct Sink {
+    const Request* req;
+    Response* resp;
+    CURL* handle;
+  };
+
+  static size_t WriteBody(char* data, size_t size, size_t n, void* p) {
+    auto* s = static_cast<Sink*>(p);
+    const size_t k = size * n;
+    long code = 0;
+    curl_easy_getinfo(s->handle, CURLINFO_RESPONSE_CODE, &code);
+    // Error bodies (and anything but a successful GET into dst) go to the string.
+    if (s->req->dst == nullptr || code < 200 || code >= 300) {
+      if (s->resp->body.size() + k > (size_t{1} << 24)) return 0;  // no answer is this large
+      s->resp->body.append(data, k);
+      return k;
+    }
+    if (s->resp->received + k > s->req->capacity) {
+      s->resp->overflow = true;
+      return 0;
+    }
+    std::memcpy(s->req->dst + s->resp->received, data, k);
+    s->resp->received += k;
+    return k;
+  }
+
+  static size_t Header(char* data, size_t size, size_t n, void* p) {
+    auto* resp = static_cast<Response*>(p);
+    std::string_view line(data, size * n);
+    if (line.starts_with("HTTP/")) {
+      resp->headers.clear();  // a new status line (after 100 Continue or a redirect)
+      return size * n;
+    }
+    size_t colon = line.find(':');
+    if (colon != std::string_view::npos) {
+      std::string_view v = line.substr(colon + 1);
+      while (!v.empty() && (v.front() == ' ' || v.front() == '\t')) v.remove_prefix(1);
+      while (!v.empty() && (v.back() == '\r' || v.back() == '\n' || v.back() == ' ')) {
+        v.remove_suffix(1);
+      }
+      resp->headers[Lower(std::string(line.substr(0, colon)))] = std::string(v);
+    }
+    return size * n;
+  }
+
+  CURLcode PerformOnce(const Request& req, Response& resp) {
+    CURL* h = Acquire();
+    if (h == nullptr) return CURLE_FAILED_INIT;
+    curl_easy_reset(h);
+    std::string url = base_;
+    if (!req.object.empty()) url += "/" + UriEncode(req.object, true);
+    if (!req.query.empty()) url += "?" + req.query;
+    curl_easy_setopt(h, CURLOPT_URL, url.c_str());
+    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, static_cast<long>(options_.connect_timeout_ms));
+    curl_easy_setopt(h, CURLOPT_LOW_SPEED_LIMIT, 1L);
+    curl_easy_setopt(h, CURLOPT_LOW_SPEED_TIME, static_cast<long>(options_.stall_timeout_s));
+    if (!options_.access_key_id.empty()) {
+      curl_easy_setopt(h, CURLOPT_AWS_SIGV4, sigv4_.c_str());
+      curl_easy_setopt(h, CURLOPT_USERNAME, options_.access_key_id.c_str());
+      curl_easy_setopt(h, CURLOPT_PASSWORD, options_.secret_access_key.c_str());
+    }
+    curl_slist* headers = nullptr;
+    // S3 wants the payload hash header; the payload itself is not hashed (TLS protects it).
+    headers = curl_slist_append(headers, "x-amz-content-sha256: UNSIGNED-PAYLOAD");
+    headers = curl_slist_append(headers, "Expect:");  // no 100-continue round trip
+    if (!options_.session_token.empty()) {
+      headers =
+          curl_slist_append(headers, ("x-amz-security-token: " + options_.session_token).c_str());
+    }
+    for (const std::string& hd : req.headers) headers = curl_slist_append(headers, hd.c_str());
+    curl_easy_setopt(h, CURLOPT_HTTPHEADER, headers);
+
+    Upload upload{req.body, 0};
+    if (req.method == "HEAD") {
+      curl_easy_setopt(h, CURLOPT_NOBODY, 1L);
+    } else if (req.method == "PUT") {
+      curl_easy_setopt(h, CURLOPT_UPLOAD, 1L);
+      curl_easy_setopt(h, CURLOPT_INFILESIZE_LARGE, static_cast<curl_off_t>(req.body.size()));
+      curl_easy_setopt(h, CURLOPT_READFUNCTION, &ReadBody);
+      curl_easy_setopt(h, CURLOPT_READDATA, &upload);
+    } else if (req.method == "POST") {
+      curl_easy_setopt(h, CURLOPT_POST, 1L);
+      curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, static_cast<curl_off_t>(req.body.size()));
+      curl_easy_setopt(h, CURLOPT_POSTFIELDS, req.body.data());
+    } else if (req.method != "GET") {
+      curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, req.method.c_str());
+    }
+    Sink sink{&req, &resp, h};
+    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, &WriteBody);
+    curl_easy_setopt(h, CURLOPT_WRITEDATA, &sink);
+    curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, &Header);
+    curl_easy_setopt(h, CURLOPT_HEADERDATA, &resp);
+
+    CURLcode cc = curl_easy_perform(h);
+    curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &resp.code);
+    curl_slist_free_all(headers);
+    if (cc == CURLE_OK) {
+      Release(h);
+    } else {
+      curl_easy_cleanup(h);  // a broken connection is not reused
+    }
+    return cc;
+  }
+
+  const S3Options options_;
+  const std::string bucket_;
+  std::string base_;
+  std::string sigv4_;
+  std::mutex mu_;
+  std::vector<CURL*> idle_;
+};
+
+// ------------------------------------------------------------------ the store
+
+class S3Store;
+
+class S3Writer final : public WritableFile {
+ public:
+  S3Writer(S3Store& store, std::string key, std::string object);
+  ~S3Writer() override;
+  Status Append(const void* data, size_t n) override;
+  Status Sync() override;
+  Status Close() override;
+  uint64_t position() const override { return position_; }
+  std::string name() const override;
+
+ private:
+  struct Part {
+    int number = 0;
+    std::string data;
+    std::string etag;
+    std::future<Status> done;
+  };
+  Status StartPart();
+  Status WaitOldest();
+  Status Fail(Status s);
+  void Abort();
+
+  S3Store& store_;
+  const std::string key_;
+  const std::string object_;
+  std::string buffer_;
+  uint64_t position_ = 0;
+  bool closed_ = false;
+  Status error_;
+  std::string upload_id_;
+  int next_part_ = 1;
+  std::deque<std::unique_ptr<Part>> in_flight_;
+  std::vector<std::pair<int, std::string>> etags_;
+};
+
+class S3Reader final : public ReadableFile {
+ public:
+  S3Reader(S3Store& store, std::string key, std::string object, uint64_t size, std::string etag,
+           std::string head)
+      : store_(store),
+        key_(std::move(key)),
+        object_(std::move(object)),
+        size_(size),
+        etag_(std::move(etag)),
+        head_(std::move(head)) {}
+  uint64_t size() const override { return size_; }
+  Status ReadAt(uint64_t offset, void* dst, size_t n) const override;
+  std::string name() const override;
+  const std::byte* Peek(uint64_t offset, size_t n) const override {
+    if (offset > head_.size() || n > head_.size() - offset) return nullptr;
+    return reinterpret_cast<const std::byte*>(head_.data()) + offset;
+  }
+
+ private:
+  Status ReadRange(uint64_t offset, char* dst, size_t n) const;
+
+  S3Store& store_;
+  const std::string key_;
+  const std::string object_;
+  const uint64_t size_;
+  const std::string etag_;
+  const std::string head_;  // the first bytes (the whole object when small)
+};
+
+class S3Store final : public Store {
+ public:
+  S3Store(const S3Options& options, std::string bucket, std::string prefix)
+      : client_(options, bucket),
+        pool_(options.max_parallel),
+        bucket_(std::move(bucket)),
+        prefix_(std::move(prefix)) {}
+
+  Client& client() { return client_; }
+  TaskPool& pool() { return pool_; }
+  const S3Options& options() const { return client_.options(); }
+
+  std::string Object(std::string_view key) const {
+    return prefix_.empty() ? std::string(key) : prefix_ + "/" + std::string(key);
+  }
+  std::string Url() const { return "s3://" + bucket_ + (prefix_.empty() ? "" : "/" + prefix_); }
+  std::string Describe(std::string_view key) const override {
+    return "s3://" + bucket_ + "/" + Object(key);
+  }
+
+  // HEAD of an object: its size and ETag, or NotFound.
+  struct Head {
+    uint64_t size = 0;
+    std::string etag;
+  };
+  Result<Head> HeadObject(std::string_view key) {
+    Request req{.method = "HEAD", .object = Object(key)};
+    Response resp;
+    const std::string what = "HEAD " + Describe(key);
+    DCPP_RETURN_IF_ERROR(client_.Perform(req, resp, what));
+    if (resp.code == 404) return NotFoundError(what + ": no such object");
+    if (resp.code != 200) return client_.HttpError(resp, what);
+    Head h;
+    h.etag = resp.headers["etag"];
+    const std::string& len = resp.headers["content-length"];
+    h.size = std::strtoull(len.c_str(), nullptr, 10);
+    return h;
+  }
+
+  // Up to max_keys object keys (full object names) under `object_prefix`, in order.
+  Result<std::vector<std::string>> ListObjects(const std::string& object_prefix, int max_keys) {
+    std::vector<std::string> out;
+    std::string token;
+    while (true) {
+      std::vector<std::pair<std::string, std::string>> q = {{"list-type", "2"},
+                                                            {"prefix", object_prefix}};
+      if (max_keys > 0) q.push_back({"max-keys", std::to_string(max_keys)});
+      if (!token.empty()) q.push_back({"continuation-token", token});
+      Request req{.method = "GET", .query = Query(q)};
+      Response resp;
+      const std::string what = "listing " + Url();
+      DCPP_RETURN_IF_ERROR(client_.Perform(req, resp, what));
+      if (resp.code != 200) return client_.HttpError(resp, what);
+      pugi::xml_document doc;
+      if (!doc.load_buffer(resp.body.data(), resp.body.size())) {
+        return DataLossError(what + ": the server's answer is not XML");
+      }
+      pugi::xml_node result = doc.child("ListBucketResult");
+      for (pugi::xml_node c : result.children("Contents")) out.push_back(c.child_value("Key"));
+      if (max_keys > 0 && static_cast<int>(out.size()) >= max_keys) break;
+      if (std::string_view(result.child_value("IsTruncated")) != "true") break;
+      token = result.child_value("NextContinuationToken");
+      if (token.empty()) return DataLossError(what + ": truncated listing without a token");
+    }
+    return out;
+  }
+
+  // The file system's rules on S3: no object may be a parent "directory" of `key`, and `key`
+  // may not be a "directory" (a prefix of other objects).
+  Status CheckNoClash(std::string_view key) {
+    for (size_t slash = key.find('/'); slash != std::string_view::npos;
+         slash = key.find('/', slash + 1)) {
+      auto h = HeadObject(key.substr(0, slash));
+      if (h.ok()) {
+        return FailedPreconditionError(Describe(key) + ": \"" + std::string(key.substr(0, slash)) +
+                                       "\" is a file, not a directory");
+      }
+      if (h.status().code() != StatusCode::kNotFound) return h.status();
+    }
+    DCPP_ASSIGN_OR_RETURN(auto under, ListObjects(Object(key) + "/", 1));
+    if (!under.empty()) {
+      return FailedPreconditionError(Describe(key) + " is a directory (objects exist under it)");
+    }
+    return Status::Ok();
+  }
+
+  Result<std::unique_ptr<WritableFile>> OpenWrite(std::string_view key) override {
+    DCPP_RETURN_IF_ERROR(ValidateKey(key));
+    DCPP_RETURN_IF_ERROR(CheckNoClash(key));
+    return std::unique_ptr<WritableFile>(
+        std::make_unique<S3Writer>(*this, std::string(key), Object(key)));
+  }
+
+  Result<std::unique_ptr<ReadableFile>> OpenRead(std::string_view key) override {
+    DCPP_RETURN_IF_ERROR(ValidateKey(key));
+    const std::string what = "reading " + Describe(key);
+    const size_t prefetch = std::max<size_t>(options().open_prefetch, 1);
+    std::string head(prefetch, '\0');
+    Request req{.method = "GET", .object = Object(key)};
+    req.headers.push_back("Range: bytes=0-" + std::to_string(prefetch - 1));
+    req.dst = head.data();
+    req.capacity = head.size();
+    Response resp;
+    DCPP_RETURN_IF_ERROR(client_.Perform(req, resp, what));
+    uint64_t size = 0;
+    std::string etag = resp.headers["etag"];
+    if (resp.code == 404) return NotFoundError(what + ": no such object");
+    if (resp.code == 416) {
+      // An empty object has no byte 0.
+      DCPP_ASSIGN_OR_RETURN(Head h, HeadObject(key));
+      size = h.size;
+      etag = h.etag;
+      if (size != 0) return DataLossError(what + ": the server refused the first bytes");
+      head.clear();
+    } else if (resp.code == 206) {
+      const std::string& range = resp.headers["content-range"];  // "bytes 0-N/TOTAL"
+      size_t slash = range.rfind('/');
+      if (slash == std::string::npos) return DataLossError(what + ": no Content-Range");
+      size = std::strtoull(range.c_str() + slash + 1, nullptr, 10);
+      head.resize(resp.received);
+    } else if (resp.code == 200) {
+      size = resp.received;  // the server sent the whole (small) object
+      head.resize(resp.received);
+    } else {
+      return client_.HttpError(resp, what);
+    }
+    if (head.size() != std::min<uint64_t>(size, prefetch)) {
+      return DataLossError(what + ": got " + std::to_string(head.size()) + " of the first " +
+                           std::to_string(std::min<uint64_t>(size, prefetch)) + " bytes");
+    }
+    return std::unique_ptr<ReadableFile>(std::make_unique<S3Reader>(
+        *this, std::string(key), Object(key), size, std::move(etag), std::move(head)));
+  }
+
+  Result<bool> Exists(std::string_view key) override {
+    DCPP_RETURN_IF_ERROR(ValidateKey(key));
+    auto h = HeadObject(key);
+    if (h.ok()) return true;
+    if (h.status().code() == StatusCode::kNotFound) return false;
+    return h.status();
+  }
+
+  Result<uint64_t> Size(std::string_view key) override {
+    DCPP_RETURN_IF_ERROR(ValidateKey(key));
+    DCPP_ASSIGN_OR_RETURN(Head h, HeadObject(key));
+    return h.size;
+  }
+
+  Result<std::vector<std::string>> List() override {
+    const std::string p = prefix_.empty() ? "" : prefix_ + "/";
+    DCPP_ASSIGN_OR_RETURN(std::vector<std::string> objects, ListObjects(p, 0));
+    std::vector<std::string> keys;
+    for (std::string& o : objects) {
+      std::string key = o.substr(p.size());
+      // Objects that no Store could have written ("a//b", console "folder/" markers) are skipped.
+      if (ValidateKey(key).ok()) keys.push_back(std::move(key));
+    }
+    std::sort(keys.begin(), keys.end());
+    return keys;
+  }
+
+  Status Remove(std::string_view key) override {
+    DCPP_RETURN_IF_ERROR(ValidateKey(key));
+    // S3 deletes absent objects silently; the contract says NotFound.
+    DCPP_RETURN_IF_ERROR(HeadObject(key).status().WithContext("removing"));
+    return DeleteObject(key);
+  }
+
+  Status DeleteObject(std::string_view key) {
+    Request req{.method = "DELETE", .object = Object(key)};
+    Response resp;
+    const std::string what = "DELETE " + Describe(key);
+    DCPP_RETURN_IF_ERROR(client_.Perform(req, resp, what));
+    if (resp.code != 204 && resp.code != 200) return client_.HttpError(resp, what);
+    return Status::Ok();
+  }
+
+  // Not atomic on S3: a server-side copy, then a delete of the source.
+  Status Rename(std::string_view from, std::string_view to) override {
+    DCPP_RETURN_IF_ERROR(ValidateKey(from));
+    DCPP_RETURN_IF_ERROR(ValidateKey(to));
+    const std::string what = "renaming " + Describe(from) + " to " + Describe(to);
+    DCPP_ASSIGN_OR_RETURN(Head h, HeadObject(from));
+    if (h.size > (uint64_t{5} << 30)) {
+      return UnimplementedError(what + ": objects over 5 GiB cannot be copied in one request");
+    }
+    DCPP_RETURN_IF_ERROR(CheckNoClash(to).WithContext(what));
+    Request req{.method = "PUT", .object = Object(to)};
+    req.headers.push_back("x-amz-copy-source: " +
+                          UriEncode("/" + bucket_ + "/" + Object(from), true));
+    Response resp;
+    DCPP_RETURN_IF_ERROR(client_.Perform(req, resp, what));
+    // A copy may fail after its 200 header: the error is then in the body.
+    if (resp.code != 200 || !ParseError(resp.body).code.empty()) {
+      return client_.HttpError(resp, what);
+    }
+    return DeleteObject(from).WithContext(what);
+  }
+
+  // Nothing to make durable: a closed object is. A directory exists if objects live under it.
+  Status SyncDir(std::string_view dir) override {
+    if (dir.empty()) return Status::Ok();
+    DCPP_RETURN_IF_ERROR(ValidateKey(dir));
+    DCPP_ASSIGN_OR_RETURN(auto under, ListObjects(Object(dir) + "/", 1));
+    if (under.empty()) return NotFoundError("syncing " + Describe(dir) + ": no such directory");
+    return Status::Ok();
+  }
+
+  // The bucket exists (created when options allow); a prefix needs no creation.
+  Status CreateDir() override { return EnsureBucket(options().create_bucket); }
+
+  Status EnsureBucket(bool create) {
+    const std::string what = "bucket s3://" + bucket_;
+    Request head{.method = "HEAD"};
+    Response resp;
+    DCPP_RETURN_IF_ERROR(client_.Perform(head, resp, "HEAD " + what));
+    if (resp.code == 200) return Status::Ok();
+    if (resp.code != 404) return client_.HttpError(resp, "HEAD " + what);
+    if (!create) return NotFoundError(what + " does not exist");
+    std::string config;
+    if (options().region != "us-east-1") {
+      config =
+          "<CreateBucketConfiguration xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">"
+          "<LocationConstraint>" +
+          options().region + "</LocationConstraint></CreateBucketConfiguration>";
+    }
+    Request put{.method = "PUT", .body = config};
+    DCPP_RETURN_IF_ERROR(client_.Perform(put, resp, "creating " + what));
+    if (resp.code == 200) return Status::Ok();
+    if (ParseError(resp.body).code == "BucketAlreadyOwnedByYou") return Status::Ok();
+    return client_.HttpError(resp, "creating " + what);
+  }
+
+  // One upload: S3 makes the object appear whole, so no temporary and no rename are needed.
+  Status WriteAtomic(std::string_view key, std::string_view bytes) override {
+    DCPP_RETURN_IF_ERROR(ValidateKey(key));
+    return WriteAll(key, bytes, /*sync=*/false)
+        .WithContext("writing " + Describe(key) + " atomically");
+  }
+
+ private:
+  Client client_;
+  TaskPool pool_;
+  const std::string bucket_;
+  const std::string prefix_;
+};
+
+// ------------------------------------------------------------------ writer
+
+S3Writer::S3Writer(S3Store& store, std::string key, std::string object)
+    : store_(store), key_(std::move(key)), object_(std::move(object)) {}
+
+S3Writer::~S3Writer() {
+  if (!closed_) Abort();
+}
+
+std::string S3Writer::name() const { return store_.Describe(key_); }
+
+Status S3Writer::Append(const void* data, size_t n) {
+  if (closed_) return FailedPreconditionError(name() + ": append after close");
+  DCPP_RETURN_IF_ERROR(error_);
+  const char* p = static_cast<const char*>(data);
+  const size_t part = std::max<size_t>(store_.options().part_size, size_t{5} << 20);
+  while (n > 0) {
+    if (buffer_.capacity() < part) buffer_.reserve(part);
+    const size_t k = std::min(n, part - buffer_.size());
+    buffer_.append(p, k);
+    p += k;
+    n -= k;
+    position_ += k;
+    if (buffer_.size() == part) DCPP_RETURN_IF_ERROR(StartPart());
+  }
+  return Status::Ok();
+}
+
+Status S3Writer::Sync() {
+  if (closed_) return FailedPreconditionError(name() + ": sync after close");
+  return error_;  // S3 has nothing to sync: the object is durable once Close completes it
+}
+
+Status S3Writer::Fail(Status s) {
+  error_ = s;
+  Abort();
+  return s;
+}
+
+Status S3Writer::StartPart() {
+  Client& client = store_.client();
+  if (upload_id_.empty()) {
+    Request req{.method = "POST", .object = object_, .query = Query({{"uploads", ""}})};
+    Response resp;
+    const std::string what = "starting the upload of " + name();
+    DCPP_RETURN_IF_ERROR(client.Perform(req, resp, what));
+    if (resp.code != 200) return Fail(client.HttpError(resp, what));
+    pugi::xml_document doc;
+    doc.load_buffer(resp.body.data(), resp.body.size());
+    upload_id_ = doc.child("InitiateMultipartUploadResult").child_value("UploadId");
+    if (upload_id_.empty()) return Fail(DataLossError(what + ": no UploadId in the answer"));
+  }
+  if (next_part_ > 10000) {
+    return Fail(InvalidArgumentError(name() + ": more than 10000 parts of " +
+                                     std::to_string(buffer_.size()) +
+                                     " bytes; raise S3Options::part_size"));
+  }
+  auto part = std::make_unique<Part>();
+  part->number = next_part_++;
+  part->data = std::move(buffer_);
+  buffer_ = std::string();
+  Part* p = part.get();
+  const std::string upload_id = upload_id_;
+  const std::string what = "uploading part " + std::to_string(p->number) + " of " + name();
+  p->done = store_.pool().Submit([&client, p, upload_id, what, object = object_]() -> Status {
+    Request req{
+        .method = "PUT",
+        .object = object,
+        .query = Query({{"partNumber", std::to_string(p->number)}, {"uploadId", upload_id}}),
+        .body = p->data};
+    Response resp;
+    DCPP_RETURN_IF_ERROR(client.Perform(req, resp, what));
+    if (resp.code != 200) return client.HttpError(resp, what);
+    p->etag = resp.headers["etag"];
+    if (p->etag.empty()) return DataLossError(what + ": no ETag in the answer");
+    std::string().swap(p->data);  // free the part's memory as soon as it is sent
+    return Status::Ok();
+  });
+  in_flight_.push_back(std::move(part));
+  // A few parts in flight per file keep the link busy while bounding buffered memory.
+  while (in_flight_.size() > 4) DCPP_RETURN_IF_ERROR(WaitOldest());
+  return Status::Ok();
+}
+
+Status S3Writer::WaitOldest() {
+  std::unique_ptr<Part> p = std::move(in_flight_.front());
+  in_flight_.pop_front();
+  Status s = p->done.get();
+  if (!s.ok()) return Fail(s);
+  etags_.emplace_back(p->number, std::move(p->etag));
+  return Status::Ok();
+}
+
+void S3Writer::Abort() {
+  for (auto& p : in_flight_) {
+    if (p->done.valid()) (void)p->done.get();
+  }
+  in_flight_.clear();
+  if (upload_id_.empty()) return;
+  Request req{.method = "DELETE", .object = object_, .query = Query({{"uploadId", upload_id_}})};
+  Response resp;
+  (void)store_.client().Perform(req, resp, "aborting the upload of " + name());  // best effort
+  upload_id_.clear();
+}
+
+Status S3Writer::Close() {
+  if (closed_) return FailedPreconditionError(name() + ": already closed");
+  closed_ = true;
+  if (!error_.ok()) return error_;
+  Client& client = store_.client();
+  if (upload_id_.empty()) {
+    Request req{.method = "PUT", .object = object_, .body = buffer_};
+    Response resp;
+    const std::string what = "PUT " + name();
+    DCPP_RETURN_IF_ERROR(client.Perform(req, resp, what));
+    if (resp.code != 200) return client.HttpError(resp, what);
+    std::string().swap(buffer_);
+    return Status::Ok();
+  }
+  if (!buffer_.empty()) DCPP_RETURN_IF_ERROR(StartPart());
+  while (!in_flight_.empty()) DCPP_RETURN_IF_ERROR(WaitOldest());
+  pugi::xml_document doc;
+  pugi::xml_node root = doc.append_child("CompleteMultipartUpload");
+  for (const auto& [number, etag] : etags_) {
+    pugi::xml_node part = root.append_child("Part");
+    part.append_child("PartNumber").text().set(number);
+    part.append_child("ETag").text().set(etag.c_str());
+  }
+  std::ostringstream xml;
+  doc.save(xml, "", pugi::format_raw);
+  const std::string body = xml.str();
+  Request req{.method = "POST",
+              .object = object_,
+              .query = Query({{"uploadId", upload_id_}}),
+              .headers = {"Content-Type: application/xml"},
+              .body = body};
+  Response resp;
+  const std::string what = "completing the upload of " + name();
+  Status s = client.Perform(req, resp, what);
+  // Completion can fail after its 200 header: the error is then in the body.
+  if (s.ok() && (resp.code != 200 || !ParseError(resp.body).code.empty())) {
+    s = client.HttpError(resp, what);
+  }
+  if (!s.ok()) return Fail(s);
+  upload_id_.clear();
+  return Status::Ok();
+}
+
+// ------------------------------------------------------------------ reader
+
+std::string S3Reader::name() const { return store_.Describe(key_); }
+
+Status S3Reader::ReadAt(uint64_t offset, void* dst, size_t n) const {
+  if (offset > size_ || n > size_ - offset) {
+    return DataLossError(name() + ": read of " + std::to_string(n) + " bytes at " +
+                         std::to_string(offset) + " is past the end (" + std::to_string(size_) +
+                         " bytes)");
+  }
+  if (n == 0) return Status::Ok();
+  char* out = static_cast<char*>(dst);
+  // The part already fetched at open.
+  if (offset < head_.size()) {
+    const size_t k = std::min<uint64_t>(n, head_.size() - offset);
+    std::memcpy(out, head_.data() + offset, k);
+    offset += k;
+    out += k;
+    n -= k;
+  }
+  if (n == 0) return Status::Ok();
+  const size_t piece = std::max<size_t>(store_.options().read_part_size, 1);
+  if (n <= piece) return ReadRange(offset, out, n);
+  std::vector<std::future<Status>> parts;
+  for (size_t done = 0; done < n; done += piece) {
+    const size_t k = std::min(piece, n - done);
+    parts.push_back(store_.pool().Submit(
+        [this, offset, out, done, k] { return ReadRange(offset + done, out + done, k); }));
+  }
+  return WaitAll(parts);
+}
+
+Status S3Reader::ReadRange(uint64_t offset, char* dst, size_t n) const {
+  Request req{.method = "GET", .object = object_};
+  req.headers.push_back("Range: bytes=" + std::to_string(offset) + "-" +
+                        std::to_string(offset + n - 1));
+  if (!etag_.empty()) req.headers.push_back("If-Match: " + etag_);
+  req.dst = dst;
+  req.capacity = n;
+  Response resp;
+  const std::string what =
+      "reading " + name() + " [" + std::to_string(offset) + ", +" + std::to_string(n) + "]";
+  DCPP_RETURN_IF_ERROR(store_.client().Perform(req, resp, what));
+  if (resp.code != 206 && !(resp.code == 200 && offset == 0 && n == size_)) {
+    return store_.client().HttpError(resp, what);
+  }
+  if (resp.received != n) {
+    return DataLossError(what + ": got " + std::to_string(resp.received) + " bytes");
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+bool S3StoreAvailable() { return true; }
+
+Result<std::unique_ptr<Store>> OpenS3Store(std::string_view url, const S3Options& options,
+                                           const StoreOpenOptions& open) {
+  InitCurlOnce();
+  if (!url.starts_with("s3://")) {
+    return InvalidArgumentError("\"" + std::string(url) + "\" is not an s3:// URL");
+  }
+  std::string_view rest = url.substr(5);
+  size_t slash = rest.find('/');
+  std::string bucket(rest.substr(0, slash));
+  std::string prefix(slash == std::string_view::npos ? "" : rest.substr(slash + 1));
+  while (!prefix.empty() && prefix.back() == '/') prefix.pop_back();
+  if (!ValidBucket(bucket)) {
+    return InvalidArgumentError("\"" + std::string(url) +
+                                "\": a bucket name is 3 to 63 of a-z, 0-9, '.' and '-'");
+  }
+  if (!prefix.empty()) {
+    DCPP_RETURN_IF_ERROR(ValidateKey(prefix).WithContext("\"" + std::string(url) + "\""));
+  }
+  auto store = std::make_unique<S3Store>(options, bucket, prefix);
+  DCPP_RETURN_IF_ERROR(store->EnsureBucket(open.create && options.create_bucket));
+  return std::unique_ptr<Store>(std::move(store));
+}
+
+}  // namespace dcpp
+
+#endif  // DCPP_HAVE_S3

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""A loopback HTTP proxy in front of an S3 server that injects faults, for dcpp's S3 tests.
+
+Requests are forwarded unchanged (the Host header included, so signatures stay valid) unless a
+rule fires:
+  --fail-status CODE --fail-method M --fail-substring S --fail-first K --fail-every N
+      matching requests (method M, path+query containing S) get CODE with an S3 XML error body:
+      the first K of them (K=-1: all), or every Nth of them.
+  --fail-once-every N (with --fail-status)
+      a matching request whose (method, path, Range) hashes to 0 mod N fails the first time it is
+      seen and passes when retried: faults that retries always overcome, whatever the
+      interleaving of concurrent requests.
+  --die-after-upload-bytes B
+      once more than B request-body bytes have been received in total, the proxy SIGKILLs itself
+      in the middle of that request: a server that dies mid-save.
+The proxy binds port 0 on 127.0.0.1 and writes its port to --port-file when ready.
+"""
+import argparse
+import http.client
+import os
+import signal
+import sys
+import threading
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
+       "upgrade"}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--upstream-port", type=int, required=True)
+    ap.add_argument("--port-file", required=True)
+    ap.add_argument("--fail-status", type=int, default=0)
+    ap.add_argument("--fail-method", default="")
+    ap.add_argument("--fail-substring", default="")
+    ap.add_argument("--fail-first", type=int, default=0)
+    ap.add_argument("--fail-every", type=int, default=0)
+    ap.add_argument("--fail-once-every", type=int, default=0)
+    ap.add_argument("--die-after-upload-bytes", type=int, default=-1)
+    args = ap.parse_args()
+
+    lock = threading.Lock()
+    state = {"matched": 0, "failed": 0, "upload_bytes": 0}
+    seen = set()
+
+    def should_fail(method, path, range_header):
+        if not args.fail_status:
+            return False
+        if args.fail_method and method != args.fail_method:
+            return False
+        if args.fail_substring and args.fail_substring not in path:
+            return False
+        if args.fail_once_every > 0:
+            sig = f"{method} {path} {range_header}"
+            if zlib.crc32(sig.encode()) % args.fail_once_every != 0:
+                return False
+            with lock:
+                if sig in seen:
+                    return False
+                seen.add(sig)
+                return True
+        with lock:
+            state["matched"] += 1
+            n = state["matched"]
+            if args.fail_first < 0 or n <= args.fail_first:
+                return True
+            return args.fail_every > 0 and n % args.fail_every == 0
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt, *a):
+            pass
+
+        def _read_body(self):
+            n = int(self.headers.get("Content-Length") or 0)
+            chunks = []
+            while n > 0:
+                piece = self.rfile.read(min(n, 1 << 20))
+                if not piece:
+                    break
+                n -= len(piece)
+                chunks.append(piece)
+                if args.die_after_upload_bytes >= 0:
+                    with lock:
+                        state["upload_bytes"] += len(piece)
+                        if state["upload_bytes"] > args.die_after_upload_bytes:
+                            sys.stderr.write("s3_fault_proxy: dying mid-request\n")
+                            sys.stderr.flush()
+                            os.kill(os.getpid(), signal.SIGKILL)
+            return b"".join(chunks)
+
+        def _handle(self):
+            body = self._read_body()
+            if should_fail(self.command, self.path, self.headers.get("Range", "")):
+                code = args.fail_status
+                err = {403: "AccessDenied", 404: "NoSuchKey", 500: "InternalError",
+                       503: "SlowDown"}.get(code, "InjectedFault")
+                payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{err}</Code>'
+                           f"<Message>injected by s3_fault_proxy</Message></Error>").encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(payload) if self.command != "HEAD"
+                                                       else 0))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+                return
+            conn = http.client.HTTPConnection("127.0.0.1", args.upstream_port, timeout=120)
+            conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+            for k, v in self.headers.items():
+                if k.lower() in HOP or k.lower() == "content-length":
+                    continue
+                conn.putheader(k, v)
+            if body or self.command in ("PUT", "POST"):
+                conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body if body else None)
+            resp = conn.getresponse()
+            data = resp.read()
+            self.send_response(resp.status)
+            for k, v in resp.getheaders():
+                if k.lower() in HOP or k.lower() == "content-length":
+                    continue
+                self.send_header(k, v)
+            length = resp.getheader("Content-Length")
+            if self.command == "HEAD" and length is not None:
+                self.send_header("Content-Length", length)
+            else:
+                self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+            conn.close()
+
+        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    tmp = args.port_file + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(str(server.server_address[1]))
+    os.rename(tmp, args.port_file)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
