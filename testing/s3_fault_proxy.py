@@ -13,11 +13,16 @@ rule fires:
   --die-after-upload-bytes B
       once more than B request-body bytes have been received in total, the proxy SIGKILLs itself
       in the middle of that request: a server that dies mid-save.
+  --verify-sigv4 KEY:SECRET
+      every request must carry an AWS SigV4 signature of KEY:SECRET that botocore (AWS's own
+      Python implementation) recomputes identically; otherwise 403 SignatureDoesNotMatch. moto
+      does not check signatures, so this is what holds the client's signing to the standard.
 The proxy binds port 0 on 127.0.0.1 and writes its port to --port-file when ready.
 """
 import argparse
 import http.client
 import os
+import re
 import signal
 import sys
 import threading
@@ -39,7 +44,41 @@ def main():
     ap.add_argument("--fail-every", type=int, default=0)
     ap.add_argument("--fail-once-every", type=int, default=0)
     ap.add_argument("--die-after-upload-bytes", type=int, default=-1)
+    ap.add_argument("--verify-sigv4", default="")
     args = ap.parse_args()
+
+    def signature_problem(handler, body):
+        """None if the request's SigV4 signature is what botocore computes, else why not."""
+        from botocore.auth import S3SigV4Auth
+        from botocore.awsrequest import AWSRequest
+        from botocore.credentials import Credentials
+
+        key, secret = args.verify_sigv4.split(":", 1)
+        m = re.fullmatch(r"AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([^/]+)/s3/aws4_request, ?"
+                         r"SignedHeaders=([^,]+), ?Signature=([0-9a-f]{64})",
+                         handler.headers.get("Authorization", ""))
+        if not m:
+            return "no SigV4 Authorization header"
+        cred_key, _, region, signed, signature = m.groups()
+        if cred_key != key:
+            return "unknown access key " + cred_key
+        names = signed.split(";")
+        for required in ("host", "x-amz-date", "x-amz-content-sha256"):
+            if required not in names:
+                return "header " + required + " is not signed"
+        if handler.headers.get("x-amz-security-token") and "x-amz-security-token" not in names:
+            return "the session token is not signed"
+        headers = {n: handler.headers.get(n, "") for n in names}
+        req = AWSRequest(method=handler.command, url="http://" + handler.headers["Host"] +
+                         handler.path, headers=headers, data=body)
+        req.context["timestamp"] = handler.headers["x-amz-date"]
+        auth = S3SigV4Auth(Credentials(key, secret), "s3", region)
+        canonical = auth.canonical_request(req)
+        want = auth.signature(auth.string_to_sign(req, canonical), req)
+        if want != signature:
+            return (f"signature differs; request headers: {dict(handler.headers)}; "
+                    f"botocore's signature {want} of the canonical request:\n{canonical}")
+        return None
 
     lock = threading.Lock()
     state = {"matched": 0, "failed": 0, "upload_bytes": 0}
@@ -92,21 +131,30 @@ def main():
                             os.kill(os.getpid(), signal.SIGKILL)
             return b"".join(chunks)
 
+        def _error(self, code, err, message):
+            payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{err}</Code>'
+                       f"<Message>{message}</Message></Error>").encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length",
+                             str(len(payload) if self.command != "HEAD" else 0))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(payload)
+
         def _handle(self):
             body = self._read_body()
+            problem = signature_problem(self, body) if args.verify_sigv4 else None
+            if problem:
+                sys.stderr.write(f"s3_fault_proxy: {self.command} {self.path}: {problem}\n")
+                sys.stderr.flush()
+                self._error(403, "SignatureDoesNotMatch", problem.split("\n")[0])
+                return
             if should_fail(self.command, self.path, self.headers.get("Range", "")):
                 code = args.fail_status
                 err = {403: "AccessDenied", 404: "NoSuchKey", 500: "InternalError",
                        503: "SlowDown"}.get(code, "InjectedFault")
-                payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{err}</Code>'
-                           f"<Message>injected by s3_fault_proxy</Message></Error>").encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/xml")
-                self.send_header("Content-Length", str(len(payload) if self.command != "HEAD"
-                                                       else 0))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(payload)
+                self._error(code, err, "injected by s3_fault_proxy")
                 return
             conn = http.client.HTTPConnection("127.0.0.1", args.upstream_port, timeout=120)
             conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)

@@ -52,6 +52,9 @@ struct S3Options {
   size_t part_size = size_t{16} << 20;
   // Reads of more than this are split into ranged GETs of this size, run in parallel.
   size_t read_part_size = size_t{8} << 20;
+  // A read of less than a quarter of this fetches the aligned block around it, and a reader keeps
+  // its last 8 blocks: parsing a record's headers costs one request, not one per header.
+  size_t small_read_block = size_t{256} << 10;
   // Requests in flight at once per store (parts of uploads and of reads together).
   int max_parallel = 16;
   // Bytes fetched by OpenRead with the object's size; an object this small is served from them.

@@ -12,7 +12,8 @@
 //   3. OpenRead GETs the first open_prefetch bytes, which also gives the size and the ETag; a
 //      small object is then served from memory. Larger reads are ranged GETs with If-Match on the
 //      ETag (a replaced object fails instead of mixing versions), split into read_part_size
-//      pieces fetched in parallel straight into the caller's buffer.
+//      pieces fetched in parallel straight into the caller's buffer. Small reads (record headers)
+//      fetch the aligned small_read_block around them into a little per-reader cache.
 //   4. Every request is retried on transport errors, 5xx, 429 and RequestTimeout, with
 //      exponential backoff and jitter; when retries run out the error is Unavailable.
 #include "dcpp/s3_store.h"
@@ -448,6 +449,9 @@ class Client {
     curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, static_cast<long>(options_.connect_timeout_ms));
     curl_easy_setopt(h, CURLOPT_LOW_SPEED_LIMIT, 1L);
     curl_easy_setopt(h, CURLOPT_LOW_SPEED_TIME, static_cast<long>(options_.stall_timeout_s));
+    // No wait for "100 Continue" before a body. (Removing the Expect header with "Expect:" would
+    // not do: libcurl 7.88 signs the removed header, and S3 then refuses the signature.)
+    curl_easy_setopt(h, CURLOPT_EXPECT_100_TIMEOUT_MS, 0L);
     if (!options_.access_key_id.empty()) {
       curl_easy_setopt(h, CURLOPT_AWS_SIGV4, sigv4_.c_str());
       curl_easy_setopt(h, CURLOPT_USERNAME, options_.access_key_id.c_str());
@@ -456,7 +460,6 @@ class Client {
     curl_slist* headers = nullptr;
     // S3 wants the payload hash header; the payload itself is not hashed (TLS protects it).
     headers = curl_slist_append(headers, "x-amz-content-sha256: UNSIGNED-PAYLOAD");
-    headers = curl_slist_append(headers, "Expect:");  // no 100-continue round trip
     if (!options_.session_token.empty()) {
       headers =
           curl_slist_append(headers, ("x-amz-security-token: " + options_.session_token).c_str());
@@ -562,7 +565,12 @@ class S3Reader final : public ReadableFile {
   }
 
  private:
+  struct Block {
+    uint64_t offset = 0;
+    std::string data;
+  };
   Status ReadRange(uint64_t offset, char* dst, size_t n) const;
+  Result<std::shared_ptr<const Block>> GetBlock(uint64_t offset, size_t length) const;
 
   S3Store& store_;
   const std::string key_;
@@ -570,6 +578,8 @@ class S3Reader final : public ReadableFile {
   const uint64_t size_;
   const std::string etag_;
   const std::string head_;  // the first bytes (the whole object when small)
+  mutable std::mutex cache_mu_;
+  mutable std::deque<std::shared_ptr<const Block>> cache_;  // most recently fetched last
 };
 
 class S3Store final : public Store {
@@ -988,6 +998,13 @@ Status S3Reader::ReadAt(uint64_t offset, void* dst, size_t n) const {
     n -= k;
   }
   if (n == 0) return Status::Ok();
+  const size_t block = store_.options().small_read_block;
+  if (block > 0 && n <= block / 4 && offset / block == (offset + n - 1) / block) {
+    const uint64_t start = offset / block * block;
+    DCPP_ASSIGN_OR_RETURN(auto b, GetBlock(start, std::min<uint64_t>(block, size_ - start)));
+    std::memcpy(out, b->data.data() + (offset - start), n);
+    return Status::Ok();
+  }
   const size_t piece = std::max<size_t>(store_.options().read_part_size, 1);
   if (n <= piece) return ReadRange(offset, out, n);
   std::vector<std::future<Status>> parts;
@@ -997,6 +1014,25 @@ Status S3Reader::ReadAt(uint64_t offset, void* dst, size_t n) const {
         [this, offset, out, done, k] { return ReadRange(offset + done, out + done, k); }));
   }
   return WaitAll(parts);
+}
+
+Result<std::shared_ptr<const S3Reader::Block>> S3Reader::GetBlock(uint64_t offset,
+                                                                  size_t length) const {
+  {
+    std::lock_guard<std::mutex> lock(cache_mu_);
+    for (const auto& b : cache_) {
+      if (b->offset == offset) return b;
+    }
+  }
+  // Fetched unlocked: two threads may fetch one block at once, which is harmless.
+  auto b = std::make_shared<Block>();
+  b->offset = offset;
+  b->data.resize(length);
+  DCPP_RETURN_IF_ERROR(ReadRange(offset, b->data.data(), length));
+  std::lock_guard<std::mutex> lock(cache_mu_);
+  cache_.push_back(b);
+  if (cache_.size() > 8) cache_.pop_front();
+  return std::shared_ptr<const Block>(std::move(b));
 }
 
 Status S3Reader::ReadRange(uint64_t offset, char* dst, size_t n) const {

@@ -5,6 +5,7 @@
 // endpoint dying) that must leave the last good checkpoint loadable.
 #include <cstdlib>
 #include <cstring>
+#include <iostream>
 #include <mutex>
 #include <random>
 
@@ -261,6 +262,49 @@ TEST(S3StoreTest, ADeadEndpointIsUnavailable) {
   (*proxy)->process().Kill();
   EXPECT_THAT(OpenS3Store("s3://" + UniqueBucket(), o, {.create = true}).status(),
               StatusIs(StatusCode::kUnavailable, HasSubstr("gave up")));
+}
+
+// moto does not check signatures; the proxy recomputes each one with botocore (AWS's own
+// Python implementation), so every kind of request the store sends is signed to the standard.
+TEST(S3StoreTest, EveryRequestCarriesAValidSigV4Signature) {
+  DCPP_REQUIRE_S3();
+  auto proxy = S3FaultProxy::Start(Server().port(), {"--verify-sigv4", "testing:testing"});
+  DCPP_ASSERT_OK(proxy.status());
+  S3Options o = Server().Options();
+  o.endpoint = (*proxy)->endpoint();
+  o.session_token = "session-token/with+odd=chars";
+  o.open_prefetch = 1024;
+  // On failure the proxy's log says why it refused a request.
+  struct ShowLog {
+    S3FaultProxy& proxy;
+    ~ShowLog() {
+      if (::testing::Test::HasFailure()) std::cerr << "proxy log:\n" << proxy.process().LogTail();
+    }
+  } show_log{**proxy};
+  const std::string bucket = UniqueBucket();
+  DCPP_ASSERT_OK_AND_ASSIGN(auto store, OpenS3Store("s3://" + bucket + "/a b/p+q", o,
+                                                    {.create = true}));  // HEAD, PUT bucket
+  // Keys with characters that URI encoding must get right.
+  const std::string odd = "x y+z=1&2%3~4.5_6-7/k!l'(m)*n,o;p:q@r$s\xc3\xbc";
+  DCPP_ASSERT_OK(store->WriteAll(odd, "odd"));  // PUT (and the clash checks: HEAD, LIST)
+  DCPP_ASSERT_OK_AND_ASSIGN(std::string back, store->ReadAll(odd));  // ranged GET
+  EXPECT_EQ(back, "odd");
+  const std::string big = Bytes(11 << 20, 3);
+  DCPP_ASSERT_OK(store->WriteAtomic("big", big));  // multipart: POST, PUT parts, POST complete
+  DCPP_ASSERT_OK_AND_ASSIGN(back, store->ReadAll("big"));  // parallel ranged GETs with If-Match
+  EXPECT_TRUE(back == big);
+  DCPP_ASSERT_OK(store->Rename(odd, "renamed"));        // PUT with x-amz-copy-source, DELETE
+  DCPP_ASSERT_OK_AND_ASSIGN(auto keys, store->List());  // GET ?list-type=2&prefix=...
+  EXPECT_THAT(keys, ::testing::ElementsAre("big", "renamed"));
+  {
+    DCPP_ASSERT_OK_AND_ASSIGN(auto file, store->OpenWrite("aborted"));
+    DCPP_ASSERT_OK(file->Append(big.data(), big.size()));
+  }  // DELETE ?uploadId=
+  DCPP_ASSERT_OK(store->Remove("big"));
+  // The check is real: a wrong secret is refused.
+  o.secret_access_key = "wrong";
+  EXPECT_THAT(OpenS3Store("s3://" + bucket, o).status(),
+              StatusIs(StatusCode::kFailedPrecondition, HasSubstr("HTTP 403")));
 }
 
 // ------------------------------------------------------------------ checkpoints on S3
