@@ -13,7 +13,7 @@
 //   4. Globals pass the allow-list when they are pushed; calls that merely rebuild plain data
 //      (protocol-2 bytes and sets, copyreg.__newobj__) are resolved at REDUCE.
 //   5. STOP must leave exactly one value, no open MARK and no trailing bytes.
-#include "dcpp/pickle.h"
+#include "codec/pickle.h"
 
 #include <algorithm>
 #include <bit>

@@ -20,7 +20,7 @@
 //   2. Build data.pkl's pickle tree as PyTorch does and serialize it with protocol 2.
 //   3. Stream the records: data.pkl, the 2.x markers, data/<key> straight from tensor memory,
 //      version, and the serialization id.
-#include "dcpp/torch_save.h"
+#include "codec/torch_save.h"
 
 #include <algorithm>
 #include <cstdio>
@@ -31,7 +31,6 @@
 
 #include "codec/zip.h"
 #include "dcpp/chunk.h"
-#include "dcpp/file.h"
 
 namespace dcpp {
 namespace {
@@ -1003,27 +1002,6 @@ Result<std::string> EncodeTorchSave(const Value& value, const TorchSaveWriteOpti
   StringSink sink;
   DCPP_RETURN_IF_ERROR(WriteTorchSave(value, sink, options));
   return sink.Release();
-}
-
-Result<Value> LoadTorchFile(const std::string& path) {
-  DCPP_ASSIGN_OR_RETURN(auto source, FileSource::Open(path));
-  DCPP_ASSIGN_OR_RETURN(TorchSaveArchive archive, TorchSaveArchive::Open(*source));
-  return archive.ReadValue();
-}
-
-Status SaveTorchFile(const Value& value, const std::string& path) {
-  return SaveTorchFile(value, path, TorchSaveWriteOptions{});
-}
-
-Status SaveTorchFile(const Value& value, const std::string& path, TorchSaveWriteOptions options) {
-  // As PyTorchStreamWriter: the basename up to its last '.'.
-  std::string base =
-      path.substr(path.find_last_of('/') == std::string::npos ? 0 : path.find_last_of('/') + 1);
-  const size_t dot = base.find_last_of('.');
-  if (dot != std::string::npos) base = base.substr(0, dot);
-  options.archive_name = base.empty() ? "archive" : base;
-  return WriteFileAtomic(path,
-                         [&](ByteSink& sink) { return WriteTorchSave(value, sink, options); });
 }
 
 }  // namespace dcpp

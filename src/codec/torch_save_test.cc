@@ -1,4 +1,4 @@
-#include "dcpp/torch_save.h"
+#include "codec/torch_save.h"
 
 #include <algorithm>
 #include <cstring>
@@ -8,7 +8,6 @@
 #include "codec/testdata_torch113.h"
 #include "codec/zip.h"
 #include "dcpp/chunk.h"
-#include "dcpp/file.h"
 #include "testing/testing.h"
 
 namespace dcpp {
@@ -363,20 +362,6 @@ TEST(TorchSaveTest, EmbeddedArchiveOffsetsAreRelative) {
   EXPECT_EQ(a.records().at("data/0").data_offset % 64, 0u);
   DCPP_ASSERT_OK_AND_ASSIGN(Value back, a.ReadValue());
   EXPECT_TRUE(back == v);
-}
-
-TEST(TorchSaveTest, FilesUseTheBasenameAsArchiveName) {
-  TempDir dir;
-  const std::string path = dir.Join("my.model.pt");
-  const Value v = Dict({{"w", Value::FromTensor(PatternTensor(DType::kFloat32, {4, 4}))}});
-  ASSERT_THAT(SaveTorchFile(v, path), IsOk());
-  DCPP_ASSERT_OK_AND_ASSIGN(Value back, LoadTorchFile(path));
-  EXPECT_TRUE(back == v);
-  DCPP_ASSERT_OK_AND_ASSIGN(auto source, FileSource::Open(path));
-  DCPP_ASSERT_OK_AND_ASSIGN(TorchSaveArchive a, TorchSaveArchive::Open(*source));
-  EXPECT_EQ(a.prefix(), "my.model");
-  EXPECT_THAT(LoadTorchFile(dir.Join("absent.pt")).status(),
-              StatusIs(StatusCode::kNotFound, HasSubstr("absent.pt")));
 }
 
 TEST(TorchSaveTest, UnsupportedValuesAreRejectedByName) {

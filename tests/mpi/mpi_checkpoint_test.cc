@@ -24,6 +24,7 @@
 #include "dcpp/layout.h"
 #include "dcpp/mpi_comm.h"
 #include "dcpp/storage.h"
+#include "testing/fault_store.h"
 #include "testing/testing.h"
 
 namespace dcpp {
