@@ -15,8 +15,8 @@
 //   - a reader fixes the object's ETag at open: a small object is read whole at open, and later
 //     ranged reads of a larger one fail with FailedPrecondition if the object was replaced;
 //   - a file and a "directory" of the same name are refused, as on a file system.
-// Large reads are split into ranged GETs run in parallel; large files are uploaded in parts, in
-// parallel, while the caller keeps appending. 5xx answers, throttling and transport errors are
+// Large reads are split into ranged GETs run in parallel; large files are uploaded in parts, four
+// at a time in parallel (a file buffers at most four parts), both on dcpp's one thread pool. 5xx answers, throttling and transport errors are
 // retried with exponential backoff and end as Unavailable; 403 is FailedPrecondition, 404
 // NotFound, each naming the bucket, key and the server's error code.
 //
@@ -55,7 +55,7 @@ struct S3Options {
   // A read of less than a quarter of this fetches the aligned block around it, and a reader keeps
   // its last 8 blocks: parsing a record's headers costs one request, not one per header.
   size_t small_read_block = size_t{256} << 10;
-  // Requests in flight at once per store (parts of uploads and of reads together).
+  // Ranged GETs in flight at once for one large read.
   int max_parallel = 16;
   // Bytes fetched by OpenRead with the object's size; an object this small is served from them.
   size_t open_prefetch = size_t{256} << 10;

@@ -4,16 +4,18 @@
 //   1. OpenWrite checks that no object is a "parent directory" of the key and that no object
 //      lives under key + "/" (the file system's file/directory rules); the writer then buffers
 //      appends into parts. A file of at most one part is one PUT at Close; a larger one starts a
-//      multipart upload when its first part fills, uploads each full part on the store's pool
-//      while the caller keeps appending (a few parts in flight per file), and completes the upload
-//      at Close. Until then no object exists; a writer destroyed unclosed aborts its upload.
+//      multipart upload and sends its parts in batches of four, in parallel on dcpp's thread pool
+//      (core/thread_pool.h), so a file buffers at most four parts; Close sends the rest and
+//      completes the upload. Until then no object exists; a writer destroyed unclosed aborts its
+//      upload.
 //   2. WriteAtomic is that same upload: S3 makes each object appear whole, so `.metadata` needs
 //      no temporary and no rename.
 //   3. OpenRead GETs the first open_prefetch bytes, which also gives the size and the ETag; a
 //      small object is then served from memory. Larger reads are ranged GETs with If-Match on the
 //      ETag (a replaced object fails instead of mixing versions), split into read_part_size
-//      pieces fetched in parallel straight into the caller's buffer. Small reads (record headers)
-//      fetch the aligned small_read_block around them into a little per-reader cache.
+//      pieces fetched in parallel (the same thread pool) straight into the caller's buffer. Small
+//      reads (record headers) fetch the aligned small_read_block around them into a little
+//      per-reader cache.
 //   4. Every request is retried on transport errors, 5xx, 429 and RequestTimeout, with
 //      exponential backoff and jitter; when retries run out the error is Unavailable.
 #include "dcpp/s3_store.h"
@@ -73,6 +75,8 @@ Result<std::unique_ptr<Store>> OpenS3Store(std::string_view url, const S3Options
 #include <curl/curl.h>
 #include <pugixml.hpp>
 
+#include "core/thread_pool.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -80,7 +84,6 @@ Result<std::unique_ptr<Store>> OpenS3Store(std::string_view url, const S3Options
 #include <cstring>
 #include <deque>
 #include <functional>
-#include <future>
 #include <map>
 #include <mutex>
 #include <random>
@@ -140,72 +143,6 @@ bool ValidBucket(std::string_view b) {
 void InitCurlOnce() {
   static std::once_flag once;
   std::call_once(once, [] { curl_global_init(CURL_GLOBAL_DEFAULT); });
-}
-
-// ------------------------------------------------------------------ thread pool
-
-// Runs the parts of uploads and reads. Tasks never wait on other tasks, so a bounded pool cannot
-// deadlock; callers wait on the futures.
-class TaskPool {
- public:
-  explicit TaskPool(int threads) : size_(std::max(threads, 1)) {}
-  ~TaskPool() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-    }
-    cv_.notify_all();
-    for (auto& t : threads_) t.join();
-  }
-
-  std::future<Status> Submit(std::function<Status()> fn) {
-    std::packaged_task<Status()> task(std::move(fn));
-    std::future<Status> f = task.get_future();
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      queue_.push_back(std::move(task));
-      // Threads start on demand: a store used only for small requests starts none.
-      if (threads_.size() < static_cast<size_t>(size_) && idle_ == 0) {
-        threads_.emplace_back([this] { Work(); });
-      }
-    }
-    cv_.notify_one();
-    return f;
-  }
-
- private:
-  void Work() {
-    std::unique_lock<std::mutex> lock(mu_);
-    while (true) {
-      ++idle_;
-      cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
-      --idle_;
-      if (queue_.empty()) return;  // stopping
-      std::packaged_task<Status()> task = std::move(queue_.front());
-      queue_.pop_front();
-      lock.unlock();
-      task();
-      lock.lock();
-    }
-  }
-
-  const int size_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<std::packaged_task<Status()>> queue_;
-  std::vector<std::thread> threads_;
-  int idle_ = 0;
-  bool stop_ = false;
-};
-
-// Waits for every future (none may be left running) and returns the first error.
-Status WaitAll(std::vector<std::future<Status>>& futures) {
-  Status first;
-  for (auto& f : futures) {
-    Status s = f.get();
-    if (first.ok() && !s.ok()) first = s;
-  }
-  return first;
 }
 
 // ------------------------------------------------------------------ HTTP
@@ -511,6 +448,8 @@ class Client {
 
 class S3Store;
 
+constexpr size_t kPartsPerBatch = 4;
+
 class S3Writer final : public WritableFile {
  public:
   S3Writer(S3Store& store, std::string key, std::string object);
@@ -522,28 +461,20 @@ class S3Writer final : public WritableFile {
   std::string name() const override;
 
  private:
-  struct Part {
-    int number = 0;
-    std::string data;
-    std::string etag;
-    std::future<Status> done;
-  };
-  Status StartPart();
-  Status WaitOldest();
+  Status UploadPending();
   Status Fail(Status s);
   void Abort();
 
   S3Store& store_;
   const std::string key_;
   const std::string object_;
-  std::string buffer_;
+  std::string buffer_;                // the part being filled
+  std::vector<std::string> pending_;  // full parts not yet uploaded
   uint64_t position_ = 0;
   bool closed_ = false;
   Status error_;
   std::string upload_id_;
-  int next_part_ = 1;
-  std::deque<std::unique_ptr<Part>> in_flight_;
-  std::vector<std::pair<int, std::string>> etags_;
+  std::vector<std::string> etags_;  // of parts 1, 2, ...
 };
 
 class S3Reader final : public ReadableFile {
@@ -585,13 +516,9 @@ class S3Reader final : public ReadableFile {
 class S3Store final : public Store {
  public:
   S3Store(const S3Options& options, std::string bucket, std::string prefix)
-      : client_(options, bucket),
-        pool_(options.max_parallel),
-        bucket_(std::move(bucket)),
-        prefix_(std::move(prefix)) {}
+      : client_(options, bucket), bucket_(std::move(bucket)), prefix_(std::move(prefix)) {}
 
   Client& client() { return client_; }
-  TaskPool& pool() { return pool_; }
   const S3Options& options() const { return client_.options(); }
 
   std::string Object(std::string_view key) const {
@@ -824,7 +751,6 @@ class S3Store final : public Store {
 
  private:
   Client client_;
-  TaskPool pool_;
   const std::string bucket_;
   const std::string prefix_;
 };
@@ -852,7 +778,12 @@ Status S3Writer::Append(const void* data, size_t n) {
     p += k;
     n -= k;
     position_ += k;
-    if (buffer_.size() == part) DCPP_RETURN_IF_ERROR(StartPart());
+    if (buffer_.size() == part) {
+      pending_.push_back(std::move(buffer_));
+      buffer_ = std::string();
+      // A batch of parts goes up in parallel; buffered memory stays at most a batch per file.
+      if (pending_.size() == kPartsPerBatch) DCPP_RETURN_IF_ERROR(UploadPending());
+    }
   }
   return Status::Ok();
 }
@@ -868,7 +799,9 @@ Status S3Writer::Fail(Status s) {
   return s;
 }
 
-Status S3Writer::StartPart() {
+// Uploads the pending parts in parallel on the thread pool (the caller's thread takes part),
+// starting the multipart upload first if this is the first batch.
+Status S3Writer::UploadPending() {
   Client& client = store_.client();
   if (upload_id_.empty()) {
     Request req{.method = "POST", .object = object_, .query = Query({{"uploads", ""}})};
@@ -881,52 +814,35 @@ Status S3Writer::StartPart() {
     upload_id_ = doc.child("InitiateMultipartUploadResult").child_value("UploadId");
     if (upload_id_.empty()) return Fail(DataLossError(what + ": no UploadId in the answer"));
   }
-  if (next_part_ > 10000) {
+  const size_t first = etags_.size();
+  if (first + pending_.size() > 10000) {
     return Fail(InvalidArgumentError(name() + ": more than 10000 parts of " +
-                                     std::to_string(buffer_.size()) +
+                                     std::to_string(pending_[0].size()) +
                                      " bytes; raise S3Options::part_size"));
   }
-  auto part = std::make_unique<Part>();
-  part->number = next_part_++;
-  part->data = std::move(buffer_);
-  buffer_ = std::string();
-  Part* p = part.get();
-  const std::string upload_id = upload_id_;
-  const std::string what = "uploading part " + std::to_string(p->number) + " of " + name();
-  p->done = store_.pool().Submit([&client, p, upload_id, what, object = object_]() -> Status {
-    Request req{
-        .method = "PUT",
-        .object = object,
-        .query = Query({{"partNumber", std::to_string(p->number)}, {"uploadId", upload_id}}),
-        .body = p->data};
-    Response resp;
-    DCPP_RETURN_IF_ERROR(client.Perform(req, resp, what));
-    if (resp.code != 200) return client.HttpError(resp, what);
-    p->etag = resp.headers["etag"];
-    if (p->etag.empty()) return DataLossError(what + ": no ETag in the answer");
-    std::string().swap(p->data);  // free the part's memory as soon as it is sent
-    return Status::Ok();
-  });
-  in_flight_.push_back(std::move(part));
-  // A few parts in flight per file keep the link busy while bounding buffered memory.
-  while (in_flight_.size() > 4) DCPP_RETURN_IF_ERROR(WaitOldest());
-  return Status::Ok();
-}
-
-Status S3Writer::WaitOldest() {
-  std::unique_ptr<Part> p = std::move(in_flight_.front());
-  in_flight_.pop_front();
-  Status s = p->done.get();
-  if (!s.ok()) return Fail(s);
-  etags_.emplace_back(p->number, std::move(p->etag));
-  return Status::Ok();
+  etags_.resize(first + pending_.size());
+  const std::vector<Status> statuses =
+      internal::ParallelFor(pending_.size(), pending_.size(), [&](size_t i) -> Status {
+        const int number = static_cast<int>(first + i + 1);
+        const std::string what = "uploading part " + std::to_string(number) + " of " + name();
+        Request req{
+            .method = "PUT",
+            .object = object_,
+            .query = Query({{"partNumber", std::to_string(number)}, {"uploadId", upload_id_}}),
+            .body = pending_[i]};
+        Response resp;
+        DCPP_RETURN_IF_ERROR(client.Perform(req, resp, what));
+        if (resp.code != 200) return client.HttpError(resp, what);
+        etags_[first + i] = resp.headers["etag"];
+        if (etags_[first + i].empty()) return DataLossError(what + ": no ETag in the answer");
+        return Status::Ok();
+      });
+  pending_.clear();
+  Status s = internal::FirstError(statuses);
+  return s.ok() ? s : Fail(s);
 }
 
 void S3Writer::Abort() {
-  for (auto& p : in_flight_) {
-    if (p->done.valid()) (void)p->done.get();
-  }
-  in_flight_.clear();
   if (upload_id_.empty()) return;
   Request req{.method = "DELETE", .object = object_, .query = Query({{"uploadId", upload_id_}})};
   Response resp;
@@ -939,7 +855,7 @@ Status S3Writer::Close() {
   closed_ = true;
   if (!error_.ok()) return error_;
   Client& client = store_.client();
-  if (upload_id_.empty()) {
+  if (upload_id_.empty() && pending_.empty()) {
     Request req{.method = "PUT", .object = object_, .body = buffer_};
     Response resp;
     const std::string what = "PUT " + name();
@@ -948,14 +864,14 @@ Status S3Writer::Close() {
     std::string().swap(buffer_);
     return Status::Ok();
   }
-  if (!buffer_.empty()) DCPP_RETURN_IF_ERROR(StartPart());
-  while (!in_flight_.empty()) DCPP_RETURN_IF_ERROR(WaitOldest());
+  if (!buffer_.empty()) pending_.push_back(std::move(buffer_));
+  if (!pending_.empty()) DCPP_RETURN_IF_ERROR(UploadPending());
   pugi::xml_document doc;
   pugi::xml_node root = doc.append_child("CompleteMultipartUpload");
-  for (const auto& [number, etag] : etags_) {
+  for (size_t i = 0; i < etags_.size(); ++i) {
     pugi::xml_node part = root.append_child("Part");
-    part.append_child("PartNumber").text().set(number);
-    part.append_child("ETag").text().set(etag.c_str());
+    part.append_child("PartNumber").text().set(static_cast<int>(i + 1));
+    part.append_child("ETag").text().set(etags_[i].c_str());
   }
   std::ostringstream xml;
   doc.save(xml, "", pugi::format_raw);
@@ -1007,13 +923,12 @@ Status S3Reader::ReadAt(uint64_t offset, void* dst, size_t n) const {
   }
   const size_t piece = std::max<size_t>(store_.options().read_part_size, 1);
   if (n <= piece) return ReadRange(offset, out, n);
-  std::vector<std::future<Status>> parts;
-  for (size_t done = 0; done < n; done += piece) {
-    const size_t k = std::min(piece, n - done);
-    parts.push_back(store_.pool().Submit(
-        [this, offset, out, done, k] { return ReadRange(offset + done, out + done, k); }));
-  }
-  return WaitAll(parts);
+  const size_t pieces = (n + piece - 1) / piece;
+  return internal::FirstError(internal::ParallelFor(
+      pieces, static_cast<size_t>(std::max(store_.options().max_parallel, 1)), [&](size_t i) {
+        const size_t done = i * piece;
+        return ReadRange(offset + done, out + done, std::min(piece, n - done));
+      }));
 }
 
 Result<std::shared_ptr<const S3Reader::Block>> S3Reader::GetBlock(uint64_t offset,
