@@ -1783,6 +1783,7 @@ PickleAllowList PickleAllowList::TorchSave() {
   AddAll(list, "torch._utils",
          {"_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
           "_rebuild_parameter_with_state"});
+  list.Add("torch.storage", "UntypedStorage");  // as PyTorch pickles it
   AddAll(list, "torch", {"UntypedStorage",
                          "DoubleStorage",
                          "FloatStorage",

@@ -155,7 +155,11 @@ Result<TorchSaveTensorRef> TreeReader::ParseRebuild(const PickleValue& v, bool v
   if (!(pid[0]->is(Kind::kStr) || pid[0]->is(Kind::kBytes)) || pid[0]->as_str() != "storage") {
     return DataLoss(fn + ": persistent id of unknown kind " + pid[0]->DebugString(1));
   }
-  if (!pid[1]->is(Kind::kGlobal) || pid[1]->global().module != "torch") {
+  // PyTorch pickles the untyped storage class by its module: torch.storage.UntypedStorage.
+  const bool torch_storage_module = pid[1]->is(Kind::kGlobal) &&
+                                    pid[1]->global().module == "torch.storage" &&
+                                    pid[1]->global().name == "UntypedStorage";
+  if (!pid[1]->is(Kind::kGlobal) || (pid[1]->global().module != "torch" && !torch_storage_module)) {
     return DataLoss(fn + ": storage type " + pid[1]->DebugString(1) + " is not a torch storage");
   }
   const std::string& storage_class = pid[1]->global().name;
@@ -834,7 +838,10 @@ class PickleBuilder {
     const bool v3 = storage_class.empty();
     PickleRef pid = PickleValue::PersistentId(PickleValue::Tuple({
         storage_str_,
-        PickleValue::MakeGlobal("torch", v3 ? "UntypedStorage" : std::string(storage_class)),
+        // As PyTorch pickles it (the class's own module); torch.load(weights_only=True) allows
+        // only that name for the untyped storage.
+        v3 ? PickleValue::MakeGlobal("torch.storage", "UntypedStorage")
+           : PickleValue::MakeGlobal("torch", std::string(storage_class)),
         KeyNode(p.group),
         cpu_str_,
         PickleValue::Int(static_cast<int64_t>(v3 ? g.nbytes : g.nbytes / ElementSize(g.dtype))),

@@ -359,6 +359,27 @@ FileSystemReader::FileSystemReader(Store* store, std::string checkpoint_id,
 FileSystemReader::~FileSystemReader() = default;
 
 Result<Metadata> FileSystemReader::ReadMetadata(int rank) {
+  auto md = ReadMetadataFile(rank);
+  if (rank >= 0 || md.ok() || md.status().code() != StatusCode::kNotFound) return md;
+  // Saved without collectives: no global file, one `__{r}.metadata` per saving rank (numbered
+  // densely from 0). Their union is the checkpoint, whatever world size loads it.
+  std::vector<Metadata> per_rank;
+  for (int r = 0;; ++r) {
+    auto own = ReadMetadataFile(r);
+    if (!own.ok() && own.status().code() == StatusCode::kNotFound) break;
+    if (!own.ok()) return own.status();
+    per_rank.push_back(std::move(*own));
+  }
+  if (per_rank.empty()) return md;
+  auto merged = MergeRankLocalMetadata(per_rank);
+  if (!merged.ok()) {
+    return merged.status().WithContext("merging the rank-local metadata of \"" + checkpoint_id_ +
+                                       "\"");
+  }
+  return merged;
+}
+
+Result<Metadata> FileSystemReader::ReadMetadataFile(int rank) {
   const std::string name = rank < 0 ? kMetadataFileName : RankMetadataName(rank);
   const std::string where = "\"" + checkpoint_id_ + "/" + name + "\"";
   auto file = store_->OpenRead(name);

@@ -3,7 +3,6 @@
 // key path, dtype, shape, layout, size and storage record, plain values inline, and totals.
 // The JSON schema is in docs/cli.md.
 #include <cmath>
-#include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <set>
