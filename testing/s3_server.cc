@@ -194,6 +194,18 @@ Result<std::unique_ptr<S3FaultProxy>> S3FaultProxy::Start(int upstream_port,
   return proxy;
 }
 
+S3TestServer& SharedS3TestServer() {
+  static std::unique_ptr<S3TestServer> server = [] {
+    auto s = S3TestServer::Start();
+    if (!s.ok()) {
+      ADD_FAILURE() << s.status();
+      std::abort();
+    }
+    return *std::move(s);
+  }();
+  return *server;
+}
+
 std::string UniqueBucket() {
   static std::atomic<int> n{0};
   return "dcpp-test-" + std::to_string(::getpid()) + "-" + std::to_string(n++);

@@ -72,6 +72,10 @@ class S3FaultProxy {
   std::unique_ptr<ChildProcess> process_;
 };
 
+// One moto server for the whole test process, started on first use (a test fails and the
+// process aborts if it cannot start) and killed at exit.
+S3TestServer& SharedS3TestServer();
+
 // A bucket name unique within this process: "dcpp-test-<pid>-<n>".
 std::string UniqueBucket();
 

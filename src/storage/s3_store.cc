@@ -744,9 +744,18 @@ class S3Store final : public Store {
 
   // One upload: S3 makes the object appear whole, so no temporary and no rename are needed.
   Status WriteAtomic(std::string_view key, std::string_view bytes) override {
+    return WriteAtomic(key,
+                       [bytes](ByteSink& sink) { return sink.Write(bytes.data(), bytes.size()); });
+  }
+  Status WriteAtomic(std::string_view key, const std::function<Status(ByteSink&)>& fill) override {
     DCPP_RETURN_IF_ERROR(ValidateKey(key));
-    return WriteAll(key, bytes, /*sync=*/false)
-        .WithContext("writing " + Describe(key) + " atomically");
+    const std::string what = "writing " + Describe(key) + " atomically";
+    auto opened = OpenWrite(key);
+    if (!opened.ok()) return opened.status().WithContext(what);
+    std::unique_ptr<WritableFile> file = *std::move(opened);
+    Status s = fill(*file);
+    if (s.ok()) s = file->Close();  // the object appears here, whole; a failed fill aborts it
+    return s.WithContext(what);
   }
 
  private:

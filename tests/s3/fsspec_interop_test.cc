@@ -1,6 +1,9 @@
 // DCP checkpoints on S3 exchanged with PyTorch 2.x's fsspec path (FsspecWriter/FsspecReader over
 // s3fs, tests/s3/fsspec_peer.py), both ways, on one moto server the test starts; dcpp reshards.
+// The CLI takes s3:// URLs: inspect, convert to a torch.save object that torch.load reads back
+// through s3fs, convert back, diff.
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <mutex>
 
@@ -10,6 +13,8 @@
 #include "testing/s3_server.h"
 #include "testing/testing.h"
 
+using ::testing::HasSubstr;
+
 namespace dcpp {
 namespace {
 
@@ -17,17 +22,7 @@ using ::dcpp::testing::S3TestServer;
 using ::dcpp::testing::SourceDir;
 using ::dcpp::testing::UniqueBucket;
 
-S3TestServer& Server() {
-  static std::unique_ptr<S3TestServer> server = [] {
-    auto s = S3TestServer::Start();
-    if (!s.ok()) {
-      ADD_FAILURE() << s.status();
-      std::abort();
-    }
-    return *std::move(s);
-  }();
-  return *server;
-}
+S3TestServer& Server() { return ::dcpp::testing::SharedS3TestServer(); }
 
 int RunPeer(const std::string& cmd, const std::string& url) {
   const std::string line = "timeout 240 " + ::dcpp::testing::Torch2PythonPath() + " " +
@@ -133,6 +128,54 @@ TEST(FsspecInteropTest, DcppSavesWithThreeRanksPyTorchFsspecReaderLoads) {
   });
   for (const Status& s : statuses) DCPP_ASSERT_OK(s);
   EXPECT_EQ(RunPeer("load", url), 0);
+}
+
+// Runs a shell command (bounded by `timeout`), returning its exit code and output.
+int Shell(const std::string& cmd, std::string* out) {
+  FILE* p = ::popen(("timeout 240 " + cmd + " 2>&1").c_str(), "r");
+  if (p == nullptr) return -1;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out->append(buf, n);
+  int rc = ::pclose(p);
+  return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+}
+
+TEST(S3CliTest, InspectConvertAndDiffTakeS3Urls) {
+  if (!S3StoreAvailable()) GTEST_SKIP() << "built without the S3 store";
+  UseServer();
+  // The CLI finds the server the way a user's would: through the environment.
+  ::setenv("AWS_ENDPOINT_URL_S3", Server().endpoint().c_str(), 1);
+  ::setenv("AWS_ACCESS_KEY_ID", "testing", 1);
+  ::setenv("AWS_SECRET_ACCESS_KEY", "testing", 1);
+  const std::string bucket = UniqueBucket();
+  const std::string ck = "s3://" + bucket + "/ck", pt = "s3://" + bucket + "/out/model.pt",
+                    back = "s3://" + bucket + "/back";
+  Expected e;
+  std::vector<Status> statuses(2);
+  RunOnThreads(2, [&](Communicator& comm) {
+    SaveOptions so;
+    so.comm = &comm;
+    statuses[comm.rank()] = Save(State(e, comm.rank(), 2, true), ck, so).status();
+  });
+  for (const Status& s : statuses) DCPP_ASSERT_OK(s);
+  const std::string cli = ::dcpp::testing::CliPath();
+  std::string out;
+  ASSERT_EQ(Shell(cli + " inspect " + ck, &out), 0) << out;
+  EXPECT_THAT(out, HasSubstr("half"));
+  out.clear();
+  ASSERT_EQ(Shell(cli + " convert " + ck + " " + pt + " --to torch", &out), 0) << out;
+  EXPECT_EQ(RunPeer("torchload", pt), 0);
+  out.clear();
+  ASSERT_EQ(Shell(cli + " inspect " + pt, &out), 0) << out;
+  EXPECT_THAT(out, HasSubstr("ids"));
+  out.clear();
+  ASSERT_EQ(Shell(cli + " convert " + pt + " " + back + " --to dcp", &out), 0) << out;
+  out.clear();
+  EXPECT_EQ(Shell(cli + " diff " + ck + " " + back, &out), 0) << out;
+  out.clear();
+  EXPECT_EQ(Shell(cli + " inspect s3://" + bucket + "/missing", &out), 1) << out;
+  EXPECT_THAT(out, HasSubstr("missing"));
 }
 
 }  // namespace

@@ -2,6 +2,8 @@
 
     fsspec_peer.py save ENDPOINT URL     dcp.save of the state below to URL (s3://bucket/prefix)
     fsspec_peer.py load ENDPOINT URL     dcp.load of URL into zeros; checks every value
+    fsspec_peer.py torchload ENDPOINT URL   torch.load of the torch.save file at URL (s3fs);
+                                         checks every value
 
 ENDPOINT is the S3 server (http://127.0.0.1:PORT). The state dict: "w" float32[64, 48],
 "ids" int64[30, 7], "bias" float64[48], "half" float16[16, 8] and "step" the int 1234; element
@@ -35,8 +37,17 @@ def main():
         dcp.save(expected(), storage_writer=FsspecWriter(url, **storage_options(endpoint)))
         return 0
     want = expected()
+    if cmd == "torchload":
+        import s3fs
+        with s3fs.S3FileSystem(**storage_options(endpoint)).open(url, "rb") as f:
+            sd = torch.load(f, weights_only=True)
+        return check(sd, want)
     sd = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in want.items()}
     dcp.load(sd, storage_reader=FsspecReader(url, **storage_options(endpoint)))
+    return check(sd, want)
+
+
+def check(sd, want):
     bad = 0
     for k, v in want.items():
         same = torch.equal(sd[k], v) if isinstance(v, torch.Tensor) else sd[k] == v

@@ -32,18 +32,7 @@ using ::testing::HasSubstr;
     if (!S3StoreAvailable()) GTEST_SKIP() << "built without the S3 store"; \
   } while (0)
 
-// One moto server per test process, started on first use, killed at exit.
-S3TestServer& Server() {
-  static std::unique_ptr<S3TestServer> server = [] {
-    auto s = S3TestServer::Start();
-    if (!s.ok()) {
-      ADD_FAILURE() << s.status();
-      std::abort();
-    }
-    return *std::move(s);
-  }();
-  return *server;
-}
+S3TestServer& Server() { return ::dcpp::testing::SharedS3TestServer(); }
 
 std::shared_ptr<Store> OpenOrDie(const std::string& url, const S3Options& options) {
   auto store = OpenS3Store(url, options, {.create = true});
