@@ -10,6 +10,9 @@ rule fires:
       a matching request whose (method, path, Range) hashes to 0 mod N fails the first time it is
       seen and passes when retried: faults that retries always overcome, whatever the
       interleaving of concurrent requests.
+  --hang-once-substring S
+      the first request whose path+query contains S gets no answer at all (the proxy holds the
+      connection open and silent): a stalled server, which the client must time out and retry.
   --die-after-upload-bytes B
       once more than B request-body bytes have been received in total, the proxy SIGKILLs itself
       in the middle of that request: a server that dies mid-save.
@@ -26,6 +29,7 @@ import re
 import signal
 import sys
 import threading
+import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -45,6 +49,7 @@ def main():
     ap.add_argument("--fail-once-every", type=int, default=0)
     ap.add_argument("--die-after-upload-bytes", type=int, default=-1)
     ap.add_argument("--verify-sigv4", default="")
+    ap.add_argument("--hang-once-substring", default="")
     args = ap.parse_args()
 
     def signature_problem(handler, body):
@@ -83,6 +88,7 @@ def main():
     lock = threading.Lock()
     state = {"matched": 0, "failed": 0, "upload_bytes": 0}
     seen = set()
+    hung = []
 
     def should_fail(method, path, range_header):
         if not args.fail_status:
@@ -150,6 +156,15 @@ def main():
                 sys.stderr.flush()
                 self._error(403, "SignatureDoesNotMatch", problem.split("\n")[0])
                 return
+            if args.hang_once_substring and args.hang_once_substring in self.path:
+                with lock:
+                    first = not hung
+                    hung.append(self.path)
+                if first:
+                    sys.stderr.write(f"s3_fault_proxy: holding {self.command} {self.path}\n")
+                    sys.stderr.flush()
+                    time.sleep(3600)  # never answer; the process is killed after the test
+                    return
             if should_fail(self.command, self.path, self.headers.get("Range", "")):
                 code = args.fail_status
                 err = {403: "AccessDenied", 404: "NoSuchKey", 500: "InternalError",

@@ -242,6 +242,24 @@ TEST(S3StoreTest, PersistentServerErrorsBecomeUnavailableAfterRetries) {
               StatusIs(StatusCode::kUnavailable, HasSubstr("gave up after 4 attempts")));
 }
 
+TEST(S3StoreTest, AStalledRequestTimesOutAndIsRetried) {
+  DCPP_REQUIRE_S3();
+  const std::string bucket = UniqueBucket();
+  auto direct = OpenOrDie("s3://" + bucket, Server().Options());
+  ASSERT_NE(direct, nullptr);
+  DCPP_ASSERT_OK(direct->WriteAll("slow", "eventually"));
+  // The first request for "slow" through the proxy never gets an answer.
+  auto proxy = S3FaultProxy::Start(Server().port(), {"--hang-once-substring", "slow"});
+  DCPP_ASSERT_OK(proxy.status());
+  S3Options o = Server().Options();
+  o.endpoint = (*proxy)->endpoint();
+  o.stall_timeout_s = 1;
+  DCPP_ASSERT_OK_AND_ASSIGN(auto store, OpenS3Store("s3://" + bucket, o));
+  DCPP_ASSERT_OK_AND_ASSIGN(std::string back, store->ReadAll("slow"));
+  EXPECT_EQ(back, "eventually");
+  EXPECT_THAT((*proxy)->process().LogTail(), HasSubstr("holding GET"));
+}
+
 TEST(S3StoreTest, ADeadEndpointIsUnavailable) {
   DCPP_REQUIRE_S3();
   auto proxy = S3FaultProxy::Start(Server().port(), {});
