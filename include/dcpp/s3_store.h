@@ -16,9 +16,10 @@
 //     ranged reads of a larger one fail with FailedPrecondition if the object was replaced;
 //   - a file and a "directory" of the same name are refused, as on a file system.
 // Large reads are split into ranged GETs run in parallel; large files are uploaded in parts, four
-// at a time in parallel (a file buffers at most four parts), both on dcpp's one thread pool. 5xx answers, throttling and transport errors are
-// retried with exponential backoff and end as Unavailable; 403 is FailedPrecondition, 404
-// NotFound, each naming the bucket, key and the server's error code.
+// at a time in parallel (a file buffers at most four parts), both on dcpp's one thread pool. 5xx
+// answers, throttling and transport errors are retried with exponential backoff and end as
+// Unavailable; 403 is FailedPrecondition, 404 NotFound, each naming the bucket, key and the
+// server's error code.
 //
 // Without libcurl at build time OpenS3Store returns Unimplemented.
 //
