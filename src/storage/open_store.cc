@@ -9,6 +9,10 @@
 
 #include "dcpp/storage.h"
 
+#ifdef DCPP_HAVE_S3
+#include "dcpp/s3_store.h"
+#endif
+
 namespace dcpp {
 namespace {
 
@@ -18,7 +22,18 @@ struct Registry {
 };
 
 Registry& GetRegistry() {
-  static Registry* registry = new Registry;  // never destroyed: usable during static teardown
+  // Never destroyed: usable during static teardown. Built-in schemes are registered here because
+  // a static library does not run its objects' static registrars.
+  static Registry* registry = [] {
+    auto* r = new Registry;
+#ifdef DCPP_HAVE_S3
+    // The environment is read at each open, so credentials set after start-up apply.
+    r->factories["s3"] = [](std::string_view url, const StoreOpenOptions& options) {
+      return OpenS3Store(url, S3OptionsFromEnv(), options);
+    };
+#endif
+    return r;
+  }();
   return *registry;
 }
 

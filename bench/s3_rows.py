@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""Save/load GB/s on a local S3 server: dcpp's S3 store vs PyTorch DCP's fsspec path (s3fs).
+
+    $(scripts/venv-path)/bin/python bench/s3_rows.py BUILD_DIR [MB]
+
+BUILD_DIR was configured with -DDCPP_BUILD_BENCHMARKS=ON (it holds bench/dcpp_s3_bench). Every
+case gets a fresh moto server on loopback (moto keeps objects in memory), started here and
+stopped after. The state: 8 float32 tensors [rows, 4096], MB MiB in all (default 256).
+
+Prints one JSON row per case: {"case", "figures", "target", "pass"}. dcpp's rows pass when they
+reach the best PyTorch fsspec figure of the same run; "raw" rows are the S3 store alone moving the
+same bytes as parallel whole objects (what the server takes through this client), and the
+"server" row is moto's own ingest/egress measured with a plain HTTP client (the bound).
+"""
+import contextlib
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+VENV_BIN = os.path.dirname(sys.executable)
+KEY = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+       "AWS_REGION": "us-east-1"}
+
+
+FAKE_AUTH = ("AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request, "
+             "SignedHeaders=host, Signature=0")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def moto():
+    port = free_port()
+    proc = subprocess.Popen([os.path.join(VENV_BIN, "moto_server"), "-H", "127.0.0.1", "-p",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def dcpp_case(build, mb, ranks, threads):
+    with moto() as endpoint:
+        env = dict(os.environ, AWS_ENDPOINT_URL_S3=endpoint, **KEY)
+        out = subprocess.run([os.path.join(build, "bench", "dcpp_s3_bench"), "s3://bench/ck",
+                              str(mb), str(ranks), str(threads)], env=env, check=True,
+                             capture_output=True, text=True, timeout=600).stdout
+        return json.loads(out)
+
+
+def torch_case(mb, threads):
+    import s3fs
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+
+    rows = (mb << 20) // (8 * 4096 * 4)
+    sd = {f"t{i}": (torch.arange(rows * 4096, dtype=torch.float32).reshape(rows, 4096) + i) % 1000
+          for i in range(8)}
+    nbytes = sum(t.numel() * 4 for t in sd.values())
+    with moto() as endpoint:
+        opts = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+        s3fs.S3FileSystem(**opts).mkdir("bench")
+        t0 = time.perf_counter()
+        dcp.save(sd, storage_writer=FsspecWriter("s3://bench/ck", thread_count=threads, **opts))
+        save_s = time.perf_counter() - t0
+        dst = {k: torch.zeros_like(v) for k, v in sd.items()}
+        t0 = time.perf_counter()
+        dcp.load(dst, storage_reader=FsspecReader("s3://bench/ck", **opts))
+        load_s = time.perf_counter() - t0
+        assert all(torch.equal(sd[k], dst[k]) for k in sd)
+    return {"bytes": nbytes, "save_s": save_s, "load_s": load_s}
+
+
+def server_bound(mb, streams):
+    """moto's own rate: `streams` plain HTTP PUTs then GETs of mb/streams MiB each, unsigned."""
+    blob = b"x" * ((mb << 20) // streams)
+    with moto() as endpoint:
+        port = int(endpoint.rsplit(":", 1)[1])
+
+        def req(method, path, body=None):
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+            # moto refuses anonymous GETs but does not check signatures.
+            c.request(method, path, body=body, headers={"Authorization": FAKE_AUTH})
+            resp = c.getresponse()
+            data = resp.read()
+            c.close()
+            assert resp.status == 200, (method, path, resp.status)
+            return data
+
+        req("PUT", "/raw")
+
+        def run(fn):
+            ts = [threading.Thread(target=fn, args=(i,)) for i in range(streams)]
+            t0 = time.perf_counter()
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            return time.perf_counter() - t0
+
+        put_s = run(lambda i: req("PUT", f"/raw/o{i}", blob))
+        got = [0] * streams
+
+        def get(i):
+            got[i] = len(req("GET", f"/raw/o{i}"))
+
+        get_s = run(get)
+        assert sum(got) == len(blob) * streams
+    return {"bytes": len(blob) * streams, "put_s": put_s, "get_s": get_s}
+
+
+def gbs(nbytes, s):
+    return round(nbytes / s / 1e9, 3)
+
+
+def main():
+    build = sys.argv[1]
+    mb = int(sys.argv[2]) if len(sys.argv) > 2 else 256
+    rows = []
+    torch_best = {"save": 0.0, "load": 0.0}
+    for threads in (1, 4):
+        r = torch_case(mb, threads)
+        figs = {"save_GBps": gbs(r["bytes"], r["save_s"]), "load_GBps": gbs(r["bytes"], r["load_s"]),
+                "MiB": r["bytes"] >> 20}
+        torch_best["save"] = max(torch_best["save"], figs["save_GBps"])
+        torch_best["load"] = max(torch_best["load"], figs["load_GBps"])
+        rows.append({"case": f"s3/pytorch_fsspec/threads={threads}", "figures": figs,
+                     "target": "reference (PyTorch 2.13 FsspecWriter/FsspecReader, s3fs)",
+                     "pass": True})
+    for ranks, threads in ((1, 1), (1, 4), (4, 1), (4, 2)):
+        r = dcpp_case(build, mb, ranks, threads)
+        figs = {"save_GBps": gbs(r["bytes"], r["save_s"]), "load_GBps": gbs(r["bytes"], r["load_s"]),
+                "MiB": r["bytes"] >> 20}
+        rows.append({"case": f"s3/dcpp/ranks={ranks}/threads={threads}", "figures": figs,
+                     "target": f">= best PyTorch fsspec of this run (save {torch_best['save']}, "
+                               f"load {torch_best['load']} GB/s)",
+                     "pass": figs["save_GBps"] >= torch_best["save"] and
+                             figs["load_GBps"] >= torch_best["load"]})
+        rows.append({"case": f"s3/dcpp_store_raw/objects={ranks * threads}",
+                     "figures": {"put_GBps": gbs(r["bytes"], r["raw_put_s"]),
+                                 "get_GBps": gbs(r["bytes"], r["raw_get_s"])},
+                     "target": "the S3 store alone, same bytes as parallel whole objects",
+                     "pass": True})
+    for streams in (1, 4):
+        r = server_bound(mb, streams)
+        rows.append({"case": f"s3/server_bound/moto/streams={streams}",
+                     "figures": {"put_GBps": gbs(r["bytes"], r["put_s"]),
+                                 "get_GBps": gbs(r["bytes"], r["get_s"])},
+                     "target": "moto's own rate with a plain HTTP client (the bound)",
+                     "pass": True})
+    for row in rows:
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
