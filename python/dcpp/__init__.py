@@ -136,7 +136,12 @@ class Checkpoint:
     @property
     def bytes_read(self) -> int:
         """Bytes read from the checkpoint's files since open (or reset_bytes_read())."""
-        return self._c.bytes_read
+        return sum(self._c.bytes_read.values())
+
+    @property
+    def bytes_read_by_file(self) -> dict:
+        """{file name: bytes read} since open (or reset_bytes_read()); `.metadata` included."""
+        return dict(self._c.bytes_read)
 
     def reset_bytes_read(self) -> None:
         self._c.reset_bytes_read()

@@ -22,7 +22,7 @@ import dataclasses
 import io
 import os
 import pickle
-from concurrent.futures import Future
+from torch.futures import Future
 from typing import Any, Optional
 
 import torch

@@ -17,6 +17,7 @@
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/map.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
@@ -175,13 +176,18 @@ Result<Tensor> TensorFromObject(nb::handle obj) {
 
 // ---- Value <-> Python ----
 
+std::string BytesToString(nb::handle obj) {
+  auto b = nb::borrow<nb::bytes>(obj);
+  return std::string(b.c_str(), b.size());
+}
+
 Result<Value> ToValue(nb::handle obj, const std::string& where) {
   if (obj.is_none()) return Value::None();
   if (PyBool_Check(obj.ptr())) return Value::Bool(obj.ptr() == Py_True);
   if (PyLong_Check(obj.ptr())) return Value::Int(nb::cast<int64_t>(obj));
   if (PyFloat_Check(obj.ptr())) return Value::Float(nb::cast<double>(obj));
   if (PyUnicode_Check(obj.ptr())) return Value::Str(nb::cast<std::string>(obj));
-  if (PyBytes_Check(obj.ptr())) return Value::Bytes(nb::cast<std::string>(obj));
+  if (PyBytes_Check(obj.ptr())) return Value::Bytes(BytesToString(obj));
   if (PyDict_Check(obj.ptr())) {
     Value::Dict items;
     for (auto [k, v] : nb::borrow<nb::dict>(obj)) {
@@ -249,6 +255,8 @@ nb::object FromValue(const Value& v) {
 
 // ---- a store that counts the bytes read through it (slice reads are tested by this count) ----
 
+class CountingStore;
+
 class CountingFile final : public ReadableFile {
  public:
   CountingFile(std::unique_ptr<ReadableFile> base, std::atomic<int64_t>* count)
@@ -262,7 +270,7 @@ class CountingFile final : public ReadableFile {
 
  private:
   std::unique_ptr<ReadableFile> base_;
-  std::atomic<int64_t>* count_;
+  std::atomic<int64_t>* count_;  // the store's counter of this key
 };
 
 class CountingStore final : public Store {
@@ -273,7 +281,10 @@ class CountingStore final : public Store {
   }
   Result<std::unique_ptr<ReadableFile>> OpenRead(std::string_view key) override {
     DCPP_ASSIGN_OR_RETURN(auto f, base_->OpenRead(key));
-    return std::unique_ptr<ReadableFile>(new CountingFile(std::move(f), &bytes_read_));
+    std::lock_guard<std::mutex> lock(mu_);
+    auto& count = counts_[std::string(key)];
+    if (!count) count = std::make_unique<std::atomic<int64_t>>(0);
+    return std::unique_ptr<ReadableFile>(new CountingFile(std::move(f), count.get()));
   }
   Result<bool> Exists(std::string_view key) override { return base_->Exists(key); }
   Result<uint64_t> Size(std::string_view key) override { return base_->Size(key); }
@@ -289,12 +300,24 @@ class CountingStore final : public Store {
     return base_->WriteAtomic(key, bytes);
   }
 
-  int64_t bytes_read() const { return bytes_read_.load(); }
-  void reset() { bytes_read_ = 0; }
+  // Bytes read per key since the last reset (keys never read are absent or 0).
+  std::map<std::string, int64_t> bytes_read() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::map<std::string, int64_t> out;
+    for (const auto& [k, v] : counts_) {
+      if (v->load() != 0) out[k] = v->load();
+    }
+    return out;
+  }
+  void reset() {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& [k, v] : counts_) *v = 0;
+  }
 
  private:
   std::unique_ptr<Store> base_;
-  std::atomic<int64_t> bytes_read_{0};
+  mutable std::mutex mu_;
+  std::map<std::string, std::unique_ptr<std::atomic<int64_t>>> counts_;
 };
 
 // ---- Checkpoint: one DCP directory or torch.save file, read without torch ----
@@ -324,7 +347,9 @@ class Checkpoint {
     return out;
   }
   bool contains(const std::string& key) const { return index_.count(key) != 0; }
-  int64_t bytes_read() const { return store_ ? store_->bytes_read() : 0; }
+  std::map<std::string, int64_t> bytes_read() const {
+    return store_ ? store_->bytes_read() : std::map<std::string, int64_t>{};
+  }
   void reset_bytes_read() {
     if (store_) store_->reset();
   }
@@ -542,7 +567,7 @@ std::vector<std::vector<std::pair<int64_t, int64_t>>> WriteFiles(const std::stri
     for (nb::handle item : nb::cast<nb::list>(pair[1])) {
       Blob b;
       if (PyBytes_Check(item.ptr())) {
-        b.bytes = nb::cast<std::string>(item);
+        b.bytes = BytesToString(item);
       } else {
         b.is_tensor = true;
         auto t = TensorFromObject(item);
