@@ -263,7 +263,12 @@ bool Utf8ToLatin1(std::string_view text, std::string* out) {
 class Reader {
  public:
   Reader(std::string_view data, const PickleReadOptions& options, const PickleAllowList& allow)
-      : data_(data), options_(options), allow_(allow) {}
+      : data_(data), options_(options), allow_(allow) {
+    // One opcode byte at least per memo entry and per value: the input's size bounds both.
+    const size_t scaled = data.size() + 16;
+    if (options_.max_memo == 0) options_.max_memo = scaled;
+    if (options_.max_nodes == 0) options_.max_nodes = scaled;
+  }
 
   Result<PickleRef> Run();
 
@@ -441,7 +446,7 @@ class Reader {
   Status Step(uint8_t code);
 
   std::string_view data_;
-  const PickleReadOptions& options_;
+  PickleReadOptions options_;  // a copy: the scaled limits are filled in
   const PickleAllowList& allow_;
   size_t pos_ = 0;
   size_t op_pos_ = 0;
