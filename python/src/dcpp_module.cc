@@ -232,12 +232,12 @@ nb::object FromValue(const Value& v) {
       nb::list out;
       for (const Value& x : v.items()) out.append(FromValue(x));
       if (v.is_tuple()) return nb::tuple(out);
-      return std::move(out);
+      return out;
     }
     case Value::Kind::kDict: {
       nb::dict out;
       for (const auto& [k, x] : v.dict()) out[FromValue(k)] = FromValue(x);
-      return std::move(out);
+      return out;
     }
     case Value::Kind::kTensor: {
       Tensor t = v.tensor().Compact();
