@@ -1811,19 +1811,10 @@ PickleAllowList PickleAllowList::TorchSave() {
                          "device"});
   for (int i = 0; i < kNumDTypes; ++i) list.Add("torch", DTypeName(static_cast<DType>(i)));
   // Dtypes dcpp does not model still appear as torch.<name> globals inside checkpoints.
-  AddAll(list, "torch", {"float8_e8m0fnu", "float4_e2m1fn_x2",
-                         "qint8",          "quint8",
-                         "qint32",         "quint4x2",
-                         "quint2x4",       "bits1x8",
-                         "bits2x4",        "bits4x2",
-                         "bits8",          "bits16",
-                         "uint1",          "uint2",
-                         "uint3",          "uint4",
-                         "uint5",          "uint6",
-                         "uint7",          "int1",
-                         "int2",           "int3",
-                         "int4",           "int5",
-                         "int6",           "int7"});
+  AddAll(list, "torch",
+         {"qint8", "quint8", "qint32", "quint4x2", "quint2x4", "bits1x8", "bits2x4", "bits4x2",
+          "bits8", "bits16", "uint1",  "uint2",    "uint3",    "uint4",   "uint5",   "uint6",
+          "uint7", "int1",   "int2",   "int3",     "int4",     "int5",    "int6",    "int7"});
   list.Add("torch.serialization", "_get_layout");
   list.Add("collections", "OrderedDict");
   AddAll(list, "builtins", {"set", "frozenset", "bytearray", "bytes", "slice", "complex"});
