@@ -333,6 +333,11 @@ class Checkpoint {
       reader_ = std::make_unique<FileSystemReader>(store_.get(), path,
                                                    FileSystemReaderOptions{thread_count, false});
       auto md = reader_->ReadMetadata();
+      if (!md.ok() && md.status().code() == StatusCode::kNotFound) {
+        // A save without collectives: rank 0's view unites every __{r}.metadata.
+        auto own = reader_->ReadMetadata(0);
+        if (own.ok()) md = std::move(own);
+      }
       metadata_ = Take(std::move(md));
       store_->reset();
     }
