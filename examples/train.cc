@@ -1,7 +1,7 @@
 // dcpp_train: resumable data-parallel training over MPI, checkpointed with dcpp.
 //
 //   mpirun -np W dcpp_train --dir DIR [--steps N] [--every K] [--keep C] [--sleep-ms M]
-//                           [--log FILE] [--seed S] [--hidden H]
+//                           [--log FILE] [--seed S] [--hidden H] [--async off|thread|process]
 //
 // A two-layer MLP (tanh hidden layer, float32) learns a fixed synthetic teacher, y = sin(T x),
 // from a dataset generated from --seed. Parameters and their Adam moments are sharded ZeRO-style:
@@ -16,7 +16,9 @@
 //   5. Adam updates the owned rows of parameters and moments;
 //   6. every K steps the state is saved collectively to DIR/step_<s>; after a successful save,
 //      rank 0 deletes committed checkpoints beyond the newest C, and incomplete ones older than
-//      the newest.
+//      the newest. With --async the save is dcpp::AsyncSave: training continues as soon as the
+//      state is staged, the save commits in the background on a communicator of its own (MPI is
+//      then initialized at MPI_THREAD_MULTIPLE), and the next save first waits for it.
 // On start, the newest committed checkpoint (DIR/step_<n>/.metadata exists) is loaded under this
 // run's sharding, which may differ from the saver's, and training continues at step n+1.
 //
@@ -34,10 +36,12 @@
 #include <cstring>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "dcpp/async_save.h"
 #include "dcpp/checkpoint.h"
 #include "dcpp/mpi_comm.h"
 
@@ -70,11 +74,12 @@ struct Flags {
   std::string log;
   int64_t seed = 1;
   int64_t hidden = 48;
+  std::string async = "off";  // off | thread | process: dcpp::AsyncSave with that executor
 };
 
 constexpr char kUsage[] =
     "usage: dcpp_train --dir DIR [--steps N] [--every K] [--keep C] [--sleep-ms M] [--log FILE]\n"
-    "                  [--seed S] [--hidden H]\n";
+    "                  [--seed S] [--hidden H] [--async off|thread|process]\n";
 
 Result<Flags> ParseFlags(int argc, char** argv) {
   Flags f;
@@ -109,6 +114,12 @@ Result<Flags> ParseFlags(int argc, char** argv) {
       DCPP_RETURN_IF_ERROR(number(f.seed, 0));
     } else if (name == "--hidden") {
       DCPP_RETURN_IF_ERROR(number(f.hidden, 1));
+    } else if (name == "--async") {
+      if (value != "off" && value != "thread" && value != "process") {
+        return dcpp::InvalidArgumentError("flag --async: \"" + value +
+                                          "\" is not off, thread or process");
+      }
+      f.async = value;
     } else {
       return dcpp::InvalidArgumentError("unknown flag " + name);
     }
@@ -479,7 +490,31 @@ int64_t StateBytes(const Flags& f) {
   return 3 * per_copy * static_cast<int64_t>(sizeof(float));  // params and two moments
 }
 
-Status Train(const Flags& flags, Communicator& comm) {
+// An async save in flight: its committed future and what to report once it resolves.
+struct Pending {
+  dcpp::AsyncSaveHandle handle;
+  std::string path;
+  std::chrono::steady_clock::time_point start;
+};
+
+// Waits for the save in flight (the same outcome on every rank), then reports and prunes.
+Status FinishPending(std::optional<Pending>& pending, const Flags& flags, bool lead) {
+  if (!pending) return Status::Ok();
+  Pending p = std::move(*pending);
+  pending.reset();
+  DCPP_RETURN_IF_ERROR(p.handle.committed.get().status());
+  if (lead) {
+    std::fprintf(stderr, "dcpp_train: committed %s (%.1f ms after the call)\n", p.path.c_str(),
+                 Seconds(p.start) * 1e3);
+    Prune(flags.dir, flags.keep);
+  }
+  return Status::Ok();
+}
+
+// `ckpt_comm` carries the checkpoints' collectives (the async saves' background thread issues
+// them); `comm` the training's. With async saves they must differ (async_save.h).
+Status Train(const Flags& flags, Communicator& comm, Communicator& ckpt_comm,
+             bool wait_before_step) {
   const bool lead = comm.rank() == 0;
   std::error_code ec;
   // A directory that cannot be created fails the first Save, on every rank alike.
@@ -519,6 +554,7 @@ Status Train(const Flags& flags, Communicator& comm) {
     }
   }
 
+  std::optional<Pending> pending;
   while (trainer.step() < flags.steps) {
     DCPP_ASSIGN_OR_RETURN(double loss, trainer.Step());
     const int64_t step = trainer.step();
@@ -532,7 +568,23 @@ Status Train(const Flags& flags, Communicator& comm) {
         std::fflush(log);
       }
     }
-    if (step % flags.every == 0) {
+    if (step % flags.every == 0 && flags.async != "off") {
+      DCPP_RETURN_IF_ERROR(FinishPending(pending, flags, lead));
+      dcpp::AsyncSaveOptions options;
+      options.save.comm = &ckpt_comm;
+      options.executor =
+          flags.async == "process" ? dcpp::AsyncExecutor::kProcess : dcpp::AsyncExecutor::kThread;
+      const std::string path = StepDir(flags.dir, step);
+      auto t0 = std::chrono::steady_clock::now();
+      pending = Pending{dcpp::AsyncSave(trainer.StateDict(), path, options), path, t0};
+      DCPP_RETURN_IF_ERROR(pending->handle.staged.get());
+      if (lead) {
+        std::fprintf(stderr, "dcpp_train: staged %s (blocked %.1f ms)\n", path.c_str(),
+                     pending->handle.stats.blocking_seconds * 1e3);
+      }
+      // Without MPI_THREAD_MULTIPLE the training's MPI calls must not overlap the save's.
+      if (wait_before_step) DCPP_RETURN_IF_ERROR(FinishPending(pending, flags, lead));
+    } else if (step % flags.every == 0) {
       const std::string path = StepDir(flags.dir, step);
       dcpp::SaveOptions options;
       options.comm = &comm;
@@ -547,12 +599,20 @@ Status Train(const Flags& flags, Communicator& comm) {
     }
     if (flags.sleep_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(flags.sleep_ms));
   }
-  return Status::Ok();
+  return FinishPending(pending, flags, lead);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Async saves issue collectives from a background thread while training issues its own: ask
+  // for MPI_THREAD_MULTIPLE before MpiSession, which then keeps MPI as it is.
+  bool want_async = false;
+  for (int i = 1; i + 1 < argc; ++i) {
+    if (std::string(argv[i]) == "--async" && std::string(argv[i + 1]) != "off") want_async = true;
+  }
+  int provided = MPI_THREAD_SINGLE;
+  if (want_async) MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
   auto session = dcpp::MpiSession::Init(&argc, &argv);
   if (!session.ok()) {
     std::fprintf(stderr, "dcpp_train: %s\n", session.status().ToString().c_str());
@@ -573,7 +633,13 @@ int main(int argc, char** argv) {
       }
       rc = 2;
     } else {
-      Status s = Train(*flags, **comm);
+      // The checkpoints' own communicator (another duplicate of MPI_COMM_WORLD).
+      auto ckpt_comm = dcpp::MpiCommunicator::Create();
+      Status s = ckpt_comm.status();
+      if (s.ok()) {
+        s = Train(*flags, **comm, **ckpt_comm,
+                  /*wait_before_step=*/provided < MPI_THREAD_MULTIPLE);
+      }
       if (!s.ok()) {
         // Collective failures are identical on every rank; rank 0 reports them for the job.
         if ((*comm)->rank() == 0) std::fprintf(stderr, "dcpp_train: %s\n", s.ToString().c_str());
@@ -582,5 +648,10 @@ int main(int argc, char** argv) {
     }
   }
   session->reset();
+  if (want_async) {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (!finalized) MPI_Finalize();  // initialized here, so finalized here
+  }
   return rc;
 }

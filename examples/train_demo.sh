@@ -6,7 +6,8 @@
 #       to a relative 1e-5 (another world size regroups the sums);
 #   (e) the same checkpoint resumed with 4 ranks: the loss lines must be identical to the reference;
 #   (d) the resumed steps are printed beside the reference.
-# Usage: train_demo.sh BUILD_DIR [OUT_DIR]. Without OUT_DIR a temporary directory is used and
+# Usage: train_demo.sh BUILD_DIR [OUT_DIR]. TRAIN_FLAGS adds flags to every run of dcpp_train (e.g.
+# "--async thread": the checkpoints are then async saves; the checks are the same). Without OUT_DIR a temporary directory is used and
 # removed. Exits non-zero if a check fails. MPIEXEC overrides the launcher (default mpirun).
 set -euo pipefail
 
@@ -61,7 +62,7 @@ run() {  # run NP DIR LOG [flags...]
   local np=$1 dir=$2 log=$3
   shift 3
   "$mpiexec" --oversubscribe --allow-run-as-root -np "$np" "$train" --dir "$dir" --log "$log" \
-    --steps "$steps" --every "$every" "$@" >/dev/null 2>>"$out/stderr.log"
+    --steps "$steps" --every "$every" ${TRAIN_FLAGS:-} "$@" >/dev/null 2>>"$out/stderr.log"
 }
 last_step() { [[ -f $1 ]] && tail -n 1 "$1" | awk '$1 == "step" { print $2 }' || true; }
 
@@ -72,7 +73,7 @@ echo "   $(wc -l <"$out/ref.log") loss lines; last: $(tail -n 1 "$out/ref.log")"
 
 echo "== (b) the same run, killed with SIGKILL once step $kill_after is logged"
 setsid "$mpiexec" --oversubscribe --allow-run-as-root -np 4 "$train" --dir "$out/run" \
-  --log "$out/killed.log" --steps "$steps" --every "$every" --sleep-ms 60 \
+  --log "$out/killed.log" --steps "$steps" --every "$every" --sleep-ms 60 ${TRAIN_FLAGS:-} \
   >/dev/null 2>>"$out/stderr.log" &
 job_pid=$!
 deadline=$((SECONDS + 60))

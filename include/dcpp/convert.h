@@ -23,10 +23,12 @@
 
 namespace dcpp {
 
-enum class CheckpointFormat { kDcp, kTorchSave };
-std::string_view FormatName(CheckpointFormat format);  // "dcp", "torch"
+enum class CheckpointFormat { kDcp, kTorchSave, kSafetensors };
+std::string_view FormatName(CheckpointFormat format);  // "dcp", "torch", "safetensors"
 
-// A directory with `.metadata` (or `__0.metadata`) is DCP; a zip file is torch.save.
+// A directory with `.metadata` (or `__0.metadata`) is DCP; a zip file is torch.save; a
+// `.safetensors` file, or a directory of them (with or without model.safetensors.index.json), is
+// safetensors.
 Result<CheckpointFormat> DetectFormat(const std::string& path);
 
 struct EntryInfo {
@@ -62,6 +64,29 @@ Status ConvertDcpToTorch(const std::string& dcp_dir, const std::string& torch_fi
                          const ProgressFn& progress = nullptr);
 Status ConvertTorchToDcp(const std::string& torch_file, const std::string& dcp_dir,
                          const ProgressFn& progress = nullptr);
+
+// Safetensors (Hugging Face) conversions, streaming one tensor at a time (src/convert/
+// safetensors_convert.cc). Only tensors can be stored in safetensors: other entries of the source
+// are skipped and named in `skipped`.
+struct SafetensorsConvertOptions {
+  // A new file is started when the next tensor would make the current one larger (HF's
+  // max_shard_size); a tensor larger than this gets a file of its own.
+  uint64_t max_shard_size = 5'000'000'000;
+  bool sync_files = true;
+  std::vector<std::string>* skipped = nullptr;  // filled with the keys not converted
+};
+// DCP directory or torch.save file -> model-XXXXX-of-NNNNN.safetensors + index json in `dst_dir`.
+Status ConvertToSafetensors(const std::string& src, const std::string& dst_dir,
+                            const SafetensorsConvertOptions& options = {},
+                            const ProgressFn& progress = nullptr);
+// A safetensors file or directory (ordinary Hugging Face, or DCP's sharded output) -> DCP. The
+// files are memory-mapped and saved straight from the mapping (no copy in memory).
+Status ConvertSafetensorsToDcp(const std::string& src, const std::string& dcp_dir,
+                               const ProgressFn& progress = nullptr);
+// ... -> one torch.save file of a flat dict, one tensor in memory at a time.
+Status ConvertSafetensorsToTorch(const std::string& src, const std::string& torch_file,
+                                 const ProgressFn& progress = nullptr);
+Result<std::unique_ptr<CheckpointSource>> OpenSafetensorsCheckpoint(const std::string& path);
 
 struct DiffOptions {
   double atol = 0;

@@ -13,7 +13,15 @@
 namespace dcpp {
 
 std::string_view FormatName(CheckpointFormat format) {
-  return format == CheckpointFormat::kDcp ? "dcp" : "torch";
+  switch (format) {
+    case CheckpointFormat::kDcp:
+      return "dcp";
+    case CheckpointFormat::kTorchSave:
+      return "torch";
+    case CheckpointFormat::kSafetensors:
+      return "safetensors";
+  }
+  return "unknown";
 }
 
 Result<CheckpointFormat> DetectFormat(const std::string& path) {
@@ -23,6 +31,18 @@ Result<CheckpointFormat> DetectFormat(const std::string& path) {
     for (const char* name : {kMetadataFileName, "__0.metadata"}) {
       DCPP_ASSIGN_OR_RETURN(bool found, (*dir)->Exists(name));
       if (found) return CheckpointFormat::kDcp;
+    }
+    // Safetensors: an index, or *.safetensors files at the top (or in sharded/).
+    auto keys = (*dir)->List();
+    if (keys.ok()) {
+      for (const auto& k : *keys) {
+        const bool top = k.find('/') == std::string::npos ||
+                         (k.rfind("sharded/", 0) == 0 && k.find('/', 8) == std::string::npos);
+        if (top && (k == "model.safetensors.index.json" ||
+                    (k.size() > 12 && k.compare(k.size() - 12, 12, ".safetensors") == 0))) {
+          return CheckpointFormat::kSafetensors;
+        }
+      }
     }
   }
   auto file = OpenStoreFile(path);
@@ -41,6 +61,9 @@ Result<CheckpointFormat> DetectFormat(const std::string& path) {
   char magic[4] = {};
   if ((*source)->size() >= 4) DCPP_RETURN_IF_ERROR((*source)->ReadAt(0, magic, 4));
   if (std::memcmp(magic, "PK\3\4", 4) == 0) return CheckpointFormat::kTorchSave;
+  if (path.size() > 12 && path.compare(path.size() - 12, 12, ".safetensors") == 0) {
+    return CheckpointFormat::kSafetensors;
+  }
   return InvalidArgumentError("\"" + path + "\" is neither a DCP directory nor a torch.save file");
 }
 
@@ -149,6 +172,7 @@ class TorchSource final : public CheckpointSource {
 Result<std::unique_ptr<CheckpointSource>> OpenCheckpoint(const std::string& path) {
   DCPP_ASSIGN_OR_RETURN(CheckpointFormat f, DetectFormat(path));
   if (f == CheckpointFormat::kDcp) return DcpSource::Open(path);
+  if (f == CheckpointFormat::kSafetensors) return OpenSafetensorsCheckpoint(path);
   return TorchSource::Open(path);
 }
 
