@@ -1,0 +1,95 @@
+"""Benchmark rows: dcp.save / dcp.load of 1 GiB through dcpp's writer/reader vs PyTorch's own
+FileSystemWriter/FileSystemReader, in the same run, on the same disk.
+
+    $(scripts/venv-path)/bin/python bench/python_rows.py [--mib 1024] [--dir /tmp] [--repeat 3]
+
+Prints one JSON row per case: {"case", "figures", "target", "pass"}; `dcpp bench` joins these rows
+into its table. Each figure is the best of --repeat runs; writers and readers alternate so page
+cache and disk state are shared fairly. Both writers fsync every file (sync_files=True).
+Targets: dcpp's save >= 1.2x PyTorch's, dcpp's load >= 3x PyTorch's.
+"""
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+import dcpp.torch
+
+warnings.filterwarnings("ignore")
+
+
+def state(mib):
+    n = 16
+    rows = mib * 1024 * 1024 // 4 // n // 1024
+    g = torch.Generator().manual_seed(0)
+    sd = {f"layer{i}.weight": torch.randn(rows, 1024, generator=g) for i in range(n)}
+    sd["step"] = 100
+    return sd
+
+
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mib", type=int, default=1024)
+    ap.add_argument("--dir", default=tempfile.gettempdir())
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    sd = state(args.mib)
+    nbytes = sum(v.numel() * v.element_size() for v in sd.values() if isinstance(v, torch.Tensor))
+    gib = nbytes / 2**30
+    root = tempfile.mkdtemp(prefix="dcpp_pybench_", dir=args.dir)
+    paths = {"dcpp": os.path.join(root, "dcpp"), "torch": os.path.join(root, "torch")}
+    writers = {
+        "dcpp": lambda p: dcpp.torch.FileSystemWriter(p, thread_count=args.threads),
+        "torch": lambda p: dcp.FileSystemWriter(p, thread_count=args.threads),
+    }
+    readers = {
+        "dcpp": lambda p: dcpp.torch.FileSystemReader(p, thread_count=args.threads),
+        "torch": lambda p: dcp.FileSystemReader(p),
+    }
+    save = {"dcpp": [], "torch": []}
+    load = {"dcpp": [], "torch": []}
+    dst = {k: torch.empty_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in sd.items()}
+    try:
+        for _ in range(args.repeat):
+            for kind in ("torch", "dcpp"):
+                shutil.rmtree(paths[kind], ignore_errors=True)
+                save[kind].append(timed(lambda: dcp.save(
+                    sd, storage_writer=writers[kind](paths[kind]))))
+            for kind in ("torch", "dcpp"):
+                load[kind].append(timed(lambda: dcp.load(
+                    dst, storage_reader=readers[kind](paths[kind]))))
+                assert torch.equal(dst["layer3.weight"], sd["layer3.weight"])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    def row(case, times, target):
+        d, t = min(times["dcpp"]), min(times["torch"])
+        ratio = t / d
+        return {"case": case,
+                "figures": {"GiB": round(gib, 3), "dcpp_s": round(d, 3), "torch_s": round(t, 3),
+                            "dcpp_GBps": round(nbytes / d / 1e9, 3),
+                            "torch_GBps": round(nbytes / t / 1e9, 3),
+                            "ratio": round(ratio, 2), "threads": args.threads},
+                "target": f">= {target}x PyTorch", "pass": ratio >= target}
+
+    print(json.dumps(row(f"python dcp.save {args.mib} MiB (dcpp writer vs FileSystemWriter)",
+                         save, 1.2)))
+    print(json.dumps(row(f"python dcp.load {args.mib} MiB (dcpp reader vs FileSystemReader)",
+                         load, 3.0)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""dcpp with torch 2.13: dcp.save/load/async_save through dcpp's writer and reader, checked
+against PyTorch's own FileSystemWriter/FileSystemReader, and numpy reads equal to torch's."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.distributed.checkpoint as dcp  # noqa: E402
+from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402
+
+import dcpp  # noqa: E402
+import dcpp.torch  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def state():
+    g = torch.Generator().manual_seed(3)
+    return {
+        "model": {"w": torch.randn(33, 17, generator=g),
+                  "b": torch.randn(17, generator=g).to(torch.bfloat16),
+                  "f8": torch.randn(4, 8, generator=g).to(torch.float8_e5m2),
+                  "i": torch.arange(10, dtype=torch.int64),
+                  "half": torch.randn(3, 3, generator=g).half(),
+                  "t": torch.randn(6, 4, generator=g).t()},  # non-contiguous
+        "step": 9, "sched": {"lr": 0.1, "name": "cos", "milestones": [1, 2, 3]},
+    }
+
+
+def zeros_like(sd):
+    if isinstance(sd, dict):
+        return {k: zeros_like(v) for k, v in sd.items()}
+    if isinstance(sd, torch.Tensor):
+        return torch.zeros(sd.shape, dtype=sd.dtype)
+    return None if not isinstance(sd, (int, float, str, list)) else type(sd)() if not isinstance(
+        sd, list) else []
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], dict):
+            assert_same(a[k], b[k])
+        elif isinstance(a[k], torch.Tensor):
+            assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+            assert torch.equal(a[k].contiguous().view(torch.uint8),
+                               b[k].contiguous().view(torch.uint8)), k
+        else:
+            assert a[k] == b[k], k
+
+
+WRITERS = {
+    "dcpp": lambda p: dcpp.torch.FileSystemWriter(p, thread_count=2),
+    "torch": lambda p: dcp.FileSystemWriter(p),
+}
+READERS = {
+    "dcpp": lambda p: dcpp.torch.FileSystemReader(p),
+    "torch": lambda p: dcp.FileSystemReader(p),
+}
+
+
+@pytest.mark.parametrize("wkind", ["dcpp", "torch"])
+@pytest.mark.parametrize("rkind", ["dcpp", "torch"])
+def test_save_load_one_process(tmp_path, wkind, rkind):
+    sd = state()
+    dcp.save(sd, storage_writer=WRITERS[wkind](tmp_path / "c"))
+    out = zeros_like(sd)
+    dcp.load(out, storage_reader=READERS[rkind](tmp_path / "c"))
+    assert_same(out, sd)
+
+
+def test_same_files_as_pytorch_writer(tmp_path):
+    sd = state()
+    dcp.save(sd, storage_writer=dcpp.torch.FileSystemWriter(tmp_path / "d", thread_count=3))
+    dcp.save(sd, storage_writer=dcp.FileSystemWriter(tmp_path / "t", thread_count=3))
+    assert sorted(os.listdir(tmp_path / "d")) == sorted(os.listdir(tmp_path / "t"))
+    md_d = dcp.FileSystemReader(tmp_path / "d").read_metadata()
+    md_t = dcp.FileSystemReader(tmp_path / "t").read_metadata()
+    assert md_d.state_dict_metadata == md_t.state_dict_metadata
+    assert md_d.planner_data == md_t.planner_data
+    assert md_d.storage_data.keys() == md_t.storage_data.keys()
+    assert not any(n.endswith(".tmp") for n in os.listdir(tmp_path / "d"))
+
+
+def test_async_save(tmp_path):
+    sd = state()
+    fut = dcp.async_save(sd, storage_writer=dcpp.torch.FileSystemWriter(tmp_path / "a"))
+    fut.result()
+    out = zeros_like(sd)
+    dcp.load(out, storage_reader=dcp.FileSystemReader(tmp_path / "a"))
+    assert_same(out, sd)
+
+
+def test_numpy_reads_equal_torch(tmp_path):
+    sd = state()
+    dcp.save(sd, storage_writer=dcp.FileSystemWriter(tmp_path / "t"))
+    dcp.save(sd, storage_writer=dcpp.torch.FileSystemWriter(tmp_path / "d"))
+    for path in (tmp_path / "t", tmp_path / "d"):
+        ckpt = dcpp.open(path)
+        for k, v in sd["model"].items():
+            got = ckpt["model." + k]
+            assert got.shape == tuple(v.shape)
+            want = v.contiguous().view(torch.uint8).numpy()
+            assert np.array_equal(np.ascontiguousarray(got).view(np.uint8).reshape(want.shape),
+                                  want), k
+        assert ckpt["step"] == 9 and ckpt["sched.milestones"] == [1, 2, 3]
+        box = ckpt.read("model.w", (5, 2), (10, 3))
+        assert np.array_equal(box, sd["model"]["w"][5:15, 2:5].numpy())
+        assert ckpt.verify() > 0
+
+
+def test_torch_loads_what_numpy_saved(tmp_path):
+    a = np.arange(24, dtype=np.float32).reshape(4, 6)
+    dcpp.save({"a": a, "n": {"k": 3}}, tmp_path / "c")
+    out = {"a": torch.zeros(4, 6), "n": {"k": 0}}
+    dcp.load(out, storage_reader=dcp.FileSystemReader(tmp_path / "c"))
+    assert torch.equal(out["a"], torch.from_numpy(a)) and out["n"]["k"] == 3
+    # DLPack in: a torch tensor goes in as it is.
+    t = torch.randn(5, 5).to(torch.bfloat16)
+    dcpp.save({"t": t}, tmp_path / "t")
+    got = dcpp.open(tmp_path / "t")["t"]
+    assert torch.equal(torch.from_numpy(got.view(np.uint16).copy()).view(torch.bfloat16), t)
+
+
+def test_errors_carry_dcpp_message(tmp_path):
+    sd = state()
+    dcp.save(sd, storage_writer=dcpp.torch.FileSystemWriter(tmp_path / "c"))
+    for name in os.listdir(tmp_path / "c"):
+        if name.endswith(".distcp"):
+            p = tmp_path / "c" / name
+            p.write_bytes(p.read_bytes()[:100])
+    # dcp.load wraps each rank's exception in a CheckpointException (a BaseException).
+    with pytest.raises(CheckpointException, match="past the end of the file") as info:
+        dcp.load(zeros_like(sd), storage_reader=dcpp.torch.FileSystemReader(tmp_path / "c"))
+    cause = info.value.failures[0][0]
+    assert isinstance(cause, dcpp.DataLossError) and "__0_0.distcp" in str(cause)
+    with pytest.raises(dcpp.NotFoundError):
+        dcpp.torch.FileSystemReader(tmp_path / "none").read_metadata()
+
+
+def run_ranks(tmp_path, world, wkind, rkind):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "dist_worker.py"), str(r),
+                               str(world), str(tmp_path), wkind, rkind], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for r in range(world)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=240)[0].decode(errors="replace"))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o[-4000:]
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_dtensor_gloo_ranks(tmp_path, world):
+    # dcpp writes and reads under a gloo job; PyTorch's own reader and dcpp's numpy reader load
+    # the result afterwards in this process.
+    run_ranks(tmp_path, world, "dcpp", "dcpp")
+    sys.path.insert(0, HERE)
+    from dist_worker import global_state
+    g = global_state()
+    for name in ("sync", "async"):
+        out = {"model": {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in g.items()},
+               "step": 0, "note": {"tag": "", "ranks": 0}}
+        dcp.load(out, storage_reader=dcp.FileSystemReader(tmp_path / name))
+        for k, v in g.items():
+            assert torch.equal(out["model"][k].view(torch.uint8), v.view(torch.uint8)), k
+        assert out["step"] == 11 and out["note"]["ranks"] == world
+        ckpt = dcpp.open(tmp_path / name)
+        assert np.array_equal(ckpt["model.w"], g["w"].numpy())
+        assert len(ckpt.info("model.w")["chunks"]) == world
+
+
+def test_dtensor_three_ranks_pytorch_writer_dcpp_reader(tmp_path):
+    run_ranks(tmp_path, 3, "torch", "dcpp")
