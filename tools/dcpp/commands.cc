@@ -9,6 +9,7 @@ void RegisterCommands(CLI::App& app) {
   RegisterInspect(app);
   RegisterConvert(app);
   RegisterDiff(app);
+  RegisterBench(app);
 }
 int ExitCode() { return g_exit_code; }
 void SetExitCode(int code) { g_exit_code = code; }

@@ -12,6 +12,7 @@ void RegisterCommands(CLI::App& app);
 void RegisterInspect(CLI::App& app);
 void RegisterConvert(CLI::App& app);
 void RegisterDiff(CLI::App& app);
+void RegisterBench(CLI::App& app);
 
 // `dcpp inspect` of a DCP directory; returns the exit code.
 int InspectDcp(const std::string& path, bool json);
