@@ -9,6 +9,7 @@ sync_files=True; torch.save: os.fsync before close), loads fill pre-allocated te
 return new ones (torch.load).
 """
 import argparse
+import warnings
 import json
 import os
 import resource
@@ -29,8 +30,8 @@ def shapes(kind, total):
         # The same sizes dcpp uses: 4 KiB .. 64 KiB float32 vectors, cycling.
         out, i, used = [], 0, 0
         while True:
-            n = 1024 * (1 + i % 16)
-            if used + 4 * n > total and i >= 16:
+            n = 1024 << (i % 5)
+            if used + 4 * n > total and i >= 5:
                 break
             out.append((n,))
             used += 4 * n
@@ -59,6 +60,7 @@ def main():
     ap.add_argument("--bytes", type=int, required=True)
     ap.add_argument("--dir", required=True)
     a = ap.parse_args()
+    warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     path = os.path.join(a.dir, f"torch_{a.kind}_{'dcp' if a.op.startswith('dcp') else 'pt'}")
     nbytes = sum(4 * int(torch.Size(s).numel()) for s in shapes(a.kind, a.bytes))

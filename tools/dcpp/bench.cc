@@ -53,6 +53,7 @@ struct BenchArgs {
   int ranks = 256;
   int items = 1000;
   int load_ranks = 0;
+  int rounds = 3;
   IoCaseArgs io;
 };
 
@@ -63,6 +64,7 @@ void RegisterBench(CLI::App& app) {
   auto args = std::make_shared<BenchArgs>();
   cmd->add_flag("--json", args->json, "print one JSON array of rows");
   cmd->add_flag("--quick", args->quick, "tiny sizes, one round (a smoke test)");
+  cmd->add_option("--rounds", args->rounds, "alternating rounds; medians are reported (3)");
   cmd->add_option("--dir", args->dir, "scratch directory (default: bench-scratch in the cwd)");
   // Internal: run one case in this process (the orchestrator spawns these).
   cmd->add_option("--case", args->case_name, "run one case in this process")->group("");
@@ -181,18 +183,23 @@ struct Samples {
   bool Has(const std::string& k) const { return v.count(k) > 0; }
 };
 
-// GB/s of a fio job over `bytes` split over `jobs` files; write jobs fsync at the end.
-double Fio(const std::string& dir, const std::string& rw, int jobs, int64_t bytes) {
+// GB/s of a fio job over `bytes` split over `jobs` files; write jobs fsync at the end. First
+// fio's own figure, then the bytes over the fio process's wall time (start-up and the final
+// fsync certainly included).
+std::pair<double, double> Fio(const std::string& dir, const std::string& rw, int jobs,
+                              int64_t bytes) {
   const int64_t per = std::max<int64_t>(bytes / jobs, 1 << 20);
   std::string cmd = "fio --name=dcppbench --directory=" + Quote(dir) + " --rw=" + rw +
                     " --bs=" + std::to_string(std::min<int64_t>(per, 8 << 20)) +
                     " --ioengine=psync --numjobs=" + std::to_string(jobs) +
                     " --size=" + std::to_string(per) + " --group_reporting --output-format=json";
   if (rw == "write") cmd += " --end_fsync=1";
+  const double t0 = NowSeconds();
   auto out = RunJson(cmd + " 2>/dev/null", 300);
-  if (out.empty() || !out[0].contains("jobs")) return 0;
+  const double wall = NowSeconds() - t0;
+  if (out.empty() || !out[0].contains("jobs")) return {0, 0};
   const auto& job = out[0]["jobs"][0][rw == "write" ? "write" : "read"];
-  return job.value("bw_bytes", 0.0) / 1e9;
+  return {job.value("bw_bytes", 0.0) / 1e9, static_cast<double>(per * jobs) / wall / 1e9};
 }
 
 double MemcpyGbps(int64_t bytes) {
@@ -240,9 +247,9 @@ int RunOrchestrator(const BenchArgs& args) {
   const std::string python = DefaultPython();
   const std::string peer = SourceDir() + "/bench/torch_peer.py";
   const bool have_peer = fs::exists(peer) && !args.quick;
-  const int rounds = args.quick ? 1 : 3;
+  const int rounds = args.quick ? 1 : std::max(1, args.rounds);
   const int64_t large = args.quick ? (32 << 20) : (int64_t{1} << 30);
-  const int64_t small = args.quick ? (4 << 20) : int64_t{700} << 20;
+  const int64_t small = args.quick ? (4 << 20) : int64_t{496} << 20;
   const int64_t reshard = args.quick ? (32 << 20) : (int64_t{512} << 20);
   const std::vector<int> thread_counts = {1, 4};
   Samples s;
@@ -251,7 +258,7 @@ int RunOrchestrator(const BenchArgs& args) {
   };
   auto io = [&](const std::string& kind, const std::string& op, int threads, int64_t bytes) {
     auto out = RunJson(self + " bench --case io --kind " + kind + " --op " + op + " --threads " +
-                           std::to_string(threads) + " --saves 3 --bytes " + std::to_string(bytes) +
+                           std::to_string(threads) + " --saves 2 --bytes " + std::to_string(bytes) +
                            " --dir " + Quote(dir),
                        300);
     return out.empty() ? json::object() : out[0].value("figures", json::object());
@@ -292,8 +299,10 @@ int RunOrchestrator(const BenchArgs& args) {
             s.Add("dcp/load/" + k, dl["bytes"].get<double>() / dl["seconds"].get<double>() / 1e9);
           fs::remove_all(dir + "/torch_" + kind + "_dcp");
         }
-        s.Add("fio/write/" + k, Fio(dir, "write", t, bytes));
-        s.Add("fio/read/" + k, Fio(dir, "read", t, bytes));
+        const auto fw = Fio(dir, "write", t, bytes);
+        s.Add("fio/write/" + k, fw.first);
+        s.Add("fio/write_wall/" + k, fw.second);
+        s.Add("fio/read/" + k, Fio(dir, "read", t, bytes).first);
         for (const auto& e : fs::directory_iterator(dir)) {
           if (e.path().filename().string().rfind("dcppbench", 0) == 0) fs::remove(e.path());
         }
@@ -432,6 +441,20 @@ int RunOrchestrator(const BenchArgs& args) {
     }
     rows.push_back(
         Row("planning/" + std::to_string(ranks) + "x" + std::to_string(items), f, target, pass));
+  }
+
+  // The commit's .metadata pickle for 256 ranks (not part of the planning targets above).
+  if (!args.quick) {
+    note("planning 256 x 1000 with the commit's metadata encoding");
+    auto out = RunJson(self + " bench --case planning --ranks 256 --items 1000", 300);
+    if (!out.empty()) {
+      json f = out[0]["figures"];
+      rows.push_back(Row("commit-metadata/256x1000",
+                         {{"commit_metadata_s", f.value("commit_metadata_s", 0.0)},
+                          {"metadata_MiB", f.value("metadata_MiB", 0.0)},
+                          {"with_commit_rss_MiB", f.value("with_commit_rss_MiB", 0.0)}},
+                         "measured, no target yet (the pickle is built as a tree first)", true));
+    }
   }
 
   // Rows from other benchmark scripts (bench/*_rows.py), joined as they print them.
