@@ -103,4 +103,19 @@ std::string Torch2PythonPath() {
 #endif
 }
 
+Result<std::unique_ptr<ReadableFile>> OpenFile(const std::string& path) {
+  DCPP_ASSIGN_OR_RETURN(StoreFile f, OpenStoreFile(path));
+  return f.store->OpenRead(f.key);
+}
+
+Result<std::string> ReadFileBytes(const std::string& path) {
+  DCPP_ASSIGN_OR_RETURN(StoreFile f, OpenStoreFile(path));
+  return f.store->ReadAll(f.key);
+}
+
+Status WriteFileBytes(const std::string& path, std::string_view bytes) {
+  DCPP_ASSIGN_OR_RETURN(StoreFile f, OpenStoreFile(path, {.create = true}));
+  return f.store->WriteAtomic(f.key, bytes);
+}
+
 }  // namespace dcpp::testing

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "dcpp/status.h"
+#include "dcpp/storage.h"
 #include "dcpp/tensor.h"
 
 namespace dcpp::testing {
@@ -59,6 +60,11 @@ Tensor PatternTensor(DType dtype, const Shape& shape, uint64_t seed = 1);
 
 // Element i of a contiguous float32/int64 tensor holds i (for readable geometry tests).
 Tensor IotaTensor(DType dtype, const Shape& shape);
+
+// Local files through the storage layer (OpenStoreFile), for tests that make or read files.
+Result<std::unique_ptr<ReadableFile>> OpenFile(const std::string& path);
+Result<std::string> ReadFileBytes(const std::string& path);
+Status WriteFileBytes(const std::string& path, std::string_view bytes);
 
 // Directory of the source tree (for tests/data); from the DCPP_SOURCE_DIR environment variable
 // or the compile-time default.

@@ -1,4 +1,5 @@
-// Conversions and comparisons between checkpoint formats: DCP directories and torch.save files.
+// Conversions and comparisons between checkpoint formats: DCP directories and torch.save files,
+// each named by a path or a URL that OpenStore serves.
 //
 // A CheckpointSource lists a checkpoint's entries (fully-qualified names with dtype and shape,
 // or plain values) and reads one entry at a time, so tools can stream through checkpoints larger
@@ -47,6 +48,12 @@ class CheckpointSource {
 };
 
 Result<std::unique_ptr<CheckpointSource>> OpenCheckpoint(const std::string& path);
+
+// One torch.save file, named by a path or URL: the whole object tree (tensors, plain values).
+// SaveTorchFile writes it atomically (temporary, sync, rename) with the archive name torch.save
+// gives a file (its name without the extension).
+Result<Value> LoadTorchFile(const std::string& url);
+Status SaveTorchFile(const Value& value, const std::string& url);
 
 // Progress callback: (bytes done, bytes total).
 using ProgressFn = std::function<void(int64_t, int64_t)>;

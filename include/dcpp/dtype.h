@@ -2,8 +2,8 @@
 //
 // Each dtype has: a canonical torch name ("float32", as in `torch.float32`), an element size in
 // bytes, and the legacy typed-storage class PyTorch pickles for it ("FloatStorage"), or none for
-// the dtypes newer than typed storages (uint16/32/64, complex32, float8 kinds), which torch.save
-// records as `torch.UntypedStorage` + `_rebuild_tensor_v3(..., torch.<dtype>)`.
+// the dtypes newer than typed storages (uint16/32/64, complex32, float8/float4 kinds), which
+// torch.save records as `torch.UntypedStorage` + `_rebuild_tensor_v3(..., torch.<dtype>)`.
 //
 // Invariant: the enum values are stable and dense from 0 to kNumDTypes-1.
 // Thread-safety: pure functions over constant tables.
@@ -39,8 +39,10 @@ enum class DType : uint8_t {
   kFloat8_e5m2,
   kFloat8_e4m3fnuz,
   kFloat8_e5m2fnuz,
+  kFloat8_e8m0fnu,    // exponent only (MX block scales), PyTorch >= 2.7
+  kFloat4_e2m1fn_x2,  // two float4 values packed in each byte (element), PyTorch >= 2.8
 };
-inline constexpr int kNumDTypes = 20;
+inline constexpr int kNumDTypes = 22;
 
 // Element size in bytes (complex32 = 4: two float16).
 size_t ElementSize(DType dtype);

@@ -132,12 +132,16 @@ class FileSystemReader final : public StorageReader {
   FileSystemReader(Store* store, std::string checkpoint_id, FileSystemReaderOptions options);
   ~FileSystemReader() override;
 
+  // `rank` < 0: `.metadata`, or where it is absent (a save without collectives) the union of
+  // every `__{r}.metadata` (MergeRankLocalMetadata), so any world size loads it.
   Result<Metadata> ReadMetadata(int rank = -1) override;
   Status SetUp(const Metadata& metadata, bool is_coordinator, int rank) override;
   Status ReadData(const LoadPlan& plan, LoadPlanner& planner) override;
   std::string checkpoint_id() const override { return checkpoint_id_; }
 
  private:
+  Result<Metadata> ReadMetadataFile(int rank);
+
   std::unique_ptr<Store> owned_store_;
   Store* store_;
   std::string checkpoint_id_;

@@ -137,6 +137,12 @@ Result<Metadata> ParseMetadata(std::string_view pickle_bytes);
 Result<std::string> EncodeMetadata(const Metadata& metadata,
                                    const MetadataEncodeOptions& options = {});
 
+// The global view of a checkpoint saved without collectives (PyTorch's use_collectives=False),
+// where rank r wrote `__{r}.metadata` describing only its own items: entries are united in rank
+// order, and a chunk or storage key that several ranks saved (replicated data) is kept once,
+// from the lowest rank. A dtype, size or kind that differs between ranks is DataLoss.
+Result<Metadata> MergeRankLocalMetadata(const std::vector<Metadata>& per_rank);
+
 // Bounds and consistency checks (chunks inside size, matching ranks, storage keys present).
 // `what` names the source in messages.
 Status ValidateMetadata(const Metadata& metadata, std::string_view what);

@@ -14,19 +14,18 @@
 //     Rename over key, SyncDir. After a crash the key holds either its old or its new bytes.
 //   - Files are written in place: OpenWrite truncates an existing key.
 //
-// Backends: OpenLocalStore (POSIX files), MemoryStore (tests; models crashes exactly), FaultStore
-// (wraps another store, fails chosen operations and counts them).
+// Backends: OpenLocalStore (POSIX files) and whatever OpenStore finds for a URL's scheme. The
+// test doubles MemoryStore (models crashes exactly) and FaultStore (fails chosen operations)
+// live in testing/, outside the installed surface.
 //
 // Thread-safety: Store methods may be called concurrently from any thread. A WritableFile is used
 // by one thread at a time. ReadableFile::ReadAt may be called from several threads at once.
 #pragma once
 
-#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -92,6 +91,10 @@ class Store {
   // syncs the key's directory. On failure the temporary is removed (best effort) and `key` is
   // left as it was. Two concurrent WriteAtomic calls for one key are not supported.
   virtual Status WriteAtomic(std::string_view key, std::string_view bytes);
+  // The same, with the content streamed by `fill` into the temporary (a codec writing a large
+  // file). The default implementation follows the steps above; backends with atomic whole-object
+  // writes may override both.
+  virtual Status WriteAtomic(std::string_view key, const std::function<Status(ByteSink&)>& fill);
 
   // Reads a whole file. The allocation equals the file's size.
   Result<std::string> ReadAll(std::string_view key);
@@ -137,124 +140,5 @@ Result<StoreFile> OpenStoreFile(std::string_view url, const StoreOpenOptions& op
 Result<std::string_view> UrlScheme(std::string_view url);
 // The local path of a plain path or file:// URL; InvalidArgument for other schemes.
 Result<std::string> LocalPathOfUrl(std::string_view url);
-
-// An in-memory store for tests. It models durability exactly as documented above: each file
-// has a live content and a synced content, each directory a live and a synced set of names.
-// DropUnsyncedData() simulates a power loss: names revert to the last SyncDir of their directory
-// and every file reverts to its content at its last Sync (OpenWrite's truncation counts as
-// synced, the pessimistic choice). Files open for writing at the crash fail every later call.
-class MemoryStore final : public Store {
- public:
-  explicit MemoryStore(std::string label = "memory");
-  ~MemoryStore() override;
-
-  Result<std::unique_ptr<WritableFile>> OpenWrite(std::string_view key) override;
-  Result<std::unique_ptr<ReadableFile>> OpenRead(std::string_view key) override;
-  Result<bool> Exists(std::string_view key) override;
-  Result<uint64_t> Size(std::string_view key) override;
-  Result<std::vector<std::string>> List() override;
-  Status Remove(std::string_view key) override;
-  Status Rename(std::string_view from, std::string_view to) override;
-  Status SyncDir(std::string_view dir = {}) override;
-  Status CreateDir() override { return Status::Ok(); }
-  std::string Describe(std::string_view key) const override;
-
-  // Bytes of `key` that would survive a crash now (NotFound if the live name is absent).
-  Result<uint64_t> SyncedSize(std::string_view key);
-  // Total appended-but-unsynced bytes over all live files.
-  uint64_t UnsyncedBytes();
-  // Simulates a crash; see the class comment.
-  void DropUnsyncedData();
-
- private:
-  struct Node;
-  class Writer;
-  class Reader;
-  struct State;
-  std::shared_ptr<State> state_;
-};
-
-// Operations a FaultStore counts and can fail.
-enum class StoreOp : int {
-  kOpenWrite = 0,
-  kOpenRead,
-  kAppend,
-  kSync,
-  kClose,
-  kRead,  // ReadableFile::ReadAt
-  kRename,
-  kRemove,
-  kSyncDir,
-  kList,
-  kStat,  // Exists, Size
-  kCreateDir,
-};
-inline constexpr int kNumStoreOps = 12;
-std::string_view StoreOpName(StoreOp op);
-
-// Wraps another store (which must outlive it) in the manner of rocksdb's FaultInjectionTestFS:
-// chosen operations fail with a chosen Status, and every operation is counted. A failed
-// operation does not reach the base store, so a failed Sync leaves its data unsynced there.
-// DropUnsyncedData() forwards to a MemoryStore base (Unimplemented for other bases). Files opened
-// through a FaultStore must be destroyed before it.
-class FaultStore final : public Store {
- public:
-  struct Fault {
-    StoreOp op = StoreOp::kAppend;
-    // The nth (1-based) matching operation from when the fault is added fails.
-    uint64_t nth = 1;
-    // What it fails with; the operation and key are prepended to the message.
-    Status error = UnavailableError("injected fault");
-    // Only operations on keys containing this substring match ("" matches all). kRename matches
-    // its destination; kSyncDir its directory; kList and kCreateDir the empty key.
-    std::string key_substring;
-    // Keep failing every matching operation from the nth on.
-    bool sticky = false;
-  };
-
-  explicit FaultStore(Store& base);
-  ~FaultStore() override;
-
-  void AddFault(Fault fault);
-  void ClearFaults();
-  // While inactive every operation fails with `error` (a process that has died).
-  void SetActive(bool active, Status error = UnavailableError("store is inactive"));
-  // Operations of kind `op` attempted so far, failed ones included.
-  uint64_t count(StoreOp op) const;
-  // Operations of kind `op` that failed by injection.
-  uint64_t failures(StoreOp op) const;
-  void ResetCounts();
-  Status DropUnsyncedData();
-
-  Result<std::unique_ptr<WritableFile>> OpenWrite(std::string_view key) override;
-  Result<std::unique_ptr<ReadableFile>> OpenRead(std::string_view key) override;
-  Result<bool> Exists(std::string_view key) override;
-  Result<uint64_t> Size(std::string_view key) override;
-  Result<std::vector<std::string>> List() override;
-  Status Remove(std::string_view key) override;
-  Status Rename(std::string_view from, std::string_view to) override;
-  Status SyncDir(std::string_view dir = {}) override;
-  Status CreateDir() override;
-  std::string Describe(std::string_view key) const override { return base_.Describe(key); }
-
- private:
-  // Counts an operation and returns its injected failure, if any.
-  Status Check(StoreOp op, std::string_view key);
-
-  class Writer;
-  class Reader;
-  struct PendingFault {
-    Fault fault;
-    uint64_t seen = 0;
-  };
-
-  Store& base_;
-  mutable std::mutex mu_;
-  std::vector<PendingFault> faults_;
-  bool active_ = true;
-  Status inactive_error_;
-  std::array<uint64_t, kNumStoreOps> counts_{};
-  std::array<uint64_t, kNumStoreOps> failures_{};
-};
 
 }  // namespace dcpp

@@ -4,6 +4,7 @@
 #include <fstream>
 
 #include "dcpp/storage.h"
+#include "testing/fault_store.h"
 #include "testing/testing.h"
 
 namespace dcpp {

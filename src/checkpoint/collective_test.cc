@@ -4,8 +4,9 @@
 
 #include "dcpp/checkpoint.h"
 #include "dcpp/comm.h"
+#include "dcpp/convert.h"
 #include "dcpp/storage.h"
-#include "dcpp/torch_save.h"
+#include "testing/fault_store.h"
 #include "testing/testing.h"
 
 namespace dcpp {

@@ -9,7 +9,7 @@
 #include <algorithm>
 #include <set>
 
-#include "dcpp/pickle.h"
+#include "codec/pickle.h"
 
 namespace dcpp {
 

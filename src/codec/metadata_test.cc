@@ -1,6 +1,6 @@
 #include "dcpp/metadata.h"
 
-#include "dcpp/pickle.h"
+#include "codec/pickle.h"
 #include "testing/testing.h"
 
 namespace dcpp {

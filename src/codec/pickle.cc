@@ -13,7 +13,7 @@
 //   4. Globals pass the allow-list when they are pushed; calls that merely rebuild plain data
 //      (protocol-2 bytes and sets, copyreg.__newobj__) are resolved at REDUCE.
 //   5. STOP must leave exactly one value, no open MARK and no trailing bytes.
-#include "dcpp/pickle.h"
+#include "codec/pickle.h"
 
 #include <algorithm>
 #include <bit>
@@ -1783,6 +1783,7 @@ PickleAllowList PickleAllowList::TorchSave() {
   AddAll(list, "torch._utils",
          {"_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
           "_rebuild_parameter_with_state"});
+  list.Add("torch.storage", "UntypedStorage");  // as PyTorch pickles it
   AddAll(list, "torch", {"UntypedStorage",
                          "DoubleStorage",
                          "FloatStorage",

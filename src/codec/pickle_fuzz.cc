@@ -11,7 +11,7 @@
 #include <string>
 #include <string_view>
 
-#include "dcpp/pickle.h"
+#include "codec/pickle.h"
 
 namespace {
 

@@ -1,4 +1,4 @@
-#include "dcpp/pickle.h"
+#include "codec/pickle.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>

@@ -20,7 +20,7 @@
 //   2. Build data.pkl's pickle tree as PyTorch does and serialize it with protocol 2.
 //   3. Stream the records: data.pkl, the 2.x markers, data/<key> straight from tensor memory,
 //      version, and the serialization id.
-#include "dcpp/torch_save.h"
+#include "codec/torch_save.h"
 
 #include <algorithm>
 #include <cstdio>
@@ -31,7 +31,6 @@
 
 #include "codec/zip.h"
 #include "dcpp/chunk.h"
-#include "dcpp/file.h"
 
 namespace dcpp {
 namespace {
@@ -156,7 +155,11 @@ Result<TorchSaveTensorRef> TreeReader::ParseRebuild(const PickleValue& v, bool v
   if (!(pid[0]->is(Kind::kStr) || pid[0]->is(Kind::kBytes)) || pid[0]->as_str() != "storage") {
     return DataLoss(fn + ": persistent id of unknown kind " + pid[0]->DebugString(1));
   }
-  if (!pid[1]->is(Kind::kGlobal) || pid[1]->global().module != "torch") {
+  // PyTorch pickles the untyped storage class by its module: torch.storage.UntypedStorage.
+  const bool torch_storage_module = pid[1]->is(Kind::kGlobal) &&
+                                    pid[1]->global().module == "torch.storage" &&
+                                    pid[1]->global().name == "UntypedStorage";
+  if (!pid[1]->is(Kind::kGlobal) || (pid[1]->global().module != "torch" && !torch_storage_module)) {
     return DataLoss(fn + ": storage type " + pid[1]->DebugString(1) + " is not a torch storage");
   }
   const std::string& storage_class = pid[1]->global().name;
@@ -835,7 +838,10 @@ class PickleBuilder {
     const bool v3 = storage_class.empty();
     PickleRef pid = PickleValue::PersistentId(PickleValue::Tuple({
         storage_str_,
-        PickleValue::MakeGlobal("torch", v3 ? "UntypedStorage" : std::string(storage_class)),
+        // As PyTorch pickles it (the class's own module); torch.load(weights_only=True) allows
+        // only that name for the untyped storage.
+        v3 ? PickleValue::MakeGlobal("torch.storage", "UntypedStorage")
+           : PickleValue::MakeGlobal("torch", std::string(storage_class)),
         KeyNode(p.group),
         cpu_str_,
         PickleValue::Int(static_cast<int64_t>(v3 ? g.nbytes : g.nbytes / ElementSize(g.dtype))),
@@ -1003,27 +1009,6 @@ Result<std::string> EncodeTorchSave(const Value& value, const TorchSaveWriteOpti
   StringSink sink;
   DCPP_RETURN_IF_ERROR(WriteTorchSave(value, sink, options));
   return sink.Release();
-}
-
-Result<Value> LoadTorchFile(const std::string& path) {
-  DCPP_ASSIGN_OR_RETURN(auto source, FileSource::Open(path));
-  DCPP_ASSIGN_OR_RETURN(TorchSaveArchive archive, TorchSaveArchive::Open(*source));
-  return archive.ReadValue();
-}
-
-Status SaveTorchFile(const Value& value, const std::string& path) {
-  return SaveTorchFile(value, path, TorchSaveWriteOptions{});
-}
-
-Status SaveTorchFile(const Value& value, const std::string& path, TorchSaveWriteOptions options) {
-  // As PyTorchStreamWriter: the basename up to its last '.'.
-  std::string base =
-      path.substr(path.find_last_of('/') == std::string::npos ? 0 : path.find_last_of('/') + 1);
-  const size_t dot = base.find_last_of('.');
-  if (dot != std::string::npos) base = base.substr(0, dot);
-  options.archive_name = base.empty() ? "archive" : base;
-  return WriteFileAtomic(path,
-                         [&](ByteSink& sink) { return WriteTorchSave(value, sink, options); });
 }
 
 }  // namespace dcpp

@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <string_view>
 
-#include "dcpp/torch_save.h"
+#include "codec/torch_save.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   dcpp::MemorySource source(std::string_view(reinterpret_cast<const char*>(data), size), "fuzz");

@@ -2,14 +2,13 @@
 
 #include <cmath>
 #include <cstring>
-#include <filesystem>
 #include <map>
 #include <sstream>
 
+#include "convert/torch_file.h"
 #include "dcpp/checkpoint.h"
-#include "dcpp/file.h"
 #include "dcpp/layout.h"
-#include "dcpp/torch_save.h"
+#include "dcpp/storage.h"
 
 namespace dcpp {
 
@@ -18,19 +17,29 @@ std::string_view FormatName(CheckpointFormat format) {
 }
 
 Result<CheckpointFormat> DetectFormat(const std::string& path) {
-  std::error_code ec;
-  auto st = std::filesystem::status(path, ec);
-  if (ec || !std::filesystem::exists(st)) return NotFoundError("\"" + path + "\" does not exist");
-  if (std::filesystem::is_directory(st)) {
-    if (std::filesystem::exists(std::filesystem::path(path) / kMetadataFileName) ||
-        std::filesystem::exists(std::filesystem::path(path) / "__0.metadata")) {
-      return CheckpointFormat::kDcp;
+  // A location with DCP metadata is a DCP checkpoint; otherwise the path names one file.
+  auto dir = OpenStore(path);
+  if (dir.ok()) {
+    for (const char* name : {kMetadataFileName, "__0.metadata"}) {
+      DCPP_ASSIGN_OR_RETURN(bool found, (*dir)->Exists(name));
+      if (found) return CheckpointFormat::kDcp;
     }
-    return InvalidArgumentError("\"" + path + "\" is a directory without DCP metadata (.metadata)");
   }
-  DCPP_ASSIGN_OR_RETURN(auto src, FileSource::Open(path));
+  auto file = OpenStoreFile(path);
+  auto source = file.ok() ? file->store->OpenRead(file->key)
+                          : Result<std::unique_ptr<ReadableFile>>(file.status());
+  if (!source.ok()) {
+    if (dir.ok() && source.status().code() != StatusCode::kInvalidArgument) {
+      return InvalidArgumentError("\"" + path +
+                                  "\" is a directory without DCP metadata (.metadata)");
+    }
+    if (source.status().code() == StatusCode::kNotFound) {
+      return NotFoundError("\"" + path + "\" does not exist");
+    }
+    return source.status();
+  }
   char magic[4] = {};
-  if (src->size() >= 4) DCPP_RETURN_IF_ERROR(src->ReadAt(0, magic, 4));
+  if ((*source)->size() >= 4) DCPP_RETURN_IF_ERROR((*source)->ReadAt(0, magic, 4));
   if (std::memcmp(magic, "PK\3\4", 4) == 0) return CheckpointFormat::kTorchSave;
   return InvalidArgumentError("\"" + path + "\" is neither a DCP directory nor a torch.save file");
 }
@@ -181,7 +190,7 @@ Status ConvertDcpToTorch(const std::string& dcp_dir, const std::string& torch_fi
     if (progress) progress(done, total);
     return v->tensor();
   };
-  return SaveTorchFile(root, torch_file, std::move(options));
+  return internal::SaveTorchFile(root, torch_file, std::move(options));
 }
 
 Status ConvertTorchToDcp(const std::string& torch_file, const std::string& dcp_dir,

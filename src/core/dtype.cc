@@ -34,6 +34,8 @@ constexpr std::array<DTypeInfo, kNumDTypes> kInfo = {{
     {DType::kFloat8_e5m2, "float8_e5m2", 1, ""},
     {DType::kFloat8_e4m3fnuz, "float8_e4m3fnuz", 1, ""},
     {DType::kFloat8_e5m2fnuz, "float8_e5m2fnuz", 1, ""},
+    {DType::kFloat8_e8m0fnu, "float8_e8m0fnu", 1, ""},
+    {DType::kFloat4_e2m1fn_x2, "float4_e2m1fn_x2", 1, ""},
 }};
 
 struct Alias {
@@ -89,6 +91,8 @@ bool IsFloatingPoint(DType d) {
     case DType::kFloat8_e5m2:
     case DType::kFloat8_e4m3fnuz:
     case DType::kFloat8_e5m2fnuz:
+    case DType::kFloat8_e8m0fnu:
+    case DType::kFloat4_e2m1fn_x2:  // torch.float4_e2m1fn_x2.is_floating_point is True
       return true;
     default:
       return false;

@@ -7,10 +7,11 @@
 //    into place. Only one tensor is in flight at a time.
 #include <cstring>
 
+#include "codec/torch_save.h"
 #include "core/wire.h"
 #include "dcpp/comm.h"
 #include "dcpp/layout.h"
-#include "dcpp/torch_save.h"
+#include "dcpp/storage.h"
 
 namespace dcpp {
 
@@ -45,7 +46,10 @@ Result<Metadata> BroadcastingTorchSaveReader::ReadMetadata(int /*rank*/) {
   std::string buf;
   if (comm_->rank() == root_) {
     Status s = [&]() -> Status {
-      DCPP_ASSIGN_OR_RETURN(root_value_, LoadTorchFile(path_));
+      DCPP_ASSIGN_OR_RETURN(StoreFile file, OpenStoreFile(path_));
+      DCPP_ASSIGN_OR_RETURN(std::unique_ptr<ReadableFile> source, file.store->OpenRead(file.key));
+      DCPP_ASSIGN_OR_RETURN(TorchSaveArchive archive, TorchSaveArchive::Open(*source));
+      DCPP_ASSIGN_OR_RETURN(root_value_, archive.ReadValue());
       if (!root_value_.is_dict()) {
         return InvalidArgumentError("\"" + path_ + "\" holds a " +
                                     std::string(KindName(root_value_.kind())) + ", not a dict");

@@ -19,19 +19,17 @@
 //      are never referenced and are overwritten or removed by a later save.)
 // A load reads `.metadata` (or `__{rank}.metadata` in rank-local mode), then reads for each
 // item only its byte range, decoding the torch.save archive in place.
-#include <zstd.h>
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <mutex>
 #include <random>
-#include <thread>
-#include <unordered_map>
 
-#include "core/wire.h"
+#include "codec/stream_transform.h"
+#include "codec/torch_save.h"
+#include "core/thread_pool.h"
 #include "dcpp/layout.h"
 #include "dcpp/storage.h"
-#include "dcpp/torch_save.h"
+#include "planner/plan_wire.h"
 
 namespace dcpp {
 
@@ -39,7 +37,6 @@ namespace {
 
 constexpr const char* kVersion = "1.0.0";
 constexpr const char* kSuffix = ".distcp";
-constexpr const char* kZstdDescriptor = "stream.zstd/1";
 // Loads: blobs up to this size are read whole, neighbours together in windows of up to
 // kWindowBytes (holes up to kWindowGapBytes, e.g. a skipped item, are read through).
 constexpr size_t kWholeBlobBytes = 512 << 10;
@@ -121,38 +118,23 @@ std::vector<Bucket> SplitBySizeAndType(const SavePlan& plan, size_t bins) {
   return buckets;
 }
 
-// One zstd frame holding `blob` (with its content size, so readers can size their buffer).
-Result<std::string> ZstdCompress(std::string_view blob, int level) {
-  std::string out(ZSTD_compressBound(blob.size()), '\0');
-  const size_t n = ZSTD_compress(out.data(), out.size(), blob.data(), blob.size(), level);
-  if (ZSTD_isError(n)) return InternalError(std::string("zstd: ") + ZSTD_getErrorName(n));
-  out.resize(n);
-  return out;
-}
-
-// Decompresses one zstd-transformed blob (DCP's "stream.zstd/1" extension).
-Result<std::string> ZstdDecompress(const ByteSource& src, const std::string& what) {
-  std::string in(src.size(), '\0');
-  DCPP_RETURN_IF_ERROR(src.ReadAt(0, in.data(), in.size()));
-  std::string out;
-  ZSTD_DStream* ds = ZSTD_createDStream();
-  ZSTD_initDStream(ds);
-  ZSTD_inBuffer ib{in.data(), in.size(), 0};
-  std::string chunk(ZSTD_DStreamOutSize(), '\0');
-  size_t ret = 1;
-  while (ib.pos < ib.size) {
-    ZSTD_outBuffer ob{chunk.data(), chunk.size(), 0};
-    ret = ZSTD_decompressStream(ds, &ob, &ib);
-    if (ZSTD_isError(ret)) {
-      ZSTD_freeDStream(ds);
-      return DataLossError(what + ": zstd: " + ZSTD_getErrorName(ret));
+// The most bytes an item's transformed blob may decode to: a tensor item is one torch.save
+// archive of at most the tensor's bytes plus its records; a bytes item is bounded by a generous
+// expansion ratio. Saturates instead of overflowing on hostile sizes.
+uint64_t DecodedSizeCap(const Metadata& metadata, const ReadItem& item, uint64_t stored) {
+  constexpr uint64_t kArchiveOverhead = uint64_t{1} << 20;
+  constexpr uint64_t kMax = ~uint64_t{0};
+  const auto* m = metadata.state_dict_metadata.Find(item.storage_index.fqn);
+  const auto* t = m ? std::get_if<TensorStorageMetadata>(m) : nullptr;
+  if (item.type == LoadItemType::kTensor && t) {
+    unsigned __int128 bytes = ElementSize(t->properties.dtype);
+    for (int64_t d : t->size) {
+      bytes *= static_cast<uint64_t>(std::max<int64_t>(d, 0));
+      if (bytes > kMax) return kMax;
     }
-    out.append(chunk.data(), ob.pos);
-    if (ob.pos == 0 && ret == 0) break;
+    return static_cast<uint64_t>(std::min<unsigned __int128>(bytes + kArchiveOverhead, kMax));
   }
-  ZSTD_freeDStream(ds);
-  if (ret != 0) return DataLossError(what + ": truncated zstd stream");
-  return out;
+  return std::max<uint64_t>(uint64_t{64} << 20, stored > kMax / 1024 ? kMax : stored * 1024);
 }
 
 }  // namespace
@@ -163,10 +145,7 @@ std::string EncodeWriteResults(const std::vector<WriteResult>& results) {
   internal::WireWriter w;
   w.U64(results.size());
   for (const auto& r : results) {
-    w.Str(r.index.fqn);
-    w.U64(r.index.offset ? 1 : 0);
-    if (r.index.offset) w.Dims(*r.index.offset);
-    w.U64(r.index.index ? static_cast<uint64_t>(*r.index.index) + 1 : 0);
+    internal::PutIndex(w, r.index);
     w.U64(static_cast<uint64_t>(r.size_in_bytes));
     w.Str(r.storage_data.relative_path);
     w.U64(static_cast<uint64_t>(r.storage_data.offset));
@@ -182,13 +161,7 @@ Result<std::vector<WriteResult>> DecodeWriteResults(std::string_view bytes) {
   DCPP_ASSIGN_OR_RETURN(uint64_t count, r.Count());
   std::vector<WriteResult> out(count);
   for (auto& w : out) {
-    DCPP_ASSIGN_OR_RETURN(w.index.fqn, r.Str());
-    DCPP_ASSIGN_OR_RETURN(uint64_t has_offset, r.U64());
-    if (has_offset) {
-      DCPP_ASSIGN_OR_RETURN(w.index.offset, r.Dims());
-    }
-    DCPP_ASSIGN_OR_RETURN(uint64_t index, r.U64());
-    if (index) w.index.index = static_cast<int64_t>(index - 1);
+    DCPP_RETURN_IF_ERROR(internal::GetIndex(r, &w.index));
     DCPP_ASSIGN_OR_RETURN(uint64_t size, r.U64());
     w.size_in_bytes = static_cast<int64_t>(size);
     DCPP_ASSIGN_OR_RETURN(w.storage_data.relative_path, r.Str());
@@ -280,7 +253,6 @@ Result<std::vector<WriteResult>> FileSystemWriter::WriteData(const SavePlan& pla
   }
   const std::string tag = save_tag_.empty() ? "" : "_" + save_tag_;
   std::vector<std::vector<WriteResult>> results(buckets.size());
-  std::vector<Status> errors(buckets.size());
 
   auto write_bucket = [&](size_t b) -> Status {
     const std::string name = plan.storage_prefix + std::to_string(b) + tag + kSuffix;
@@ -311,7 +283,7 @@ Result<std::vector<WriteResult>> FileSystemWriter::WriteData(const SavePlan& pla
           if (s.ok()) blob = std::move(*encoded);
         }
         if (s.ok()) {
-          auto frame = ZstdCompress(blob, options_.zstd_level);
+          auto frame = internal::ZstdTransform(options_.zstd_level).Encode(blob);
           s = frame.ok() ? sink.Write(frame->data(), frame->size()) : frame.status();
         }
       } else if (item.type == WriteItemType::kByteIO) {
@@ -324,7 +296,9 @@ Result<std::vector<WriteResult>> FileSystemWriter::WriteData(const SavePlan& pla
         return s.WithContext("writing \"" + name + "\" item \"" + item.index.ToString() + "\"");
       const int64_t length = static_cast<int64_t>(sink.position() - offset);
       StorageInfo info{name, static_cast<int64_t>(offset), length, {}};
-      if (options_.zstd_level > 0) info.transform_descriptors = {kZstdDescriptor};
+      if (options_.zstd_level > 0) {
+        info.transform_descriptors = {std::string(internal::kZstdDescriptor)};
+      }
       results[b].push_back({item.index, length, std::move(info)});
     }
     if (options_.sync_files) {
@@ -333,19 +307,8 @@ Result<std::vector<WriteResult>> FileSystemWriter::WriteData(const SavePlan& pla
     return file->Close().WithContext("closing \"" + name + "\"");
   };
 
-  const size_t threads = std::min<size_t>(buckets.size(), std::max(options_.thread_count, 1));
-  if (threads <= 1) {
-    for (size_t b = 0; b < buckets.size(); ++b) errors[b] = write_bucket(b);
-  } else {
-    std::atomic<size_t> next{0};
-    std::vector<std::thread> pool;
-    for (size_t t = 0; t < threads; ++t) {
-      pool.emplace_back([&] {
-        for (size_t b; (b = next.fetch_add(1)) < buckets.size();) errors[b] = write_bucket(b);
-      });
-    }
-    for (auto& th : pool) th.join();
-  }
+  const std::vector<Status> errors = internal::ParallelFor(
+      buckets.size(), static_cast<size_t>(std::max(options_.thread_count, 1)), write_bucket);
   std::vector<WriteResult> all;
   for (size_t b = 0; b < buckets.size(); ++b) {
     DCPP_RETURN_IF_ERROR(errors[b]);
@@ -401,6 +364,27 @@ FileSystemReader::FileSystemReader(Store* store, std::string checkpoint_id,
 FileSystemReader::~FileSystemReader() = default;
 
 Result<Metadata> FileSystemReader::ReadMetadata(int rank) {
+  auto md = ReadMetadataFile(rank);
+  if (rank >= 0 || md.ok() || md.status().code() != StatusCode::kNotFound) return md;
+  // Saved without collectives: no global file, one `__{r}.metadata` per saving rank (numbered
+  // densely from 0). Their union is the checkpoint, whatever world size loads it.
+  std::vector<Metadata> per_rank;
+  for (int r = 0;; ++r) {
+    auto own = ReadMetadataFile(r);
+    if (!own.ok() && own.status().code() == StatusCode::kNotFound) break;
+    if (!own.ok()) return own.status();
+    per_rank.push_back(std::move(*own));
+  }
+  if (per_rank.empty()) return md;
+  auto merged = MergeRankLocalMetadata(per_rank);
+  if (!merged.ok()) {
+    return merged.status().WithContext("merging the rank-local metadata of \"" + checkpoint_id_ +
+                                       "\"");
+  }
+  return merged;
+}
+
+Result<Metadata> FileSystemReader::ReadMetadataFile(int rank) {
   const std::string name = rank < 0 ? kMetadataFileName : RankMetadataName(rank);
   const std::string where = "\"" + checkpoint_id_ + "/" + name + "\"";
   auto file = store_->OpenRead(name);
@@ -442,7 +426,6 @@ Status FileSystemReader::ReadData(const LoadPlan& plan, LoadPlanner& planner) {
   std::mutex planner_mu;  // planners are not thread-safe
   std::vector<std::pair<const std::string*, const std::map<MetadataIndex, Blob>*>> work;
   for (const auto& [name, blobs] : files) work.push_back({&name, &blobs});
-  std::vector<Status> errors(work.size());
 
   auto read_file = [&](size_t w) -> Status {
     const std::string& name = *work[w].first;
@@ -471,6 +454,7 @@ Status FileSystemReader::ReadData(const LoadPlan& plan, LoadPlanner& planner) {
                              std::to_string(file->size()) + " bytes)");
       }
       SubSource raw(*file, static_cast<uint64_t>(info.offset), static_cast<uint64_t>(info.length));
+      // Transforms were applied in order when writing: undo them last to first.
       std::string decoded;
       std::unique_ptr<MemorySource> decoded_src;
       const ByteSource* src = &raw;
@@ -499,11 +483,13 @@ Status FileSystemReader::ReadData(const LoadPlan& plan, LoadPlanner& planner) {
             std::string_view(window).substr(begin - window_start, info.length), name);
         src = decoded_src.get();
       }
-      for (const auto& d : info.transform_descriptors) {
-        if (d.rfind("stream.zstd/1", 0) != 0 || info.transform_descriptors.size() != 1) {
-          return UnimplementedError(what + ": stream transform \"" + d + "\" is not supported");
-        }
-        DCPP_ASSIGN_OR_RETURN(decoded, ZstdDecompress(raw, what));
+      const uint64_t cap = DecodedSizeCap(*metadata_, *blob.items.front(), raw.size());
+      for (auto d = info.transform_descriptors.rbegin(); d != info.transform_descriptors.rend();
+           ++d) {
+        auto transform = internal::FindStreamTransform(*d);
+        if (!transform.ok()) return transform.status().WithContext("reading " + what);
+        DCPP_ASSIGN_OR_RETURN(std::string out, (*transform)->Decode(*src, cap, what));
+        decoded = std::move(out);
         decoded_src = std::make_unique<MemorySource>(decoded, name);
         src = decoded_src.get();
       }
@@ -556,20 +542,8 @@ Status FileSystemReader::ReadData(const LoadPlan& plan, LoadPlanner& planner) {
     return Status::Ok();
   };
 
-  const size_t threads = std::min<size_t>(work.size(), std::max(options_.thread_count, 1));
-  if (threads <= 1) {
-    for (size_t w = 0; w < work.size(); ++w) errors[w] = read_file(w);
-  } else {
-    std::atomic<size_t> next{0};
-    std::vector<std::thread> pool;
-    for (size_t t = 0; t < threads; ++t) {
-      pool.emplace_back([&] {
-        for (size_t w; (w = next.fetch_add(1)) < work.size();) errors[w] = read_file(w);
-      });
-    }
-    for (auto& th : pool) th.join();
-  }
-  for (const auto& e : errors) DCPP_RETURN_IF_ERROR(e);
+  DCPP_RETURN_IF_ERROR(internal::FirstError(internal::ParallelFor(
+      work.size(), static_cast<size_t>(std::max(options_.thread_count, 1)), read_file)));
   return planner.Finish();
 }
 

@@ -12,9 +12,9 @@
 #include <unordered_map>
 #include <unordered_set>
 
-#include "core/wire.h"
+#include "codec/torch_save.h"
 #include "dcpp/planner.h"
-#include "dcpp/torch_save.h"
+#include "planner/plan_wire.h"
 #include "xxhash.h"
 
 namespace dcpp {
@@ -637,10 +637,7 @@ std::string EncodeSavePlan(const SavePlan& plan) {
   w.Str(plan.storage_prefix);
   w.U64(plan.items.size());
   for (const auto& item : plan.items) {
-    w.Str(item.index.fqn);
-    w.U64(item.index.offset ? 1 : 0);
-    if (item.index.offset) w.Dims(*item.index.offset);
-    w.U64(item.index.index ? static_cast<uint64_t>(*item.index.index) + 1 : 0);
+    internal::PutIndex(w, item.index);
     w.U64(static_cast<uint64_t>(item.type));
     if (item.tensor_data) {
       const auto& td = *item.tensor_data;
@@ -676,13 +673,7 @@ Result<SavePlan> DecodeSavePlan(std::string_view bytes) {
   DCPP_ASSIGN_OR_RETURN(uint64_t n, r.Count());
   plan.items.resize(n);
   for (auto& item : plan.items) {
-    DCPP_ASSIGN_OR_RETURN(item.index.fqn, r.Str());
-    DCPP_ASSIGN_OR_RETURN(uint64_t has_offset, r.U64());
-    if (has_offset) {
-      DCPP_ASSIGN_OR_RETURN(item.index.offset, r.Dims());
-    }
-    DCPP_ASSIGN_OR_RETURN(uint64_t index, r.U64());
-    if (index) item.index.index = static_cast<int64_t>(index - 1);
+    DCPP_RETURN_IF_ERROR(internal::GetIndex(r, &item.index));
     DCPP_ASSIGN_OR_RETURN(uint64_t type, r.U64());
     if (type < 1 || type > 3) return r.Malformed();
     item.type = static_cast<WriteItemType>(type);

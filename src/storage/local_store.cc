@@ -1,9 +1,4 @@
-// LocalStore: a Store over a POSIX directory.
-//
-// Every descriptor is opened O_CLOEXEC so a forked writer process does not inherit it. Writes
-// loop over short writes and EINTR; appends below kBufferSize are gathered in a buffer, larger
-// ones go straight from the caller's memory to write(2) so tensor bytes are copied once.
-// Reads use pread, which is thread-safe on one descriptor.
+// LocalStore: a Store over a POSIX directory, on the I/O stack of storage/posix_io.h.
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -12,179 +7,20 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <cstring>
-#include <filesystem>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "dcpp/storage.h"
+#include "storage/posix_io.h"
 
 namespace dcpp {
 namespace {
 
-constexpr size_t kBufferSize = size_t{1} << 20;  // appends >= this bypass the buffer
-constexpr size_t kMaxIo = size_t{1} << 30;       // Linux caps one read/write near 2 GiB
-constexpr uint64_t kWriteBehindBytes = uint64_t{32} << 20;
-
-Status WriteFully(int fd, const char* p, size_t n, const std::string& path) {
-  while (n > 0) {
-    ssize_t w = ::write(fd, p, std::min(n, kMaxIo));
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      return ErrnoToStatus(errno, "writing " + path);
-    }
-    if (w == 0) return UnavailableError("writing " + path + ": write made no progress");
-    p += w;
-    n -= static_cast<size_t>(w);
-  }
-  return Status::Ok();
-}
-
-Status SyncFd(int fd, const std::string& what) {
-  while (::fsync(fd) != 0) {
-    if (errno != EINTR) return ErrnoToStatus(errno, "syncing " + what);
-  }
-  return Status::Ok();
-}
-
-// mkdir -p: creates `path` and its missing parents.
-Status MakeDirs(const std::string& path) {
-  if (path.empty()) return Status::Ok();
-  size_t pos = 0;
-  while (pos != std::string::npos) {
-    pos = path.find('/', pos + 1);
-    std::string prefix = path.substr(0, pos);
-    if (::mkdir(prefix.c_str(), 0755) == 0) continue;
-    if (errno != EEXIST) return ErrnoToStatus(errno, "creating directory " + prefix);
-    struct stat st;
-    if (::stat(prefix.c_str(), &st) != 0)
-      return ErrnoToStatus(errno, "creating directory " + prefix);
-    if (!S_ISDIR(st.st_mode)) {
-      return FailedPreconditionError("creating directory " + prefix + ": a file is in the way");
-    }
-  }
-  return Status::Ok();
-}
-
-class PosixWritableFile final : public WritableFile {
- public:
-  PosixWritableFile(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
-  ~PosixWritableFile() override {
-    if (fd_ >= 0) {
-      (void)FlushBuffer();
-      ::close(fd_);
-    }
-  }
-
-  Status Append(const void* data, size_t n) override {
-    DCPP_RETURN_IF_ERROR(CheckUsable());
-    if (n == 0) return Status::Ok();
-    const char* p = static_cast<const char*>(data);
-    if (used_ + n <= kBufferSize && n < kBufferSize) {
-      if (!buffer_) buffer_ = std::make_unique<char[]>(kBufferSize);
-      std::memcpy(buffer_.get() + used_, p, n);
-      used_ += n;
-      position_ += n;
-      return Status::Ok();
-    }
-    DCPP_RETURN_IF_ERROR(FlushBuffer());
-    if (n < kBufferSize) return Append(data, n);  // fits the now-empty buffer
-    error_ = WriteFully(fd_, p, n, path_);
-    if (error_.ok()) position_ += n;
-    StartWriteBack();
-    return error_;
-  }
-
-  Status Sync() override {
-    DCPP_RETURN_IF_ERROR(CheckUsable());
-    DCPP_RETURN_IF_ERROR(FlushBuffer());
-    error_ = SyncFd(fd_, path_);
-    return error_;
-  }
-
-  Status Close() override {
-    if (fd_ < 0) return FailedPreconditionError(path_ + ": already closed");
-    Status st = error_.ok() ? FlushBuffer() : error_;
-    if (::close(fd_) != 0 && st.ok()) st = ErrnoToStatus(errno, "closing " + path_);
-    fd_ = -1;
-    buffer_.reset();
-    return st;
-  }
-
-  uint64_t position() const override { return position_; }
-  std::string name() const override { return path_; }
-
- private:
-  Status CheckUsable() const {
-    if (fd_ < 0) return FailedPreconditionError(path_ + ": file is closed");
-    return error_;  // a failed write leaves the file's tail unknown; later calls repeat the error
-  }
-  Status FlushBuffer() {
-    if (used_ == 0) return Status::Ok();
-    error_ = WriteFully(fd_, buffer_.get(), used_, path_);
-    used_ = 0;
-    StartWriteBack();
-    return error_;
-  }
-  // Write-behind: each time kWriteBehindBytes more have reached the page cache, their writeback
-  // is started (sync_file_range WRITE, which does not wait), so the device writes while later
-  // bytes are still being copied and the final fsync waits only for the tail. A hint only:
-  // errors surface at fsync.
-  void StartWriteBack() {
-    if (!error_.ok() || position_ - started_ < kWriteBehindBytes) return;
-    ::sync_file_range(fd_, static_cast<off_t>(started_), static_cast<off_t>(position_ - started_),
-                      SYNC_FILE_RANGE_WRITE);
-    started_ = position_;
-  }
-
-  int fd_;
-  std::string path_;
-  std::unique_ptr<char[]> buffer_;  // allocated on the first small append
-  size_t used_ = 0;
-  uint64_t position_ = 0;
-  uint64_t started_ = 0;  // writeback started for [0, started_)
-  Status error_;
-};
-
-class PosixReadableFile final : public ReadableFile {
- public:
-  PosixReadableFile(int fd, uint64_t size, std::string path)
-      : fd_(fd), size_(size), path_(std::move(path)) {}
-  ~PosixReadableFile() override { ::close(fd_); }
-
-  uint64_t size() const override { return size_; }
-  std::string name() const override { return path_; }
-
-  Status ReadAt(uint64_t offset, void* dst, size_t n) const override {
-    if (offset > size_ || n > size_ - offset) {
-      return DataLossError(path_ + ": read of " + std::to_string(n) + " bytes at offset " +
-                           std::to_string(offset) + " is past the end (" + std::to_string(size_) +
-                           " bytes)");
-    }
-    char* p = static_cast<char*>(dst);
-    while (n > 0) {
-      ssize_t r = ::pread(fd_, p, std::min(n, kMaxIo), static_cast<off_t>(offset));
-      if (r < 0) {
-        if (errno == EINTR) continue;
-        return ErrnoToStatus(errno, "reading " + path_ + " at offset " + std::to_string(offset));
-      }
-      if (r == 0) {
-        return DataLossError(path_ + ": file ended at offset " + std::to_string(offset) +
-                             " while reading (truncated since it was opened?)");
-      }
-      p += r;
-      offset += static_cast<uint64_t>(r);
-      n -= static_cast<size_t>(r);
-    }
-    return Status::Ok();
-  }
-
- private:
-  int fd_;
-  uint64_t size_;
-  std::string path_;
-};
+using internal::MakeDirs;
+using internal::OpenFd;
+using internal::PosixReadableFile;
+using internal::PosixWritableFile;
 
 class LocalStore final : public Store {
  public:
@@ -199,34 +35,16 @@ class LocalStore final : public Store {
     DCPP_RETURN_IF_ERROR(ValidateKey(key));
     DCPP_RETURN_IF_ERROR(MakeParents(key));
     std::string path = Describe(key);
-    int fd;
-    do {
-      fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    } while (fd < 0 && errno == EINTR);
-    if (fd < 0) return ErrnoToStatus(errno, "opening " + path + " for writing");
+    DCPP_ASSIGN_OR_RETURN(int fd, OpenFd(path, O_WRONLY | O_CREAT | O_TRUNC, 0644));
     return std::unique_ptr<WritableFile>(new PosixWritableFile(fd, std::move(path)));
   }
 
   Result<std::unique_ptr<ReadableFile>> OpenRead(std::string_view key) override {
     DCPP_RETURN_IF_ERROR(ValidateKey(key));
     std::string path = Describe(key);
-    int fd;
-    do {
-      fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    } while (fd < 0 && errno == EINTR);
-    if (fd < 0) return ErrnoToStatus(errno, "opening " + path);
-    struct stat st;
-    if (::fstat(fd, &st) != 0) {
-      Status s = ErrnoToStatus(errno, "stat " + path);
-      ::close(fd);
-      return s;
-    }
-    if (!S_ISREG(st.st_mode)) {
-      ::close(fd);
-      return NotFoundError("opening " + path + ": not a regular file");
-    }
-    return std::unique_ptr<ReadableFile>(
-        new PosixReadableFile(fd, static_cast<uint64_t>(st.st_size), std::move(path)));
+    uint64_t size = 0;
+    DCPP_ASSIGN_OR_RETURN(int fd, internal::OpenRegularForRead(path, &size));
+    return std::unique_ptr<ReadableFile>(new PosixReadableFile(fd, size, std::move(path)));
   }
 
   Result<bool> Exists(std::string_view key) override {
@@ -276,15 +94,7 @@ class LocalStore final : public Store {
 
   Status SyncDir(std::string_view dir) override {
     if (!dir.empty()) DCPP_RETURN_IF_ERROR(ValidateKey(dir));
-    std::string path = Describe(dir);
-    int fd;
-    do {
-      fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    } while (fd < 0 && errno == EINTR);
-    if (fd < 0) return ErrnoToStatus(errno, "opening directory " + path);
-    Status st = SyncFd(fd, "directory " + path);
-    ::close(fd);
-    return st;
+    return internal::SyncDirectory(Describe(dir));
   }
 
   Status CreateDir() override { return MakeDirs(root_); }

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "testing/fault_store.h"
 #include "testing/store_conformance.h"
 #include "testing/testing.h"
 
@@ -494,7 +495,8 @@ TEST(OpenStoreTest, StoreFileSplitsParentAndKey) {
     DCPP_ASSERT_OK_AND_ASSIGN(std::string got, f.store->ReadAll(f.key));
     EXPECT_EQ(got, "abc");
   }
-  EXPECT_THAT(OpenStoreFile(dir.Join("d") + "/"), StatusIs(StatusCode::kInvalidArgument, ::testing::_));
+  EXPECT_THAT(OpenStoreFile(dir.Join("d") + "/"),
+              StatusIs(StatusCode::kInvalidArgument, ::testing::_));
   EXPECT_THAT(OpenStoreFile("mem-test://"), StatusIs(StatusCode::kInvalidArgument, ::testing::_));
 }
 

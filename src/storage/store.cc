@@ -58,9 +58,19 @@ std::string_view KeyDirectory(std::string_view key) {
 }
 
 Status Store::WriteAtomic(std::string_view key, std::string_view bytes) {
+  return WriteAtomic(key,
+                     [bytes](ByteSink& sink) { return sink.Write(bytes.data(), bytes.size()); });
+}
+
+Status Store::WriteAtomic(std::string_view key, const std::function<Status(ByteSink&)>& fill) {
   DCPP_RETURN_IF_ERROR(ValidateKey(key));
   const std::string tmp = std::string(key) + ".tmp";
-  Status st = WriteAll(tmp, bytes, /*sync=*/true);
+  Status st = [&]() -> Status {
+    DCPP_ASSIGN_OR_RETURN(std::unique_ptr<WritableFile> file, OpenWrite(tmp));
+    DCPP_RETURN_IF_ERROR(fill(*file));
+    DCPP_RETURN_IF_ERROR(file->Sync());
+    return file->Close();
+  }();
   if (st.ok()) st = Rename(tmp, key);
   if (!st.ok()) {
     (void)Remove(tmp);  // best effort; a stale temporary is overwritten by the next attempt

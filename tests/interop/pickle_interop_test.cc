@@ -18,7 +18,7 @@
 #include <string>
 #include <vector>
 
-#include "dcpp/pickle.h"
+#include "codec/pickle.h"
 #include "testing/testing.h"
 
 namespace dcpp {

@@ -21,9 +21,9 @@
 #include <sstream>
 #include <string>
 
+#include "codec/torch_save.h"
 #include "dcpp/chunk.h"
-#include "dcpp/file.h"
-#include "dcpp/torch_save.h"
+#include "dcpp/convert.h"
 #include "testing/testing.h"
 
 namespace dcpp {
@@ -268,7 +268,7 @@ TEST_F(TorchSaveInteropTest, DcppReadsWhatPyTorchWrites) {
   for (const std::string& name : names) {
     SCOPED_TRACE(name);
     const std::string path = dir.Join(name + ".pt");
-    DCPP_ASSERT_OK_AND_ASSIGN(auto source, FileSource::Open(path));
+    DCPP_ASSERT_OK_AND_ASSIGN(auto source, testing::OpenFile(path));
     DCPP_ASSERT_OK_AND_ASSIGN(TorchSaveArchive archive, TorchSaveArchive::Open(*source));
     EXPECT_EQ(archive.prefix(), name);  // torch.save to a path: the basename
     EXPECT_EQ(archive.version(), 3);
@@ -286,7 +286,7 @@ TEST_F(TorchSaveInteropTest, DcppReadsWhatPyTorchWrites) {
       options.archive_name = name;
       options.modern_records = false;  // torch 1.13 writes only data.pkl, data/N and version
       DCPP_ASSERT_OK_AND_ASSIGN(std::string mine, EncodeTorchSave(rebuilt, options));
-      DCPP_ASSERT_OK_AND_ASSIGN(std::string theirs, ReadFile(path));
+      DCPP_ASSERT_OK_AND_ASSIGN(std::string theirs, testing::ReadFileBytes(path));
       EXPECT_EQ(mine.size(), theirs.size());
       EXPECT_TRUE(mine == theirs) << "dcpp's encoding of " << name << " differs from PyTorch's";
       ++identical;
@@ -302,7 +302,7 @@ TEST_F(TorchSaveInteropTest, ReadTensorIntoMatchesPyTorchBytes) {
       RunShell("'" + Python() + "' '" + Peer() + "' write '" + dir.path().string() + "'", &out), 0)
       << out;
   // Each tensor of the layouts case, read leaf by leaf straight into a fresh tensor.
-  DCPP_ASSERT_OK_AND_ASSIGN(auto source, FileSource::Open(dir.Join("layouts.pt")));
+  DCPP_ASSERT_OK_AND_ASSIGN(auto source, testing::OpenFile(dir.Join("layouts.pt")));
   DCPP_ASSERT_OK_AND_ASSIGN(TorchSaveArchive archive, TorchSaveArchive::Open(*source));
   DCPP_ASSERT_OK_AND_ASSIGN(Value value, archive.ReadValue());
   DCPP_ASSERT_OK_AND_ASSIGN(auto leaves, archive.Leaves());
@@ -440,10 +440,10 @@ TEST_F(TorchSaveInteropTest, PyTorchReadsWhatDcppWrites) {
         TorchSaveWriteOptions options;
         options.modern_records = false;
         DCPP_ASSERT_OK_AND_ASSIGN(std::string bytes, EncodeTorchSave(c.value, options));
-        ASSERT_THAT(WriteFileAtomic(path, bytes), testing::IsOk());
+        ASSERT_THAT(testing::WriteFileBytes(path, bytes), testing::IsOk());
       }
       json expect = {{"weights_only", c.weights_only}, {"tree", Describer(c.layout)(c.value)}};
-      ASSERT_THAT(WriteFileAtomic(path + ".json", expect.dump()), testing::IsOk());
+      ASSERT_THAT(testing::WriteFileBytes(path + ".json", expect.dump()), testing::IsOk());
     }
   }
   std::string out;
@@ -467,7 +467,7 @@ TEST_F(TorchSaveInteropTest, PyTorchCheckFailsOnADifferentValue) {
   Value::Dict d2;
   d2.emplace_back(Value::Str("w"), Value::FromTensor(other));
   json expect = {{"weights_only", true}, {"tree", Describer(true)(Value::MakeDict(std::move(d2)))}};
-  ASSERT_THAT(WriteFileAtomic(dir.Join("bad.pt.json"), expect.dump()), testing::IsOk());
+  ASSERT_THAT(testing::WriteFileBytes(dir.Join("bad.pt.json"), expect.dump()), testing::IsOk());
   std::string out;
   EXPECT_EQ(
       RunShell("'" + Python() + "' '" + Peer() + "' check '" + dir.path().string() + "'", &out), 1)
@@ -556,10 +556,10 @@ TEST_F(TorchSaveInteropTest, InspectJsonListsWhatPyTorchWrote) {
   const std::string missing = dir.Join("missing.pt");
   EXPECT_EQ(RunShell(std::string("'") + cli + "' inspect '" + missing + "'", &out), 1);
   EXPECT_THAT(out, ::testing::HasSubstr(missing));
-  std::string bytes = *ReadFile(dir.Join("tree.pt"));
+  std::string bytes = *testing::ReadFileBytes(dir.Join("tree.pt"));
   bytes.resize(bytes.size() - 30);
   const std::string cut = dir.Join("cut.pt");
-  ASSERT_THAT(WriteFileAtomic(cut, bytes), testing::IsOk());
+  ASSERT_THAT(testing::WriteFileBytes(cut, bytes), testing::IsOk());
   EXPECT_EQ(RunShell(std::string("'") + cli + "' inspect --json '" + cut + "'", &out), 1);
   EXPECT_THAT(out, ::testing::HasSubstr(cut));
 }

@@ -20,10 +20,12 @@
 #include <string>
 #include <vector>
 
+#include "checkpoint/steps.h"
 #include "dcpp/checkpoint.h"
 #include "dcpp/layout.h"
 #include "dcpp/mpi_comm.h"
 #include "dcpp/storage.h"
+#include "testing/fault_store.h"
 #include "testing/testing.h"
 
 namespace dcpp {
@@ -423,6 +425,66 @@ TEST(MpiCheckpointFailureTest, WriteFailureOnOneRank) {
   ASSERT_THAT(comm->Barrier(), IsOk());
   EXPECT_FALSE(std::filesystem::exists(std::filesystem::path(path) / ".metadata"));
   RemoveAfterEveryRank(*comm, path);
+}
+
+// Fault points of the protocol failed over MPI (the full sweep runs with threads as ranks in
+// src/checkpoint/steps_test.cc): each failure, on one rank, reaches every rank as one error
+// naming that rank, and a failed save commits nothing. A rank that skipped a collective would
+// hang this test until CTest's timeout.
+TEST(MpiCheckpointFailureTest, ProtocolFaultPointsOnOneRank) {
+  auto comm = World();
+  ASSERT_NE(comm, nullptr);
+  ASSERT_EQ(comm->size(), 4);
+  const int rank = comm->rank();
+  const std::string good = CheckpointPath("fault_points_good");
+  {
+    SaveOptions options;
+    options.comm = comm.get();
+    ASSERT_THAT(Save(SavedState(rank, 4), good, options).status(), IsOk());
+  }
+  struct Case {
+    const char* point;
+    int rank;
+    bool save;
+  };
+  for (const Case& c :
+       {Case{"save.planner.create_local_plan", 3, true},
+        Case{"save.planner.create_global_plan", 0, true}, Case{"save.writer.write_data", 1, true},
+        Case{"save.writer.finish", 0, true}, Case{"load.reader.read_metadata", 2, false},
+        Case{"load.reader.read_data", 1, false}, Case{"load.broadcast.unpack", 3, false}}) {
+    SCOPED_TRACE(c.point);
+    internal::SetFaultHookForTesting([&](std::string_view p, int r) -> Status {
+      if (p == c.point && r == c.rank)
+        return UnavailableError(std::string("injected at ") + c.point);
+      return Status::Ok();
+    });
+    Status s;
+    const std::string path = c.save ? CheckpointPath("fault_points_new") : good;
+    if (c.save) {
+      SaveOptions options;
+      options.comm = comm.get();
+      s = Save(SavedState(rank, 4), path, options).status();
+    } else {
+      Value sd = Value::MakeDict();
+      LoadOptions options;
+      options.comm = comm.get();
+      options.broadcast_replicated = true;
+      s = Load(sd, path, options);
+    }
+    internal::SetFaultHookForTesting(nullptr);
+    EXPECT_THAT(s, StatusIs(StatusCode::kUnavailable,
+                            ::testing::AllOf(HasSubstr("rank " + std::to_string(c.rank)),
+                                             HasSubstr(std::string("injected at ") + c.point))));
+    std::string shared(s.message());
+    shared = shared.substr(shared.find("\": ") + 3);  // without this rank's own context
+    for (const auto& t : AllTexts(*comm, shared)) EXPECT_EQ(t, shared);
+    ASSERT_THAT(comm->Barrier(), IsOk());
+    if (c.save) {
+      EXPECT_FALSE(std::filesystem::exists(std::filesystem::path(path) / ".metadata"));
+      RemoveAfterEveryRank(*comm, path);
+    }
+  }
+  RemoveAfterEveryRank(*comm, good);
 }
 
 // The write failure outside gtest: prints "rank R: <shared error>" and returns 3 on failure, so

@@ -3,13 +3,13 @@
 // key path, dtype, shape, layout, size and storage record, plain values inline, and totals.
 // The JSON schema is in docs/cli.md.
 #include <cmath>
-#include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <set>
 
-#include "dcpp/file.h"
-#include "dcpp/torch_save.h"
+#include "codec/torch_save.h"
+#include "dcpp/convert.h"
+#include "dcpp/storage.h"
 #include "tools/dcpp/commands.h"
 
 namespace dcpp::cli {
@@ -84,7 +84,9 @@ int InspectTorchSave(const std::string& path, bool as_json) {
     std::cerr << "dcpp inspect: " << path << ": " << s.ToString() << "\n";
     return 1;
   };
-  auto source = FileSource::Open(path);
+  auto file = OpenStoreFile(path);
+  if (!file.ok()) return fail(file.status());
+  auto source = file->store->OpenRead(file->key);
   if (!source.ok()) return fail(source.status());
   auto archive = TorchSaveArchive::Open(**source);
   if (!archive.ok()) return fail(archive.status());
@@ -172,8 +174,11 @@ void RegisterInspect(CLI::App& app) {
   cmd->add_option("path", *path, "torch.save file or DCP directory")->required();
   cmd->add_flag("--json", *as_json, "Print a JSON object (schema in docs/cli.md)");
   cmd->callback([path, as_json] {
-    std::error_code ec;
-    if (std::filesystem::is_directory(*path, ec)) {
+    auto format = DetectFormat(*path);
+    if (!format.ok()) {
+      std::cerr << "dcpp inspect: " << format.status().ToString() << "\n";
+      SetExitCode(1);
+    } else if (*format == CheckpointFormat::kDcp) {
       SetExitCode(InspectDcp(*path, *as_json));
     } else {
       SetExitCode(InspectTorchSave(*path, *as_json));

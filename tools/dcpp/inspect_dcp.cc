@@ -1,5 +1,6 @@
 // `dcpp inspect DIR [--json]` for DCP checkpoints: keys, dtypes, global shapes, chunks with the
 // file and byte range each one occupies, files, totals. The JSON schema is in docs/cli.md.
+#include <filesystem>
 #include <iostream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -20,6 +21,10 @@ int InspectDcp(const std::string& path, bool as_json) {
       md = std::move(own);
       rank_local = true;
     }
+  }
+  // A save without collectives: ReadMetadata merged every rank's __{r}.metadata.
+  if (md.ok() && !std::filesystem::exists(std::filesystem::path(path) / kMetadataFileName)) {
+    rank_local = true;
   }
   if (!md.ok()) {
     std::cerr << "dcpp inspect: " << md.status().message() << "\n";

@@ -24,8 +24,8 @@
 #include <string>
 #include <vector>
 
+#include "codec/pickle.h"
 #include "dcpp/io.h"
-#include "dcpp/pickle.h"
 #include "dcpp/status.h"
 #include "dcpp/tensor.h"
 #include "dcpp/value.h"
@@ -141,12 +141,5 @@ struct TorchSaveWriteOptions {
 Status WriteTorchSave(const Value& value, ByteSink& sink,
                       const TorchSaveWriteOptions& options = {});
 Result<std::string> EncodeTorchSave(const Value& value, const TorchSaveWriteOptions& options = {});
-
-// Whole-file helpers. SaveTorchFile writes `path` (archive name = basename minus extension, as
-// torch.save to a path does) atomically: temp file, fsync, rename.
-Result<Value> LoadTorchFile(const std::string& path);
-Status SaveTorchFile(const Value& value, const std::string& path);
-// As above with options; `archive_name` is always derived from `path`.
-Status SaveTorchFile(const Value& value, const std::string& path, TorchSaveWriteOptions options);
 
 }  // namespace dcpp

@@ -6,7 +6,7 @@
 // Peek, so every byte read goes through ReadAt and its fault check.
 #include <string>
 
-#include "dcpp/storage.h"
+#include "testing/fault_store.h"
 
 namespace dcpp {
 

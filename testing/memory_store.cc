@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "dcpp/storage.h"
+#include "testing/memory_store.h"
 
 namespace dcpp {
 
