@@ -111,3 +111,7 @@ def run(a, op, threads):
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"op": op, "threads": threads, "seconds": dt, "bytes": nbytes,
                       "peak_rss_bytes": rss}), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

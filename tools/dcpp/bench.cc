@@ -358,7 +358,7 @@ int RunOrchestrator(const BenchArgs& args) {
       if (have_peer) {
         f["dcp_GBps"] = dcp;
         f["torch_save_GBps"] = ts;
-        pass = pass && first >= 1.2 * dcp && first >= 3 * ts;
+        pass = pass && dcp > 0 && ts > 0 && first >= 1.2 * dcp && first >= 3 * ts;
         target += ", >= 1.2x DCP (" + std::to_string(t) + " threads), >= 3x torch.save";
       }
       rows.push_back(Row("save/" + k, f, target, pass));
@@ -378,7 +378,7 @@ int RunOrchestrator(const BenchArgs& args) {
         const double dcp = s.Med("dcp/load/" + k), tl = s.Med("torch/load/" + kind);
         f["dcp_GBps"] = dcp;
         f["torch_load_GBps"] = tl;
-        pass = pass && g >= 5 * dcp && g >= 3 * tl;
+        pass = pass && dcp > 0 && tl > 0 && g >= 5 * dcp && g >= 3 * tl;
         target += ", >= 5x DCP, >= 3x torch.load";
       }
       rows.push_back(Row("load/" + k, f, target, pass));
