@@ -351,6 +351,7 @@ int RunOrchestrator(const BenchArgs& args) {
       json f = {{"dcpp_first_GBps", first},
                 {"dcpp_later_GBps", later},
                 {"fio_write_GBps", fio_w},
+                {"fio_write_wall_GBps", s.Med("fio/write_wall/" + k)},
                 {"peak_rss_MiB", s.Med("dcpp/save/" + k + "/rss") / mib},
                 {"state_MiB", state / mib}};
       bool pass = first > 0 && fio_w > 0 && first >= 0.9 * fio_w;

@@ -124,38 +124,36 @@ int RunPlanningCase(int ranks, int items, int load_ranks) {
     f["plan_cache_hit"] = caching.last_plan_cached();
   }
 
-  if (std::getenv("DCPP_BENCH_NO_COMMIT")) {
-    Emit({{"case", "planning"}, {"figures", f}});
-    return 0;
-  }
-  // The commit: storage data from every rank's write results, then the .metadata pickle.
-  t0 = NowSeconds();
+  const bool commit = std::getenv("DCPP_BENCH_NO_COMMIT") == nullptr;
   Metadata& md = global->second;
-  std::vector<std::vector<WriteResult>> results(ranks);
-  for (int r = 0; r < ranks; ++r) {
-    const SavePlan& p = global->first[r];
-    const std::string file = p.storage_prefix.empty() ? "__" + std::to_string(r) + "_0.distcp"
-                                                      : p.storage_prefix + "0.distcp";
-    int64_t offset = 0;
-    results[r].reserve(p.items.size());
-    for (const auto& item : p.items) {
-      const int64_t len = item.StorageSize() + 1024;
-      results[r].push_back({item.index, len, StorageInfo{file, offset, len, {}}});
-      offset += len;
+  if (commit) {
+    // The commit: storage data from every rank's write results, then the .metadata pickle.
+    t0 = NowSeconds();
+    std::vector<std::vector<WriteResult>> results(ranks);
+    for (int r = 0; r < ranks; ++r) {
+      const SavePlan& p = global->first[r];
+      const std::string file = p.storage_prefix.empty() ? "__" + std::to_string(r) + "_0.distcp"
+                                                        : p.storage_prefix + "0.distcp";
+      int64_t offset = 0;
+      results[r].reserve(p.items.size());
+      for (const auto& item : p.items) {
+        const int64_t len = item.StorageSize() + 1024;
+        results[r].push_back({item.index, len, StorageInfo{file, offset, len, {}}});
+        offset += len;
+      }
     }
+    for (const auto& rr : results) {
+      for (const auto& r : rr) md.storage_data[r.index] = r.storage_data;
+    }
+    results.clear();
+    results.shrink_to_fit();
+    auto bytes = EncodeMetadata(md);
+    t1 = NowSeconds();
+    if (!bytes.ok()) return 2;
+    f["commit_metadata_s"] = t1 - t0;
+    f["metadata_MiB"] = static_cast<double>(bytes->size()) / (1 << 20);
+    bytes = std::string();
   }
-  for (const auto& rr : results) {
-    for (const auto& r : rr) md.storage_data[r.index] = r.storage_data;
-  }
-  results.clear();
-  results.shrink_to_fit();
-  auto bytes = EncodeMetadata(md);
-  t1 = NowSeconds();
-  if (!bytes.ok()) return 2;
-  f["commit_metadata_s"] = t1 - t0;
-  f["metadata_MiB"] = static_cast<double>(bytes->size()) / (1 << 20);
-  bytes = std::string();
-
   // Load planning for `load_ranks` ranks: every rank plans alone; a few sampled ranks.
   if (load_ranks > 0) {
     std::vector<double> times;
