@@ -4,6 +4,8 @@
 #include <cstdio>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <sstream>
+#include <vector>
 
 #include "testing/testing.h"
 
@@ -55,15 +57,23 @@ TEST(BenchCliTest, QuickJsonPrintsOneRowPerCase) {
 
 TEST(BenchCliTest, TorchPeerMeasuresEveryOperation) {
   testing::TempDir tmp;
-  const std::string peer = testing::Torch2PythonPath() + " " + testing::SourceDir() +
-                           "/bench/torch_peer.py --kind small --bytes 1048576 --threads 2 --dir " +
-                           tmp.path().string();
-  for (const char* op : {"dcp_save", "dcp_load", "torch_save", "torch_load"}) {
-    auto v = nlohmann::json::parse(Capture(peer + " --op " + op), nullptr, false);
-    ASSERT_TRUE(v.is_object()) << op;
-    EXPECT_GT(v.value("seconds", 0.0), 0) << op;
-    EXPECT_GE(v.value("bytes", 0), 1 << 20) << op;
+  // One process runs the list in order (as the orchestrator does), one JSON line each.
+  const std::string out = Capture(testing::Torch2PythonPath() + " " + testing::SourceDir() +
+                                  "/bench/torch_peer.py --kind small --bytes 1048576 --ops "
+                                  "dcp_save:2,dcp_load:2,torch_save,torch_load --dir " +
+                                  tmp.path().string());
+  std::vector<std::string> ops;
+  std::istringstream lines(out);
+  for (std::string line; std::getline(lines, line);) {
+    auto v = nlohmann::json::parse(line, nullptr, false);
+    ASSERT_TRUE(v.is_object()) << line;
+    ops.push_back(v.value("op", ""));
+    EXPECT_GT(v.value("seconds", 0.0), 0) << line;
+    // The state fills the budget without exceeding it: 1 MiB less the last partial tensor.
+    EXPECT_GT(v.value("bytes", 0), 1000000) << line;
+    EXPECT_LE(v.value("bytes", 0), 1 << 20) << line;
   }
+  EXPECT_THAT(ops, ::testing::ElementsAre("dcp_save", "dcp_load", "torch_save", "torch_load"));
 }
 
 }  // namespace
