@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README demo: save a sharded state dict with 4 ranks, reload it with 3 under another
-# sharding, inspect the checkpoint, convert it to one torch.save file, and load both in PyTorch 2.x.
+# sharding, inspect the checkpoint and draw its shard map, convert it to one torch.save file, and
+# load both in PyTorch 2.x.
 set -euo pipefail
 build=${1:-build}
 out=${DCPP_DEMO_DIR:-/tmp/dcpp-demo}
@@ -12,6 +13,9 @@ echo "== dcpp inspect (first lines)"
 sed -n 1,12p "$out/inspect.txt"
 echo "..."
 tail -n 1 "$out/inspect.txt"
+echo
+echo "== dcpp inspect --svg: layer0's shard map, and what 3 column-sharded readers read"
+"$build"/dcpp inspect "$out/ckpt" --svg "$out/shard_map.svg" --match 'model.layer0.*' --ranks 3 --dim 1
 echo
 echo "== dcpp convert to torch.save, then inspect it"
 "$build"/dcpp convert "$out/ckpt" "$out/model.pt" --to torch

@@ -132,8 +132,9 @@ class FileSystemReader final : public StorageReader {
   FileSystemReader(Store* store, std::string checkpoint_id, FileSystemReaderOptions options);
   ~FileSystemReader() override;
 
-  // `rank` < 0: `.metadata`, or where it is absent (a save without collectives) the union of
-  // every `__{r}.metadata` (MergeRankLocalMetadata), so any world size loads it.
+  // `rank` >= 0 (a save without collectives): the union of every `__{r}.metadata`
+  // (MergeRankLocalMetadata) with `rank`'s own file first, so any world size loads it and a rank
+  // reads its own entries where the files disagree.
   Result<Metadata> ReadMetadata(int rank = -1) override;
   Status SetUp(const Metadata& metadata, bool is_coordinator, int rank) override;
   Status ReadData(const LoadPlan& plan, LoadPlanner& planner) override;

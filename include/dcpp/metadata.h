@@ -138,10 +138,11 @@ Result<std::string> EncodeMetadata(const Metadata& metadata,
                                    const MetadataEncodeOptions& options = {});
 
 // The global view of a checkpoint saved without collectives (PyTorch's use_collectives=False),
-// where rank r wrote `__{r}.metadata` describing only its own items: entries are united in rank
-// order, and a chunk or storage key that several ranks saved (replicated data) is kept once,
-// from the lowest rank. A dtype, size or kind that differs between ranks is DataLoss.
-Result<Metadata> MergeRankLocalMetadata(const std::vector<Metadata>& per_rank);
+// where rank r wrote `__{r}.metadata` (per_rank[r]) describing only its own items: entries are
+// united, file `first` first and then in rank order; a chunk or storage key that several files
+// have (replicated data, or a rank that kept an older save) is taken from the first file that
+// has it. A dtype, size or kind that differs between files is DataLoss.
+Result<Metadata> MergeRankLocalMetadata(const std::vector<Metadata>& per_rank, int first = 0);
 
 // Bounds and consistency checks (chunks inside size, matching ranks, storage keys present).
 // `what` names the source in messages.

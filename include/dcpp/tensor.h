@@ -29,7 +29,10 @@ using Shape = std::vector<int64_t>;
 
 std::string ShapeToString(const Shape& shape);  // "[2, 3]"
 int64_t NumElements(const Shape& shape);        // product; 1 for a 0-d shape
-Shape ContiguousStrides(const Shape& shape);    // row-major strides
+// The bytes of a dense tensor of `shape`, for shapes read from untrusted input: InvalidArgument
+// naming the shape if a size is negative or the byte count does not fit in int64.
+Result<int64_t> CheckedNumBytes(DType dtype, const Shape& shape);
+Shape ContiguousStrides(const Shape& shape);  // row-major strides
 
 struct Device {
   enum class Type : uint8_t { kCPU, kCUDA, kOther };
@@ -122,6 +125,9 @@ class Tensor {
                                     Shape strides = {}, int64_t storage_offset = 0);
   // Contiguous, zero-filled, CPU.
   static Tensor Zeros(DType dtype, Shape shape);
+  // Zeros for a shape from untrusted input: checked sizes, and an allocation failure is an
+  // Unavailable status instead of an exception.
+  static Result<Tensor> TryZeros(DType dtype, Shape shape);
   // Contiguous CPU tensor whose bytes are copied from `data` (nbytes = numel * element size).
   static Tensor FromBytes(DType dtype, Shape shape, const void* data);
 

@@ -26,7 +26,9 @@ Value State(int rank, uint64_t seed, bool fill) {
   Tensor full = PatternTensor(DType::kFloat32, kShape, seed);
   const int64_t lo = kShape[0] * rank / kWorld, hi = kShape[0] * (rank + 1) / kWorld;
   Tensor piece = Tensor::Zeros(DType::kFloat32, {hi - lo, kShape[1]});
-  if (fill) EXPECT_TRUE(CopyRegion(piece.view(), {0, 0}, full.view(), {lo, 0}, piece.shape()).ok());
+  if (fill) {
+    EXPECT_TRUE(CopyRegion(piece.view(), {0, 0}, full.view(), {lo, 0}, piece.shape()).ok());
+  }
   Value sd = Value::MakeDict();
   sd.Set("w", Value::FromSharded({DType::kFloat32, kShape, {{{lo, 0}, piece}}}));
   sd.Set("bias", Value::FromTensor(fill ? PatternTensor(DType::kFloat64, {7}, seed + 1)
@@ -134,7 +136,7 @@ void ExpectFirstCheckpoint(const std::string& dir, const std::string& what) {
 }
 
 // In rank-local mode each rank commits its own `__{rank}.metadata` alone: the failed rank's
-// checkpoint must still be its previous one, bit for bit.
+// shards must still be its previous ones, bit for bit.
 void ExpectFailedRankKeptItsCheckpoint(const std::string& dir, int failed,
                                        const std::string& what) {
   std::vector<Value> loaded(kWorld);
@@ -147,7 +149,8 @@ void ExpectFailedRankKeptItsCheckpoint(const std::string& dir, int failed,
   EXPECT_TRUE(loaded[failed].Find("w")->sharded().shards[0].tensor.BitwiseEqual(
       want.Find("w")->sharded().shards[0].tensor))
       << what;
-  EXPECT_EQ(loaded[failed].Find("step")->as_int(), 1) << what;
+  // Replicated plain values come from the lowest rank's file in the merged rank-local metadata,
+  // so only the failed rank's own shards are checked.
 }
 
 TEST(StepsFaultTest, EveryStepFailedOnEveryRankFailsEveryRankAlike) {

@@ -521,14 +521,49 @@ class Encoder {
 }  // namespace
 
 Status ValidateMetadata(const Metadata& md, std::string_view what) {
+  // Every size is checked before anything is allocated from it: element counts and byte sizes
+  // must fit in int64, chunks must lie inside their tensor, and an untransformed chunk cannot
+  // hold more bytes than its stored blob (so allocations are bounded by what the files hold).
   for (const auto& [fqn, m] : md.state_dict_metadata) {
     const auto* t = std::get_if<TensorStorageMetadata>(&m);
     if (!t) continue;
+    auto bytes = CheckedNumBytes(t->properties.dtype, t->size);
+    if (!bytes.ok()) {
+      return DataLossError(std::string(what) + ": \"" + fqn +
+                           "\": " + std::string(bytes.status().message()));
+    }
     for (const auto& c : t->chunks) {
-      if (c.offsets.size() != t->size.size() || c.sizes.size() != t->size.size() ||
-          !Contains(WholeBox(t->size), c)) {
+      bool fits = c.offsets.size() == t->size.size() && c.sizes.size() == t->size.size();
+      for (size_t d = 0; fits && d < c.offsets.size(); ++d) {
+        fits = c.offsets[d] >= 0 && c.sizes[d] >= 0;
+      }
+      if (!fits || !Contains(WholeBox(t->size), c)) {
         return DataLossError(std::string(what) + ": chunk " + c.ToString() + " of \"" + fqn +
                              "\" does not fit its size " + ShapeToString(t->size));
+      }
+      auto info = md.storage_data.find(MetadataIndex{fqn, c.offsets, std::nullopt});
+      if (info != md.storage_data.end() && info->second.transform_descriptors.empty()) {
+        const int64_t chunk_bytes = *CheckedNumBytes(t->properties.dtype, c.sizes);
+        if (info->second.length < chunk_bytes || info->second.offset < 0) {
+          return DataLossError(std::string(what) + ": chunk " + c.ToString() + " of \"" + fqn +
+                               "\" needs " + std::to_string(chunk_bytes) +
+                               " bytes but its stored blob has " +
+                               std::to_string(info->second.length));
+        }
+      }
+    }
+  }
+  if (md.planner_data) {
+    // A list index cannot exceed the number of entries: each element needs one.
+    const int64_t entries = static_cast<int64_t>(md.state_dict_metadata.size());
+    for (const auto& [fqn, path] : *md.planner_data) {
+      for (const auto& part : path) {
+        const int64_t* i = std::get_if<int64_t>(&part);
+        if (i && (*i < 0 || *i >= entries)) {
+          return DataLossError(std::string(what) + ": planner data of \"" + fqn +
+                               "\" has list index " + std::to_string(*i) + " with only " +
+                               std::to_string(entries) + " entries");
+        }
       }
     }
   }

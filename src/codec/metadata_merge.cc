@@ -7,12 +7,17 @@
 
 namespace dcpp {
 
-Result<Metadata> MergeRankLocalMetadata(const std::vector<Metadata>& per_rank) {
+Result<Metadata> MergeRankLocalMetadata(const std::vector<Metadata>& per_rank, int first) {
   if (per_rank.empty()) return InvalidArgumentError("no rank-local metadata to merge");
-  Metadata out;
-  out.storage_meta = per_rank[0].storage_meta;
-  out.version = per_rank[0].version;
+  if (first < 0 || first >= static_cast<int>(per_rank.size())) first = 0;
+  std::vector<size_t> order = {static_cast<size_t>(first)};
   for (size_t r = 0; r < per_rank.size(); ++r) {
+    if (r != static_cast<size_t>(first)) order.push_back(r);
+  }
+  Metadata out;
+  out.storage_meta = per_rank[first].storage_meta;
+  out.version = per_rank[first].version;
+  for (size_t r : order) {
     const Metadata& md = per_rank[r];
     const std::string who = "__" + std::to_string(r) + ".metadata";
     for (const auto& [fqn, m] : md.state_dict_metadata) {
@@ -25,14 +30,14 @@ Result<Metadata> MergeRankLocalMetadata(const std::vector<Metadata>& per_rank) {
       auto* ht = std::get_if<TensorStorageMetadata>(have);
       if ((t == nullptr) != (ht == nullptr)) {
         return DataLossError(who + ": \"" + fqn + "\" is " + (t ? "a tensor" : "bytes") +
-                             " here but not in a lower rank's metadata");
+                             " here but not in another rank's metadata");
       }
       if (!t) continue;
       if (t->properties.dtype != ht->properties.dtype || t->size != ht->size) {
         return DataLossError(who + ": tensor \"" + fqn + "\" is " +
                              std::string(DTypeName(t->properties.dtype)) + ShapeToString(t->size) +
                              " here but " + std::string(DTypeName(ht->properties.dtype)) +
-                             ShapeToString(ht->size) + " in a lower rank's metadata");
+                             ShapeToString(ht->size) + " in another rank's metadata");
       }
       // Replicated data is saved by every rank: keep each chunk once.
       for (const ChunkBox& c : t->chunks) {

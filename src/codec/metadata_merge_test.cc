@@ -50,6 +50,10 @@ TEST(MergeRankLocalMetadataTest, DisagreementIsDataLossNamingTheRank) {
   bytes_w.state_dict_metadata["w"] = BytesStorageMetadata{};
   EXPECT_THAT(MergeRankLocalMetadata({RankLocal(0), bytes_w}),
               StatusIs(StatusCode::kDataLoss, HasSubstr("\"w\" is bytes")));
+  // The file named first wins where files disagree.
+  DCPP_ASSERT_OK_AND_ASSIGN(Metadata md, MergeRankLocalMetadata({RankLocal(0), RankLocal(1)}, 1));
+  DCPP_ASSERT_OK_AND_ASSIGN(const StorageInfo* b, md.FindStorage({"b", Shape{0}, std::nullopt}));
+  EXPECT_EQ(b->relative_path, "__1_0.distcp");
   EXPECT_THAT(MergeRankLocalMetadata({}), StatusIs(StatusCode::kInvalidArgument, HasSubstr("no")));
 }
 

@@ -263,7 +263,12 @@ bool Utf8ToLatin1(std::string_view text, std::string* out) {
 class Reader {
  public:
   Reader(std::string_view data, const PickleReadOptions& options, const PickleAllowList& allow)
-      : data_(data), options_(options), allow_(allow) {}
+      : data_(data), options_(options), allow_(allow) {
+    // One opcode byte at least per memo entry and per value: the input's size bounds both.
+    const size_t scaled = data.size() + 16;
+    if (options_.max_memo == 0) options_.max_memo = scaled;
+    if (options_.max_nodes == 0) options_.max_nodes = scaled;
+  }
 
   Result<PickleRef> Run();
 
@@ -441,7 +446,7 @@ class Reader {
   Status Step(uint8_t code);
 
   std::string_view data_;
-  const PickleReadOptions& options_;
+  PickleReadOptions options_;  // a copy: the scaled limits are filled in
   const PickleAllowList& allow_;
   size_t pos_ = 0;
   size_t op_pos_ = 0;
@@ -1806,19 +1811,10 @@ PickleAllowList PickleAllowList::TorchSave() {
                          "device"});
   for (int i = 0; i < kNumDTypes; ++i) list.Add("torch", DTypeName(static_cast<DType>(i)));
   // Dtypes dcpp does not model still appear as torch.<name> globals inside checkpoints.
-  AddAll(list, "torch", {"float8_e8m0fnu", "float4_e2m1fn_x2",
-                         "qint8",          "quint8",
-                         "qint32",         "quint4x2",
-                         "quint2x4",       "bits1x8",
-                         "bits2x4",        "bits4x2",
-                         "bits8",          "bits16",
-                         "uint1",          "uint2",
-                         "uint3",          "uint4",
-                         "uint5",          "uint6",
-                         "uint7",          "int1",
-                         "int2",           "int3",
-                         "int4",           "int5",
-                         "int6",           "int7"});
+  AddAll(list, "torch",
+         {"qint8", "quint8", "qint32", "quint4x2", "quint2x4", "bits1x8", "bits2x4", "bits4x2",
+          "bits8", "bits16", "uint1",  "uint2",    "uint3",    "uint4",   "uint5",   "uint6",
+          "uint7", "int1",   "int2",   "int3",     "int4",     "int5",    "int6",    "int7"});
   list.Add("torch.serialization", "_get_layout");
   list.Add("collections", "OrderedDict");
   AddAll(list, "builtins", {"set", "frozenset", "bytearray", "bytes", "slice", "complex"});

@@ -185,8 +185,12 @@ struct PickleReadOptions {
   // Nesting: a scalar counts 1, a container or object 1 + its deepest child. Also bounds the
   // number of open MARKs.
   int max_depth = 1000;
-  size_t max_memo = 1 << 20;   // memo entries
-  size_t max_nodes = 1 << 24;  // values created in total
+  // Memo entries and values created in total; 0 scales the limit with the input. Each entry
+  // and each value costs at least one opcode byte, so a limit of the input's size never refuses
+  // a valid pickle (a checkpoint of 60 000 tensors memoizes far more than a fixed 2^20 allows)
+  // while memory stays linear in the input.
+  size_t max_memo = 0;
+  size_t max_nodes = 0;
 };
 
 // Parses one pickle (up to and including STOP). Trailing bytes after STOP are an error.

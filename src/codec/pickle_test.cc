@@ -833,3 +833,28 @@ TEST(WritePickleTest, RejectsUnwritableTrees) {
 
 }  // namespace
 }  // namespace dcpp
+
+namespace dcpp {
+namespace {
+
+// A real checkpoint of a large model memoizes one entry per string and object: more than any
+// fixed limit allowed before. The default limits scale with the input instead.
+TEST(PickleLimitsTest, DefaultLimitsScaleWithTheInput) {
+  std::string p("\x80\x02}q\x00(", 6);
+  const int kEntries = 1200000;  // past the old fixed 2^20 memo entries
+  p.reserve(kEntries * 8);
+  for (int i = 0; i < kEntries; ++i) {
+    p += 'K';  // BININT1 i % 256 as a key, memoized by LONG_BINPUT, value None
+    p += static_cast<char>(i % 256);
+    p += 'r';
+    const uint32_t idx = static_cast<uint32_t>(i + 1);
+    p.append(reinterpret_cast<const char*>(&idx), 4);
+    p += 'N';
+  }
+  p += "u.";
+  DCPP_ASSERT_OK_AND_ASSIGN(PickleRef v, ReadPickle(p));
+  EXPECT_TRUE(v != nullptr);
+}
+
+}  // namespace
+}  // namespace dcpp

@@ -85,8 +85,12 @@ class DcpSource final : public CheckpointSource {
 
   Result<Value> Read(const EntryInfo& entry) override {
     Value sd = Value::MakeDict();
-    sd.Set(entry.fqn,
-           entry.is_tensor ? Value::FromTensor(Tensor::Zeros(entry.dtype, entry.shape)) : Value());
+    Value leaf;
+    if (entry.is_tensor) {
+      DCPP_ASSIGN_OR_RETURN(Tensor t, Tensor::TryZeros(entry.dtype, entry.shape));
+      leaf = Value::FromTensor(std::move(t));
+    }
+    sd.Set(entry.fqn, std::move(leaf));
     DefaultLoadPlanner planner({.flatten_state_dict = false});
     DCPP_RETURN_IF_ERROR(planner.SetUp(&sd, metadata_, true));
     DCPP_ASSIGN_OR_RETURN(LoadPlan plan, planner.CreateLocalPlan());

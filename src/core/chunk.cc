@@ -27,8 +27,10 @@ std::optional<ChunkBox> Intersect(const ChunkBox& a, const ChunkBox& b) {
 bool Contains(const ChunkBox& outer, const ChunkBox& inner) {
   if (outer.dim() != inner.dim()) return false;
   for (int d = 0; d < outer.dim(); ++d) {
+    // 128-bit sums: offsets near 2^63 in untrusted metadata must not wrap.
+    using Wide = __int128;
     if (inner.offsets[d] < outer.offsets[d] ||
-        inner.offsets[d] + inner.sizes[d] > outer.offsets[d] + outer.sizes[d]) {
+        Wide{inner.offsets[d]} + inner.sizes[d] > Wide{outer.offsets[d]} + outer.sizes[d]) {
       return false;
     }
   }

@@ -1,5 +1,8 @@
 #include "dcpp/tensor.h"
 
+#include <limits>
+#include <new>
+
 #include <cstdlib>
 #include <cstring>
 #include <sstream>
@@ -20,6 +23,19 @@ std::string ShapeToString(const Shape& shape) {
 int64_t NumElements(const Shape& shape) {
   int64_t n = 1;
   for (int64_t s : shape) n *= s;
+  return n;
+}
+
+Result<int64_t> CheckedNumBytes(DType dtype, const Shape& shape) {
+  int64_t n = static_cast<int64_t>(ElementSize(dtype));
+  for (int64_t d : shape) {
+    if (d < 0 || (d > 0 && n > std::numeric_limits<int64_t>::max() / d)) {
+      return InvalidArgumentError("tensor size " + ShapeToString(shape) + " of " +
+                                  std::string(DTypeName(dtype)) +
+                                  (d < 0 ? " has a negative size" : " overflows 64-bit bytes"));
+    }
+    n *= d;
+  }
   return n;
 }
 
@@ -175,6 +191,15 @@ Result<Tensor> Tensor::FromStorage(std::shared_ptr<Storage> storage, DType dtype
 Tensor Tensor::Zeros(DType dtype, Shape shape) {
   size_t n = static_cast<size_t>(NumElements(shape)) * ElementSize(dtype);
   return *FromStorage(Storage::Allocate(n), dtype, std::move(shape));
+}
+
+Result<Tensor> Tensor::TryZeros(DType dtype, Shape shape) {
+  DCPP_ASSIGN_OR_RETURN(int64_t n, CheckedNumBytes(dtype, shape));
+  try {
+    return Tensor::Zeros(dtype, std::move(shape));
+  } catch (const std::bad_alloc&) {
+    return UnavailableError("cannot allocate " + std::to_string(n) + " bytes for a tensor");
+  }
 }
 
 Tensor Tensor::FromBytes(DType dtype, Shape shape, const void* data) {

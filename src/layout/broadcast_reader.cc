@@ -62,7 +62,8 @@ Result<Metadata> BroadcastingTorchSaveReader::ReadMetadata(int /*rank*/) {
           const Tensor& t = e.value->tensor();
           md.state_dict_metadata[e.fqn] =
               TensorStorageMetadata{TensorProperties{t.dtype()}, t.shape(), {WholeBox(t.shape())}};
-          md.storage_data[{e.fqn, Shape(t.dim(), 0), 0}] = StorageInfo{"broadcast", 0, 0, {}};
+          md.storage_data[{e.fqn, Shape(t.dim(), 0), 0}] = StorageInfo{
+              "broadcast", 0, static_cast<int64_t>(t.nbytes()), {}};  // the bytes the root sends
         } else {
           md.state_dict_metadata[e.fqn] = BytesStorageMetadata{};
           md.storage_data[{e.fqn, std::nullopt, std::nullopt}] = StorageInfo{"broadcast", 0, 0, {}};

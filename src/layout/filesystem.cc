@@ -364,19 +364,22 @@ FileSystemReader::FileSystemReader(Store* store, std::string checkpoint_id,
 FileSystemReader::~FileSystemReader() = default;
 
 Result<Metadata> FileSystemReader::ReadMetadata(int rank) {
-  auto md = ReadMetadataFile(rank);
-  if (rank >= 0 || md.ok() || md.status().code() != StatusCode::kNotFound) return md;
-  // Saved without collectives: no global file, one `__{r}.metadata` per saving rank (numbered
-  // densely from 0). Their union is the checkpoint, whatever world size loads it.
+  if (rank < 0) return ReadMetadataFile(-1);
+  // Saved without collectives: one `__{r}.metadata` per saving rank (numbered densely from 0),
+  // each describing that rank's items. Their union is the checkpoint whatever world size loads
+  // it; this rank's own file comes first, so where files disagree (a rank whose save failed kept
+  // its previous checkpoint) a rank reads what it saved itself, as in PyTorch.
   std::vector<Metadata> per_rank;
   for (int r = 0;; ++r) {
-    auto own = ReadMetadataFile(r);
-    if (!own.ok() && own.status().code() == StatusCode::kNotFound) break;
-    if (!own.ok()) return own.status();
-    per_rank.push_back(std::move(*own));
+    auto md = ReadMetadataFile(r);
+    if (!md.ok() && md.status().code() == StatusCode::kNotFound) {
+      if (per_rank.empty()) return md;
+      break;
+    }
+    if (!md.ok()) return md.status();
+    per_rank.push_back(std::move(*md));
   }
-  if (per_rank.empty()) return md;
-  auto merged = MergeRankLocalMetadata(per_rank);
+  auto merged = MergeRankLocalMetadata(per_rank, rank);
   if (!merged.ok()) {
     return merged.status().WithContext("merging the rank-local metadata of \"" + checkpoint_id_ +
                                        "\"");

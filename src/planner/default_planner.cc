@@ -813,6 +813,53 @@ Status DefaultLoadPlanner::SetUp(StateDict* state_dict, const Metadata& metadata
   return Status::Ok();
 }
 
+namespace {
+
+// The stored chunks must cover each destination box exactly once: a gap would leave values
+// unloaded (zero or stale) and an overlap would load one of two stored versions.
+Status CheckCoverage(const std::string& fqn, const std::vector<ChunkBox>& local,
+                     const std::vector<ReadItem>& reads) {
+  for (const ChunkBox& box : local) {
+    std::vector<ChunkBox> parts;  // the destination regions read into this box
+    for (const ReadItem& r : reads) {
+      if (r.dest_index.offset && *r.dest_index.offset == box.offsets) {
+        ChunkBox part{r.dest_offsets, r.lengths};
+        for (int d = 0; d < part.dim(); ++d) part.offsets[d] += box.offsets[d];
+        parts.push_back(std::move(part));
+      }
+    }
+    unsigned __int128 covered = 0;
+    for (const ChunkBox& p : parts) covered += static_cast<uint64_t>(p.numel());
+    if (box.numel() == 0) continue;
+    if (box.dim() == 0) {
+      if (parts.size() == 1) continue;
+      return DataLossError("key \"" + fqn + "\": " + std::to_string(parts.size()) +
+                           " stored chunks for a 0-d tensor");
+    }
+    // Overlaps: sorted along dim 0, a part can only meet the parts that are still open there.
+    std::sort(parts.begin(), parts.end(),
+              [](const ChunkBox& a, const ChunkBox& b) { return a.offsets < b.offsets; });
+    for (size_t i = 0; i < parts.size(); ++i) {
+      for (size_t j = i + 1; j < parts.size(); ++j) {
+        if (parts[j].offsets[0] >= parts[i].offsets[0] + parts[i].sizes[0]) break;
+        if (Intersect(parts[i], parts[j])) {
+          return InvalidArgumentError("key \"" + fqn + "\": stored chunks overlap at " +
+                                      Intersect(parts[i], parts[j])->ToString());
+        }
+      }
+    }
+    if (covered != static_cast<uint64_t>(box.numel())) {
+      return DataLossError("key \"" + fqn + "\": the checkpoint's chunks cover " +
+                           std::to_string(static_cast<uint64_t>(covered)) + " of the " +
+                           std::to_string(box.numel()) + " elements of " + box.ToString() +
+                           " (set allow_partial_load to load the rest as it is)");
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
 Result<LoadPlan> DefaultLoadPlanner::CreateLocalPlan() {
   LoadPlan plan;
   for (const auto& [fqn, dest] : dest_) {
@@ -855,9 +902,9 @@ Result<LoadPlan> DefaultLoadPlanner::CreateLocalPlan() {
                                     std::string(DTypeName(t->properties.dtype)) +
                                     " but the destination is " + std::string(DTypeName(dtype)));
       }
-      for (auto& r : CreateReadItemsForChunks(fqn, local, t->chunks)) {
-        plan.items.push_back(std::move(r));
-      }
+      std::vector<ReadItem> reads = CreateReadItemsForChunks(fqn, local, t->chunks);
+      if (!options_.allow_partial_load) DCPP_RETURN_IF_ERROR(CheckCoverage(fqn, local, reads));
+      for (auto& r : reads) plan.items.push_back(std::move(r));
     } else {
       ReadItem r;
       r.type = LoadItemType::kByteIO;

@@ -314,3 +314,39 @@ TEST(LoadPlannerTest, EmptyStateDictLoadsEverythingAsStored) {
 
 }  // namespace
 }  // namespace dcpp
+
+namespace dcpp {
+namespace {
+
+// Stored chunks of "w" (a float32 [8, 4] tensor), and a destination of the whole tensor.
+Status PlanWholeLoad(std::vector<ChunkBox> chunks, bool allow_partial = false) {
+  Metadata md;
+  TensorStorageMetadata t;
+  t.size = {8, 4};
+  t.chunks = std::move(chunks);
+  md.state_dict_metadata["w"] = t;
+  Value sd = Value::MakeDict();
+  sd.Set("w", Value::FromTensor(Tensor::Zeros(DType::kFloat32, {8, 4})));
+  DefaultLoadPlanner planner({.allow_partial_load = allow_partial});
+  DCPP_RETURN_IF_ERROR(planner.SetUp(&sd, md, true));
+  return planner.CreateLocalPlan().status();
+}
+
+TEST(LoadCoverageTest, GapsAndOverlapsAreErrorsUnlessAPartialLoadWasAsked) {
+  using ::dcpp::testing::StatusIs;
+  using ::testing::HasSubstr;
+  EXPECT_TRUE(PlanWholeLoad({{{0, 0}, {4, 4}}, {{4, 0}, {4, 4}}}).ok());
+  // Rows 4..5 are missing.
+  EXPECT_THAT(PlanWholeLoad({{{0, 0}, {4, 4}}, {{6, 0}, {2, 4}}}),
+              StatusIs(StatusCode::kDataLoss, HasSubstr("cover 24 of the 32 elements")));
+  EXPECT_TRUE(PlanWholeLoad({{{0, 0}, {4, 4}}, {{6, 0}, {2, 4}}}, /*allow_partial=*/true).ok());
+  // Half the tensor only.
+  EXPECT_THAT(PlanWholeLoad({{{0, 0}, {8, 2}}}),
+              StatusIs(StatusCode::kDataLoss, HasSubstr("16 of the 32")));
+  // Rows 3..4 stored twice (and rows 7 missing, so the counts alone would agree).
+  EXPECT_THAT(PlanWholeLoad({{{0, 0}, {5, 4}}, {{3, 0}, {4, 4}}}),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("overlap")));
+}
+
+}  // namespace
+}  // namespace dcpp

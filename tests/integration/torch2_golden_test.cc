@@ -19,7 +19,9 @@ using ::dcpp::testing::ExpectedState;
 using ::dcpp::testing::LoadAndCompare;
 using ::dcpp::testing::ReadExpectedState;
 using ::dcpp::testing::SourceDir;
+using ::dcpp::testing::StatusIs;
 using ::dcpp::testing::TempDir;
+using ::testing::HasSubstr;
 using ::testing::IsEmpty;
 
 std::string Golden(const std::string& name) {
@@ -53,19 +55,20 @@ TEST(Torch2GoldenTest, MetadataVariantsOf213AreRead) {
 
 TEST(Torch2GoldenTest, RankLocalMetadataIsMerged) {
   DCPP_ASSERT_OK_AND_ASSIGN(auto reader, FileSystemReader::Open(Golden("nocoll")));
-  DCPP_ASSERT_OK_AND_ASSIGN(Metadata own, reader->ReadMetadata(1));
-  DCPP_ASSERT_OK_AND_ASSIGN(Metadata all, reader->ReadMetadata());
-  const auto& mine = std::get<TensorStorageMetadata>(*own.state_dict_metadata.Find("dt.shard0"));
+  EXPECT_THAT(reader->ReadMetadata(), StatusIs(StatusCode::kNotFound, HasSubstr(".metadata")));
+  DCPP_ASSERT_OK_AND_ASSIGN(Metadata all, reader->ReadMetadata(0));
   const auto& merged = std::get<TensorStorageMetadata>(*all.state_dict_metadata.Find("dt.shard0"));
-  EXPECT_EQ(mine.chunks.size(), 1u);
-  EXPECT_EQ(merged.chunks.size(), 2u);
-  // Both ranks saved the replicated model: one chunk, the lowest rank's bytes.
+  EXPECT_EQ(merged.chunks.size(), 2u);  // one per saving rank
+  // Both ranks saved the replicated model: one chunk, from the asking rank's own file.
   const auto& w =
       std::get<TensorStorageMetadata>(*all.state_dict_metadata.Find("model.net.0.weight"));
   EXPECT_EQ(w.chunks.size(), 1u);
   MetadataIndex index{"model.net.0.weight", Shape{0, 0}, std::nullopt};
   DCPP_ASSERT_OK_AND_ASSIGN(const StorageInfo* info, all.FindStorage(index));
   EXPECT_EQ(info->relative_path, "__0_0.distcp");
+  DCPP_ASSERT_OK_AND_ASSIGN(Metadata all1, reader->ReadMetadata(1));
+  DCPP_ASSERT_OK_AND_ASSIGN(const StorageInfo* info1, all1.FindStorage(index));
+  EXPECT_EQ(info1->relative_path, "__1_0.distcp");
 }
 
 class Torch2GoldenLoadTest : public ::testing::TestWithParam<const char*> {};

@@ -1,4 +1,4 @@
-// Checkpoints PyTorch 2.13 saved with 3 gloo ranks (dcp.save, dcp.async_save, dcp.save without
+// Checkpoints PyTorch 2.13 saved with 4 gloo ranks (dcp.save, dcp.async_save, dcp.save without
 // collectives; tests/interop/dcp2_peer.py, run by the CTest fixture) loaded by K MPI ranks:
 //   mpiexec -np K dcpp_mpi_torch2_test --dir=D
 // Each rank loads its slab of every tensor (split on rows, or on the last dimension for odd K)

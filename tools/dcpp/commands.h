@@ -16,6 +16,10 @@ void RegisterBench(CLI::App& app);
 
 // `dcpp inspect` of a DCP directory; returns the exit code.
 int InspectDcp(const std::string& path, bool json);
+// `dcpp inspect DIR --svg OUT`: the shard-map picture (inspect_svg.cc); `against` is "" or
+// "ranks=N[,dim=D]"; `match` a glob over keys ("" for all).
+int InspectSvg(const std::string& path, const std::string& out_path, const std::string& match,
+               const std::string& against);
 
 // Process exit code set by the subcommand that ran (0 by default).
 int ExitCode();

@@ -1,4 +1,4 @@
-// `dcpp inspect PATH [--json]`: what a checkpoint holds, without reading tensor bytes.
+// `dcpp inspect PATH [--json | --svg OUT]`: what a checkpoint holds, without reading tensor bytes.
 // A directory is a DCP checkpoint (inspect_dcp.cc); a file is a torch.save archive: every leaf's
 // key path, dtype, shape, layout, size and storage record, plain values inline, and totals.
 // The JSON schema is in docs/cli.md.
@@ -171,13 +171,36 @@ void RegisterInspect(CLI::App& app) {
   auto* cmd = app.add_subcommand("inspect", "Show the contents of a checkpoint");
   auto path = std::make_shared<std::string>();
   auto as_json = std::make_shared<bool>(false);
+  auto svg = std::make_shared<std::string>();
+  auto match = std::make_shared<std::string>();
+  auto against = std::make_shared<std::string>();
+  auto ranks = std::make_shared<int>(0);
+  auto dim = std::make_shared<int>(0);
   cmd->add_option("path", *path, "torch.save file or DCP directory")->required();
   cmd->add_flag("--json", *as_json, "Print a JSON object (schema in docs/cli.md)");
-  cmd->callback([path, as_json] {
+  auto* svg_opt = cmd->add_option("--svg", *svg, "Draw the shard map of a DCP checkpoint as SVG");
+  cmd->add_option("--match", *match, "With --svg: only keys matching this glob")->needs(svg_opt);
+  cmd->add_option("--against", *against,
+                  "With --svg: overlay the boxes a loader wants, ranks=N[,dim=D]")
+      ->needs(svg_opt);
+  cmd->add_option("--ranks", *ranks, "With --svg: shorthand for --against ranks=N")->needs(svg_opt);
+  cmd->add_option("--dim", *dim, "With --ranks: the dim the loader shards along (default 0)");
+  cmd->callback([=] {
     auto format = DetectFormat(*path);
     if (!format.ok()) {
       std::cerr << "dcpp inspect: " << format.status().ToString() << "\n";
       SetExitCode(1);
+    } else if (!svg->empty()) {
+      if (*format != CheckpointFormat::kDcp) {
+        std::cerr << "dcpp inspect: --svg needs a DCP checkpoint directory\n";
+        SetExitCode(2);
+        return;
+      }
+      std::string spec = *against;
+      if (spec.empty() && *ranks > 0) {
+        spec = "ranks=" + std::to_string(*ranks) + ",dim=" + std::to_string(*dim);
+      }
+      SetExitCode(InspectSvg(*path, *svg, *match, spec));
     } else if (*format == CheckpointFormat::kDcp) {
       SetExitCode(InspectDcp(*path, *as_json));
     } else {

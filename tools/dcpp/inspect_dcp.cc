@@ -22,7 +22,7 @@ int InspectDcp(const std::string& path, bool as_json) {
       rank_local = true;
     }
   }
-  // A save without collectives: ReadMetadata merged every rank's __{r}.metadata.
+  // A save without collectives: ReadMetadata(0) merged every rank's __{r}.metadata.
   if (md.ok() && !std::filesystem::exists(std::filesystem::path(path) / kMetadataFileName)) {
     rank_local = true;
   }
