@@ -106,8 +106,23 @@ struct SavePlannerOptions {
   bool flatten_state_dict = true;
   // Assign replicated items to the lowest rank holding them instead of balancing bytes.
   bool dedup_save_to_lowest_rank = false;
+  // PyTorch's enable_plan_caching: CreateGlobalPlan remembers its answer, and when the same
+  // planner gets local plans of the same structure again (same keys, chunks, dtypes: the
+  // second save of a training run), it returns the remembered plans and metadata without
+  // redoing dedup, metadata creation and validation.
+  bool enable_plan_caching = false;
   // Require the saved chunks of each tensor to cover it exactly (off in rank-local mode).
   bool require_full_coverage = true;
+};
+
+namespace internal {
+struct PlanCache;
+}  // namespace internal
+
+// Identifies the structure of a set of local plans (a 128-bit hash of their encodings).
+struct PlanFingerprint {
+  uint64_t low = 0, high = 0;
+  friend bool operator==(const PlanFingerprint&, const PlanFingerprint&) = default;
 };
 
 class DefaultSavePlanner : public SavePlanner {
@@ -119,9 +134,13 @@ class DefaultSavePlanner : public SavePlanner {
       std::vector<SavePlan> plans) override;
   Result<SavePlan> FinishPlan(SavePlan central_plan) override;
   Result<WriteData> ResolveData(const WriteItem& item) override;
+  // Whether the last CreateGlobalPlan was answered from the plan cache.
+  bool last_plan_cached() const { return last_plan_cached_; }
 
  private:
   SavePlannerOptions options_;
+  bool last_plan_cached_ = false;
+  std::shared_ptr<const internal::PlanCache> cache_;  // with enable_plan_caching
   std::vector<FlatEntry> flat_;
   std::map<std::string, const Value*> by_fqn_;
 };

@@ -37,6 +37,11 @@ namespace {
 
 constexpr const char* kVersion = "1.0.0";
 constexpr const char* kSuffix = ".distcp";
+// Loads: blobs up to this size are read whole, neighbours together in windows of up to
+// kWindowBytes (holes up to kWindowGapBytes, e.g. a skipped item, are read through).
+constexpr size_t kWholeBlobBytes = 512 << 10;
+constexpr uint64_t kWindowBytes = 8 << 20;
+constexpr uint64_t kWindowGapBytes = 64 << 10;
 
 std::string RandomHex(int n) {
   static thread_local std::mt19937_64 rng(std::random_device{}());
@@ -428,7 +433,22 @@ Status FileSystemReader::ReadData(const LoadPlan& plan, LoadPlanner& planner) {
   auto read_file = [&](size_t w) -> Status {
     const std::string& name = *work[w].first;
     DCPP_ASSIGN_OR_RETURN(std::unique_ptr<ReadableFile> file, store_->OpenRead(name));
-    for (const auto& [index, blob] : *work[w].second) {
+    // Blobs in file order. Runs of small neighbouring blobs are read with one pread into a
+    // window and parsed from memory, so a state dict of many small tensors is not bound by
+    // several small reads per item; large blobs read only the byte ranges they need.
+    std::vector<std::pair<const MetadataIndex*, const Blob*>> ordered;
+    for (const auto& [index, blob] : *work[w].second) ordered.push_back({&index, &blob});
+    std::stable_sort(ordered.begin(), ordered.end(), [](const auto& a, const auto& b) {
+      return a.second->info->offset < b.second->info->offset;
+    });
+    std::string window;
+    uint64_t window_start = 0;
+    auto small = [](const StorageInfo& i) {
+      return i.transform_descriptors.empty() && i.length <= int64_t{kWholeBlobBytes};
+    };
+    for (size_t o = 0; o < ordered.size(); ++o) {
+      const MetadataIndex& index = *ordered[o].first;
+      const Blob& blob = *ordered[o].second;
       const std::string what = "\"" + name + "\" item \"" + index.ToString() + "\"";
       const StorageInfo& info = *blob.info;
       if (static_cast<uint64_t>(info.offset) + static_cast<uint64_t>(info.length) > file->size()) {
@@ -441,6 +461,31 @@ Status FileSystemReader::ReadData(const LoadPlan& plan, LoadPlanner& planner) {
       std::string decoded;
       std::unique_ptr<MemorySource> decoded_src;
       const ByteSource* src = &raw;
+      if (small(info)) {
+        const uint64_t begin = static_cast<uint64_t>(info.offset);
+        const uint64_t end = begin + static_cast<uint64_t>(info.length);
+        if (begin < window_start || end > window_start + window.size()) {
+          // A new window from this blob over the following small blobs that lie close behind.
+          uint64_t stop = end;
+          for (size_t n = o + 1; n < ordered.size(); ++n) {
+            const StorageInfo& next = *ordered[n].second->info;
+            const uint64_t nb = static_cast<uint64_t>(next.offset);
+            const uint64_t ne = nb + static_cast<uint64_t>(next.length);
+            if (!small(next) || nb > stop + kWindowGapBytes || ne - begin > kWindowBytes ||
+                ne > file->size()) {
+              break;
+            }
+            stop = std::max(stop, ne);
+          }
+          window.resize(stop - begin);
+          DCPP_RETURN_IF_ERROR(
+              file->ReadAt(begin, window.data(), window.size()).WithContext("reading " + what));
+          window_start = begin;
+        }
+        decoded_src = std::make_unique<MemorySource>(
+            std::string_view(window).substr(begin - window_start, info.length), name);
+        src = decoded_src.get();
+      }
       const uint64_t cap = DecodedSizeCap(*metadata_, *blob.items.front(), raw.size());
       for (auto d = info.transform_descriptors.rbegin(); d != info.transform_descriptors.rend();
            ++d) {

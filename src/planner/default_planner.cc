@@ -6,13 +6,16 @@
 // Load: 1. flatten the caller's tree (or build it from the metadata when it is empty);
 // 2. overlap requested chunks with stored chunks; 3. hand out destination views.
 #include <algorithm>
+#include <deque>
 #include <map>
 #include <queue>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "codec/torch_save.h"
 #include "dcpp/planner.h"
 #include "planner/plan_wire.h"
+#include "xxhash.h"
 
 namespace dcpp {
 
@@ -89,70 +92,205 @@ Result<SavePlan> DefaultSavePlanner::CreateLocalPlan() {
   return plan;
 }
 
-std::vector<SavePlan> DedupSavePlans(std::vector<SavePlan> plans, bool save_to_lowest_rank) {
-  // For each item (in first-appearance order) the plans that hold it.
-  std::map<MetadataIndex, size_t> order;
-  std::vector<std::pair<const WriteItem*, std::vector<size_t>>> holders;
+namespace {
+
+// Every item's key (fqn + offsets) numbered once, in first-appearance order, so dedup and
+// metadata creation work on integers instead of comparing strings and shapes in ordered maps.
+// Consecutive ranks usually list the same fqns in the same order, so an item's fqn is first
+// compared with the previous plan's item at the same position before it is hashed.
+struct PlanKeys {
+  std::vector<std::vector<uint32_t>> key;            // [plan][item] -> key id
+  std::vector<uint32_t> key_fqn;                     // key id -> fqn id
+  std::vector<std::pair<uint32_t, uint32_t>> first;  // key id -> (plan, item) first holding it
+  std::vector<uint32_t> holders;                     // key id -> number of plans holding it
+  std::deque<std::string> fqns;                      // fqn id -> name
+};
+
+uint64_t HashKey(uint32_t fqn, const std::optional<Shape>& offset) {
+  uint64_t h = (fqn + 1) * 0x9e3779b97f4a7c15ULL;
+  if (offset) {
+    for (int64_t x : *offset) h = (h ^ static_cast<uint64_t>(x)) * 0x100000001b3ULL;
+  } else {
+    h ^= 0x5bd1e995;
+  }
+  return h ^ (h >> 29);
+}
+
+PlanKeys ComputeKeys(const std::vector<SavePlan>& plans) {
+  PlanKeys k;
+  k.key.resize(plans.size());
+  size_t total = 0;
+  for (const auto& p : plans) total += p.items.size();
+  std::unordered_map<std::string_view, uint32_t> fqn_id;
+  // Open addressing over key ids (no node per key): a slot holds id + 1, 0 when empty; a key's
+  // identity is read back from its first holder.
+  size_t cap = 16;
+  while (cap < total * 2) cap <<= 1;
+  std::vector<uint32_t> slots(cap, 0);
+  const size_t mask = cap - 1;
+  std::vector<uint32_t> prev_fqn;  // fqn ids of the previous plan's items, by position
   for (size_t p = 0; p < plans.size(); ++p) {
-    for (const auto& item : plans[p].items) {
-      auto [it, inserted] = order.emplace(item.index, holders.size());
-      if (inserted) holders.push_back({&item, {}});
-      holders[it->second].second.push_back(p);
+    const auto& items = plans[p].items;
+    const auto* prev_items = p > 0 ? &plans[p - 1].items : nullptr;
+    std::vector<uint32_t> cur_fqn(items.size());
+    auto& keys = k.key[p];
+    keys.resize(items.size());
+    for (size_t i = 0; i < items.size(); ++i) {
+      const MetadataIndex& idx = items[i].index;
+      uint32_t f;
+      if (prev_items && i < prev_items->size() && (*prev_items)[i].index.fqn == idx.fqn) {
+        f = prev_fqn[i];
+      } else {
+        auto it = fqn_id.find(idx.fqn);
+        if (it == fqn_id.end()) {
+          k.fqns.push_back(idx.fqn);
+          it = fqn_id.emplace(k.fqns.back(), static_cast<uint32_t>(k.fqns.size() - 1)).first;
+        }
+        f = it->second;
+      }
+      cur_fqn[i] = f;
+      size_t slot = HashKey(f, idx.offset) & mask;
+      uint32_t id;
+      for (;; slot = (slot + 1) & mask) {
+        if (slots[slot] == 0) {
+          id = static_cast<uint32_t>(k.key_fqn.size());
+          slots[slot] = id + 1;
+          k.key_fqn.push_back(f);
+          k.first.push_back({static_cast<uint32_t>(p), static_cast<uint32_t>(i)});
+          k.holders.push_back(0);
+          break;
+        }
+        const uint32_t cand = slots[slot] - 1;
+        if (k.key_fqn[cand] != f) continue;
+        const auto [fp, fi] = k.first[cand];
+        if (plans[fp].items[fi].index.offset == idx.offset) {
+          id = cand;
+          break;
+        }
+      }
+      ++k.holders[id];
+      keys[i] = id;
+    }
+    prev_fqn = std::move(cur_fqn);
+  }
+  return k;
+}
+
+// Dedup on computed keys: each key held by several plans stays in one of them, the holder with
+// the least bytes assigned so far (or the lowest rank). Keys are visited in first-appearance
+// order, as PyTorch's dedup_save_plans does. `keys.key` is compacted along with the items.
+// `kept`, when given, receives the original positions of the items each plan keeps.
+void DedupWithKeys(std::vector<SavePlan>& plans, PlanKeys& keys, bool save_to_lowest_rank,
+                   std::vector<std::vector<uint32_t>>* kept = nullptr) {
+  const size_t n_keys = keys.key_fqn.size();
+  // Holders of shared keys in CSR form: (plan, item) pairs in plan order.
+  std::vector<uint32_t> start(n_keys + 1, 0);
+  for (size_t id = 0; id < n_keys; ++id) {
+    start[id + 1] = start[id] + (keys.holders[id] > 1 ? keys.holders[id] : 0);
+  }
+  std::vector<std::pair<uint32_t, uint32_t>> holders(start[n_keys]);
+  {
+    std::vector<uint32_t> fill(start.begin(), start.end() - 1);
+    for (size_t p = 0; p < plans.size(); ++p) {
+      const auto& ks = keys.key[p];
+      for (size_t i = 0; i < ks.size(); ++i) {
+        if (keys.holders[ks[i]] > 1) {
+          holders[fill[ks[i]]++] = {static_cast<uint32_t>(p), static_cast<uint32_t>(i)};
+        }
+      }
     }
   }
   std::vector<int64_t> assigned(plans.size(), 0);
-  std::vector<std::map<MetadataIndex, bool>> drop(plans.size());
-  for (auto& [item, ps] : holders) {
-    if (ps.size() == 1) {
-      assigned[ps[0]] += item->StorageSize();
+  std::vector<std::vector<char>> drop(plans.size());
+  for (size_t id = 0; id < n_keys; ++id) {
+    const auto [fp, fi] = keys.first[id];
+    const int64_t size = plans[fp].items[fi].StorageSize();
+    if (keys.holders[id] == 1) {
+      assigned[fp] += size;
       continue;
     }
-    size_t chosen = ps[0];
+    size_t chosen = holders[start[id]].first;
     if (!save_to_lowest_rank) {
-      for (size_t p : ps) {
-        if (assigned[p] < assigned[chosen]) chosen = p;
+      for (uint32_t h = start[id]; h < start[id + 1]; ++h) {
+        if (assigned[holders[h].first] < assigned[chosen]) chosen = holders[h].first;
       }
     }
-    assigned[chosen] += item->StorageSize();
-    for (size_t p : ps) {
-      if (p != chosen) drop[p][item->index] = true;
+    assigned[chosen] += size;
+    for (uint32_t h = start[id]; h < start[id + 1]; ++h) {
+      const auto [p, i] = holders[h];
+      if (p == chosen) continue;
+      if (drop[p].empty()) drop[p].assign(plans[p].items.size(), 0);
+      drop[p][i] = 1;
     }
   }
+  if (kept) kept->resize(plans.size());
   for (size_t p = 0; p < plans.size(); ++p) {
-    if (drop[p].empty()) continue;
+    if (drop[p].empty()) {
+      if (kept) {
+        (*kept)[p].resize(plans[p].items.size());
+        for (size_t i = 0; i < plans[p].items.size(); ++i) (*kept)[p][i] = static_cast<uint32_t>(i);
+      }
+      continue;
+    }
     auto& items = plans[p].items;
-    items.erase(std::remove_if(items.begin(), items.end(),
-                               [&](const WriteItem& w) { return drop[p].count(w.index) > 0; }),
-                items.end());
+    auto& ks = keys.key[p];
+    size_t out = 0;
+    for (size_t i = 0; i < items.size(); ++i) {
+      if (drop[p][i]) continue;
+      if (kept) (*kept)[p].push_back(static_cast<uint32_t>(i));
+      if (out != i) {
+        items[out] = std::move(items[i]);
+        ks[out] = ks[i];
+      }
+      ++out;
+    }
+    items.resize(out);
+    ks.resize(out);
   }
-  return plans;
 }
 
-Result<std::pair<std::vector<SavePlan>, Metadata>> CreateDefaultGlobalSavePlan(
-    std::vector<SavePlan> plans) {
-  Metadata md;
+// PyTorch's create_default_global_save_plan on computed keys: one metadata entry per fqn (in the
+// order the deduplicated plans first name them), chunks in plan order, index hints rewritten.
+Result<Metadata> GlobalPlanWithKeys(std::vector<SavePlan>& plans, const PlanKeys& keys) {
+  struct Entry {
+    bool seen = false;
+    StorageMetadata m;
+  };
+  std::vector<Entry> entries(keys.fqns.size());
+  std::vector<uint32_t> order;
+  std::vector<int64_t> chunk_count(keys.fqns.size(), 0);
   for (size_t p = 0; p < plans.size(); ++p) {
-    for (auto& item : plans[p].items) {
-      const std::string& fqn = item.index.fqn;
-      StorageMetadata* existing = md.state_dict_metadata.Find(fqn);
+    for (uint32_t id : keys.key[p]) ++chunk_count[keys.key_fqn[id]];
+  }
+  for (size_t p = 0; p < plans.size(); ++p) {
+    auto& items = plans[p].items;
+    for (size_t i = 0; i < items.size(); ++i) {
+      WriteItem& item = items[i];
+      const uint32_t f = keys.key_fqn[keys.key[p][i]];
+      Entry& e = entries[f];
+      const std::string& fqn = keys.fqns[f];
       if (item.type == WriteItemType::kByteIO) {
-        if (existing) {
+        if (e.seen) {
           return InvalidArgumentError("rank " + std::to_string(p) + ": key \"" + fqn +
                                       "\" is saved twice with different kinds");
         }
-        md.state_dict_metadata[fqn] = BytesStorageMetadata{};
+        e.seen = true;
+        e.m = BytesStorageMetadata{};
+        order.push_back(f);
         continue;
       }
       const TensorWriteData& td = *item.tensor_data;
-      if (!existing) {
-        md.state_dict_metadata[fqn] = TensorStorageMetadata{td.properties, td.size, {}};
-        existing = md.state_dict_metadata.Find(fqn);
+      if (!e.seen) {
+        e.seen = true;
+        e.m = TensorStorageMetadata{td.properties, td.size, {}};
+        std::get<TensorStorageMetadata>(e.m).chunks.reserve(chunk_count[f]);
+        order.push_back(f);
       } else if (item.type != WriteItemType::kShard) {
         return InvalidArgumentError("rank " + std::to_string(p) + ": key \"" + fqn +
                                     "\" is saved twice (a plain tensor must be identical on "
                                     "every rank that holds it)");
       }
-      auto* tmd = std::get_if<TensorStorageMetadata>(existing);
+      auto* tmd = std::get_if<TensorStorageMetadata>(&e.m);
       if (!tmd) {
         return InvalidArgumentError("rank " + std::to_string(p) + ": key \"" + fqn +
                                     "\" is a tensor on one rank and bytes on another");
@@ -168,6 +306,79 @@ Result<std::pair<std::vector<SavePlan>, Metadata>> CreateDefaultGlobalSavePlan(
       tmd->chunks.push_back(td.chunk);
     }
   }
+  Metadata md;
+  for (uint32_t f : order) md.state_dict_metadata[keys.fqns[f]] = std::move(entries[f].m);
+  return md;
+}
+
+// Items several ranks hold under one key must describe the same data, or dedup would silently
+// keep one rank's version.
+Status CheckSharedItemsAgree(const std::vector<SavePlan>& plans, const PlanKeys& keys) {
+  for (size_t p = 0; p < plans.size(); ++p) {
+    const auto& items = plans[p].items;
+    for (size_t i = 0; i < items.size(); ++i) {
+      const uint32_t id = keys.key[p][i];
+      if (keys.holders[id] == 1) continue;
+      const auto [fp, fi] = keys.first[id];
+      if (fp == p && fi == i) continue;
+      const WriteItem& other = plans[fp].items[fi];
+      const WriteItem& item = items[i];
+      const bool same =
+          other.type == item.type &&
+          (!item.tensor_data ||
+           (other.tensor_data->size == item.tensor_data->size &&
+            other.tensor_data->chunk == item.tensor_data->chunk &&
+            other.tensor_data->properties.dtype == item.tensor_data->properties.dtype));
+      if (!same) {
+        auto describe = [](const WriteItem& w) {
+          if (!w.tensor_data) return std::string("a bytes value");
+          return std::string(DTypeName(w.tensor_data->properties.dtype)) +
+                 ShapeToString(w.tensor_data->chunk.sizes) + " of " +
+                 ShapeToString(w.tensor_data->size);
+        };
+        return InvalidArgumentError("key \"" + item.index.fqn + "\" is " + describe(other) +
+                                    " on rank " + std::to_string(fp) + " but " + describe(item) +
+                                    " on rank " + std::to_string(p));
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+// The flattening mappings of every rank merged, earlier ranks winning. A rank whose mappings
+// name the same keys as the previous rank's adds nothing, which a lockstep comparison finds
+// without hashing.
+std::map<std::string, ObjectPath> MergeMappings(const std::vector<SavePlan>& plans) {
+  std::map<std::string, ObjectPath> merged;
+  std::unordered_set<std::string_view> seen;
+  for (size_t p = 0; p < plans.size(); ++p) {
+    const auto& m = plans[p].mappings;
+    if (p > 0 && m.size() == plans[p - 1].mappings.size() &&
+        std::equal(m.begin(), m.end(), plans[p - 1].mappings.begin(),
+                   [](const auto& a, const auto& b) { return a.first == b.first; })) {
+      continue;
+    }
+    for (const auto& [fqn, path] : m) {
+      if (seen.count(fqn)) continue;
+      auto it = merged.emplace(fqn, path).first;
+      seen.insert(it->first);
+    }
+  }
+  return merged;
+}
+
+}  // namespace
+
+std::vector<SavePlan> DedupSavePlans(std::vector<SavePlan> plans, bool save_to_lowest_rank) {
+  PlanKeys keys = ComputeKeys(plans);
+  DedupWithKeys(plans, keys, save_to_lowest_rank);
+  return plans;
+}
+
+Result<std::pair<std::vector<SavePlan>, Metadata>> CreateDefaultGlobalSavePlan(
+    std::vector<SavePlan> plans) {
+  PlanKeys keys = ComputeKeys(plans);
+  DCPP_ASSIGN_OR_RETURN(Metadata md, GlobalPlanWithKeys(plans, keys));
   return std::make_pair(std::move(plans), std::move(md));
 }
 
@@ -254,45 +465,134 @@ Status ValidateGlobalPlan(const Metadata& metadata, bool require_full_coverage) 
   return Status::Ok();
 }
 
-Result<std::pair<std::vector<SavePlan>, Metadata>> DefaultSavePlanner::CreateGlobalPlan(
-    std::vector<SavePlan> plans) {
-  // Items several ranks hold under one index must describe the same data, or dedup would
-  // silently keep one rank's version.
-  std::map<MetadataIndex, std::pair<size_t, const WriteItem*>> first;
-  for (size_t p = 0; p < plans.size(); ++p) {
-    for (const auto& item : plans[p].items) {
-      auto [it, inserted] = first.emplace(item.index, std::make_pair(p, &item));
-      if (inserted) continue;
-      const WriteItem& other = *it->second.second;
-      const bool same =
-          other.type == item.type &&
-          (!item.tensor_data ||
-           (other.tensor_data->size == item.tensor_data->size &&
-            other.tensor_data->chunk == item.tensor_data->chunk &&
-            other.tensor_data->properties.dtype == item.tensor_data->properties.dtype));
-      if (!same) {
-        auto describe = [](const WriteItem& w) {
-          if (!w.tensor_data) return std::string("a bytes value");
-          return std::string(DTypeName(w.tensor_data->properties.dtype)) +
-                 ShapeToString(w.tensor_data->chunk.sizes) + " of " +
-                 ShapeToString(w.tensor_data->size);
-        };
-        return InvalidArgumentError("key \"" + item.index.fqn + "\" is " + describe(other) +
-                                    " on rank " + std::to_string(it->second.first) + " but " +
-                                    describe(item) + " on rank " + std::to_string(p));
+// ------------------------------------------------------------------ plan cache
+
+namespace internal {
+
+// What a global plan did to its inputs, so that the same inputs get the same answer without
+// redoing the work (PyTorch's enable_plan_caching): the items each plan keeps, their index
+// hints, and the metadata.
+struct PlanCache {
+  PlanFingerprint fingerprint;
+  std::vector<std::vector<uint32_t>> kept;   // [plan] -> positions of kept items
+  std::vector<std::vector<uint32_t>> hints;  // [plan] -> index hint of each kept item
+  Metadata metadata;
+
+  static std::shared_ptr<const PlanCache> Make(
+      const PlanFingerprint& fp, std::vector<std::vector<uint32_t>> kept,
+      const std::pair<std::vector<SavePlan>, Metadata>& global) {
+    auto c = std::make_shared<PlanCache>();
+    c->fingerprint = fp;
+    c->kept = std::move(kept);
+    c->hints.resize(global.first.size());
+    for (size_t p = 0; p < global.first.size(); ++p) {
+      for (const auto& item : global.first[p].items) {
+        c->hints[p].push_back(item.index.index ? static_cast<uint32_t>(*item.index.index) : 0);
       }
     }
+    c->metadata = global.second;
+    return c;
   }
-  plans = DedupSavePlans(std::move(plans), options_.dedup_save_to_lowest_rank);
-  DCPP_ASSIGN_OR_RETURN(auto global, CreateDefaultGlobalSavePlan(std::move(plans)));
-  if (options_.flatten_state_dict) {
-    std::map<std::string, ObjectPath> merged;
-    for (const auto& p : global.first) {
-      for (const auto& [fqn, path] : p.mappings) merged.emplace(fqn, path);  // first rank wins
+
+  Result<std::pair<std::vector<SavePlan>, Metadata>> Apply(std::vector<SavePlan> plans) const {
+    if (plans.size() != kept.size()) return InternalError("plan cache: wrong number of plans");
+    for (size_t p = 0; p < plans.size(); ++p) {
+      auto& items = plans[p].items;
+      for (size_t k = 0; k < kept[p].size(); ++k) {
+        const uint32_t from = kept[p][k];
+        if (from >= items.size() || from < k) return InternalError("plan cache: bad position");
+        if (from != k) items[k] = std::move(items[from]);
+        if (items[k].tensor_data) items[k].index.index = hints[p][k];
+      }
+      items.resize(kept[p].size());
     }
-    global.second.planner_data = std::move(merged);
+    return std::make_pair(std::move(plans), metadata);
   }
-  DCPP_RETURN_IF_ERROR(ValidateGlobalPlan(global.second, options_.require_full_coverage));
+};
+
+}  // namespace internal
+
+namespace {
+
+// A 128-bit hash of everything the global plan depends on: each plan's byte encoding and the
+// planner's options. Equal fingerprints mean the same structure (same keys, chunks, dtypes).
+PlanFingerprint FingerprintPlans(const std::vector<SavePlan>& plans,
+                                 const SavePlannerOptions& options) {
+  XXH3_state_t* state = XXH3_createState();
+  XXH3_128bits_reset(state);
+  std::string buf;  // one plan's fields, fixed-width, hashed at once
+  auto u64 = [&buf](uint64_t v) { buf.append(reinterpret_cast<const char*>(&v), sizeof v); };
+  auto str = [&](const std::string& x) {
+    u64(x.size());
+    buf.append(x);
+  };
+  auto dims = [&](const Shape& d) {
+    u64(d.size());
+    buf.append(reinterpret_cast<const char*>(d.data()), d.size() * sizeof(int64_t));
+  };
+  u64((options.flatten_state_dict ? 1 : 0) | (options.dedup_save_to_lowest_rank ? 2 : 0) |
+      (options.require_full_coverage ? 4 : 0));
+  u64(plans.size());
+  for (const auto& p : plans) {
+    str(p.storage_prefix);
+    u64(p.items.size());
+    for (const auto& item : p.items) {
+      str(item.index.fqn);
+      u64(static_cast<uint64_t>(item.type) | (item.index.offset ? 0x100 : 0));
+      if (item.index.offset) dims(*item.index.offset);
+      if (item.tensor_data) {
+        const auto& td = *item.tensor_data;
+        dims(td.chunk.offsets);
+        dims(td.chunk.sizes);
+        dims(td.size);
+        u64(static_cast<uint64_t>(td.properties.dtype) | (td.properties.requires_grad ? 0x100 : 0) |
+            (td.properties.pin_memory ? 0x200 : 0) |
+            (static_cast<uint64_t>(td.properties.memory_format) << 16));
+      }
+    }
+    u64(p.mappings.size());
+    for (const auto& [fqn, path] : p.mappings) {
+      str(fqn);
+      u64(path.size());
+      for (const auto& part : path) {
+        if (const auto* x = std::get_if<std::string>(&part)) {
+          str(*x);
+        } else {
+          u64(~static_cast<uint64_t>(std::get<int64_t>(part)));
+        }
+      }
+    }
+    XXH3_128bits_update(state, buf.data(), buf.size());
+    buf.clear();
+  }
+  const XXH128_hash_t h = XXH3_128bits_digest(state);
+  XXH3_freeState(state);
+  return {h.low64, h.high64};
+}
+
+}  // namespace
+
+Result<std::pair<std::vector<SavePlan>, Metadata>> DefaultSavePlanner::CreateGlobalPlan(
+    std::vector<SavePlan> plans) {
+  last_plan_cached_ = false;
+  std::optional<PlanFingerprint> fingerprint;
+  if (options_.enable_plan_caching) {
+    fingerprint = FingerprintPlans(plans, options_);
+    if (cache_ && cache_->fingerprint == *fingerprint) {
+      DCPP_ASSIGN_OR_RETURN(auto global, cache_->Apply(std::move(plans)));
+      last_plan_cached_ = true;
+      return global;
+    }
+  }
+  PlanKeys keys = ComputeKeys(plans);
+  DCPP_RETURN_IF_ERROR(CheckSharedItemsAgree(plans, keys));
+  std::vector<std::vector<uint32_t>> kept;
+  DedupWithKeys(plans, keys, options_.dedup_save_to_lowest_rank, fingerprint ? &kept : nullptr);
+  DCPP_ASSIGN_OR_RETURN(Metadata md, GlobalPlanWithKeys(plans, keys));
+  if (options_.flatten_state_dict) md.planner_data = MergeMappings(plans);
+  DCPP_RETURN_IF_ERROR(ValidateGlobalPlan(md, options_.require_full_coverage));
+  auto global = std::make_pair(std::move(plans), std::move(md));
+  if (fingerprint) cache_ = internal::PlanCache::Make(*fingerprint, std::move(kept), global);
   return global;
 }
 

@@ -1,4 +1,5 @@
 #include <random>
+#include <set>
 
 #include "dcpp/planner.h"
 #include "dcpp/state_dict.h"
@@ -103,6 +104,70 @@ TEST(SavePlannerTest, GlobalPlanDedupsReplicatedItemsAndSpreadsThem) {
   EXPECT_EQ(out[2].items[0].index.index, 2);
   ASSERT_TRUE(md.planner_data.has_value());
   EXPECT_EQ(PathToFqn(md.planner_data->at("w")), "w");
+}
+
+TEST(SavePlannerTest, PlanCacheAnswersTheSameStructureWithoutReplanning) {
+  std::vector<SavePlan> plans;
+  for (int r = 0; r < 4; ++r) plans.push_back(PlanFor(ShardedRows(r, 4, 10, 3)));
+  DefaultSavePlanner fresh;
+  DCPP_ASSERT_OK_AND_ASSIGN(auto expected, fresh.CreateGlobalPlan(plans));
+  SavePlannerOptions options;
+  options.enable_plan_caching = true;
+  DefaultSavePlanner caching(options);
+  DCPP_ASSERT_OK_AND_ASSIGN(auto first, caching.CreateGlobalPlan(plans));
+  EXPECT_FALSE(caching.last_plan_cached());
+  DCPP_ASSERT_OK_AND_ASSIGN(auto second, caching.CreateGlobalPlan(plans));
+  EXPECT_TRUE(caching.last_plan_cached());
+  for (const auto* got : {&first, &second}) {
+    ASSERT_EQ(got->first.size(), expected.first.size());
+    for (size_t p = 0; p < expected.first.size(); ++p) {
+      EXPECT_EQ(EncodeSavePlan(got->first[p]), EncodeSavePlan(expected.first[p])) << p;
+    }
+    DCPP_ASSERT_OK_AND_ASSIGN(std::string a, EncodeMetadata(got->second));
+    DCPP_ASSERT_OK_AND_ASSIGN(std::string b, EncodeMetadata(expected.second));
+    EXPECT_EQ(a, b);
+  }
+  // Another structure (one rank's chunk moved) is planned afresh.
+  plans[3].items[0].tensor_data->chunk.sizes[0] = 0;
+  EXPECT_THAT(caching.CreateGlobalPlan(plans),
+              StatusIs(StatusCode::kInvalidArgument, HasSubstr("\"w\"")));
+  EXPECT_FALSE(caching.last_plan_cached());
+}
+
+TEST(SavePlannerTest, GlobalPlanScalesToManyRanks) {
+  // 512 ranks x (row shards of 20 tensors + 5 replicated): every replicated item written once,
+  // writers spread, chunk index hints consistent with the metadata.
+  std::vector<SavePlan> plans(512);
+  for (int r = 0; r < 512; ++r) {
+    for (int t = 0; t < 25; ++t) {
+      WriteItem w;
+      if (t < 20) {
+        w.index = {"w" + std::to_string(t), Shape{r * 2, 0}, std::nullopt};
+        w.type = WriteItemType::kShard;
+        w.tensor_data = TensorWriteData{{{r * 2, 0}, {2, 4}}, {DType::kFloat32}, {1024, 4}};
+      } else {
+        w.index = {"b" + std::to_string(t), Shape{0}, std::nullopt};
+        w.tensor_data = TensorWriteData{{{0}, {4}}, {DType::kFloat32}, {4}};
+      }
+      plans[r].items.push_back(w);
+    }
+  }
+  DefaultSavePlanner coordinator;
+  DCPP_ASSERT_OK_AND_ASSIGN(auto global, coordinator.CreateGlobalPlan(plans));
+  int64_t items = 0;
+  std::set<size_t> replicated_writers;
+  for (size_t p = 0; p < global.first.size(); ++p) {
+    for (const auto& item : global.first[p].items) {
+      ++items;
+      const auto& t =
+          std::get<TensorStorageMetadata>(*global.second.state_dict_metadata.Find(item.index.fqn));
+      ASSERT_TRUE(item.index.index.has_value());
+      EXPECT_EQ(t.chunks.at(*item.index.index).offsets, *item.index.offset);
+      if (item.index.fqn[0] == 'b') replicated_writers.insert(p);
+    }
+  }
+  EXPECT_EQ(items, 512 * 20 + 5);
+  EXPECT_EQ(replicated_writers.size(), 5u);
 }
 
 TEST(SavePlannerTest, DedupBalancesBytes) {

@@ -26,6 +26,8 @@ inline constexpr size_t kMaxIoBytes = size_t{1} << 30;
 // Appends smaller than this are gathered in a buffer; larger ones go straight to write(2), so
 // tensor bytes are copied once, from the caller's memory into the page cache.
 inline constexpr size_t kAppendBufferBytes = size_t{1} << 20;
+// Writeback of a file being written is started every this many bytes (see StartWriteBack).
+inline constexpr uint64_t kWriteBehindBytes = uint64_t{32} << 20;
 
 // open(2) with O_CLOEXEC, retried on EINTR. Returns the descriptor or a Status naming `path`.
 Result<int> OpenFd(const std::string& path, int flags, mode_t mode = 0);
@@ -57,12 +59,14 @@ class PosixWritableFile final : public WritableFile {
  private:
   Status CheckUsable() const;
   Status FlushBuffer();
+  void StartWriteBack();
 
   int fd_;
   std::string path_;
   std::unique_ptr<char[]> buffer_;  // allocated on the first small append
   size_t used_ = 0;
   uint64_t position_ = 0;
+  uint64_t started_ = 0;  // writeback started for [0, started_)
   Status error_;
 };
 

@@ -10,6 +10,7 @@ void RegisterCommands(CLI::App& app) {
   RegisterConvert(app);
   RegisterDiff(app);
   RegisterConsolidate(app);
+  RegisterBench(app);
 }
 int ExitCode() { return g_exit_code; }
 void SetExitCode(int code) { g_exit_code = code; }
