@@ -104,23 +104,6 @@ RankContext& ContextOf(int rank) {
   return *c;
 }
 
-// Stands in for a writer this rank could not open or a state it could not stage: every call fails
-// with the same status, so the rank still joins every collective.
-class FailingWriter final : public StorageWriter {
- public:
-  FailingWriter(std::string id, Status s) : id_(std::move(id)), s_(std::move(s)) {}
-  Status SetUp(bool, int, bool) override { return s_; }
-  Result<SavePlan> PrepareLocalPlan(SavePlan) override { return s_; }
-  Result<std::vector<SavePlan>> PrepareGlobalPlan(std::vector<SavePlan>) override { return s_; }
-  Result<std::vector<WriteResult>> WriteData(const SavePlan&, SavePlanner&) override { return s_; }
-  Status Finish(Metadata&, const std::vector<std::vector<WriteResult>>&) override { return s_; }
-  std::string checkpoint_id() const override { return id_; }
-
- private:
-  std::string id_;
-  Status s_;
-};
-
 // kProcess: plans and commits through `inner` on the save thread; the bytes are written by the
 // rank's writer process, from the shared-memory arena.
 class ProcessWriter final : public StorageWriter {
@@ -231,7 +214,7 @@ AsyncSaveHandle Start(const StateDict& state_dict, std::string id, WriterSource 
       std::unique_ptr<StorageWriter> failing;
       if (failed.ok()) owned = writer_source(&writer, context);
       if (!failed.ok() || writer == nullptr) {
-        failing = std::make_unique<FailingWriter>(
+        failing = std::make_unique<internal::StatusWriter>(
             id, failed.ok() ? InternalError("async save: no writer") : failed);
         writer = failing.get();
       }
@@ -273,7 +256,7 @@ AsyncSaveHandle AsyncSave(const StateDict& state_dict, const std::string& path,
         std::unique_ptr<StorageWriter> out;
         auto w = FileSystemWriter::Open(path, writer_options);
         if (!w.ok()) {
-          out = std::make_unique<FailingWriter>(path, w.status());
+          out = std::make_unique<internal::StatusWriter>(path, w.status());
         } else if (process) {
           out = std::make_unique<ProcessWriter>(std::move(*w), path, writer_options, context);
         } else {

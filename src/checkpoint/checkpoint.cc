@@ -510,46 +510,12 @@ Status Load(StateDict& state_dict, StorageReader& reader, const LoadOptions& opt
   return steps.Broadcast();
 }
 
-namespace {
-
-// Stand-ins for a writer/reader that could not be opened: every step fails with the same status,
-// so this rank still joins the collectives and the others learn why.
-class StatusWriter final : public StorageWriter {
- public:
-  StatusWriter(std::string id, Status s) : id_(std::move(id)), s_(std::move(s)) {}
-  Status SetUp(bool, int, bool) override { return s_; }
-  Result<SavePlan> PrepareLocalPlan(SavePlan) override { return s_; }
-  Result<std::vector<SavePlan>> PrepareGlobalPlan(std::vector<SavePlan>) override { return s_; }
-  Result<std::vector<WriteResult>> WriteData(const SavePlan&, SavePlanner&) override { return s_; }
-  Status Finish(Metadata&, const std::vector<std::vector<WriteResult>>&) override { return s_; }
-  std::string checkpoint_id() const override { return id_; }
-
- private:
-  std::string id_;
-  Status s_;
-};
-
-class StatusReader final : public StorageReader {
- public:
-  StatusReader(std::string id, Status s) : id_(std::move(id)), s_(std::move(s)) {}
-  Result<Metadata> ReadMetadata(int) override { return s_; }
-  Status SetUp(const Metadata&, bool, int) override { return s_; }
-  Status ReadData(const LoadPlan&, LoadPlanner&) override { return s_; }
-  std::string checkpoint_id() const override { return id_; }
-
- private:
-  std::string id_;
-  Status s_;
-};
-
-}  // namespace
-
 Result<Metadata> Save(const StateDict& state_dict, const std::string& path,
                       const SaveOptions& options) {
   auto writer = FileSystemWriter::Open(path, options.writer);
   if (!writer.ok()) {
     // Still take part in the collectives so the other ranks learn of the failure.
-    StatusWriter failed(path, writer.status());
+    internal::StatusWriter failed(path, writer.status());
     return Save(state_dict, failed, options);
   }
   return Save(state_dict, **writer, options);
@@ -558,7 +524,7 @@ Result<Metadata> Save(const StateDict& state_dict, const std::string& path,
 Status Load(StateDict& state_dict, const std::string& path, const LoadOptions& options) {
   auto reader = FileSystemReader::Open(path, options.reader);
   if (!reader.ok()) {
-    StatusReader failed(path, reader.status());
+    internal::StatusReader failed(path, reader.status());
     return Load(state_dict, failed, options);
   }
   return Load(state_dict, **reader, options);
@@ -585,7 +551,7 @@ Result<Metadata> Save(const AppState& app_state, const std::string& path,
   auto sd = Collect(app_state);
   if (!sd.ok()) {
     // Still join the collectives, so the other ranks learn of the failure instead of waiting.
-    StatusWriter failed(path, sd.status());
+    internal::StatusWriter failed(path, sd.status());
     return Save(Value::MakeDict(), failed, options);
   }
   return Save(*sd, path, options);
@@ -594,7 +560,7 @@ Result<Metadata> Save(const AppState& app_state, const std::string& path,
 Status Load(const AppState& app_state, const std::string& path, const LoadOptions& options) {
   auto collected = Collect(app_state);
   if (!collected.ok()) {
-    StatusReader failed(path, collected.status());
+    internal::StatusReader failed(path, collected.status());
     StateDict empty = Value::MakeDict();
     return Load(empty, failed, options);
   }

@@ -59,6 +59,38 @@ Carried CentralStep(Communicator& comm, int coordinator, std::string_view phase,
 // `root` sends its status and payload to every rank.
 Carried BroadcastStep(Communicator& comm, int root, Carried mine);
 
+// ---- stand-ins ----
+
+// Stand-ins for a writer/reader that could not be opened: every step fails with the same status,
+// so this rank still joins the collectives and the others learn why.
+class StatusWriter final : public StorageWriter {
+ public:
+  StatusWriter(std::string id, Status s) : id_(std::move(id)), s_(std::move(s)) {}
+  Status SetUp(bool, int, bool) override { return s_; }
+  Result<SavePlan> PrepareLocalPlan(SavePlan) override { return s_; }
+  Result<std::vector<SavePlan>> PrepareGlobalPlan(std::vector<SavePlan>) override { return s_; }
+  Result<std::vector<WriteResult>> WriteData(const SavePlan&, SavePlanner&) override { return s_; }
+  Status Finish(Metadata&, const std::vector<std::vector<WriteResult>>&) override { return s_; }
+  std::string checkpoint_id() const override { return id_; }
+
+ private:
+  std::string id_;
+  Status s_;
+};
+
+class StatusReader final : public StorageReader {
+ public:
+  StatusReader(std::string id, Status s) : id_(std::move(id)), s_(std::move(s)) {}
+  Result<Metadata> ReadMetadata(int) override { return s_; }
+  Status SetUp(const Metadata&, bool, int) override { return s_; }
+  Status ReadData(const LoadPlan&, LoadPlanner&) override { return s_; }
+  std::string checkpoint_id() const override { return id_; }
+
+ private:
+  std::string id_;
+  Status s_;
+};
+
 // ---- the protocols ----
 
 class SaveSteps {
