@@ -23,6 +23,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
+#include "core/thread_pool.h"
 
 #include <atomic>
 #include <cstring>
@@ -527,27 +528,10 @@ class Checkpoint {
 
 // ---- the engine behind dcpp.torch ----
 
-// Runs fn(i) for i in [0, n) on up to `threads` threads; returns the first failure.
+// fn(0..n-1) on dcpp's thread pool, at most `threads` at once; the first failure.
 Status ParallelFor(size_t n, int threads, const std::function<Status(size_t)>& fn) {
-  std::atomic<size_t> next{0};
-  std::mutex mu;
-  Status first;
-  auto worker = [&] {
-    for (size_t i; (i = next.fetch_add(1)) < n;) {
-      Status s = fn(i);
-      if (!s.ok()) {
-        std::lock_guard<std::mutex> lock(mu);
-        if (first.ok()) first = s;
-        return;
-      }
-    }
-  };
-  size_t t = std::max<size_t>(1, std::min<size_t>(n, threads > 0 ? threads : 1));
-  std::vector<std::thread> pool;
-  for (size_t k = 1; k < t; ++k) pool.emplace_back(worker);
-  worker();
-  for (auto& th : pool) th.join();
-  return first;
+  return dcpp::internal::FirstError(
+      dcpp::internal::ParallelFor(n, static_cast<size_t>(std::max(threads, 1)), fn));
 }
 
 struct Blob {

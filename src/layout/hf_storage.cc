@@ -29,6 +29,7 @@
 #include <thread>
 
 #include "codec/safetensors.h"
+#include "core/thread_pool.h"
 #include "dcpp/chunk.h"
 #include "dcpp/storage.h"
 
@@ -50,27 +51,10 @@ bool EndsWith(std::string_view s, std::string_view suffix) {
 
 std::string Quote(std::string_view s) { return "\"" + std::string(s) + "\""; }
 
-// Runs fn(i) for i in [0, n) on up to `threads` threads; returns the first error by index.
+// fn(0..n-1) on the shared pool, at most `threads` at once; the first error by index.
 Status ParallelFor(size_t n, int threads, const std::function<Status(size_t)>& fn) {
-  std::vector<Status> errors(n);
-  const size_t t = std::min<size_t>(n, static_cast<size_t>(std::max(threads, 1)));
-  if (t <= 1) {
-    for (size_t i = 0; i < n; ++i) {
-      errors[i] = fn(i);
-      if (!errors[i].ok()) return errors[i];
-    }
-    return Status::Ok();
-  }
-  std::atomic<size_t> next{0};
-  std::vector<std::thread> pool;
-  for (size_t k = 0; k < t; ++k) {
-    pool.emplace_back([&] {
-      for (size_t i; (i = next.fetch_add(1)) < n;) errors[i] = fn(i);
-    });
-  }
-  for (auto& th : pool) th.join();
-  for (auto& e : errors) DCPP_RETURN_IF_ERROR(e);
-  return Status::Ok();
+  return internal::FirstError(
+      internal::ParallelFor(n, static_cast<size_t>(std::max(threads, 1)), fn));
 }
 
 int FileCount(const std::map<std::string, int>& mapping) {

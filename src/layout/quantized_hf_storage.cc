@@ -19,6 +19,7 @@
 #include <thread>
 
 #include "codec/safetensors.h"
+#include "core/thread_pool.h"
 #include "dcpp/chunk.h"
 #include "dcpp/hf_storage.h"
 #include "dcpp/storage.h"
@@ -186,7 +187,6 @@ Status QuantizedHuggingFaceStorageReader::ReadData(const LoadPlan& plan, LoadPla
     return &(scales[weight] = {piece->shape, std::move(f)});
   };
 
-  std::vector<Status> errors(quantized.size());
   auto read_one = [&](size_t q) -> Status {
     const ReadItem& item = *quantized[q];
     const std::string what =
@@ -232,20 +232,8 @@ Status QuantizedHuggingFaceStorageReader::ReadData(const LoadPlan& plan, LoadPla
     return Status::Ok();
   };
   // Items in parallel (each opens its own file handle; planner calls are serialized).
-  const size_t threads = std::min<size_t>(quantized.size(), std::max(qoptions_.thread_count, 1));
-  if (threads <= 1) {
-    for (size_t q = 0; q < quantized.size(); ++q) DCPP_RETURN_IF_ERROR(read_one(q));
-  } else {
-    std::atomic<size_t> next{0};
-    std::vector<std::thread> pool;
-    for (size_t t = 0; t < threads; ++t) {
-      pool.emplace_back([&] {
-        for (size_t q; (q = next.fetch_add(1)) < quantized.size();) errors[q] = read_one(q);
-      });
-    }
-    for (auto& th : pool) th.join();
-    for (const auto& e : errors) DCPP_RETURN_IF_ERROR(e);
-  }
+  DCPP_RETURN_IF_ERROR(internal::FirstError(internal::ParallelFor(
+      quantized.size(), static_cast<size_t>(std::max(qoptions_.thread_count, 1)), read_one)));
   return HuggingFaceStorageReader::ReadData(plain, planner);
 }
 
