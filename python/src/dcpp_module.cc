@@ -332,7 +332,7 @@ class Checkpoint {
     if (format_ == CheckpointFormat::kDcp) {
       store_ = std::make_unique<CountingStore>(Take(OpenStore(path)));
       reader_ = std::make_unique<FileSystemReader>(store_.get(), path,
-                                                   FileSystemReaderOptions{thread_count, false});
+                                                   FileSystemReaderOptions{thread_count, true});
       auto md = reader_->ReadMetadata();
       if (!md.ok() && md.status().code() == StatusCode::kNotFound) {
         // A save without collectives: rank 0's view unites every __{r}.metadata.
