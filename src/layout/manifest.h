@@ -31,7 +31,9 @@
 
 namespace dcpp::internal {
 
-inline constexpr uint64_t kManifestSegmentBytes = uint64_t{1} << 20;
+// 256 KiB: a partial read of a blob costs at most a quarter MiB more at each end (and for the
+// blob's first segment, where its zip headers are), while a TiB of data takes 32 MiB of hashes.
+inline constexpr uint64_t kManifestSegmentBytes = uint64_t{256} << 10;
 inline constexpr uint64_t kManifestMinSegmentBytes = uint64_t{4} << 10;
 inline constexpr uint64_t kManifestMaxSegmentBytes = uint64_t{1} << 30;
 inline constexpr uint32_t kManifestVersion = 1;
