@@ -538,17 +538,12 @@ Status FileSystemReader::ReadData(const LoadPlan& plan, LoadPlanner& planner) {
       const internal::ManifestBlob* sums = nullptr;
       if (options_.verify) {
         for (const auto& m : manifests_) {
-          sums = m->Find(name, static_cast<uint64_t>(info.offset));
+          sums =
+              m->Find(name, static_cast<uint64_t>(info.offset), static_cast<uint64_t>(info.length));
           if (sums) {
             manifest = m.get();
             break;
           }
-        }
-        if (sums && sums->length != static_cast<uint64_t>(info.length)) {
-          return DataLossError("reading " + what + ": the manifest records " +
-                               std::to_string(sums->length) + " bytes at offset " +
-                               std::to_string(info.offset) + ", the metadata " +
-                               std::to_string(info.length));
         }
         if (!sums && manifest_complete_) {
           return DataLossError("reading " + what +

@@ -151,14 +151,15 @@ void Manifest::Index() {
   for (size_t i = 0; i < files.size(); ++i) file_index_.emplace(files[i], static_cast<uint32_t>(i));
 }
 
-const ManifestBlob* Manifest::Find(std::string_view file, uint64_t offset) const {
+const ManifestBlob* Manifest::Find(std::string_view file, uint64_t offset, uint64_t length) const {
   auto f = file_index_.find(std::string(file));
   if (f == file_index_.end()) return nullptr;
-  auto it = std::lower_bound(blobs.begin(), blobs.end(), std::make_pair(f->second, offset),
-                             [](const ManifestBlob& b, const std::pair<uint32_t, uint64_t>& k) {
-                               return std::make_pair(b.file, b.offset) < k;
+  const auto key = std::make_tuple(f->second, offset, length);
+  auto it = std::lower_bound(blobs.begin(), blobs.end(), key,
+                             [](const ManifestBlob& b, const decltype(key)& k) {
+                               return std::make_tuple(b.file, b.offset, b.length) < k;
                              });
-  if (it == blobs.end() || it->file != f->second || it->offset != offset) return nullptr;
+  if (it == blobs.end() || std::make_tuple(it->file, it->offset, it->length) != key) return nullptr;
   return &*it;
 }
 
@@ -177,8 +178,8 @@ Result<std::string> EncodeManifest(Manifest m) {
   std::vector<size_t> order(m.blobs.size());
   std::iota(order.begin(), order.end(), 0);
   std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-    return std::make_pair(rank_of[m.blobs[a].file], m.blobs[a].offset) <
-           std::make_pair(rank_of[m.blobs[b].file], m.blobs[b].offset);
+    return std::make_tuple(rank_of[m.blobs[a].file], m.blobs[a].offset, m.blobs[a].length) <
+           std::make_tuple(rank_of[m.blobs[b].file], m.blobs[b].offset, m.blobs[b].length);
   });
   std::string out(kMagic, sizeof(kMagic));
   out.reserve(kHeaderBytes + m.hashes.size() * 8 + m.blobs.size() * 6 + 64);
@@ -195,9 +196,10 @@ Result<std::string> EncodeManifest(Manifest m) {
     out.append(m.files[f]);
     PutVarint(out, end - next);
     uint64_t prev_end = 0;
+    bool prev_empty_here = false;  // an empty blob ended at prev_end: no second one there
     for (; next < end; ++next) {
       const ManifestBlob& b = m.blobs[order[next]];
-      if (b.offset < prev_end) {
+      if (b.offset < prev_end || (prev_empty_here && b.offset == prev_end && b.length == 0)) {
         return InvalidArgumentError("manifest: blobs of \"" + m.files[f] + "\" overlap at offset " +
                                     std::to_string(b.offset));
       }
@@ -211,6 +213,7 @@ Result<std::string> EncodeManifest(Manifest m) {
       PutVarint(out, b.offset - prev_end);
       PutVarint(out, b.length);
       for (uint64_t h = 0; h < b.hash_count; ++h) PutU64(out, m.hashes[b.first_hash + h]);
+      prev_empty_here = b.length == 0;
       prev_end = b.offset + b.length;
     }
   }
@@ -255,9 +258,12 @@ Result<Manifest> DecodeManifest(std::string_view bytes, const std::string& what)
     m.files.emplace_back(name);
     DCPP_ASSIGN_OR_RETURN(uint64_t blob_count, r.Count(10, "blob"));
     uint64_t prev_end = 0;
+    bool prev_empty = false;
     for (uint64_t b = 0; b < blob_count; ++b) {
       DCPP_ASSIGN_OR_RETURN(uint64_t gap, r.Varint());
       DCPP_ASSIGN_OR_RETURN(uint64_t length, r.Varint());
+      if (prev_empty && gap == 0 && length == 0) return r.Bad("two empty blobs at one offset");
+      prev_empty = length == 0;
       constexpr uint64_t kMaxOffset = uint64_t{1} << 62;  // offsets are int64 in the metadata
       if (gap > kMaxOffset - prev_end || length > kMaxOffset - (prev_end + gap)) {
         return r.Bad("blob offset or length overflows");

@@ -64,14 +64,15 @@ struct Manifest {
   uint64_t segment_bytes = kManifestSegmentBytes;
   uint64_t metadata_hash = 0;  // xxh3-64 of the metadata file's bytes it belongs to
   std::vector<std::string> files;
-  std::vector<ManifestBlob> blobs;  // sorted by (file, offset), not overlapping within a file
+  std::vector<ManifestBlob> blobs;  // by (file, offset, length), not overlapping in a file
   std::vector<uint64_t> hashes;
 
   // Adds a blob (any order; Encode sorts). `hashes` must hold SegmentCount(length) values.
   void Add(const std::string& file, uint64_t offset, uint64_t length,
            const std::vector<uint64_t>& blob_hashes);
-  // The blob stored at `offset` of `file`, or nullptr.
-  const ManifestBlob* Find(std::string_view file, uint64_t offset) const;
+  // The blob of `length` bytes stored at `offset` of `file`, or nullptr. (An empty blob may
+  // share its offset with the next one.)
+  const ManifestBlob* Find(std::string_view file, uint64_t offset, uint64_t length) const;
   const uint64_t* HashesOf(const ManifestBlob& b) const { return hashes.data() + b.first_hash; }
 
   // Rebuilds the lookup after blobs/files were filled directly.

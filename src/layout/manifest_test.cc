@@ -50,13 +50,16 @@ TEST(ManifestTest, RoundTripsAndFindsEveryBlob) {
   EXPECT_EQ(back.metadata_hash, 0x1234u);
   ASSERT_EQ(back.blobs.size(), m.blobs.size());
   EXPECT_EQ(back.hashes, m.hashes);
-  const ManifestBlob* b = back.Find("__0_0.distcp", kSeg + 100);
+  const ManifestBlob* b = back.Find("__0_0.distcp", kSeg + 100, kSeg + 1);
   ASSERT_NE(b, nullptr);
   EXPECT_EQ(b->length, kSeg + 1);
   EXPECT_EQ(b->hash_count, 2u);
-  EXPECT_EQ(back.Find("__0_0.distcp", 7), nullptr);
-  EXPECT_EQ(back.Find("__2_0.distcp", 0), nullptr);
-  ASSERT_NE(back.Find("__1_0.distcp", 4096), nullptr);
+  EXPECT_EQ(back.Find("__0_0.distcp", 7, 1), nullptr);
+  EXPECT_EQ(back.Find("__0_0.distcp", kSeg + 100, kSeg), nullptr);
+  ASSERT_NE(back.Find("__0_0.distcp", 0, 0), nullptr);  // the empty blob beside the next one
+  ASSERT_NE(back.Find("__0_0.distcp", 0, 100), nullptr);
+  EXPECT_EQ(back.Find("__2_0.distcp", 0, 0), nullptr);
+  ASSERT_NE(back.Find("__1_0.distcp", 4096, 10), nullptr);
   // 8 bytes a hash and a few bytes a blob: compact enough for millions of items.
   EXPECT_LT(bytes.size(), 32 + 8 + m.hashes.size() * 8 + m.blobs.size() * 4 + 40);
 }
@@ -67,6 +70,11 @@ TEST(ManifestTest, OverlappingBlobsAndWrongHashCountsAreNotEncoded) {
   m.Add("f", 0, 100, {1});
   m.Add("f", 50, 100, {2});
   EXPECT_THAT(EncodeManifest(m), StatusIs(StatusCode::kInvalidArgument, HasSubstr("overlap")));
+  Manifest e;
+  e.segment_bytes = kSeg;
+  e.Add("f", 8, 0, {1});
+  e.Add("f", 8, 0, {1});
+  EXPECT_THAT(EncodeManifest(e), StatusIs(StatusCode::kInvalidArgument, HasSubstr("overlap")));
   Manifest n;
   n.segment_bytes = kSeg;
   n.Add("f", 0, 3 * kSeg, {1});
@@ -112,6 +120,9 @@ TEST(ManifestTest, HostileCountsAndSizesAreRefusedBeforeAllocating) {
            varint(~uint64_t{0} >> 1) + varint(1) + u64zero,
        "overflows"},
       {header + std::string(11, '\xff') + "\x01", "varint"},
+      {header + varint(1) + varint(1) + "f" + varint(2) + varint(0) + varint(0) + u64zero +
+           varint(0) + varint(0) + u64zero,
+       "two empty blobs"},
       {header + varint(0) + "x", "trailing"},
       {header + varint(1) + varint(uint64_t{1} << 40) + "f", "truncated"},
   };

@@ -114,14 +114,8 @@ void CheckBlob(const ReadableFile& file, const Metadata& md, const MetadataIndex
   const uint64_t length = static_cast<uint64_t>(info.length);
   const internal::ManifestBlob* sums = nullptr;
   if (manifest) {
-    sums = manifest->Find(info.relative_path, base);
-    if (!sums) {
-      problem(info.offset, "no checksum in the manifest for these bytes");
-    } else if (sums->length != length) {
-      problem(info.offset, "the manifest records " + std::to_string(sums->length) +
-                               " bytes, the metadata " + std::to_string(length));
-      sums = nullptr;
-    }
+    sums = manifest->Find(info.relative_path, base, length);
+    if (!sums) problem(info.offset, "no checksum in the manifest for these bytes");
   }
   SubSource raw(file, base, length);
   const bool transformed = !info.transform_descriptors.empty();

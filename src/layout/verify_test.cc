@@ -131,31 +131,46 @@ TEST(ChecksumTest, EveryByteFlipInTheDataFilesIsDetectedByLoadAndByVerify) {
   SaveOptions so;
   so.writer.thread_count = 2;  // two data files
   DCPP_ASSERT_OK(Save(SampleState(), path, so).status());
-  const auto data = Files(path, ".distcp");
-  ASSERT_EQ(data.size(), 2u);
-  std::vector<std::pair<std::string, uint64_t>> where;
-  uint64_t total = 0;
-  for (const auto& f : data) total += fs::file_size(path + "/" + f);
+  ASSERT_EQ(Files(path, ".distcp").size(), 2u);
+  DCPP_ASSERT_OK_AND_ASSIGN(auto reader, FileSystemReader::Open(path));
+  DCPP_ASSERT_OK_AND_ASSIGN(Metadata md, reader->ReadMetadata());
+  std::vector<StorageInfo> blobs;
+  for (const auto& [idx, info] : md.storage_data) blobs.push_back(info);
+  ASSERT_EQ(blobs.size(), 6u);
+  // Every blob in turn, cycling through its zip headers and pickle (first 512 bytes), its
+  // central directory and end records (last 256) and anywhere in it (mostly tensor payload).
   std::mt19937_64 rng(20261201);
   constexpr int kFlips = 200;
   int by_load = 0, by_verify = 0, named = 0;
   for (int i = 0; i < kFlips; ++i) {
-    uint64_t pos = rng() % total;
-    size_t f = 0;
-    while (pos >= fs::file_size(path + "/" + data[f])) pos -= fs::file_size(path + "/" + data[f++]);
-    const std::string file = path + "/" + data[f];
+    const StorageInfo& blob = blobs[i % blobs.size()];
+    const uint64_t len = static_cast<uint64_t>(blob.length);
+    uint64_t in_blob = 0;
+    switch ((i / blobs.size()) % 3) {
+      case 0:
+        in_blob = rng() % std::min<uint64_t>(len, 512);
+        break;
+      case 1:
+        in_blob = len - 1 - rng() % std::min<uint64_t>(len, 256);
+        break;
+      default:
+        in_blob = rng() % len;
+        break;
+    }
+    const uint64_t pos = static_cast<uint64_t>(blob.offset) + in_blob;
+    const std::string file = path + "/" + blob.relative_path;
     FlipByte(file, pos);
     Value back = Destinations(SampleState());
     Status s = Load(back, path);
     if (s.code() == StatusCode::kDataLoss) ++by_load;
-    if (s.ok()) ADD_FAILURE() << "flip at " << data[f] << ":" << pos << " loaded";
+    if (s.ok()) ADD_FAILURE() << "flip at " << blob.relative_path << ":" << pos << " loaded";
     auto r = VerifyCheckpoint(path);
     if (r.ok() && !r->ok()) {
       ++by_verify;
       // The problem names the file and an offset at or before the flipped byte.
       for (const auto& p : r->problems) {
-        if (p.file == data[f] && p.offset >= 0 && static_cast<uint64_t>(p.offset) <= pos &&
-            !p.key.empty()) {
+        if (p.file == blob.relative_path && p.offset >= 0 &&
+            static_cast<uint64_t>(p.offset) <= pos && !p.key.empty()) {
           ++named;
           break;
         }
