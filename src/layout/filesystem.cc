@@ -354,6 +354,13 @@ Status FileSystemWriter::Finish(Metadata& metadata,
   // names it, and a crash in between leaves the previous checkpoint with its own manifest.
   manifest_.clear();
   internal::Manifest manifest;
+  size_t blob_count = 0, hash_count = 0;
+  for (const auto& rank_results : results) {
+    blob_count += rank_results.size();
+    for (const auto& r : rank_results) hash_count += r.checksums.size();
+  }
+  manifest.blobs.reserve(blob_count);
+  manifest.hashes.reserve(hash_count);
   bool complete = true;
   for (const auto& rank_results : results) {
     for (const auto& r : rank_results) {

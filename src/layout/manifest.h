@@ -70,8 +70,9 @@ struct Manifest {
   // Adds a blob (any order; Encode sorts). `hashes` must hold SegmentCount(length) values.
   void Add(const std::string& file, uint64_t offset, uint64_t length,
            const std::vector<uint64_t>& blob_hashes);
-  // The blob of `length` bytes stored at `offset` of `file`, or nullptr. (An empty blob may
-  // share its offset with the next one.)
+  // The blob of `length` bytes stored at `offset` of `file`, or nullptr (on a decoded manifest:
+  // blobs in order). An empty blob may
+  // share its offset with the next one.
   const ManifestBlob* Find(std::string_view file, uint64_t offset, uint64_t length) const;
   const uint64_t* HashesOf(const ManifestBlob& b) const { return hashes.data() + b.first_hash; }
 
@@ -80,6 +81,7 @@ struct Manifest {
 
  private:
   std::unordered_map<std::string, uint32_t> file_index_;
+  uint32_t last_file_ = 0;
 };
 
 // The manifest's bytes: sorts blobs by (file, offset) first. InvalidArgument for overlapping
