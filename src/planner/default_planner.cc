@@ -699,8 +699,10 @@ Result<SavePlan> DecodeSavePlan(std::string_view bytes) {
   SavePlan plan;
   DCPP_ASSIGN_OR_RETURN(plan.storage_prefix, r.Str());
   DCPP_ASSIGN_OR_RETURN(uint64_t n, r.Count());
-  plan.items.resize(n);
-  for (auto& item : plan.items) {
+  // Grown as items decode: a count is only bounded by the bytes left, and a WriteItem takes far
+  // more memory than a byte.
+  for (uint64_t i = 0; i < n; ++i) {
+    WriteItem& item = plan.items.emplace_back();
     DCPP_RETURN_IF_ERROR(internal::GetIndex(r, &item.index));
     DCPP_ASSIGN_OR_RETURN(uint64_t type, r.U64());
     if (type < 1 || type > 3) return r.Malformed();
