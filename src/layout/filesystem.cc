@@ -168,8 +168,11 @@ std::string EncodeWriteResults(const std::vector<WriteResult>& results) {
 Result<std::vector<WriteResult>> DecodeWriteResults(std::string_view bytes) {
   internal::WireReader r(bytes, "write results");
   DCPP_ASSIGN_OR_RETURN(uint64_t count, r.Count());
-  std::vector<WriteResult> out(count);
-  for (auto& w : out) {
+  // Grown as results decode: a count is only bounded by the bytes left, and a WriteResult
+  // takes far more memory than a byte.
+  std::vector<WriteResult> out;
+  for (uint64_t i = 0; i < count; ++i) {
+    WriteResult& w = out.emplace_back();
     DCPP_RETURN_IF_ERROR(internal::GetIndex(r, &w.index));
     DCPP_ASSIGN_OR_RETURN(uint64_t size, r.U64());
     w.size_in_bytes = static_cast<int64_t>(size);
