@@ -907,8 +907,13 @@ std::vector<ReadItem> CreateReadItemsForChunks(const std::string& fqn,
   }
   std::vector<size_t> order(saved.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-  std::sort(order.begin(), order.end(),
-            [&](size_t a, size_t b) { return saved[a].offsets[sweep] < saved[b].offsets[sweep]; });
+  // Saved chunks usually come in row order already (ranks in order): sort only when not.
+  auto by_start = [&](size_t a, size_t b) {
+    return saved[a].offsets[sweep] < saved[b].offsets[sweep];
+  };
+  if (!std::is_sorted(order.begin(), order.end(), by_start)) {
+    std::sort(order.begin(), order.end(), by_start);
+  }
   std::vector<int64_t> starts;
   int64_t longest = 0;
   for (size_t i : order) {
