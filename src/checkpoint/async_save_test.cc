@@ -120,8 +120,10 @@ TEST(AsyncSaveTest, MemoryDoesNotGrowOverAHundredBackToBackSaves) {
     }
   }
   WaitForAsyncSaves();
-  // The state is 512 KiB; growth by a few saves' worth would show well above this bound.
-  EXPECT_LT(RssBytes() - rss_after_warmup, 2 << 20);
+  // The state is 512 KiB: keeping even a fifth of it per save would grow by ~9 MiB over the 90
+  // saves after warm-up. The bound leaves room for allocator and page-cache bookkeeping noise,
+  // which reached 2 MiB on a loaded machine.
+  EXPECT_LT(RssBytes() - rss_after_warmup, 6 << 20);
 }
 
 // Blocks WriteData until released, to hold a save in flight.
