@@ -290,6 +290,13 @@ class CountingStore final : public Store {
   Result<bool> Exists(std::string_view key) override { return base_->Exists(key); }
   Result<uint64_t> Size(std::string_view key) override { return base_->Size(key); }
   Result<std::vector<std::string>> List() override { return base_->List(); }
+  Result<std::vector<std::string>> ListDirectory(std::string_view dir) override {
+    return base_->ListDirectory(dir);
+  }
+  Result<std::unique_ptr<StoreLock>> TryLock(std::string_view key, LockMode mode) override {
+    return base_->TryLock(key, mode);
+  }
+  bool CanLock() const override { return base_->CanLock(); }
   Status Remove(std::string_view key) override { return base_->Remove(key); }
   Status Rename(std::string_view from, std::string_view to) override {
     return base_->Rename(from, to);
