@@ -10,8 +10,9 @@
 //   - A name created, removed or renamed in a directory is durable only after SyncDir() of that
 //     directory returns OK.
 //   - Rename(from, to) atomically replaces `to`: a reader sees the old or the new file, never a
-//     mixture. WriteAtomic() combines these into the commit primitive: write key + ".tmp", Sync,
-//     Rename over key, SyncDir. After a crash the key holds either its old or its new bytes.
+//     mixture. WriteAtomic() combines these into the commit primitive: write a temporary of its
+//     own (TemporaryName), Sync, Rename over key, SyncDir. After a crash the key holds either its
+//     old or its new bytes.
 //   - Files are written in place: OpenWrite truncates an existing key.
 //
 // Locking: TryLock takes an advisory lock named by a key, so that two saves to one destination

@@ -662,7 +662,8 @@ std::vector<std::vector<std::pair<int64_t, int64_t>>> WriteFiles(const std::stri
   return out;
 }
 
-// The commit point: `bytes` to dir/name.tmp, fsync, rename over dir/name, fsync the directory.
+// The commit point: `bytes` to a temporary of its own, fsync, rename over dir/name, fsync the
+// directory (Store::WriteAtomic).
 void CommitFile(const std::string& dir, const std::string& name, nb::bytes bytes) {
   std::string data(bytes.c_str(), bytes.size());
   nb::gil_scoped_release release;
