@@ -340,8 +340,11 @@ TEST(LeftoversTest, TheNextSaveAndCollectGarbageRemoveWhatFailedSavesLeft) {
   std::set<std::string> after_failure = Files(dir);
   EXPECT_GT(after_failure.size(), good.size());
   // Temporaries of killed commits and a stray data file; and files that are not dcpp's.
-  const std::set<std::string> planted = {".metadata.tmp", ".metadata.tmp.h.99999999.0",
-                                         "__1.metadata.tmp", "__7_0.distcp"};
+  const std::set<std::string> planted = {
+      ".metadata.tmp", ".metadata.tmp.h.99999999.0", "__1.metadata.tmp", "__7_0.distcp",
+      // A manifest no committed metadata pairs with (a crash between its rename and the
+      // metadata's), and a temporary of one.
+      ".metadata.0123456789abcdef.manifest", ".metadata.0123456789abcdef.manifest.tmp.h.9.0"};
   const std::set<std::string> foreign = {"notes.txt", "__0_0.distcp.bak", "__x_0.distcp",
                                          "__0_0_nothex!.distcp"};
   for (const auto& f : planted) DCPP_ASSERT_OK(testing::WriteFileBytes(dir + "/" + f, "x"));

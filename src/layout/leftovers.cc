@@ -7,6 +7,7 @@
 
 #include "dcpp/layout.h"
 #include "dcpp/metadata.h"
+#include "layout/manifest.h"
 
 namespace dcpp::internal {
 namespace {
@@ -52,6 +53,12 @@ NameInfo ClassifyName(std::string_view key) {
     }
   }
   if (int r = RankOfMetadataName(key); r >= 0) return {NameKind::kRankMetadata, r, false};
+  // "<metadata key>.<16 hex>.manifest": the rank is its metadata's.
+  constexpr size_t kManifestTail = 1 + 16 + 9;
+  if (IsManifestKey(key) && key.size() > kManifestTail) {
+    return {NameKind::kManifest, RankOfMetadataName(key.substr(0, key.size() - kManifestTail)),
+            true};
+  }
   // A temporary of a metadata commit: the legacy "K.tmp" or TemporaryName(K).
   TemporaryNameParts parts;
   const bool unique = ParseTemporaryName(key, &parts);
@@ -62,6 +69,8 @@ NameInfo ClassifyName(std::string_view key) {
   if (!base.empty()) {
     if (base == kMetadataFileName) return {NameKind::kTemporary, -1, unique};
     if (int r = RankOfMetadataName(base); r >= 0) return {NameKind::kTemporary, r, unique};
+    NameInfo of = ClassifyName(base);
+    if (of.kind == NameKind::kManifest) return {NameKind::kTemporary, of.rank, true};
     return info;
   }
   // __{r}_{n}.distcp or __{r}_{n}_{tag}.distcp
@@ -108,11 +117,13 @@ Status CheckCheckpointDirectory(const std::vector<std::string>& keys, const std:
 Result<std::vector<std::string>> FindLeftovers(Store& store, const std::vector<std::string>& keys,
                                                int rank) {
   std::set<std::string> referenced;
+  std::set<std::string> manifests;  // those of the committed metadata
   bool all_read = true;
   for (const std::string& k : keys) {
     NameKind kind = ClassifyName(k).kind;
     if (kind != NameKind::kMetadata && kind != NameKind::kRankMetadata) continue;
     auto bytes = store.ReadAll(k);
+    if (bytes.ok()) manifests.insert(ManifestKey(k, Xxh3(bytes->data(), bytes->size())));
     auto md = bytes.ok() ? ParseMetadata(*bytes) : Result<Metadata>(bytes.status());
     if (!md.ok()) {
       all_read = false;
@@ -127,6 +138,8 @@ Result<std::vector<std::string>> FindLeftovers(Store& store, const std::vector<s
     if (n.kind == NameKind::kTemporary) {
       out.push_back(k);
     } else if (n.kind == NameKind::kData && all_read && !referenced.count(k)) {
+      out.push_back(k);
+    } else if (n.kind == NameKind::kManifest && all_read && !manifests.count(k)) {
       out.push_back(k);
     }
   }

@@ -5,6 +5,7 @@
 //   .metadata, __{r}.metadata            committed metadata (collective / rank-local)
 //   __{r}_{n}.distcp, __{r}_{n}_{tag}.distcp   data files (tag: 8 hex digits, dcpp's)
 //   .metadata.tmp[.{host}.{pid}.{n}], __{r}.metadata.tmp[...]   temporaries of a commit
+//   {metadata}.{16 hex}.manifest (and its temporaries)   checksum manifests (dcpp's)
 //   .dcpp.lock, .dcpp.rank{r}.lock       lock files (dcpp's; they also mark the directory)
 // Every other file (a user's notes.txt, a subdirectory) is never removed.
 //
@@ -30,7 +31,8 @@ enum class NameKind {
   kMetadata,      // .metadata
   kRankMetadata,  // __{r}.metadata
   kData,          // __{r}_{n}[_{tag}].distcp
-  kTemporary,     // a temporary of a metadata commit
+  kTemporary,     // a temporary of a metadata or manifest commit
+  kManifest,      // a checksum manifest (layout/manifest.h)
   kLock,          // a lock file
 };
 struct NameInfo {
@@ -46,9 +48,9 @@ NameInfo ClassifyName(std::string_view key);
 Status CheckCheckpointDirectory(const std::vector<std::string>& keys, const std::string& where);
 
 // The checkpoint-named files of `keys` that no committed metadata in the store references: data
-// files and commit temporaries. With rank >= 0 only that rank's files (a rank-local save holds
-// only its own rank's lock). If some committed metadata cannot be read, no data file is a
-// leftover (only temporaries), since it might be referenced.
+// files, commit temporaries and manifests of no committed metadata. With rank >= 0 only that rank's
+// files (a rank-local save holds only its own rank's lock). If some committed metadata cannot be
+// read, no data file is a leftover (only temporaries), since it might be referenced.
 Result<std::vector<std::string>> FindLeftovers(Store& store, const std::vector<std::string>& keys,
                                                int rank = -1);
 

@@ -12,6 +12,7 @@ void RegisterCommands(CLI::App& app) {
   RegisterConsolidate(app);
   RegisterBench(app);
   RegisterGc(app);
+  RegisterVerify(app);
 }
 int ExitCode() { return g_exit_code; }
 void SetExitCode(int code) { g_exit_code = code; }
