@@ -36,6 +36,8 @@ std::string_view StoreOpName(StoreOp op) {
       return "stat";
     case StoreOp::kCreateDir:
       return "create directory";
+    case StoreOp::kLock:
+      return "lock";
   }
   return "unknown operation";
 }
@@ -197,6 +199,11 @@ Status FaultStore::SyncDir(std::string_view dir) {
 Status FaultStore::CreateDir() {
   DCPP_RETURN_IF_ERROR(Check(StoreOp::kCreateDir, ""));
   return base_.CreateDir();
+}
+
+Result<std::unique_ptr<StoreLock>> FaultStore::TryLock(std::string_view key, LockMode mode) {
+  DCPP_RETURN_IF_ERROR(Check(StoreOp::kLock, key));
+  return base_.TryLock(key, mode);
 }
 
 }  // namespace dcpp

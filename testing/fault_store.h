@@ -27,8 +27,9 @@ enum class StoreOp : int {
   kList,
   kStat,  // Exists, Size
   kCreateDir,
+  kLock,  // TryLock
 };
-inline constexpr int kNumStoreOps = 12;
+inline constexpr int kNumStoreOps = 13;
 std::string_view StoreOpName(StoreOp op);
 
 // Wraps another store (which must outlive it) in the manner of rocksdb's FaultInjectionTestFS:
@@ -74,6 +75,8 @@ class FaultStore final : public Store {
   Status Rename(std::string_view from, std::string_view to) override;
   Status SyncDir(std::string_view dir = {}) override;
   Status CreateDir() override;
+  Result<std::unique_ptr<StoreLock>> TryLock(std::string_view key, LockMode mode) override;
+  bool CanLock() const override { return base_.CanLock(); }
   std::string Describe(std::string_view key) const override { return base_.Describe(key); }
 
  private:

@@ -7,6 +7,7 @@
 // swaps `durable` in for `live`.
 #include <algorithm>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -30,6 +31,8 @@ struct MemoryStore::State {
   std::map<std::string, std::shared_ptr<Node>, std::less<>> live;
   std::map<std::string, std::shared_ptr<Node>, std::less<>> durable;
   uint64_t epoch = 0;  // bumped by each crash; writers opened before it are dead
+  // Held locks by key: the number of shared holders, or -1 for an exclusive one.
+  std::map<std::string, int, std::less<>> locks;
 
   std::string Describe(std::string_view key) const { return label + ":" + std::string(key); }
 
@@ -177,6 +180,47 @@ Result<uint64_t> MemoryStore::Size(std::string_view key) {
   auto it = state_->live.find(key);
   if (it == state_->live.end()) return NotFoundError(state_->Describe(key) + ": no such file");
   return static_cast<uint64_t>(it->second->data.size());
+}
+
+namespace {
+
+class MemoryLock final : public StoreLock {
+ public:
+  MemoryLock(std::shared_ptr<void> state, std::function<void()> release)
+      : state_(std::move(state)), release_(std::move(release)) {}
+  ~MemoryLock() override { release_(); }
+
+ private:
+  std::shared_ptr<void> state_;  // keeps the store's state alive
+  std::function<void()> release_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<StoreLock>> MemoryStore::TryLock(std::string_view key, LockMode mode) {
+  DCPP_RETURN_IF_ERROR(ValidateKey(key));
+  DCPP_ASSIGN_OR_RETURN(bool exists, Exists(key));
+  if (!exists) {
+    DCPP_RETURN_IF_ERROR(WriteAll(key, "", /*sync=*/true));
+    DCPP_RETURN_IF_ERROR(SyncDir(KeyDirectory(key)));
+  }
+  std::lock_guard<std::mutex> lock(state_->mu);
+  int& held = state_->locks[std::string(key)];
+  const bool exclusive = mode == LockMode::kExclusive;
+  if (held < 0 || (exclusive && held > 0)) {
+    return UnavailableError(state_->Describe(key) +
+                            " is locked by another save or clean-up; two saves to one checkpoint "
+                            "directory cannot run at once");
+  }
+  held = exclusive ? -1 : held + 1;
+  std::shared_ptr<State> state = state_;
+  std::string k(key);
+  return std::unique_ptr<StoreLock>(new MemoryLock(state, [state, k, exclusive] {
+    std::lock_guard<std::mutex> l(state->mu);
+    auto it = state->locks.find(k);
+    if (it == state->locks.end()) return;
+    if (exclusive || --it->second <= 0) state->locks.erase(it);
+  }));
 }
 
 Result<std::vector<std::string>> MemoryStore::List() {

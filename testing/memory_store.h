@@ -28,6 +28,9 @@ class MemoryStore final : public Store {
   Status Rename(std::string_view from, std::string_view to) override;
   Status SyncDir(std::string_view dir = {}) override;
   Status CreateDir() override { return Status::Ok(); }
+  // Locks held in this process's memory; the lock file is created (and synced) as on disk.
+  Result<std::unique_ptr<StoreLock>> TryLock(std::string_view key, LockMode mode) override;
+  bool CanLock() const override { return true; }
   std::string Describe(std::string_view key) const override;
 
   // Bytes of `key` that would survive a crash now (NotFound if the live name is absent).

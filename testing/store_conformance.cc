@@ -301,6 +301,51 @@ void FileAndDirectoryClash(Store& store) {
   EXPECT_EQ(f, "file");
 }
 
+// Stores that lock: exclusive excludes everyone, shared holders coexist, destroying a lock
+// releases it, and the lock file is an ordinary key. Others say Unimplemented.
+void Locks(Store& store) {
+  if (!store.CanLock()) {
+    EXPECT_THAT(store.TryLock(".dcpp.lock", LockMode::kExclusive),
+                StatusIs(StatusCode::kUnimplemented, ::testing::_));
+    return;
+  }
+  {
+    DCPP_ASSERT_OK_AND_ASSIGN(auto held, store.TryLock(".dcpp.lock", LockMode::kExclusive));
+    EXPECT_THAT(store.TryLock(".dcpp.lock", LockMode::kExclusive),
+                StatusIs(StatusCode::kUnavailable, HasSubstr(".dcpp.lock")));
+    EXPECT_THAT(store.TryLock(".dcpp.lock", LockMode::kShared),
+                StatusIs(StatusCode::kUnavailable, HasSubstr("locked")));
+    // Another name is another lock.
+    DCPP_EXPECT_OK(store.TryLock("sub/.other.lock", LockMode::kExclusive).status());
+  }
+  {
+    DCPP_ASSERT_OK_AND_ASSIGN(auto a, store.TryLock(".dcpp.lock", LockMode::kShared));
+    DCPP_ASSERT_OK_AND_ASSIGN(auto b, store.TryLock(".dcpp.lock", LockMode::kShared));
+    EXPECT_THAT(store.TryLock(".dcpp.lock", LockMode::kExclusive),
+                StatusIs(StatusCode::kUnavailable, ::testing::_));
+    a.reset();
+    EXPECT_THAT(store.TryLock(".dcpp.lock", LockMode::kExclusive),
+                StatusIs(StatusCode::kUnavailable, ::testing::_));
+  }
+  DCPP_EXPECT_OK(store.TryLock(".dcpp.lock", LockMode::kExclusive).status());
+  DCPP_ASSERT_OK_AND_ASSIGN(bool exists, store.Exists(".dcpp.lock"));
+  EXPECT_TRUE(exists);
+  EXPECT_THAT(store.TryLock("../escape.lock", LockMode::kShared),
+              StatusIs(StatusCode::kInvalidArgument, ::testing::_));
+}
+
+// ListDirectory: the files directly in one directory, nothing below it.
+void ListsOneDirectory(Store& store) {
+  DCPP_ASSERT_OK(store.WriteAll("a", "1"));
+  DCPP_ASSERT_OK(store.WriteAll("d/b", "2"));
+  DCPP_ASSERT_OK(store.WriteAll("d/e/c", "3"));
+  DCPP_ASSERT_OK(store.WriteAll("d/f", "4"));
+  DCPP_ASSERT_OK_AND_ASSIGN(auto root, store.ListDirectory(""));
+  EXPECT_THAT(root, ElementsAre("a"));
+  DCPP_ASSERT_OK_AND_ASSIGN(auto d, store.ListDirectory("d"));
+  EXPECT_THAT(d, ElementsAre("d/b", "d/f"));
+}
+
 }  // namespace
 
 const std::vector<StoreCheck>& StoreConformanceChecks() {
@@ -317,6 +362,8 @@ const std::vector<StoreCheck>& StoreConformanceChecks() {
       {"ConcurrentWriters", ConcurrentWriters},
       {"ListRemoveRename", ListRemoveRename},
       {"FileAndDirectoryClash", FileAndDirectoryClash},
+      {"Locks", Locks},
+      {"ListsOneDirectory", ListsOneDirectory},
   };
   return checks;
 }

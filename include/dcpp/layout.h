@@ -6,6 +6,14 @@
 //                               torch.save of the value), at the offset recorded in .metadata
 //   <dir>/.metadata             the pickled Metadata; its appearance is the commit point
 //   <dir>/__{rank}.metadata     per-rank metadata in rank-local (no-collective) mode
+//   <dir>/.dcpp.lock            dcpp's save lock (flock; empty but for the holder's pid), which
+//                               also marks the directory as a checkpoint; PyTorch ignores it
+//
+// Concurrency: a save holds the directory's lock from SetUp until EndSave, so two saves (or a
+// save and `dcpp gc`) to one directory never interleave: the later one fails at once with
+// Unavailable on every rank. The leftovers of failed or killed saves (data files no committed
+// metadata references, commit temporaries) are removed by the next successful save after its
+// commit, still under the lock, and by CollectGarbage (`dcpp gc`).
 //
 // Writers stream tensors from the caller's memory; readers read only the byte ranges a plan
 // needs and land them directly in the destination tensors when the layouts allow.
@@ -25,6 +33,7 @@ namespace dcpp {
 
 class Communicator;
 class Store;
+class StoreLock;
 namespace internal {
 struct Manifest;
 }
@@ -65,6 +74,9 @@ class StorageWriter {
   // After a successful Finish (by the rank that called it): removes the data files of the
   // checkpoint this save replaced that the new one does not use.
   virtual Status CleanUp() { return Status::Ok(); }
+  // Every rank, once the save's outcome is known (success or failure): releases what SetUp took
+  // (the destination's lock). The writer may be set up again for another save afterwards.
+  virtual void EndSave() {}
   // The checkpoint's name for messages and StorageMeta.
   virtual std::string checkpoint_id() const = 0;
 };
@@ -97,6 +109,14 @@ struct FileSystemWriterOptions {
   // as transform descriptor "stream.zstd/1"; PyTorch >= 2.7 with the zstandard module reads it).
   // Costs one in-memory copy of each item. 0 = off, else the zstd level (1..19).
   int zstd_level = 0;
+  // Guard the destination (the coordinator, or every rank in rank-local mode, at SetUp):
+  //   - a directory that is not empty must be a checkpoint: it holds `.metadata`,
+  //     `__{rank}.metadata`, dcpp's lock file or another name only dcpp writes. Otherwise the save
+  //     fails with FailedPrecondition naming the directory and some of its files, so a user's
+  //     files (even one named `__0_0.distcp`) are never overwritten;
+  //   - the save lock is taken (see above); a store that cannot lock gets unique data file names.
+  // Off only for a helper writing on behalf of a save that holds the lock (the writer process).
+  bool guard_destination = true;
 };
 
 class FileSystemWriter final : public StorageWriter {
@@ -114,13 +134,19 @@ class FileSystemWriter final : public StorageWriter {
   Result<std::vector<WriteResult>> WriteData(const SavePlan& plan, SavePlanner& planner) override;
   Status Finish(Metadata& metadata, const std::vector<std::vector<WriteResult>>& results) override;
   Status CleanUp() override;
+  void EndSave() override;
   std::string checkpoint_id() const override { return checkpoint_id_; }
 
  private:
+  Status GuardDestination(bool rank_local);
+  Status RemoveLeftovers();
+
   std::unique_ptr<Store> owned_store_;
   Store* store_;
   std::string checkpoint_id_;
   FileSystemWriterOptions options_;
+  std::unique_ptr<StoreLock> lock_;       // the directory's lock, from SetUp to EndSave
+  std::unique_ptr<StoreLock> rank_lock_;  // rank-local mode: this rank's own lock
   int rank_ = 0;
   bool use_collectives_ = true;
   std::string save_tag_;  // non-empty when replacing a checkpoint: makes file names unique
@@ -197,5 +223,16 @@ class BroadcastingTorchSaveReader final : public StorageReader {
 
 // Name of the file that marks a committed checkpoint.
 inline constexpr const char* kMetadataFileName = ".metadata";
+
+// Removes the leftovers of failed or killed saves from the checkpoint directory of `store`
+// (`dcpp gc`): data files that no committed metadata (`.metadata`, `__{rank}.metadata`)
+// references and commit temporaries; only names dcpp or DCP writes, never other files. Holds the
+// directory's lock while it works (Unavailable if a save holds it). FailedPrecondition if the
+// directory is not a checkpoint (see FileSystemWriterOptions::guard_destination). Returns the
+// keys removed (with dry_run: that would be removed), sorted. If some committed metadata cannot
+// be read, no data file is removed.
+Result<std::vector<std::string>> CollectGarbage(Store& store, const std::string& checkpoint_id,
+                                                bool dry_run = false);
+Result<std::vector<std::string>> CollectGarbage(const std::string& path, bool dry_run = false);
 
 }  // namespace dcpp

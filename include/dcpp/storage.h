@@ -10,9 +10,18 @@
 //   - A name created, removed or renamed in a directory is durable only after SyncDir() of that
 //     directory returns OK.
 //   - Rename(from, to) atomically replaces `to`: a reader sees the old or the new file, never a
-//     mixture. WriteAtomic() combines these into the commit primitive: write key + ".tmp", Sync,
-//     Rename over key, SyncDir. After a crash the key holds either its old or its new bytes.
+//     mixture. WriteAtomic() combines these into the commit primitive: write a temporary of its
+//     own (TemporaryName), Sync, Rename over key, SyncDir. After a crash the key holds either its
+//     old or its new bytes.
 //   - Files are written in place: OpenWrite truncates an existing key.
+//
+// Locking: TryLock takes an advisory lock named by a key, so that two saves to one destination
+// cannot interleave. A local store uses flock(2) on that file: the kernel releases it when the
+// holder's process dies (kill -9 cannot wedge a directory), and it works across hosts where the
+// file system supports flock (NFSv4, Lustre with flock mounts). Stores that cannot lock
+// (object stores: S3) return Unimplemented and report CanLock() false; writers then give every
+// save unique file names instead, so concurrent saves cannot mix data, but the last `.metadata`
+// upload wins and both writers report success.
 //
 // Backends: OpenLocalStore (POSIX files) and whatever OpenStore finds for a URL's scheme. The
 // test doubles MemoryStore (models crashes exactly) and FaultStore (fails chosen operations)
@@ -34,6 +43,17 @@
 #include "dcpp/status.h"
 
 namespace dcpp {
+
+// The temporary WriteAtomic writes `key` through: key + ".tmp." + host + "." + pid + "." + n,
+// unique to this call.
+std::string TemporaryName(std::string_view key);
+// If `name` is a temporary of TemporaryName's form, its key, host and pid.
+struct TemporaryNameParts {
+  std::string key;
+  std::string host;
+  int64_t pid = 0;
+};
+bool ParseTemporaryName(std::string_view name, TemporaryNameParts* parts);
 
 // OK if `key` is a valid store key (see above), else InvalidArgument naming the key.
 Status ValidateKey(std::string_view key);
@@ -58,6 +78,19 @@ class WritableFile : public ByteSink {
 // A file opened for reading: a fixed-size ByteSource whose name() is the key's path.
 class ReadableFile : public ByteSource {};
 
+// How a lock is held: many shared holders, or one exclusive holder.
+enum class LockMode { kShared, kExclusive };
+
+// A lock taken by Store::TryLock; destroying it releases the lock. Not copyable; any thread may
+// destroy it.
+class StoreLock {
+ public:
+  StoreLock() = default;
+  virtual ~StoreLock() = default;
+  StoreLock(const StoreLock&) = delete;
+  StoreLock& operator=(const StoreLock&) = delete;
+};
+
 class Store {
  public:
   Store() = default;
@@ -75,6 +108,9 @@ class Store {
   virtual Result<uint64_t> Size(std::string_view key) = 0;
   // Every key in the store (files only, recursively), sorted.
   virtual Result<std::vector<std::string>> List() = 0;
+  // The keys of the files directly in directory `dir` ("" = the root), sorted. The default
+  // filters List(); backends override it to avoid listing everything.
+  virtual Result<std::vector<std::string>> ListDirectory(std::string_view dir);
   // Removes `key`; NotFound if absent.
   virtual Status Remove(std::string_view key) = 0;
   // Atomically renames `from` to `to`, replacing `to` if present. NotFound if `from` is absent.
@@ -84,12 +120,22 @@ class Store {
   // Creates the root directory (and its parents) if absent.
   virtual Status CreateDir() = 0;
 
+  // Takes the lock file `key` (created if absent; never removed) in `mode` without waiting.
+  // Unavailable naming the file (and the holder recorded in it, if any) when another holder
+  // conflicts, also one in this process. An exclusive holder records "pid P on host H" in the
+  // file. The default: Unimplemented (see "Locking" above).
+  virtual Result<std::unique_ptr<StoreLock>> TryLock(std::string_view key, LockMode mode);
+  // Whether TryLock can succeed on this backend (false: writers must use unique names).
+  virtual bool CanLock() const { return false; }
+
   // Name of `key` for error messages, e.g. "/ckpt/step_1/.metadata".
   virtual std::string Describe(std::string_view key) const = 0;
 
-  // The commit primitive: writes `bytes` to key + ".tmp", syncs it, renames it over `key` and
-  // syncs the key's directory. On failure the temporary is removed (best effort) and `key` is
-  // left as it was. Two concurrent WriteAtomic calls for one key are not supported.
+  // The commit primitive: writes `bytes` to a temporary named TemporaryName(key), syncs it,
+  // renames it over `key` and syncs the key's directory. On failure the temporary is removed
+  // (best effort) and `key` is left as it was. Concurrent WriteAtomic calls for one key each
+  // use their own temporary; the last rename wins. Temporaries left by writers of this host
+  // that are gone (killed) are removed by the next WriteAtomic of the same key.
   virtual Status WriteAtomic(std::string_view key, std::string_view bytes);
   // The same, with the content streamed by `fill` into the temporary (a codec writing a large
   // file). The default implementation follows the steps above; backends with atomic whole-object

@@ -294,6 +294,13 @@ class CountingStore final : public Store {
   Result<bool> Exists(std::string_view key) override { return base_->Exists(key); }
   Result<uint64_t> Size(std::string_view key) override { return base_->Size(key); }
   Result<std::vector<std::string>> List() override { return base_->List(); }
+  Result<std::vector<std::string>> ListDirectory(std::string_view dir) override {
+    return base_->ListDirectory(dir);
+  }
+  Result<std::unique_ptr<StoreLock>> TryLock(std::string_view key, LockMode mode) override {
+    return base_->TryLock(key, mode);
+  }
+  bool CanLock() const override { return base_->CanLock(); }
   Status Remove(std::string_view key) override { return base_->Remove(key); }
   Status Rename(std::string_view from, std::string_view to) override {
     return base_->Rename(from, to);
@@ -648,7 +655,8 @@ std::vector<std::vector<BlobSpan>> WriteFiles(const std::string& dir, nb::list f
   return out;
 }
 
-// The commit point: `bytes` to dir/name.tmp, fsync, rename over dir/name, fsync the directory.
+// The commit point: `bytes` to a temporary of its own, fsync, rename over dir/name, fsync the
+// directory (Store::WriteAtomic).
 void CommitFile(const std::string& dir, const std::string& name, nb::bytes bytes) {
   std::string data(bytes.c_str(), bytes.size());
   nb::gil_scoped_release release;

@@ -130,6 +130,7 @@ class ProcessWriter final : public StorageWriter {
     return inner_->Finish(m, r);
   }
   Status CleanUp() override { return inner_->CleanUp(); }
+  void EndSave() override { inner_->EndSave(); }
   std::string checkpoint_id() const override { return inner_->checkpoint_id(); }
 
  private:

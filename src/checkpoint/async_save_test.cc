@@ -151,6 +151,8 @@ class GatedWriter final : public StorageWriter {
   Status Finish(Metadata& m, const std::vector<std::vector<WriteResult>>& r) override {
     return inner_.Finish(m, r);
   }
+  Status CleanUp() override { return inner_.CleanUp(); }
+  void EndSave() override { inner_.EndSave(); }
   std::string checkpoint_id() const override { return inner_.checkpoint_id(); }
 
  private:

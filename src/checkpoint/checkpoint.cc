@@ -7,7 +7,9 @@
 //      error of the ranks that failed) and Scatters each rank its plan (or that error);
 //   3. write: FinishPlan, WriteData;
 //   4. commit: Gather(status + write results) to C; C commits `.metadata` only if all succeeded,
-//      then Broadcasts the outcome (status + metadata) so every rank returns the same thing.
+//      then Broadcasts the outcome (status + metadata) so every rank returns the same thing;
+//      every rank then ends the save (EndSave: the destination's lock, taken by C's SetUp, is
+//      released). A failed SetUp on C reaches every rank in step 2, before any data is written.
 //   Rank-local mode (use_collectives=false): steps 2 and 4 run on each rank alone (each writes
 //   `__{rank}.metadata`), and the ranks then agree on the outcome.
 // Load: 1. plan (ReadMetadata, SetUp, CreateLocalPlan) and agree; 2. with broadcast_replicated,
@@ -304,6 +306,7 @@ Result<Metadata> SaveSteps::Commit() {
       return DecideCommit(parts, &replies);
     });
     status_ = AgreeStep(comm_, "saving", status_);
+    writer_.EndSave();
     if (!status_.ok()) return status_.WithContext(context_);
     return metadata_;
   }
@@ -314,6 +317,8 @@ Result<Metadata> SaveSteps::Commit() {
         return combined.ok() ? DecideCommit(parts, replies) : combined;
       },
       /*same_reply=*/true);
+  // The coordinator committed and cleaned up under the lock; every rank knows the outcome.
+  writer_.EndSave();
   status_ = outcome.status;
   if (!status_.ok()) return status_.WithContext(context_);
   if (is_coordinator_) return metadata_;

@@ -349,6 +349,8 @@ Result<std::string> Serve(std::string_view request, int fd, Mapping& arena) {
     }
     planner.data[key] = std::move(d);
   }
+  // The parent's writer holds the destination's lock for this save.
+  options.guard_destination = false;
   DCPP_ASSIGN_OR_RETURN(auto writer, FileSystemWriter::Open(path, options));
   // Not the coordinator: the parent's writer commits and cleans up.
   DCPP_RETURN_IF_ERROR(writer->SetUp(false, static_cast<int>(rank), use_collectives != 0));

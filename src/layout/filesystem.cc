@@ -1,7 +1,9 @@
 // DCP's file-system layout: FileSystemWriter and FileSystemReader.
 //
 // Steps of a save as this file carries them out (design.md §3):
-//   1. SetUp: create the directory. If a committed checkpoint (.metadata) is already there,
+//   1. SetUp: create the directory. The coordinator (every rank in rank-local mode) refuses a
+//      directory that is not a checkpoint and takes the save lock (leftovers.h names the files).
+//      If a committed checkpoint (.metadata) is already there,
 //      refuse (overwrite=false) or give this save's data files a unique tag
 //      (`__{rank}_{n}_{tag}.distcp`) so the old checkpoint's files are never touched before the
 //      new metadata is committed.
@@ -18,8 +20,11 @@
 //      writing, carried in the WriteResults) is written atomically under a name derived from the
 //      metadata's bytes (layout/manifest.h), so it pairs with exactly that metadata.
 //   5. CleanUp (coordinator): the replaced checkpoint's data files that the new metadata does
-//      not reference are removed, and its manifest. (Files of a save that failed before its commit
-//      are left; they are never referenced and are overwritten or removed by a later save.)
+//      not reference are removed, and its manifest; so are the leftovers of earlier failed or
+//      killed saves (data files no committed metadata references, commit temporaries, manifests
+//      of no committed metadata). SetUp removes those leftovers already, once it holds the lock,
+//      so a save finds the space a failed one took.
+//   6. EndSave (every rank): the lock is released, whatever the outcome.
 // A load reads `.metadata` (or `__{rank}.metadata` in rank-local mode), then reads for each
 // item only its byte range, decoding the torch.save archive in place.
 #include <algorithm>
@@ -31,9 +36,11 @@
 #include "codec/stream_transform.h"
 #include "codec/torch_save.h"
 #include "codec/zip.h"
+#include "core/log.h"
 #include "core/thread_pool.h"
 #include "dcpp/layout.h"
 #include "dcpp/storage.h"
+#include "layout/leftovers.h"
 #include "layout/manifest.h"
 #include "planner/plan_wire.h"
 
@@ -213,9 +220,58 @@ FileSystemWriter::FileSystemWriter(Store* store, std::string checkpoint_id,
 
 FileSystemWriter::~FileSystemWriter() = default;
 
+Status FileSystemWriter::GuardDestination(bool rank_local) {
+  if (lock_) return Status::Ok();  // set up again without EndSave: still held
+  DCPP_ASSIGN_OR_RETURN(std::vector<std::string> keys, store_->List());
+  DCPP_RETURN_IF_ERROR(internal::CheckCheckpointDirectory(keys, checkpoint_id_));
+  if (!store_->CanLock()) return Status::Ok();  // unique file names instead (see SetUp)
+  DCPP_ASSIGN_OR_RETURN(lock_,
+                        store_->TryLock(internal::kLockFileName,
+                                        rank_local ? LockMode::kShared : LockMode::kExclusive));
+  if (rank_local) {
+    auto mine = store_->TryLock(internal::RankLockFileName(rank_), LockMode::kExclusive);
+    if (!mine.ok()) {
+      lock_.reset();
+      return mine.status();
+    }
+    rank_lock_ = std::move(*mine);
+  }
+  // Under the lock nobody else writes here: the leftovers of earlier saves go now, before this
+  // save needs their space (a disk filled by a failed save). Best effort: a failure to remove is
+  // logged, and CleanUp tries again after the commit.
+  Status removed = RemoveLeftovers();
+  if (!removed.ok()) {
+    internal::LogLine(internal::LogLevel::kInfo, "save.leftovers_not_removed",
+                      "error=\"" + std::string(removed.message()) + "\"");
+  }
+  return Status::Ok();
+}
+
+Status FileSystemWriter::RemoveLeftovers() {
+  if (!lock_) return Status::Ok();  // another save's files in flight would look like leftovers
+  DCPP_ASSIGN_OR_RETURN(std::vector<std::string> keys, store_->List());
+  DCPP_ASSIGN_OR_RETURN(std::vector<std::string> leftovers,
+                        internal::FindLeftovers(*store_, keys, use_collectives_ ? -1 : rank_));
+  for (const auto& f : leftovers) {
+    Status s = store_->Remove(f);
+    if (!s.ok() && s.code() != StatusCode::kNotFound) return s;
+    internal::LogLine(internal::LogLevel::kInfo, "save.removed_leftover",
+                      "path=\"" + store_->Describe(f) + "\"");
+  }
+  return Status::Ok();
+}
+
+void FileSystemWriter::EndSave() {
+  rank_lock_.reset();
+  lock_.reset();
+}
+
 Status FileSystemWriter::SetUp(bool is_coordinator, int rank, bool use_collectives) {
   rank_ = rank;
   use_collectives_ = use_collectives;
+  if (options_.guard_destination && (is_coordinator || !use_collectives)) {
+    DCPP_RETURN_IF_ERROR(GuardDestination(!use_collectives));
+  }
   const std::string marker = use_collectives ? kMetadataFileName : RankMetadataName(rank);
   DCPP_ASSIGN_OR_RETURN(bool exists, store_->Exists(marker));
   // A checkpoint of the other mode may live here too: its data files must survive as well.
@@ -244,6 +300,8 @@ Status FileSystemWriter::SetUp(bool is_coordinator, int rank, bool use_collectiv
       }
     }
   }
+  // Without a lock, two saves may run at once: each writes files of its own.
+  if (save_tag_.empty() && !store_->CanLock()) save_tag_ = RandomHex(8);
   return Status::Ok();
 }
 
@@ -404,7 +462,43 @@ Status FileSystemWriter::CleanUp() {
     if (!s.ok() && s.code() != StatusCode::kNotFound) return s;
   }
   replaced_manifest_.clear();
-  return Status::Ok();
+  // Leftovers of failed or killed saves (the replaced checkpoint's files are gone by now too).
+  return RemoveLeftovers();
+}
+
+// ------------------------------------------------------------------ garbage collection
+
+Result<std::vector<std::string>> CollectGarbage(Store& store, const std::string& checkpoint_id,
+                                                bool dry_run) {
+  const std::string what = "collecting garbage in \"" + checkpoint_id + "\"";
+  auto run = [&]() -> Result<std::vector<std::string>> {
+    DCPP_ASSIGN_OR_RETURN(std::vector<std::string> keys, store.List());
+    DCPP_RETURN_IF_ERROR(internal::CheckCheckpointDirectory(keys, checkpoint_id));
+    std::unique_ptr<StoreLock> lock;
+    if (store.CanLock()) {
+      DCPP_ASSIGN_OR_RETURN(lock, store.TryLock(internal::kLockFileName, LockMode::kExclusive));
+      // What was listed before the lock may have changed.
+      DCPP_ASSIGN_OR_RETURN(keys, store.List());
+    }
+    DCPP_ASSIGN_OR_RETURN(std::vector<std::string> leftovers, internal::FindLeftovers(store, keys));
+    if (!dry_run) {
+      for (const auto& f : leftovers) {
+        Status s = store.Remove(f);
+        if (!s.ok() && s.code() != StatusCode::kNotFound) return s;
+      }
+      if (!leftovers.empty()) DCPP_RETURN_IF_ERROR(store.SyncDir());
+    }
+    return leftovers;
+  };
+  auto out = run();
+  if (!out.ok()) return out.status().WithContext(what);
+  return out;
+}
+
+Result<std::vector<std::string>> CollectGarbage(const std::string& path, bool dry_run) {
+  auto store = OpenStore(path);
+  if (!store.ok()) return store.status().WithContext("collecting garbage in \"" + path + "\"");
+  return CollectGarbage(**store, path, dry_run);
 }
 
 // ------------------------------------------------------------------ reader

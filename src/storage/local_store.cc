@@ -1,6 +1,8 @@
 // LocalStore: a Store over a POSIX directory, on the I/O stack of storage/posix_io.h.
 #include <dirent.h>
 #include <fcntl.h>
+#include <limits.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
@@ -21,6 +23,16 @@ using internal::MakeDirs;
 using internal::OpenFd;
 using internal::PosixReadableFile;
 using internal::PosixWritableFile;
+
+// An flock(2) held on an open descriptor; closing the descriptor releases it.
+class FlockLock final : public StoreLock {
+ public:
+  explicit FlockLock(int fd) : fd_(fd) {}
+  ~FlockLock() override { ::close(fd_); }
+
+ private:
+  int fd_;
+};
 
 class LocalStore final : public Store {
  public:
@@ -98,6 +110,86 @@ class LocalStore final : public Store {
   }
 
   Status CreateDir() override { return MakeDirs(root_); }
+
+  Result<std::vector<std::string>> ListDirectory(std::string_view dir) override {
+    if (!dir.empty()) DCPP_RETURN_IF_ERROR(ValidateKey(dir));
+    std::vector<std::string> keys;
+    const std::string rel(dir);
+    const std::string path = Describe(rel);
+    DIR* d = ::opendir(path.c_str());
+    if (d == nullptr) return ErrnoToStatus(errno, "listing " + path);
+    std::unique_ptr<DIR, int (*)(DIR*)> closer(d, ::closedir);
+    while (true) {
+      errno = 0;
+      struct dirent* e = ::readdir(d);
+      if (e == nullptr) {
+        if (errno != 0) return ErrnoToStatus(errno, "listing " + path);
+        break;
+      }
+      std::string name = e->d_name;
+      if (name == "." || name == "..") continue;
+      std::string key = rel.empty() ? name : rel + "/" + name;
+      struct stat st;
+      if (::stat(Describe(key).c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
+        keys.push_back(std::move(key));
+      }
+    }
+    std::sort(keys.begin(), keys.end());
+    return keys;
+  }
+
+  bool CanLock() const override { return true; }
+
+  Result<std::unique_ptr<StoreLock>> TryLock(std::string_view key, LockMode mode) override {
+    DCPP_RETURN_IF_ERROR(ValidateKey(key));
+    DCPP_RETURN_IF_ERROR(MakeParents(key));
+    const std::string path = Describe(key);
+    // A new lock file's name is made durable at once: it marks the directory as dcpp's (see
+    // FileSystemWriter), also after a crash.
+    bool created = false;
+    auto opened = OpenFd(path, O_RDWR | O_NOFOLLOW);
+    if (!opened.ok() && opened.status().code() == StatusCode::kNotFound) {
+      opened = OpenFd(path, O_RDWR | O_CREAT | O_NOFOLLOW, 0644);
+      created = true;
+    }
+    if (!opened.ok()) return opened.status().WithContext("locking " + path);
+    const int fd = *opened;
+    const int op = (mode == LockMode::kExclusive ? LOCK_EX : LOCK_SH) | LOCK_NB;
+    int rc;
+    do {
+      rc = ::flock(fd, op);
+    } while (rc != 0 && errno == EINTR);
+    if (rc != 0) {
+      const int err = errno;
+      std::string holder;
+      if (err == EWOULDBLOCK) {
+        char buf[256];
+        ssize_t n = ::pread(fd, buf, sizeof(buf) - 1, 0);
+        if (n > 0) holder.assign(buf, static_cast<size_t>(n));
+        while (!holder.empty() && (holder.back() == '\n' || holder.back() == '\0')) {
+          holder.pop_back();
+        }
+      }
+      ::close(fd);
+      if (err == EWOULDBLOCK) {
+        return UnavailableError(path + " is locked by another save or clean-up" +
+                                (holder.empty() ? std::string() : " (" + holder + ")") +
+                                "; two saves to one checkpoint directory cannot run at once");
+      }
+      return ErrnoToStatus(err, "locking " + path);
+    }
+    auto lock = std::make_unique<FlockLock>(fd);
+    if (mode == LockMode::kExclusive) {
+      // Who holds it, for the message of a save that finds it taken. Best effort.
+      char host[HOST_NAME_MAX + 1] = {};
+      (void)::gethostname(host, sizeof(host) - 1);
+      const std::string who =
+          "pid " + std::to_string(::getpid()) + " on host " + std::string(host) + "\n";
+      if (::ftruncate(fd, 0) == 0) (void)::pwrite(fd, who.data(), who.size(), 0);
+    }
+    if (created) DCPP_RETURN_IF_ERROR(internal::SyncDirectory(Describe(KeyDirectory(key))));
+    return std::unique_ptr<StoreLock>(std::move(lock));
+  }
 
  private:
   Status MakeParents(std::string_view key) {

@@ -8,6 +8,7 @@
 #include <iostream>
 #include <mutex>
 #include <random>
+#include <thread>
 
 #include "dcpp/checkpoint.h"
 #include "dcpp/comm.h"
@@ -430,7 +431,8 @@ TEST(S3CheckpointTest, FourRanksSaveThreeAndTwoRanksLoadResharded) {
   DCPP_ASSERT_OK_AND_ASSIGN(auto store, OpenStore(url));
   DCPP_ASSERT_OK_AND_ASSIGN(auto keys, store->List());
   EXPECT_THAT(keys, ::testing::Contains(".metadata"));
-  EXPECT_THAT(keys, ::testing::Contains("__3_0.distcp"));
+  // S3 cannot lock, so every save names its data objects uniquely: `__3_0_<tag>.distcp`.
+  EXPECT_THAT(keys, ::testing::Contains(::testing::MatchesRegex("__3_0_[0-9a-f]{8}\\.distcp")));
   LoadAndCheck(3, m, url);
   LoadAndCheck(2, m, url);
   // A missing checkpoint is NotFound naming its metadata.
@@ -449,13 +451,68 @@ TEST(S3CheckpointTest, VerifyChecksEveryByteThroughTheStore) {
   EXPECT_TRUE(clean.has_manifest);
   // One byte flipped in a data file: verify names it, a load refuses it.
   DCPP_ASSERT_OK_AND_ASSIGN(auto store, OpenStore(url));
-  DCPP_ASSERT_OK_AND_ASSIGN(std::string bytes, store->ReadAll("__1_0.distcp"));
+  // Data objects on S3 carry a tag unique to the save: __1_0_<tag>.distcp.
+  DCPP_ASSERT_OK_AND_ASSIGN(std::vector<std::string> keys, store->List());
+  std::string data;
+  for (const auto& k : keys) {
+    if (k.rfind("__1_0", 0) == 0 && k.size() > 7 && k.compare(k.size() - 7, 7, ".distcp") == 0) {
+      data = k;
+    }
+  }
+  ASSERT_FALSE(data.empty());
+  DCPP_ASSERT_OK_AND_ASSIGN(std::string bytes, store->ReadAll(data));
   bytes[bytes.size() / 2] ^= 0x20;
-  DCPP_ASSERT_OK(store->WriteAll("__1_0.distcp", bytes));
+  DCPP_ASSERT_OK(store->WriteAll(data, bytes));
   DCPP_ASSERT_OK_AND_ASSIGN(VerifyReport bad, VerifyCheckpoint(url));
   ASSERT_FALSE(bad.ok());
-  EXPECT_EQ(bad.problems[0].file, "__1_0.distcp");
+  EXPECT_EQ(bad.problems[0].file, data);
   EXPECT_THAT(bad.problems[0].message, HasSubstr("checksum mismatch"));
+}
+
+// S3 cannot lock: two saves to one prefix at once both run, but their data objects have names
+// of their own, so the committed checkpoint is whole: exactly the save whose `.metadata` upload
+// came last.
+TEST(S3CheckpointTest, ConcurrentSavesToOnePrefixNeverMix) {
+  DCPP_REQUIRE_S3();
+  UseEndpoint(Server().endpoint());
+  const std::string url = "s3://" + UniqueBucket() + "/run/raced";
+  constexpr int kTrials = 3;
+  for (int trial = 0; trial < kTrials; ++trial) {
+    std::vector<Result<Metadata>> results(2, InternalError("not run"));
+    std::vector<std::thread> threads;
+    for (int i = 0; i < 2; ++i) {
+      threads.emplace_back([&, i] {
+        Value sd = Value::MakeDict();
+        for (int k = 0; k < 3; ++k) {
+          sd.Set("t" + std::to_string(k),
+                 Value::FromTensor(PatternTensor(DType::kFloat32, {128, 64}, 10 * i + k)));
+        }
+        sd.Set("who", Value::Int(i));
+        SaveOptions so;
+        so.writer.single_file_per_rank = false;
+        results[i] = Save(sd, url, so);
+      });
+    }
+    for (auto& t : threads) t.join();
+    DCPP_ASSERT_OK(results[0].status());
+    DCPP_ASSERT_OK(results[1].status());
+    Value back = Value::MakeDict();
+    for (int k = 0; k < 3; ++k) {
+      back.Set("t" + std::to_string(k),
+               Value::FromTensor(Tensor::Zeros(DType::kFloat32, {128, 64})));
+    }
+    back.Set("who", Value::Int(-1));
+    DCPP_ASSERT_OK(Load(back, url));
+    const int64_t who = back.Find("who")->as_int();
+    ASSERT_TRUE(who == 0 || who == 1) << who;
+    for (int k = 0; k < 3; ++k) {
+      EXPECT_TRUE(back.Find("t" + std::to_string(k))
+                      ->tensor()
+                      .BitwiseEqual(PatternTensor(DType::kFloat32, {128, 64},
+                                                  static_cast<uint64_t>(10 * who + k))))
+          << "trial " << trial << ": t" << k << " is not from save " << who;
+    }
+  }
 }
 
 TEST(S3CheckpointTest, InjectedServerErrorsDuringASaveAreRetried) {

@@ -11,6 +11,7 @@ void RegisterCommands(CLI::App& app) {
   RegisterDiff(app);
   RegisterConsolidate(app);
   RegisterBench(app);
+  RegisterGc(app);
   RegisterVerify(app);
 }
 int ExitCode() { return g_exit_code; }
