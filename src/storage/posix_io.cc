@@ -8,7 +8,30 @@
 #include <cerrno>
 #include <cstring>
 
+#ifdef DCPP_HAVE_URING
+#include <liburing.h>
+#endif
+
 namespace dcpp::internal {
+
+bool DirectWritesEnabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("DCPP_DIRECT_IO");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return enabled;
+}
+
+// One submission queue per file being written directly: at most one chunk in flight.
+struct DirectRing {
+#ifdef DCPP_HAVE_URING
+  io_uring ring;
+  bool ready = false;
+  ~DirectRing() {
+    if (ready) io_uring_queue_exit(&ring);  // waits for a write still in flight
+  }
+#endif
+};
 
 Result<int> OpenFd(const std::string& path, int flags, mode_t mode) {
   int fd;
@@ -111,9 +134,13 @@ Status MakeDirs(const std::string& path) {
 
 // ---- PosixWritableFile ----
 
+PosixWritableFile::PosixWritableFile(int fd, std::string path)
+    : fd_(fd), path_(std::move(path)), direct_refused_(!DirectWritesEnabled()) {}
+
 PosixWritableFile::~PosixWritableFile() {
   if (fd_ >= 0) {
-    (void)FlushBuffer();
+    (void)(direct_ ? FlushDirectTail() : FlushBuffer());
+    ring_.reset();
     ::close(fd_);
   }
 }
@@ -122,6 +149,9 @@ Status PosixWritableFile::Append(const void* data, size_t n) {
   DCPP_RETURN_IF_ERROR(CheckUsable());
   if (n == 0) return Status::Ok();
   const char* p = static_cast<const char*>(data);
+  if (!direct_ && !direct_refused_ && position_ + n >= kDirectAfterBytes) EnterDirect();
+  DCPP_RETURN_IF_ERROR(error_);
+  if (direct_) return AppendDirect(p, n);
   if (used_ + n <= kAppendBufferBytes && n < kAppendBufferBytes) {
     if (!buffer_) buffer_ = std::make_unique<char[]>(kAppendBufferBytes);
     std::memcpy(buffer_.get() + used_, p, n);
@@ -139,18 +169,20 @@ Status PosixWritableFile::Append(const void* data, size_t n) {
 
 Status PosixWritableFile::Sync() {
   DCPP_RETURN_IF_ERROR(CheckUsable());
-  DCPP_RETURN_IF_ERROR(FlushBuffer());
+  DCPP_RETURN_IF_ERROR(direct_ ? FlushDirectTail() : FlushBuffer());
   error_ = SyncFd(fd_, path_);
   return error_;
 }
 
 Status PosixWritableFile::Close() {
   if (fd_ < 0) return FailedPreconditionError(path_ + ": already closed");
-  Status st = error_.ok() ? FlushBuffer() : error_;
+  Status st = !error_.ok() ? error_ : direct_ ? FlushDirectTail() : FlushBuffer();
+  ring_.reset();
   // close() errors (EIO on NFS, say) can report lost writes, so they count.
   if (::close(fd_) != 0 && st.ok()) st = ErrnoToStatus(errno, "closing " + path_);
   fd_ = -1;
   buffer_.reset();
+  staging_.reset();
   return st;
 }
 
@@ -179,6 +211,155 @@ void PosixWritableFile::StartWriteBack() {
   started_ = written;
 }
 
+// The switch: buffered bytes go out as before; the partial block they end in is read back into
+// the first chunk, so every later write starts at an aligned offset. Whatever fails here (no
+// O_DIRECT on this file system, a write-only descriptor, no memory) leaves the file buffered.
+void PosixWritableFile::EnterDirect() {
+  direct_refused_ = true;  // one try per file
+  if (!FlushBuffer().ok()) return;
+  void* mem = std::aligned_alloc(kDirectAlign, 2 * kDirectChunkBytes);
+  if (mem == nullptr) return;
+  std::unique_ptr<char, FreeAligned> staging(static_cast<char*>(mem));
+  const uint64_t aligned = position_ & ~uint64_t{kDirectAlign - 1};
+  const size_t head = static_cast<size_t>(position_ - aligned);
+  if (head > 0) {
+    ssize_t r;
+    do {
+      r = ::pread(fd_, staging.get(), head, static_cast<off_t>(aligned));
+    } while (r < 0 && errno == EINTR);
+    if (r != static_cast<ssize_t>(head)) return;
+  }
+  const int flags = ::fcntl(fd_, F_GETFL);
+  if (flags < 0 || ::fcntl(fd_, F_SETFL, flags | O_DIRECT) != 0) return;
+  staging_ = std::move(staging);
+  direct_ = o_direct_ = true;
+  current_ = 0;
+  fill_ = head;
+  chunk_offset_ = aligned;
+#ifdef DCPP_HAVE_URING
+  auto ring = std::make_unique<DirectRing>();
+  ring->ready = io_uring_queue_init(2, &ring->ring, 0) == 0;  // seccomp may forbid it
+  if (ring->ready) ring_ = std::move(ring);
+#endif
+}
+
+Status PosixWritableFile::AppendDirect(const char* p, size_t n) {
+  while (n > 0) {
+    const size_t k = std::min(n, kDirectChunkBytes - fill_);
+    std::memcpy(chunk(current_) + fill_, p, k);
+    fill_ += k;
+    position_ += k;
+    p += k;
+    n -= k;
+    if (fill_ == kDirectChunkBytes) DCPP_RETURN_IF_ERROR(SubmitChunk());
+  }
+  return Status::Ok();
+}
+
+// The full current chunk is written (asynchronously where a ring exists) and the other one
+// becomes current, once its own write has finished.
+Status PosixWritableFile::SubmitChunk() {
+  DCPP_RETURN_IF_ERROR(WaitInFlight());
+  const char* data = chunk(current_);
+#ifdef DCPP_HAVE_URING
+  if (ring_) {
+    io_uring_sqe* sqe = io_uring_get_sqe(&ring_->ring);
+    if (sqe != nullptr) {
+      io_uring_prep_write(sqe, fd_, data, static_cast<unsigned>(kDirectChunkBytes), chunk_offset_);
+      const int rc = io_uring_submit(&ring_->ring);
+      if (rc == 1) {
+        in_flight_ = true;
+        in_flight_offset_ = chunk_offset_;
+      } else {
+        ring_.reset();  // fall back to pwrite from now on
+      }
+    }
+  }
+  if (!in_flight_) DCPP_RETURN_IF_ERROR(WriteAt(data, kDirectChunkBytes, chunk_offset_));
+#else
+  DCPP_RETURN_IF_ERROR(WriteAt(data, kDirectChunkBytes, chunk_offset_));
+#endif
+  chunk_offset_ += kDirectChunkBytes;
+  current_ ^= 1;
+  fill_ = 0;
+  return Status::Ok();
+}
+
+Status PosixWritableFile::WaitInFlight() {
+  if (!in_flight_) return Status::Ok();
+  in_flight_ = false;
+#ifdef DCPP_HAVE_URING
+  const char* data = chunk(current_ ^ 1);
+  io_uring_cqe* cqe = nullptr;
+  int rc;
+  do {
+    rc = io_uring_wait_cqe(&ring_->ring, &cqe);
+  } while (rc == -EINTR);
+  if (rc < 0) return error_ = ErrnoToStatus(-rc, "writing " + path_);
+  const int res = cqe->res;
+  io_uring_cqe_seen(&ring_->ring, cqe);
+  size_t done = 0;
+  if (res < 0) {
+    // EINVAL: the file system refused the alignment; WriteAt retries without O_DIRECT.
+    if (res != -EINVAL && res != -EINTR && res != -EAGAIN) {
+      return error_ = ErrnoToStatus(-res, "writing " + path_);
+    }
+  } else {
+    done = static_cast<size_t>(res);
+  }
+  if (done < kDirectChunkBytes) {
+    return WriteAt(data + done, kDirectChunkBytes - done, in_flight_offset_ + done);
+  }
+#endif
+  return Status::Ok();
+}
+
+// Makes the file hold exactly [0, position_): the partial chunk is written padded to the
+// alignment (O_DIRECT needs whole blocks) and the padding cut off again. The chunk stays
+// current, so later appends complete it and it is rewritten whole.
+Status PosixWritableFile::FlushDirectTail() {
+  DCPP_RETURN_IF_ERROR(WaitInFlight());
+  if (fill_ > 0) {
+    size_t n = fill_;
+    if (o_direct_) {
+      n = (fill_ + kDirectAlign - 1) & ~(kDirectAlign - 1);
+      std::memset(chunk(current_) + fill_, 0, n - fill_);
+    }
+    DCPP_RETURN_IF_ERROR(WriteAt(chunk(current_), n, chunk_offset_));
+    if (chunk_offset_ + n > position_) {
+      while (::ftruncate(fd_, static_cast<off_t>(position_)) != 0) {
+        if (errno != EINTR) return error_ = ErrnoToStatus(errno, "truncating " + path_);
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+// pwrite until done. EINVAL under O_DIRECT means this file system (or this offset) refuses
+// direct I/O: the flag is dropped and the write retried through the page cache.
+Status PosixWritableFile::WriteAt(const char* p, size_t n, uint64_t offset) {
+  while (n > 0) {
+    ssize_t w = ::pwrite(fd_, p, std::min(n, kMaxIoBytes), static_cast<off_t>(offset));
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EINVAL && o_direct_) {
+        const int flags = ::fcntl(fd_, F_GETFL);
+        if (flags >= 0 && ::fcntl(fd_, F_SETFL, flags & ~O_DIRECT) == 0) {
+          o_direct_ = false;
+          continue;
+        }
+        errno = EINVAL;
+      }
+      return error_ = ErrnoToStatus(errno, "writing " + path_);
+    }
+    if (w == 0) return error_ = UnavailableError("writing " + path_ + ": write made no progress");
+    p += w;
+    offset += static_cast<uint64_t>(w);
+    n -= static_cast<size_t>(w);
+  }
+  return Status::Ok();
+}
+
 // ---- PosixReadableFile ----
 
 PosixReadableFile::~PosixReadableFile() { ::close(fd_); }
@@ -188,6 +369,12 @@ Status PosixReadableFile::ReadAt(uint64_t offset, void* dst, size_t n) const {
     return DataLossError(path_ + ": read of " + std::to_string(n) + " bytes at offset " +
                          std::to_string(offset) + " is past the end (" + std::to_string(size_) +
                          " bytes)");
+  }
+  // A large read of a file not in the page cache would otherwise wait for one readahead window
+  // after another; asking for the whole range up front keeps the device busy.
+  if (n >= kReadAheadHintBytes) {
+    (void)::posix_fadvise(fd_, static_cast<off_t>(offset), static_cast<off_t>(n),
+                          POSIX_FADV_WILLNEED);
   }
   return PreadFully(fd_, offset, dst, n, path_);
 }

@@ -6,6 +6,14 @@
 // of a file is DataLoss. Opening for read accepts only regular files, and the last component
 // must not be a symbolic link: a FIFO would block forever and a link could leave the checkpoint.
 //
+// A file that grows past kDirectAfterBytes (a checkpoint's data file) switches to direct I/O:
+// O_DIRECT writes of aligned kDirectChunkBytes chunks from two staging buffers, one filled while
+// the other is written (io_uring where the kernel allows it, pwrite otherwise). The page-cache
+// copy and dirty-page throttling that bound buffered saves go away; the bytes on disk are the
+// same. A partial last chunk is written padded to the alignment and the file truncated back to
+// its true length. File systems without O_DIRECT, or that refuse an alignment, keep buffered
+// writes. DCPP_DIRECT_IO=0 in the environment turns direct I/O off for the process.
+//
 // Thread-safety: the functions are reentrant; a PosixReadableFile may be read from several
 // threads at once (pread), a PosixWritableFile is used by one thread at a time.
 #pragma once
@@ -14,6 +22,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <string>
 
@@ -28,6 +37,18 @@ inline constexpr size_t kMaxIoBytes = size_t{1} << 30;
 inline constexpr size_t kAppendBufferBytes = size_t{1} << 20;
 // Writeback of a file being written is started every this many bytes (see StartWriteBack).
 inline constexpr uint64_t kWriteBehindBytes = uint64_t{32} << 20;
+// Direct I/O (see above): offsets, lengths and buffers aligned to kDirectAlign (the largest
+// logical block size in use, and the page size); a file switches once it reaches
+// kDirectAfterBytes, so small files (metadata, per-item files) stay in the page cache.
+inline constexpr size_t kDirectAlign = 4096;
+inline constexpr size_t kDirectChunkBytes = size_t{8} << 20;
+inline constexpr uint64_t kDirectAfterBytes = uint64_t{8} << 20;
+
+// Reads at least this large first ask the kernel to read the whole range ahead.
+inline constexpr size_t kReadAheadHintBytes = size_t{4} << 20;
+
+// False when DCPP_DIRECT_IO=0 is set (read once per process).
+bool DirectWritesEnabled();
 
 // open(2) with O_CLOEXEC, retried on EINTR. Returns the descriptor or a Status naming `path`.
 Result<int> OpenFd(const std::string& path, int flags, mode_t mode = 0);
@@ -43,11 +64,15 @@ Status SyncDirectory(const std::string& dir);
 // mkdir -p.
 Status MakeDirs(const std::string& path);
 
-// A WritableFile over a descriptor it owns (see kAppendBufferBytes). A failed write leaves the
-// file's tail unknown, so every later call repeats that error.
+struct DirectRing;  // io_uring state, defined in posix_io.cc
+
+// A WritableFile over a descriptor it owns (see kAppendBufferBytes and direct I/O above). A
+// failed write leaves the file's tail unknown, so every later call repeats that error. Direct
+// I/O needs the descriptor opened O_RDWR (the partial block before the switch is read back);
+// a write-only descriptor stays buffered.
 class PosixWritableFile final : public WritableFile {
  public:
-  PosixWritableFile(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
+  PosixWritableFile(int fd, std::string path);
   ~PosixWritableFile() override;
 
   Status Append(const void* data, size_t n) override;
@@ -55,11 +80,25 @@ class PosixWritableFile final : public WritableFile {
   Status Close() override;
   uint64_t position() const override { return position_; }
   std::string name() const override { return path_; }
+  // Whether writes have switched to direct I/O (for tests and benchmarks).
+  bool direct() const { return direct_; }
 
  private:
+  struct FreeAligned {
+    void operator()(char* p) const { std::free(p); }
+  };
+
   Status CheckUsable() const;
   Status FlushBuffer();
   void StartWriteBack();
+  // Direct I/O.
+  void EnterDirect();
+  Status AppendDirect(const char* p, size_t n);
+  Status SubmitChunk();
+  Status WaitInFlight();
+  Status FlushDirectTail();
+  Status WriteAt(const char* p, size_t n, uint64_t offset);
+  char* chunk(int i) const { return staging_.get() + static_cast<size_t>(i) * kDirectChunkBytes; }
 
   int fd_;
   std::string path_;
@@ -68,6 +107,17 @@ class PosixWritableFile final : public WritableFile {
   uint64_t position_ = 0;
   uint64_t started_ = 0;  // writeback started for [0, started_)
   Status error_;
+
+  bool direct_ = false;          // writes go through the staging chunks
+  bool direct_refused_ = false;  // tried (or disabled): stay buffered
+  bool o_direct_ = false;        // the descriptor has O_DIRECT (dropped if the fs refuses)
+  std::unique_ptr<char, FreeAligned> staging_;  // two chunks of kDirectChunkBytes
+  int current_ = 0;                             // chunk being filled
+  size_t fill_ = 0;                             // bytes in it
+  uint64_t chunk_offset_ = 0;                   // its file offset (aligned)
+  std::unique_ptr<DirectRing> ring_;            // null: synchronous pwrite
+  bool in_flight_ = false;                      // the other chunk is being written
+  uint64_t in_flight_offset_ = 0;
 };
 
 // A ReadableFile over a descriptor it owns; the size is fixed at open.
