@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -362,7 +363,28 @@ Status PosixWritableFile::WriteAt(const char* p, size_t n, uint64_t offset) {
 
 // ---- PosixReadableFile ----
 
-PosixReadableFile::~PosixReadableFile() { ::close(fd_); }
+PosixReadableFile::PosixReadableFile(int fd, uint64_t size, std::string path)
+    : fd_(fd), size_(size), path_(std::move(path)) {
+  if (size_ < kDirectReadBytes || !DirectWritesEnabled()) return;
+  int dfd;
+  do {
+    dfd = ::open(path_.c_str(), O_RDONLY | O_DIRECT | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+  } while (dfd < 0 && errno == EINTR);
+  if (dfd < 0) return;  // no O_DIRECT here: buffered reads only
+  // The name may point elsewhere by now: only the inode opened first is read.
+  struct stat a, b;
+  if (::fstat(fd_, &a) == 0 && ::fstat(dfd, &b) == 0 && a.st_dev == b.st_dev &&
+      a.st_ino == b.st_ino) {
+    direct_fd_ = dfd;
+  } else {
+    ::close(dfd);
+  }
+}
+
+PosixReadableFile::~PosixReadableFile() {
+  ::close(fd_);
+  if (direct_fd_ >= 0) ::close(direct_fd_);
+}
 
 Status PosixReadableFile::ReadAt(uint64_t offset, void* dst, size_t n) const {
   if (offset > size_ || n > size_ - offset) {
@@ -370,13 +392,117 @@ Status PosixReadableFile::ReadAt(uint64_t offset, void* dst, size_t n) const {
                          std::to_string(offset) + " is past the end (" + std::to_string(size_) +
                          " bytes)");
   }
-  // A large read of a file not in the page cache would otherwise wait for one readahead window
-  // after another; asking for the whole range up front keeps the device busy.
-  if (n >= kReadAheadHintBytes) {
-    (void)::posix_fadvise(fd_, static_cast<off_t>(offset), static_cast<off_t>(n),
-                          POSIX_FADV_WILLNEED);
+  char* p = static_cast<char*>(dst);
+  if (direct_fd_ >= 0 && n >= kDirectReadBytes) {
+    // What the page cache already holds is copied from there without waiting for the device.
+    while (n > 0) {
+      iovec v{p, std::min(n, kMaxIoBytes)};
+      const ssize_t r = ::preadv2(fd_, &v, 1, static_cast<off_t>(offset), RWF_NOWAIT);
+      if (r <= 0) break;  // EAGAIN: not cached; anything else is retried below
+      p += r;
+      offset += static_cast<uint64_t>(r);
+      n -= static_cast<size_t>(r);
+    }
+    if (n >= kDirectAlign) return ReadDirect(offset, p, n);
   }
-  return PreadFully(fd_, offset, dst, n, path_);
+  return PreadFully(fd_, offset, p, n, path_);
+}
+
+// [offset, offset + n) through aligned chunks of the O_DIRECT descriptor. Errors the direct
+// path alone can have (EINVAL: an alignment the file system refuses) fall back to pread.
+Status PosixReadableFile::ReadDirect(uint64_t offset, char* dst, size_t n) const {
+  constexpr size_t kChunk = kDirectChunkBytes;
+  // Per thread, so concurrent reads of one file never share a buffer; kept for the next read.
+  thread_local std::unique_ptr<char, void (*)(void*)> staging(nullptr, std::free);
+  if (!staging) {
+    staging.reset(static_cast<char*>(std::aligned_alloc(kDirectAlign, 2 * kChunk)));
+    if (!staging) return PreadFully(fd_, offset, dst, n, path_);
+  }
+  const uint64_t first = offset & ~uint64_t{kDirectAlign - 1};
+  const uint64_t end = offset + n;
+  const size_t chunks = static_cast<size_t>((end - first + kChunk - 1) / kChunk);
+  auto chunk_start = [&](size_t i) { return first + i * kChunk; };
+  // Copies the part of chunk i that [offset, end) needs; `got` bytes of it were read.
+  auto deliver = [&](size_t i, const char* buf, size_t got) -> Status {
+    const uint64_t cs = chunk_start(i);
+    const uint64_t lo = std::max(cs, offset), hi = std::min(cs + kChunk, end);
+    if (cs + got < hi) {
+      // Short: the file ended (truncated since it was opened?) or a direct read stopped early.
+      const uint64_t from = cs + got > lo ? cs + got : lo;
+      std::memcpy(dst + (lo - offset), buf + (lo - cs), static_cast<size_t>(from - lo));
+      return PreadFully(fd_, from, dst + (from - offset), static_cast<size_t>(hi - from), path_);
+    }
+    std::memcpy(dst + (lo - offset), buf + (lo - cs), static_cast<size_t>(hi - lo));
+    return Status::Ok();
+  };
+  auto read_sync = [&](size_t i, char* buf) -> Status {
+    ssize_t r;
+    do {
+      r = ::pread(direct_fd_, buf, kChunk, static_cast<off_t>(chunk_start(i)));
+    } while (r < 0 && errno == EINTR);
+    if (r < 0) {
+      const uint64_t cs = chunk_start(i);
+      const uint64_t lo = std::max(cs, offset), hi = std::min(cs + kChunk, end);
+      return PreadFully(fd_, lo, dst + (lo - offset), static_cast<size_t>(hi - lo), path_);
+    }
+    return deliver(i, buf, static_cast<size_t>(r));
+  };
+#ifdef DCPP_HAVE_URING
+  DirectRing ring;
+  ring.ready = chunks > 1 && io_uring_queue_init(2, &ring.ring, 0) == 0;
+  if (ring.ready) {
+    auto submit = [&](size_t i) {
+      io_uring_sqe* sqe = io_uring_get_sqe(&ring.ring);
+      io_uring_prep_read(sqe, direct_fd_, staging.get() + (i % 2) * kChunk,
+                         static_cast<unsigned>(kChunk), chunk_start(i));
+      io_uring_sqe_set_data64(sqe, i);
+      return io_uring_submit(&ring.ring) == 1;
+    };
+    // Two chunks in flight; each is copied out as it arrives, then its buffer refilled.
+    // Completions may come out of order: each is kept by chunk until its turn.
+    size_t submitted = 0;
+    while (submitted < std::min<size_t>(2, chunks) && submit(submitted)) ++submitted;
+    bool done[2] = {false, false};
+    int result[2] = {0, 0};
+    Status st;
+    for (size_t i = 0; i < chunks; ++i) {
+      char* buf = staging.get() + (i % 2) * kChunk;
+      if (i >= submitted) {  // submission failed: this chunk and the rest synchronously
+        if (st.ok()) st = read_sync(i, buf);
+        continue;
+      }
+      while (!done[i % 2]) {
+        io_uring_cqe* cqe = nullptr;
+        int rc;
+        do {
+          rc = io_uring_wait_cqe(&ring.ring, &cqe);
+        } while (rc == -EINTR);
+        if (rc < 0) return ErrnoToStatus(-rc, "reading " + path_);
+        const uint64_t which = io_uring_cqe_get_data64(cqe);
+        result[which % 2] = cqe->res;
+        done[which % 2] = true;
+        io_uring_cqe_seen(&ring.ring, cqe);
+      }
+      done[i % 2] = false;
+      const int res = result[i % 2];
+      if (st.ok()) {
+        if (res < 0) {
+          const uint64_t cs = chunk_start(i);
+          const uint64_t lo = std::max(cs, offset), hi = std::min(cs + kChunk, end);
+          st = PreadFully(fd_, lo, dst + (lo - offset), static_cast<size_t>(hi - lo), path_);
+        } else {
+          st = deliver(i, buf, static_cast<size_t>(res));
+        }
+      }
+      if (submitted < chunks && submitted == i + 2 && st.ok() && submit(submitted)) ++submitted;
+    }
+    return st;  // the ring is torn down only after every submitted read completed
+  }
+#endif
+  for (size_t i = 0; i < chunks; ++i) {
+    DCPP_RETURN_IF_ERROR(read_sync(i, staging.get() + (i % 2) * kChunk));
+  }
+  return Status::Ok();
 }
 
 }  // namespace dcpp::internal

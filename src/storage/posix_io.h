@@ -44,8 +44,8 @@ inline constexpr size_t kDirectAlign = 4096;
 inline constexpr size_t kDirectChunkBytes = size_t{8} << 20;
 inline constexpr uint64_t kDirectAfterBytes = uint64_t{8} << 20;
 
-// Reads at least this large first ask the kernel to read the whole range ahead.
-inline constexpr size_t kReadAheadHintBytes = size_t{4} << 20;
+// Reads at least this large may bypass the page cache (see PosixReadableFile).
+inline constexpr size_t kDirectReadBytes = size_t{8} << 20;
 
 // False when DCPP_DIRECT_IO=0 is set (read once per process).
 bool DirectWritesEnabled();
@@ -120,11 +120,15 @@ class PosixWritableFile final : public WritableFile {
   uint64_t in_flight_offset_ = 0;
 };
 
-// A ReadableFile over a descriptor it owns; the size is fixed at open.
+// A ReadableFile over a descriptor it owns; the size is fixed at open. A file of at least
+// kDirectReadBytes also gets a second, O_DIRECT descriptor on the same inode: a read that large
+// takes what the page cache holds (RWF_NOWAIT) and reads the rest directly, in aligned chunks
+// through two staging buffers (io_uring keeps the next chunk in flight while one is copied out),
+// so a file written with direct I/O is read at the device's speed rather than one readahead
+// window at a time.
 class PosixReadableFile final : public ReadableFile {
  public:
-  PosixReadableFile(int fd, uint64_t size, std::string path)
-      : fd_(fd), size_(size), path_(std::move(path)) {}
+  PosixReadableFile(int fd, uint64_t size, std::string path);
   ~PosixReadableFile() override;
 
   uint64_t size() const override { return size_; }
@@ -132,7 +136,10 @@ class PosixReadableFile final : public ReadableFile {
   Status ReadAt(uint64_t offset, void* dst, size_t n) const override;
 
  private:
+  Status ReadDirect(uint64_t offset, char* dst, size_t n) const;
+
   int fd_;
+  int direct_fd_ = -1;  // O_DIRECT, same inode; -1 when unavailable
   uint64_t size_;
   std::string path_;
 };

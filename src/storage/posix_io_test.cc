@@ -134,6 +134,47 @@ TEST(PosixIoTest, AWriteOnlyDescriptorStaysBufferedAndCorrect) {
   EXPECT_EQ(Slurp(path), expected);
 }
 
+TEST(PosixIoTest, LargeReadsGiveTheSameBytesCachedOrNot) {
+  TempDir dir;
+  const std::string path = dir.Join("big.bin");
+  const std::string bytes = Pattern(3 * kDirectChunkBytes + 12345, 9);
+  {
+    DCPP_ASSERT_OK_AND_ASSIGN(int fd, OpenFd(path, O_RDWR | O_CREAT | O_TRUNC, 0644));
+    PosixWritableFile file(fd, path);
+    ASSERT_THAT(file.Append(bytes.data(), bytes.size()), IsOk());
+    ASSERT_THAT(file.Sync(), IsOk());
+    ASSERT_THAT(file.Close(), IsOk());
+  }
+  uint64_t size = 0;
+  DCPP_ASSERT_OK_AND_ASSIGN(int fd, OpenRegularForRead(path, &size));
+  ASSERT_EQ(size, bytes.size());
+  // Out of the page cache, so the direct path is taken where the file system has one.
+  ASSERT_EQ(::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED), 0);
+  PosixReadableFile file(fd, size, path);
+  struct Range {
+    uint64_t offset;
+    size_t n;
+  };
+  for (const Range r : {Range{0, bytes.size()}, Range{77, kDirectReadBytes + 5},
+                        Range{kDirectChunkBytes - 3, 2 * kDirectChunkBytes + 1},
+                        Range{bytes.size() - kDirectReadBytes - 1, kDirectReadBytes + 1},
+                        Range{4096, 2 * kDirectChunkBytes}, Range{5, 100}}) {
+    std::string out(r.n, '\0');
+    ASSERT_THAT(file.ReadAt(r.offset, out.data(), out.size()), IsOk());
+    EXPECT_TRUE(out == bytes.substr(r.offset, r.n)) << "offset " << r.offset << " n " << r.n;
+  }
+  // Half in the page cache (just read buffered), half not.
+  ASSERT_EQ(::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED), 0);
+  std::string half(kDirectChunkBytes, '\0');
+  ASSERT_THAT(PreadFully(fd, 0, half.data(), half.size(), path), IsOk());
+  std::string out(bytes.size() - 10, '\0');
+  ASSERT_THAT(file.ReadAt(10, out.data(), out.size()), IsOk());
+  EXPECT_TRUE(out == bytes.substr(10));
+  std::string past(kDirectReadBytes, '\0');
+  EXPECT_THAT(file.ReadAt(bytes.size() - 100, past.data(), past.size()),
+              StatusIs(StatusCode::kDataLoss, HasSubstr("past the end")));
+}
+
 TEST(PosixIoTest, ReadsPastTheEndAreDataLossNamingThePath) {
   TempDir dir;
   const std::string path = dir.Join("f");
