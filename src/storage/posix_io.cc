@@ -408,6 +408,13 @@ Status PosixReadableFile::ReadAt(uint64_t offset, void* dst, size_t n) const {
   return PreadFully(fd_, offset, p, n, path_);
 }
 
+void PosixReadableFile::Prefetch(uint64_t offset, uint64_t n) const {
+  if (offset >= size_) return;
+  n = std::min(n, size_ - offset);
+  (void)::posix_fadvise(fd_, static_cast<off_t>(offset), static_cast<off_t>(n),
+                        POSIX_FADV_WILLNEED);
+}
+
 // [offset, offset + n) through aligned chunks of the O_DIRECT descriptor. Errors the direct
 // path alone can have (EINVAL: an alignment the file system refuses) fall back to pread.
 Status PosixReadableFile::ReadDirect(uint64_t offset, char* dst, size_t n) const {

@@ -134,6 +134,8 @@ class PosixReadableFile final : public ReadableFile {
   uint64_t size() const override { return size_; }
   std::string name() const override { return path_; }
   Status ReadAt(uint64_t offset, void* dst, size_t n) const override;
+  // Starts readahead into the page cache (POSIX_FADV_WILLNEED).
+  void Prefetch(uint64_t offset, uint64_t n) const override;
 
  private:
   Status ReadDirect(uint64_t offset, char* dst, size_t n) const;
