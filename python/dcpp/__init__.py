@@ -1,11 +1,11 @@
-"""dcpp: PyTorch DCP checkpoints (and torch.save files) from Python, without torch.
+"""dcpp: PyTorch DCP checkpoints (and torch.save, safetensors files) from Python, without torch.
 
-    ckpt = dcpp.open("/ckpt/step_1000")     # a DCP directory or a torch.save file
+    ckpt = dcpp.open("/ckpt/step_1000")     # a DCP directory, torch.save file or safetensors
     ckpt.keys(); ckpt.info("model.w")       # dtype, global shape, chunks and their files
     w = ckpt["model.w"]                     # a numpy array
     rows = ckpt.read("model.w", (128, 0), (64, 1024))   # only that box is read from disk
     dcpp.save({"w": array, "step": 3}, "/ckpt/new")     # numpy or any DLPack array
-    dcpp.convert("/ckpt/new", "/tmp/model.pt", to="torch")
+    dcpp.convert("/ckpt/new", "/tmp/model.pt", to="torch")       # or to="dcp", "safetensors"
 
 bfloat16 and the float8 kinds come back as ml_dtypes arrays when ml_dtypes is installed, else as
 raw unsigned views (uint16 for bfloat16, uint8 for float8); complex32 as float16 pairs
@@ -119,14 +119,15 @@ def _from_engine(v):
 
 
 class Checkpoint:
-    """A checkpoint opened for reading: a DCP directory or a torch.save file."""
+    """A checkpoint opened for reading: a DCP directory, a torch.save file, or a safetensors
+    file or directory of them (Hugging Face, with or without model.safetensors.index.json)."""
 
     def __init__(self, path: str, thread_count: int = 4):
         self._c = _dcpp.Checkpoint(os.fspath(path), thread_count)
 
     @property
     def format(self) -> str:
-        """"dcp" or "torch"."""
+        """"dcp", "torch" or "safetensors"."""
         return self._c.format
 
     @property
@@ -174,8 +175,9 @@ class Checkpoint:
 
     def read(self, key: str, offsets: Optional[Sequence[int]] = None,
              sizes: Optional[Sequence[int]] = None) -> np.ndarray:
-        """The box [offsets, offsets + sizes) of tensor `key`. From a DCP checkpoint only the
-        bytes of the stored chunks it overlaps are read."""
+        """The box [offsets, offsets + sizes) of tensor `key`. From a DCP checkpoint or a
+        safetensors file only the bytes of the stored chunks it overlaps are read (a torch.save
+        file is read whole)."""
         return _to_numpy(self._c.read(key, None if offsets is None else list(offsets),
                                       None if sizes is None else list(sizes)))
 
@@ -193,7 +195,8 @@ class Checkpoint:
 
 
 def open(path, thread_count: int = 4) -> Checkpoint:  # noqa: A001  (like builtins.open)
-    """Opens a DCP checkpoint directory or a torch.save file for reading."""
+    """Opens a DCP checkpoint directory, a torch.save file, or safetensors (one file or a
+    directory of them) for reading."""
     return Checkpoint(path, thread_count)
 
 
@@ -228,6 +231,10 @@ def save(state_dict: dict, path, thread_count: int = 4, overwrite: bool = True) 
     _dcpp.save(_prepare(state_dict), os.fspath(path), thread_count, overwrite)
 
 
-def convert(src, dst, to: str) -> None:
-    """DCP directory <-> torch.save file: to="torch" (dcp_to_torch_save) or to="dcp"."""
-    _dcpp.convert(os.fspath(src), os.fspath(dst), to)
+def convert(src, dst, to: str, max_shard_size: int = 5_000_000_000) -> list:
+    """Converts between formats; the source's format is detected. to="torch" (one torch.save
+    file), to="dcp" (a DCP directory) or to="safetensors" (a directory of
+    model-XXXXX-of-NNNNN.safetensors files plus model.safetensors.index.json, a new file when
+    `max_shard_size` bytes would be exceeded). Returns the keys left out: safetensors holds only
+    tensors, so plain values are skipped and named here."""
+    return _dcpp.convert(os.fspath(src), os.fspath(dst), to, max_shard_size)

@@ -38,6 +38,7 @@
 #include "dcpp/checkpoint.h"
 #include "dcpp/convert.h"
 #include "dcpp/dlpack.h"
+#include "dcpp/hf_storage.h"
 #include "dcpp/layout.h"
 #include "dcpp/metadata.h"
 #include "dcpp/status.h"
@@ -323,6 +324,25 @@ class CountingStore final : public Store {
 
 // ---- Checkpoint: one DCP directory or torch.save file, read without torch ----
 
+// A reader that answers ReadMetadata with the metadata read at open, so reading one key does not
+// re-read and re-parse the checkpoint's metadata (or safetensors headers) each time.
+class OpenedReader final : public StorageReader {
+ public:
+  OpenedReader(StorageReader* base, const Metadata* metadata) : base_(base), metadata_(metadata) {}
+  Result<Metadata> ReadMetadata(int /*rank*/) override { return *metadata_; }
+  Status SetUp(const Metadata& metadata, bool is_coordinator, int rank) override {
+    return base_->SetUp(metadata, is_coordinator, rank);
+  }
+  Status ReadData(const LoadPlan& plan, LoadPlanner& planner) override {
+    return base_->ReadData(plan, planner);
+  }
+  std::string checkpoint_id() const override { return base_->checkpoint_id(); }
+
+ private:
+  StorageReader* base_;
+  const Metadata* metadata_;
+};
+
 class Checkpoint {
  public:
   Checkpoint(const std::string& path, int thread_count) : path_(path) {
@@ -340,6 +360,23 @@ class Checkpoint {
         if (own.ok()) md = std::move(own);
       }
       metadata_ = Take(std::move(md));
+      store_->reset();
+    } else if (format_ == CheckpointFormat::kSafetensors) {
+      // One ".safetensors" file, or a directory of them: read through the same load path as DCP,
+      // so a box reads only the byte ranges it needs.
+      std::vector<std::string> files;
+      std::unique_ptr<Store> base;
+      if (path.size() > 12 && path.compare(path.size() - 12, 12, ".safetensors") == 0) {
+        StoreFile file = Take(OpenStoreFile(path));
+        base = std::move(file.store);
+        files.push_back(std::move(file.key));
+      } else {
+        base = Take(OpenStore(path));
+      }
+      store_ = std::make_unique<CountingStore>(std::move(base));
+      reader_ = std::make_unique<HuggingFaceStorageReader>(
+          store_.get(), path, HuggingFaceReaderOptions{thread_count}, std::move(files));
+      metadata_ = Take(reader_->ReadMetadata());
       store_->reset();
     }
     for (size_t i = 0; i < source_->entries().size(); ++i) index_[source_->entries()[i].fqn] = i;
@@ -372,7 +409,7 @@ class Checkpoint {
       d["dtype"] = std::string(DTypeName(e.dtype));
       d["shape"] = nb::tuple(nb::cast(e.shape));
     }
-    if (format_ == CheckpointFormat::kDcp) {
+    if (format_ != CheckpointFormat::kTorchSave) {
       const StorageMetadata* sm = metadata_.state_dict_metadata.Find(key);
       if (sm != nullptr && std::holds_alternative<TensorStorageMetadata>(*sm)) {
         for (const ChunkBox& c : std::get<TensorStorageMetadata>(*sm).chunks) {
@@ -433,11 +470,12 @@ class Checkpoint {
     Tensor out;
     {
       nb::gil_scoped_release release;
-      if (format_ == CheckpointFormat::kDcp) {
+      if (format_ != CheckpointFormat::kTorchSave) {
         out = Tensor::Zeros(e.dtype, sz);
         Value sd = Value::MakeDict();
         sd.Set(key, Value::FromSharded(ShardedTensor{e.dtype, e.shape, {Shard{off, out}}}));
-        Check(Load(sd, *reader_).WithContext("reading \"" + key + "\" from \"" + path_ + "\""));
+        OpenedReader reader(reader_.get(), &metadata_);
+        Check(Load(sd, reader).WithContext("reading \"" + key + "\" from \"" + path_ + "\""));
       } else {
         // A torch.save file is read whole; the box is copied out of it.
         Value v = Take(source_->Read(e));
@@ -474,6 +512,7 @@ class Checkpoint {
       Take(archive.ReadValue(true));
       return static_cast<int64_t>(archive.records().size());
     }
+    if (format_ == CheckpointFormat::kSafetensors) return VerifySafetensors();
     std::map<std::string, std::unique_ptr<ReadableFile>> files;
     for (const auto& [index, si] : metadata_.storage_data) {
       auto& f = files[si.relative_path];
@@ -509,6 +548,33 @@ class Checkpoint {
   }
 
  private:
+  // Safetensors has no checksums: the headers were validated at open (offsets tile each data
+  // section); here every tensor's bytes are read, so a truncated or unreadable file is found.
+  int64_t VerifySafetensors() {
+    constexpr uint64_t kPiece = 8 << 20;
+    std::string buffer;
+    std::map<std::string, std::unique_ptr<ReadableFile>> files;
+    for (const auto& [index, si] : metadata_.storage_data) {
+      auto& f = files[si.relative_path];
+      if (!f) f = Take(store_->OpenRead(si.relative_path));
+      const std::string what =
+          "\"" + path_ + "\" file \"" + si.relative_path + "\" tensor \"" + index.fqn + "\"";
+      if (si.offset < 0 || si.length < 0 ||
+          static_cast<uint64_t>(si.offset) + static_cast<uint64_t>(si.length) > f->size()) {
+        Throw(DataLossError(what + " at [" + std::to_string(si.offset) + ", +" +
+                            std::to_string(si.length) + ") is past the end of the file (" +
+                            std::to_string(f->size()) + " bytes)"));
+      }
+      for (uint64_t done = 0; done < static_cast<uint64_t>(si.length); done += kPiece) {
+        const uint64_t n = std::min<uint64_t>(kPiece, static_cast<uint64_t>(si.length) - done);
+        buffer.resize(n);
+        Check(f->ReadAt(static_cast<uint64_t>(si.offset) + done, buffer.data(), n)
+                  .WithContext("reading " + what));
+      }
+    }
+    return static_cast<int64_t>(metadata_.storage_data.size());
+  }
+
   const EntryInfo& Entry(const std::string& key) const {
     auto it = index_.find(key);
     if (it == index_.end()) {
@@ -521,7 +587,7 @@ class Checkpoint {
   CheckpointFormat format_ = CheckpointFormat::kDcp;
   std::unique_ptr<CheckpointSource> source_;
   std::unique_ptr<CountingStore> store_;
-  std::unique_ptr<FileSystemReader> reader_;
+  std::unique_ptr<StorageReader> reader_;  // DCP and safetensors
   Metadata metadata_;
   std::map<std::string, size_t> index_;
 };
@@ -704,15 +770,33 @@ void SaveTree(nb::handle tree, const std::string& path, int thread_count, bool o
   Take(Save(sd, path, options));
 }
 
-void ConvertPath(const std::string& src, const std::string& dst, const std::string& to) {
+// to="torch" | "dcp" | "safetensors"; the source's format is detected (DCP directory,
+// torch.save file, safetensors file or directory). Returns the keys left out (safetensors holds
+// only tensors).
+std::vector<std::string> ConvertPath(const std::string& src, const std::string& dst,
+                                     const std::string& to, uint64_t max_shard_size) {
   nb::gil_scoped_release release;
-  if (to == "torch") {
-    Check(ConvertDcpToTorch(src, dst));
+  const CheckpointFormat from = Take(DetectFormat(src));
+  std::vector<std::string> skipped;
+  if (to == "safetensors") {
+    if (from == CheckpointFormat::kSafetensors) {
+      Throw(InvalidArgumentError("convert: \"" + src + "\" is already safetensors"));
+    }
+    SafetensorsConvertOptions options;
+    options.max_shard_size = max_shard_size;
+    options.skipped = &skipped;
+    Check(ConvertToSafetensors(src, dst, options));
+  } else if (to == "torch") {
+    Check(from == CheckpointFormat::kSafetensors ? ConvertSafetensorsToTorch(src, dst)
+                                                 : ConvertDcpToTorch(src, dst));
   } else if (to == "dcp") {
-    Check(ConvertTorchToDcp(src, dst));
+    Check(from == CheckpointFormat::kSafetensors ? ConvertSafetensorsToDcp(src, dst)
+                                                 : ConvertTorchToDcp(src, dst));
   } else {
-    Throw(InvalidArgumentError("convert: to must be \"dcp\" or \"torch\", not \"" + to + "\""));
+    Throw(InvalidArgumentError("convert: to must be \"dcp\", \"torch\" or \"safetensors\", not \"" +
+                               to + "\""));
   }
+  return skipped;
 }
 
 }  // namespace
@@ -747,7 +831,7 @@ NB_MODULE(_dcpp, m) {
       .def("verify", &Checkpoint::verify);
 
   m.def("save", &SaveTree, "tree"_a, "path"_a, "thread_count"_a = 4, "overwrite"_a = true);
-  m.def("convert", &ConvertPath, "src"_a, "dst"_a, "to"_a);
+  m.def("convert", &ConvertPath, "src"_a, "dst"_a, "to"_a, "max_shard_size"_a = 5'000'000'000);
   m.def("write_files", &WriteFiles, "dir"_a, "files"_a, "threads"_a = 1, "sync"_a = true);
   m.def("commit_file", &CommitFile, "dir"_a, "name"_a, "data"_a);
   m.def("read_file", &ReadWhole, "dir"_a, "name"_a);
