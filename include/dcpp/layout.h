@@ -25,11 +25,19 @@ namespace dcpp {
 
 class Communicator;
 class Store;
+namespace internal {
+struct Manifest;
+}
 
 struct WriteResult {
   MetadataIndex index;
   int64_t size_in_bytes = 0;
   StorageInfo storage_data;
+  // xxHash3-64 of the stored blob's bytes, one per `checksum_segment_bytes` segment from the
+  // blob's start (one hash for a blob of at most one segment); empty when the writer kept none.
+  // The coordinator writes them to the checkpoint's manifest.
+  std::vector<uint64_t> checksums;
+  uint64_t checksum_segment_bytes = 0;
 };
 
 std::string EncodeWriteResults(const std::vector<WriteResult>& results);
@@ -118,11 +126,18 @@ class FileSystemWriter final : public StorageWriter {
   std::string save_tag_;  // non-empty when replacing a checkpoint: makes file names unique
   std::vector<std::string> referenced_;  // files of the committed metadata (for CleanUp)
   std::vector<std::string> replaced_;    // files of the checkpoint this save replaces
+  std::string replaced_manifest_;        // the replaced checkpoint's manifest (for CleanUp)
+  std::string manifest_;                 // this save's manifest, once committed
 };
 
 struct FileSystemReaderOptions {
-  int thread_count = 1;           // files read in parallel
-  bool verify_checksums = false;  // check CRC-32 of every torch.save record read
+  int thread_count = 1;  // files read in parallel
+  // Check what is read: every blob or segment against the checkpoint's manifest of xxHash3
+  // checksums, or, for a checkpoint without one (written by PyTorch), the CRC-32 of every
+  // torch.save record read whole. A mismatch is DataLoss naming the key, file, offset and rank.
+  // Off only to salvage what a damaged checkpoint still holds (the values read may be wrong),
+  // or where the bytes were just verified by other means.
+  bool verify = true;
 };
 
 class FileSystemReader final : public StorageReader {
@@ -142,6 +157,8 @@ class FileSystemReader final : public StorageReader {
 
  private:
   Result<Metadata> ReadMetadataFile(int rank);
+  // Reads the manifest paired with the metadata file `name` whose bytes are `bytes`, if any.
+  Status ReadManifest(const std::string& name, std::string_view bytes);
 
   std::unique_ptr<Store> owned_store_;
   Store* store_;
@@ -149,6 +166,9 @@ class FileSystemReader final : public StorageReader {
   FileSystemReaderOptions options_;
   const Metadata* metadata_ = nullptr;
   int rank_ = 0;
+  // Manifests of the metadata files read (several in rank-local mode).
+  std::vector<std::shared_ptr<const internal::Manifest>> manifests_;
+  bool manifest_complete_ = false;  // one manifest covers the whole metadata
 };
 
 // Reads one torch.save file on the root rank and broadcasts it (PyTorch's

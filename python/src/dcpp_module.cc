@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "codec/torch_save.h"
+#include "codec/zip.h"
 #include "dcpp/checkpoint.h"
 #include "dcpp/convert.h"
 #include "dcpp/dlpack.h"
@@ -45,6 +46,8 @@
 #include "dcpp/storage.h"
 #include "dcpp/tensor.h"
 #include "dcpp/value.h"
+#include "dcpp/verify.h"
+#include "layout/manifest.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -352,7 +355,7 @@ class Checkpoint {
     if (format_ == CheckpointFormat::kDcp) {
       store_ = std::make_unique<CountingStore>(Take(OpenStore(path)));
       reader_ = std::make_unique<FileSystemReader>(store_.get(), path,
-                                                   FileSystemReaderOptions{thread_count, false});
+                                                   FileSystemReaderOptions{thread_count, true});
       auto md = reader_->ReadMetadata();
       if (!md.ok() && md.status().code() == StatusCode::kNotFound) {
         // A save without collectives: rank 0's view unites every __{r}.metadata.
@@ -499,52 +502,38 @@ class Checkpoint {
     return FromValue(v);
   }
 
-  // Reads every item and checks what can be checked: each blob inside its file, each torch.save
-  // record's CRC-32, each tensor's dtype and shape against the metadata. Returns items checked.
-  int64_t verify() {
-    nb::gil_scoped_release release;
-    int64_t checked = 0;
-    if (format_ == CheckpointFormat::kTorchSave) {
-      auto file = Take(OpenStoreFile(path_));
-      auto src = Take(file.store->OpenRead(file.key));
-      auto archive = Take(TorchSaveArchive::Open(*src));
-      Check(archive.VerifyChecksums().WithContext("\"" + path_ + "\""));
-      Take(archive.ReadValue(true));
-      return static_cast<int64_t>(archive.records().size());
+  // dcpp::VerifyCheckpoint of a DCP checkpoint (every byte: manifest checksums, zip CRCs,
+  // structure), or the records' CRC-32s of a torch.save file. The report as a dict when sound;
+  // DataLossError listing every problem otherwise.
+  nb::object verify(int thread_count) {
+    std::string json;
+    {
+      nb::gil_scoped_release release;
+      if (format_ == CheckpointFormat::kTorchSave) {
+        auto file = Take(OpenStoreFile(path_));
+        auto src = Take(file.store->OpenRead(file.key));
+        auto archive = Take(TorchSaveArchive::Open(*src));
+        Check(archive.VerifyChecksums().WithContext("\"" + path_ + "\""));
+        Take(archive.ReadValue(true));
+        VerifyReport r;
+        r.url = path_;
+        r.items = 1;
+        r.files = 1;
+        r.bytes_read = static_cast<int64_t>(src->size());
+        r.records_checked = static_cast<int64_t>(archive.records().size());
+        json = r.ToJson();
+      } else if (format_ == CheckpointFormat::kSafetensors) {
+        VerifyReport r;  // no checksums in the format: every tensor's bytes are read
+        r.url = path_;
+        r.items = VerifySafetensors();
+        json = r.ToJson();
+      } else {
+        VerifyReport r = Take(VerifyCheckpoint(path_, {thread_count}));
+        if (!r.ok()) Throw(DataLossError(r.ToString()));
+        json = r.ToJson();
+      }
     }
-    if (format_ == CheckpointFormat::kSafetensors) return VerifySafetensors();
-    std::map<std::string, std::unique_ptr<ReadableFile>> files;
-    for (const auto& [index, si] : metadata_.storage_data) {
-      auto& f = files[si.relative_path];
-      if (!f) f = Take(store_->OpenRead(si.relative_path));
-      std::string what = "\"" + path_ + "/" + si.relative_path + "\": item " + index.ToString();
-      if (si.offset < 0 || si.length < 0 ||
-          static_cast<uint64_t>(si.offset + si.length) > f->size()) {
-        Throw(DataLossError(what + " at [" + std::to_string(si.offset) + ", +" +
-                            std::to_string(si.length) + ") is past the end of the file (" +
-                            std::to_string(f->size()) + " bytes)"));
-      }
-      if (!si.transform_descriptors.empty()) {
-        ++checked;  // compressed blobs are checked by reading the entry below
-        continue;
-      }
-      SubSource blob(*f, si.offset, si.length);
-      auto archive = TorchSaveArchive::Open(blob);
-      if (!archive.ok()) Throw(archive.status().WithContext(what));
-      Check(archive->VerifyChecksums().WithContext(what));
-      const StorageMetadata* sm = metadata_.state_dict_metadata.Find(index.fqn);
-      if (sm != nullptr && std::holds_alternative<TensorStorageMetadata>(*sm)) {
-        auto ref = archive->RootTensor();
-        if (!ref.ok()) Throw(ref.status().WithContext(what));
-        const auto& tm = std::get<TensorStorageMetadata>(*sm);
-        if (ref->dtype != tm.properties.dtype) {
-          Throw(DataLossError(what + " holds " + std::string(DTypeName(ref->dtype)) +
-                              ", metadata says " + std::string(DTypeName(tm.properties.dtype))));
-        }
-      }
-      ++checked;
-    }
-    return checked;
+    return nb::module_::import_("json").attr("loads")(json);
   }
 
  private:
@@ -610,9 +599,10 @@ struct Blob {
 // up to `threads` threads. An item is a tensor (written as one torch.save archive, streamed from
 // its memory) or bytes (written as they are). Each file is fsync'ed when `sync`. Returns, per
 // file, the (offset, length) of each item.
-std::vector<std::vector<std::pair<int64_t, int64_t>>> WriteFiles(const std::string& dir,
-                                                                 nb::list files, int threads,
-                                                                 bool sync) {
+using BlobSpan = std::tuple<int64_t, int64_t, std::vector<uint64_t>>;
+
+std::vector<std::vector<BlobSpan>> WriteFiles(const std::string& dir, nb::list files, int threads,
+                                              bool sync) {
   std::vector<std::string> names;
   std::vector<std::vector<Blob>> blobs;
   for (nb::handle f : files) {
@@ -633,20 +623,23 @@ std::vector<std::vector<std::pair<int64_t, int64_t>>> WriteFiles(const std::stri
     }
     blobs.push_back(std::move(items));
   }
-  std::vector<std::vector<std::pair<int64_t, int64_t>>> out(names.size());
+  std::vector<std::vector<BlobSpan>> out(names.size());
   nb::gil_scoped_release release;
   auto store = Take(OpenStore(dir, {.create = true}));
   Check(ParallelFor(names.size(), threads, [&](size_t i) -> Status {
     const std::string what = "writing \"" + store->Describe(names[i]) + "\"";
     DCPP_ASSIGN_OR_RETURN(auto file, store->OpenWrite(names[i]));
+    // Hashed on the way for the checkpoint's manifest (commit_checkpoint).
+    dcpp::internal::HashingSink sink(*file);
     for (const Blob& b : blobs[i]) {
-      int64_t start = static_cast<int64_t>(file->position());
+      int64_t start = static_cast<int64_t>(sink.position());
+      sink.BeginBlob();
       if (b.is_tensor) {
-        DCPP_RETURN_IF_ERROR(WriteTorchSave(Value::FromTensor(b.tensor), *file).WithContext(what));
+        DCPP_RETURN_IF_ERROR(WriteTorchSave(Value::FromTensor(b.tensor), sink).WithContext(what));
       } else {
-        DCPP_RETURN_IF_ERROR(file->Append(b.bytes.data(), b.bytes.size()).WithContext(what));
+        DCPP_RETURN_IF_ERROR(sink.Write(b.bytes.data(), b.bytes.size()).WithContext(what));
       }
-      out[i].emplace_back(start, static_cast<int64_t>(file->position()) - start);
+      out[i].emplace_back(start, static_cast<int64_t>(sink.position()) - start, sink.EndBlob());
     }
     if (sync) DCPP_RETURN_IF_ERROR(file->Sync().WithContext(what));
     return file->Close().WithContext(what);
@@ -661,6 +654,38 @@ void CommitFile(const std::string& dir, const std::string& name, nb::bytes bytes
   nb::gil_scoped_release release;
   auto store = Take(OpenStore(dir, {.create = true}));
   Check(store->WriteAtomic(name, data).WithContext("committing \"" + store->Describe(name) + "\""));
+}
+
+// The commit of a checkpoint dcpp.torch wrote: the manifest of `blobs` ([(file, offset, length,
+// hashes)], None when some writer kept no hashes) named after `metadata`'s bytes, then the
+// metadata itself (CommitFile); then manifests of earlier metadata under `name` are removed.
+void CommitCheckpoint(
+    const std::string& dir, const std::string& name, nb::bytes metadata,
+    std::optional<std::vector<std::tuple<std::string, int64_t, int64_t, std::vector<uint64_t>>>>
+        blobs) {
+  std::string data(metadata.c_str(), metadata.size());
+  nb::gil_scoped_release release;
+  auto store = Take(OpenStore(dir, {.create = true}));
+  const uint64_t hash = dcpp::internal::Xxh3(data.data(), data.size());
+  const std::string key = dcpp::internal::ManifestKey(name, hash);
+  if (blobs) {
+    dcpp::internal::Manifest m;
+    m.metadata_hash = hash;
+    for (const auto& [file, offset, length, hashes] : *blobs) {
+      m.Add(file, static_cast<uint64_t>(offset), static_cast<uint64_t>(length), hashes);
+    }
+    std::string bytes = Take(dcpp::internal::EncodeManifest(std::move(m)));
+    Check(store->WriteAtomic(key, bytes).WithContext("writing \"" + store->Describe(key) + "\""));
+  }
+  Check(store->WriteAtomic(name, data).WithContext("committing \"" + store->Describe(name) + "\""));
+  // PyTorch's layout rewrites data files in place, so an older manifest is stale now.
+  auto keys = store->List();
+  if (!keys.ok()) return;
+  for (const auto& k : *keys) {
+    if (k != key && k.rfind(name + ".", 0) == 0 && dcpp::internal::IsManifestKey(k)) {
+      (void)store->Remove(k);
+    }
+  }
 }
 
 nb::bytes ReadWhole(const std::string& dir, const std::string& name) {
@@ -680,7 +705,10 @@ nb::bytes ReadWhole(const std::string& dir, const std::string& name) {
 //   dest None and src_offsets given: the stored tensor's box of that offset is returned as a
 //     RawTensor (the caller copies it; for destinations the engine cannot write into).
 // Requests run in parallel on up to `threads` threads.
-nb::list ReadItems(const std::string& dir, nb::list requests, int threads) {
+// With `verify`, each blob is checked against the manifest of metadata file `metadata_name`
+// (when it has one) or, without one, the zip CRC-32s of the records read whole.
+nb::list ReadItems(const std::string& dir, nb::list requests, int threads,
+                   std::optional<std::string> metadata_name, bool verify) {
   struct Req {
     std::string file;
     int64_t offset = 0, length = 0;
@@ -711,6 +739,21 @@ nb::list ReadItems(const std::string& dir, nb::list requests, int threads) {
   {
     nb::gil_scoped_release release;
     auto store = Take(OpenStore(dir));
+    std::optional<dcpp::internal::Manifest> manifest;
+    if (verify && metadata_name) {
+      const std::string md = Take(store->ReadAll(*metadata_name));
+      const uint64_t hash = dcpp::internal::Xxh3(md.data(), md.size());
+      const std::string key = dcpp::internal::ManifestKey(*metadata_name, hash);
+      auto bytes = store->ReadAll(key);
+      if (bytes.ok()) {
+        manifest = Take(dcpp::internal::DecodeManifest(*bytes, store->Describe(key)));
+        if (manifest->metadata_hash != hash) {
+          Throw(DataLossError(store->Describe(key) + ": manifest belongs to other metadata"));
+        }
+      } else if (bytes.status().code() != StatusCode::kNotFound) {
+        Throw(bytes.status());
+      }
+    }
     std::map<std::string, std::unique_ptr<ReadableFile>> files;
     for (const Req& q : reqs) {
       auto& f = files[q.file];
@@ -725,12 +768,41 @@ nb::list ReadItems(const std::string& dir, nb::list requests, int threads) {
         return DataLossError(what + ": past the end of the file (" + std::to_string(f.size()) +
                              " bytes)");
       }
-      SubSource blob(f, q.offset, q.length);
+      SubSource raw(f, q.offset, q.length);
+      const ByteSource* blob = &raw;
+      std::optional<dcpp::internal::VerifiedBlobSource> verified;
+      std::optional<dcpp::internal::CrcCheckingSource> crc_checked;
+      const dcpp::internal::ManifestBlob* sums =
+          manifest ? manifest->Find(q.file, static_cast<uint64_t>(q.offset),
+                                    static_cast<uint64_t>(q.length))
+                   : nullptr;
+      if (manifest && !sums) return DataLossError(what + ": no checksum in the manifest");
+      if (sums) {
+        verified.emplace(raw, manifest->HashesOf(*sums), sums->hash_count, manifest->segment_bytes,
+                         static_cast<uint64_t>(q.offset), store->Describe(q.file));
+        blob = &*verified;
+      } else if (verify) {
+        crc_checked.emplace(raw);
+        blob = &*crc_checked;
+      }
       if (!q.has_dest && !q.src_offsets) {
         q.bytes_out.resize(q.length);
-        return blob.ReadAt(0, q.bytes_out.data(), q.length).WithContext(what);
+        return blob->ReadAt(0, q.bytes_out.data(), q.length).WithContext(what);
       }
-      DCPP_ASSIGN_OR_RETURN(auto archive, TorchSaveArchive::Open(blob));
+      DCPP_ASSIGN_OR_RETURN(auto archive, TorchSaveArchive::Open(*blob));
+      if (crc_checked) {
+        // No manifest: small records now, large ones when read whole.
+        for (const auto& [rname, rec] : archive.records()) {
+          const std::string full = archive.prefix() + "/" + rname;
+          if (rec.size > (1 << 20)) {
+            crc_checked->AddRecord(full, rec.data_offset, rec.size, rec.crc32);
+          } else {
+            DCPP_RETURN_IF_ERROR(
+                dcpp::internal::VerifyZipCrc(*blob, full, rec.data_offset, rec.size, rec.crc32)
+                    .WithContext(what));
+          }
+        }
+      }
       auto ref = archive.RootTensor();
       if (!ref.ok()) return ref.status().WithContext(what);
       Shape src = q.src_offsets.value_or(Shape(ref->shape.size(), 0));
@@ -828,12 +900,15 @@ NB_MODULE(_dcpp, m) {
       .def("info", &Checkpoint::info)
       .def("read", &Checkpoint::read, "key"_a, "offsets"_a = nb::none(), "sizes"_a = nb::none())
       .def("value", &Checkpoint::value)
-      .def("verify", &Checkpoint::verify);
+      .def("verify", &Checkpoint::verify, "thread_count"_a = 4);
 
   m.def("save", &SaveTree, "tree"_a, "path"_a, "thread_count"_a = 4, "overwrite"_a = true);
   m.def("convert", &ConvertPath, "src"_a, "dst"_a, "to"_a, "max_shard_size"_a = 5'000'000'000);
   m.def("write_files", &WriteFiles, "dir"_a, "files"_a, "threads"_a = 1, "sync"_a = true);
   m.def("commit_file", &CommitFile, "dir"_a, "name"_a, "data"_a);
+  m.def("commit_checkpoint", &CommitCheckpoint, "dir"_a, "name"_a, "metadata"_a,
+        "blobs"_a = nb::none());
   m.def("read_file", &ReadWhole, "dir"_a, "name"_a);
-  m.def("read_items", &ReadItems, "dir"_a, "requests"_a, "threads"_a = 1);
+  m.def("read_items", &ReadItems, "dir"_a, "requests"_a, "threads"_a = 1,
+        "metadata_name"_a = nb::none(), "verify"_a = true);
 }

@@ -39,7 +39,7 @@ def test_reads_pytorch_213_checkpoint_like_torch(golden_213, variant):
     assert ckpt["dtypes.bfloat16"].dtype == np.dtype(ml_dtypes.bfloat16)
     assert ckpt["dtypes.float8_e4m3fn"].dtype == np.dtype(ml_dtypes.float8_e4m3fn)
     assert ckpt["plain.name"] == expected["plain.name"]
-    assert ckpt.verify() > 0
+    assert ckpt.verify()["items"] > 0
 
 
 def test_info_lists_chunks_and_files(golden_213):
@@ -77,9 +77,10 @@ def test_slice_of_large_tensor_reads_its_byte_range(tmp_path):
     assert np.array_equal(rows, a[100:108])
     wanted = 8 * 1024 * 4
     got = ckpt.bytes_read_by_file[data_file]
-    # The rows, plus the archive's zip directory search (<= 64 KiB + a record) and its pickle;
-    # never the whole 4 MiB tensor.
-    assert wanted <= got < wanted + 72 * 1024, got
+    # The rows, plus the archive's zip directory search (<= 64 KiB + a record) and its pickle,
+    # rounded out to whole 256 KiB checksum segments (each read is verified against the
+    # manifest): the first, the last two and the rows' own. Never the whole 4 MiB tensor.
+    assert wanted <= got < wanted + 72 * 1024 + 4 * 256 * 1024, got
     ckpt.reset_bytes_read()
     col = ckpt.read("a", (0, 5), (1024, 1))
     assert np.array_equal(col[:, 0], a[:, 5])
@@ -102,7 +103,7 @@ def test_save_roundtrip_numpy_and_values(tmp_path):
         assert np.array_equal(_bits(got), _bits(sd["model"][k])), k
     assert ckpt["step"] == 42 and ckpt["lr"] == 0.5 and ckpt["name"] == "run"
     assert ckpt["flags"] == [True, None, "x"] and ckpt["raw"] == b"\x00\x01"
-    assert ckpt.verify() == 10
+    assert ckpt.verify()["items"] == 10
 
 
 class OnlyDLPack:
@@ -169,3 +170,26 @@ def test_verify_detects_corruption(tmp_path):
     path.write_bytes(bytes(data[: chunk["offset"] + 10]))
     with pytest.raises(dcpp.DataLossError, match="past the end"):
         dcpp.open(tmp_path / "c").verify()
+
+
+def test_verify_reports_the_manifest_and_names_a_bad_item(tmp_path, golden_213):
+    a = np.arange(1 << 18, dtype=np.float32)  # 1 MiB: four checksum segments
+    dcpp.save({"a": a, "n": 5}, tmp_path / "c")
+    assert any(n.endswith(".manifest") for n in os.listdir(tmp_path / "c"))
+    report = dcpp.open(tmp_path / "c").verify()
+    assert report["ok"] and report["has_manifest"] and report["items"] == 2
+    assert report["segments_checked"] >= 5 and report["problems"] == []
+    chunk = dcpp.open(tmp_path / "c").info("a")["chunks"][0]
+    path = tmp_path / "c" / chunk["file"]
+    data = bytearray(path.read_bytes())
+    at = chunk["offset"] + chunk["length"] // 2
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(dcpp.DataLossError, match="checksum mismatch") as info:
+        dcpp.open(tmp_path / "c").verify()
+    assert '"a@[0]"' in str(info.value) and chunk["file"] in str(info.value)
+    with pytest.raises(dcpp.DataLossError, match="checksum mismatch"):
+        dcpp.open(tmp_path / "c")["a"]
+    # A checkpoint PyTorch wrote: no manifest, CRCs and structure still checked.
+    report = dcpp.open(os.path.join(golden_213, "sync")).verify()
+    assert report["ok"] and not report["has_manifest"] and report["records_checked"] > 0

@@ -76,7 +76,11 @@ def test_same_files_as_pytorch_writer(tmp_path):
     sd = state()
     dcp.save(sd, storage_writer=dcpp.torch.FileSystemWriter(tmp_path / "d", thread_count=3))
     dcp.save(sd, storage_writer=dcp.FileSystemWriter(tmp_path / "t", thread_count=3))
-    assert sorted(os.listdir(tmp_path / "d")) == sorted(os.listdir(tmp_path / "t"))
+    # The same files, and dcpp's checksum manifest beside them (PyTorch ignores it).
+    ours = sorted(os.listdir(tmp_path / "d"))
+    manifests = [n for n in ours if n.startswith(".metadata.") and n.endswith(".manifest")]
+    assert len(manifests) == 1
+    assert [n for n in ours if n not in manifests] == sorted(os.listdir(tmp_path / "t"))
     md_d = dcp.FileSystemReader(tmp_path / "d").read_metadata()
     md_t = dcp.FileSystemReader(tmp_path / "t").read_metadata()
     assert md_d.state_dict_metadata == md_t.state_dict_metadata
@@ -109,7 +113,7 @@ def test_numpy_reads_equal_torch(tmp_path):
         assert ckpt["step"] == 9 and ckpt["sched.milestones"] == [1, 2, 3]
         box = ckpt.read("model.w", (5, 2), (10, 3))
         assert np.array_equal(box, sd["model"]["w"][5:15, 2:5].numpy())
-        assert ckpt.verify() > 0
+        assert ckpt.verify()["items"] > 0
 
 
 def test_torch_loads_what_numpy_saved(tmp_path):
@@ -139,6 +143,57 @@ def test_errors_carry_dcpp_message(tmp_path):
     assert isinstance(cause, dcpp.DataLossError) and "__0_0.distcp" in str(cause)
     with pytest.raises(dcpp.NotFoundError):
         dcpp.torch.FileSystemReader(tmp_path / "none").read_metadata()
+
+
+def flip_payload_byte(directory):
+    """Flips one byte in the middle of the largest data file (inside a tensor's payload)."""
+    name = max((n for n in os.listdir(directory) if n.endswith(".distcp")),
+               key=lambda n: os.path.getsize(os.path.join(directory, n)))
+    path = os.path.join(directory, name)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x01
+    open(path, "wb").write(bytes(data))
+
+
+def test_dcpp_torch_writer_writes_a_manifest_that_loads_verify(tmp_path):
+    sd = {"w": torch.randn(256, 1024), "step": 3}  # 1 MiB: several checksum segments
+    dcp.save(sd, storage_writer=dcpp.torch.FileSystemWriter(tmp_path / "c", thread_count=2))
+    names = os.listdir(tmp_path / "c")
+    assert sum(n.startswith(".metadata.") and n.endswith(".manifest") for n in names) == 1
+    report = dcpp.open(tmp_path / "c").verify()
+    assert report["ok"] and report["has_manifest"] and report["segments_checked"] >= 4
+    # A second save over it (PyTorch's layout rewrites files in place) keeps one manifest.
+    dcp.save(sd, storage_writer=dcpp.torch.FileSystemWriter(tmp_path / "c", thread_count=2))
+    names = os.listdir(tmp_path / "c")
+    assert sum(n.endswith(".manifest") for n in names) == 1
+    assert dcpp.open(tmp_path / "c").verify()["has_manifest"]
+    # PyTorch's own reader ignores the manifest.
+    out = {"w": torch.zeros(256, 1024), "step": 0}
+    dcp.load(out, storage_reader=dcp.FileSystemReader(tmp_path / "c"))
+    assert torch.equal(out["w"], sd["w"]) and out["step"] == 3
+    # A flipped payload byte: dcpp's reader refuses it, verify names it; verify=False salvages.
+    flip_payload_byte(tmp_path / "c")
+    with pytest.raises(CheckpointException, match="checksum mismatch"):
+        dcp.load({"w": torch.zeros(256, 1024)},
+                 storage_reader=dcpp.torch.FileSystemReader(tmp_path / "c"))
+    with pytest.raises(dcpp.DataLossError, match=r'BAD "w@\[0, 0\]" in "__0_\d.distcp" at offset'):
+        dcpp.open(tmp_path / "c").verify()
+    out = {"w": torch.zeros(256, 1024)}
+    dcp.load(out, storage_reader=dcpp.torch.FileSystemReader(tmp_path / "c", verify=False))
+    assert not torch.equal(out["w"], sd["w"])
+
+
+def test_pytorch_written_checkpoint_checks_crcs(tmp_path):
+    sd = {"w": torch.randn(512, 1024)}  # 2 MiB: its record is checked when read whole
+    dcp.save(sd, storage_writer=dcp.FileSystemWriter(tmp_path / "t"))
+    report = dcpp.open(tmp_path / "t").verify()
+    assert report["ok"] and not report["has_manifest"] and report["records_checked"] > 0
+    flip_payload_byte(tmp_path / "t")
+    with pytest.raises(CheckpointException, match="CRC-32 mismatch"):
+        dcp.load({"w": torch.zeros(512, 1024)},
+                 storage_reader=dcpp.torch.FileSystemReader(tmp_path / "t"))
+    with pytest.raises(dcpp.DataLossError, match="no manifest"):
+        dcpp.open(tmp_path / "t").verify()
 
 
 def run_ranks(tmp_path, world, wkind, rkind):

@@ -170,7 +170,10 @@ TEST(StepsFaultTest, EveryStepFailedOnEveryRankFailsEveryRankAlike) {
     for (const auto& s : clean) ASSERT_TRUE(s.ok()) << s.ToString();
     ASSERT_GE(recorder.order().size(), static_cast<size_t>(kWorld * 4));
 
-    for (const auto& [point, rank] : recorder.order()) {
+    for (const auto& step : recorder.order()) {
+      // Named copies: clang before 16 cannot capture structured bindings in the hook below.
+      const std::string point = step.first;
+      const int rank = step.second;
       const std::string what = sc.name + " " + point + " on rank " + std::to_string(rank);
       SCOPED_TRACE(what);
       points.insert(point);

@@ -7,6 +7,7 @@
 #include "dcpp/metadata.h"
 
 #include <algorithm>
+#include <map>
 #include <set>
 
 #include "codec/pickle.h"
@@ -554,16 +555,42 @@ Status ValidateMetadata(const Metadata& md, std::string_view what) {
     }
   }
   if (md.planner_data) {
-    // A list index cannot exceed the number of entries: each element needs one.
-    const int64_t entries = static_cast<int64_t>(md.state_dict_metadata.size());
+    // Loading into an empty state dict rebuilds every list up to its largest index, filling the
+    // places of elements that left no entry (empty dicts, which flattening drops) with None. The
+    // entries bound the elements present; the holes are bounded in all, so a hostile index
+    // cannot make the load allocate without limit, while real gaps still load.
+    constexpr uint64_t kMaxListHoles = uint64_t{1} << 20;
+    struct List {
+      int64_t largest = -1;
+      std::set<int64_t> present;
+    };
+    std::map<std::string, List> lists;  // by the encoded path of the list
     for (const auto& [fqn, path] : *md.planner_data) {
+      std::string prefix;
       for (const auto& part : path) {
-        const int64_t* i = std::get_if<int64_t>(&part);
-        if (i && (*i < 0 || *i >= entries)) {
-          return DataLossError(std::string(what) + ": planner data of \"" + fqn +
-                               "\" has list index " + std::to_string(*i) + " with only " +
-                               std::to_string(entries) + " entries");
+        if (const int64_t* i = std::get_if<int64_t>(&part)) {
+          if (*i < 0) {
+            return DataLossError(std::string(what) + ": planner data of \"" + fqn +
+                                 "\" has list index " + std::to_string(*i));
+          }
+          List& l = lists[prefix];
+          l.largest = std::max(l.largest, *i);
+          l.present.insert(*i);
+          prefix += 'i' + std::to_string(*i) + '/';
+        } else {
+          const std::string& key = std::get<std::string>(part);
+          prefix += 's' + std::to_string(key.size()) + ':' + key + '/';
         }
+      }
+    }
+    uint64_t holes = 0;
+    for (const auto& [prefix, l] : lists) {
+      holes += static_cast<uint64_t>(l.largest) + 1 - l.present.size();
+      if (holes > kMaxListHoles) {
+        return DataLossError(std::string(what) + ": planner data has lists with more than " +
+                             std::to_string(kMaxListHoles) + " missing elements (list index " +
+                             std::to_string(l.largest) + " with " +
+                             std::to_string(l.present.size()) + " elements present)");
       }
     }
   }

@@ -59,11 +59,27 @@ TEST(MetadataHostileTest, AChunkCannotHoldMoreBytesThanItsBlob) {
   EXPECT_TRUE(RoundTrip(OneTensor({4, 4}, {{0, 0}, {4, 4}}, 64 + 700)).ok());
 }
 
-TEST(MetadataHostileTest, PlannerDataListIndexIsBoundedByTheEntries) {
+TEST(MetadataHostileTest, PlannerDataListHolesAreBounded) {
   Metadata md = OneTensor({4}, {{0}, {4}}, 1000);
   md.planner_data = std::map<std::string, ObjectPath>{{"w", {"layers", int64_t{1} << 40}}};
   EXPECT_THAT(RoundTrip(md), StatusIs(StatusCode::kDataLoss, HasSubstr("list index")));
+  md.planner_data = std::map<std::string, ObjectPath>{{"w", {"layers", int64_t{-1}}}};
+  EXPECT_THAT(RoundTrip(md), StatusIs(StatusCode::kDataLoss, HasSubstr("list index -1")));
   md.planner_data = std::map<std::string, ObjectPath>{{"w", {"layers", int64_t{0}}}};
+  EXPECT_TRUE(RoundTrip(md).ok());
+  // Empty dicts leave no entry, so a real list index may exceed the number of entries: a
+  // layer list whose first modules hold nothing, saved by PyTorch as ('layers', 3, 'w').
+  md.planner_data = std::map<std::string, ObjectPath>{{"w", {"layers", int64_t{3}, "w"}}};
+  EXPECT_TRUE(RoundTrip(md).ok());
+  // The holes of all lists together are bounded: two lists with 2^19 + 1 holes each are not.
+  md = OneTensor({4}, {{0}, {4}}, 1000);
+  md.state_dict_metadata["v"] = BytesStorageMetadata{};
+  md.storage_data[MetadataIndex{"v", std::nullopt, std::nullopt}] =
+      StorageInfo{"__0_0.distcp", 0, 10, {}};
+  const int64_t half = (int64_t{1} << 19) + 1;
+  md.planner_data = std::map<std::string, ObjectPath>{{"w", {"a", half}}, {"v", {"b", half}}};
+  EXPECT_THAT(RoundTrip(md), StatusIs(StatusCode::kDataLoss, HasSubstr("missing elements")));
+  md.planner_data = std::map<std::string, ObjectPath>{{"w", {"a", half}}, {"v", {"a", int64_t{0}}}};
   EXPECT_TRUE(RoundTrip(md).ok());
 }
 

@@ -10,6 +10,17 @@
 #include <cstring>
 
 namespace dcpp::internal {
+
+// ISA-L's folding CRC (PCLMUL/AVX-512) runs 4x zlib's on the development machine; the two give
+// the same values (both the reflected IEEE polynomial, chained the same way).
+uint32_t Crc32(uint32_t crc, const void* data, size_t n) {
+#ifdef DCPP_HAVE_ISAL
+  return ::crc32_gzip_refl(crc, static_cast<const unsigned char*>(data), n);
+#else
+  return static_cast<uint32_t>(::crc32_z(crc, static_cast<const Bytef*>(data), n));
+#endif
+}
+
 namespace {
 
 void Put16(std::string& out, uint16_t v) {
@@ -35,16 +46,6 @@ uint64_t Get64(const char* p) {
   uint64_t v = 0;
   for (int i = 7; i >= 0; --i) v = (v << 8) | static_cast<uint8_t>(p[i]);
   return v;
-}
-
-// ISA-L's folding CRC (PCLMUL/AVX-512) runs 4x zlib's on the development machine; the two give
-// the same values (both the reflected IEEE polynomial, chained the same way).
-uint32_t Crc32(uint32_t crc, const void* data, size_t n) {
-#ifdef DCPP_HAVE_ISAL
-  return ::crc32_gzip_refl(crc, static_cast<const unsigned char*>(data), n);
-#else
-  return static_cast<uint32_t>(::crc32_z(crc, static_cast<const Bytef*>(data), n));
-#endif
 }
 
 // a + b <= limit, without overflow.

@@ -110,6 +110,9 @@ class ZipWriter {
   bool finished_ = false;
 };
 
+// CRC-32 (zip's reflected IEEE polynomial) of n bytes, continuing from `crc` (0 to start).
+uint32_t Crc32(uint32_t crc, const void* data, size_t n);
+
 // Reads [offset, offset+size) of `source` in pieces and compares its CRC-32 with `crc`;
 // DataLoss naming the source and `entry_name` on mismatch.
 Status VerifyZipCrc(const ByteSource& source, const std::string& entry_name, uint64_t offset,

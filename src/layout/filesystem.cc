@@ -14,21 +14,27 @@
 //      the Metadata, which is encoded and written to `.metadata.tmp`, fsync'ed, renamed to
 //      `.metadata`, and the directory fsync'ed. The rename is the commit point: before it the
 //      previous checkpoint (if any) is intact; after it the new one is complete and durable.
+//      Before the metadata, the manifest of every blob's xxHash3 checksums (computed while
+//      writing, carried in the WriteResults) is written atomically under a name derived from the
+//      metadata's bytes (layout/manifest.h), so it pairs with exactly that metadata.
 //   5. CleanUp (coordinator): the replaced checkpoint's data files that the new metadata does
-//      not reference are removed. (Files of a save that failed before its commit are left; they
-//      are never referenced and are overwritten or removed by a later save.)
+//      not reference are removed, and its manifest. (Files of a save that failed before its commit
+//      are left; they are never referenced and are overwritten or removed by a later save.)
 // A load reads `.metadata` (or `__{rank}.metadata` in rank-local mode), then reads for each
 // item only its byte range, decoding the torch.save archive in place.
 #include <algorithm>
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <random>
 
 #include "codec/stream_transform.h"
 #include "codec/torch_save.h"
+#include "codec/zip.h"
 #include "core/thread_pool.h"
 #include "dcpp/layout.h"
 #include "dcpp/storage.h"
+#include "layout/manifest.h"
 #include "planner/plan_wire.h"
 
 namespace dcpp {
@@ -152,6 +158,9 @@ std::string EncodeWriteResults(const std::vector<WriteResult>& results) {
     w.U64(static_cast<uint64_t>(r.storage_data.length));
     w.U64(r.storage_data.transform_descriptors.size());
     for (const auto& d : r.storage_data.transform_descriptors) w.Str(d);
+    w.U64(r.checksum_segment_bytes);
+    w.U64(r.checksums.size());
+    for (uint64_t h : r.checksums) w.U64(h);
   }
   return w.Release();
 }
@@ -159,8 +168,11 @@ std::string EncodeWriteResults(const std::vector<WriteResult>& results) {
 Result<std::vector<WriteResult>> DecodeWriteResults(std::string_view bytes) {
   internal::WireReader r(bytes, "write results");
   DCPP_ASSIGN_OR_RETURN(uint64_t count, r.Count());
-  std::vector<WriteResult> out(count);
-  for (auto& w : out) {
+  // Grown as results decode: a count is only bounded by the bytes left, and a WriteResult
+  // takes far more memory than a byte.
+  std::vector<WriteResult> out;
+  for (uint64_t i = 0; i < count; ++i) {
+    WriteResult& w = out.emplace_back();
     DCPP_RETURN_IF_ERROR(internal::GetIndex(r, &w.index));
     DCPP_ASSIGN_OR_RETURN(uint64_t size, r.U64());
     w.size_in_bytes = static_cast<int64_t>(size);
@@ -173,6 +185,12 @@ Result<std::vector<WriteResult>> DecodeWriteResults(std::string_view bytes) {
     w.storage_data.transform_descriptors.resize(nd);
     for (auto& d : w.storage_data.transform_descriptors) {
       DCPP_ASSIGN_OR_RETURN(d, r.Str());
+    }
+    DCPP_ASSIGN_OR_RETURN(w.checksum_segment_bytes, r.U64());
+    DCPP_ASSIGN_OR_RETURN(uint64_t nh, r.Count());
+    w.checksums.resize(nh);
+    for (auto& h : w.checksums) {
+      DCPP_ASSIGN_OR_RETURN(h, r.U64());
     }
   }
   if (!r.done()) return r.Malformed();
@@ -206,6 +224,7 @@ Status FileSystemWriter::SetUp(bool is_coordinator, int rank, bool use_collectiv
   save_tag_.clear();
   if (other && !exists) save_tag_ = RandomHex(8);
   replaced_.clear();
+  replaced_manifest_.clear();
   if (exists) {
     if (!options_.overwrite && (is_coordinator || !use_collectives)) {
       return FailedPreconditionError("checkpoint \"" + checkpoint_id_ +
@@ -217,6 +236,9 @@ Status FileSystemWriter::SetUp(bool is_coordinator, int rank, bool use_collectiv
     if (is_coordinator || !use_collectives) {
       auto old = store_->ReadAll(marker);
       auto md = old.ok() ? ParseMetadata(*old) : Result<Metadata>(old.status());
+      if (old.ok())
+        replaced_manifest_ =
+            internal::ManifestKey(marker, internal::Xxh3(old->data(), old->size()));
       if (md.ok()) {
         for (const auto& [idx, info] : md->storage_data) replaced_.push_back(info.relative_path);
       }
@@ -257,7 +279,8 @@ Result<std::vector<WriteResult>> FileSystemWriter::WriteData(const SavePlan& pla
   auto write_bucket = [&](size_t b) -> Status {
     const std::string name = plan.storage_prefix + std::to_string(b) + tag + kSuffix;
     DCPP_ASSIGN_OR_RETURN(std::unique_ptr<WritableFile> file, store_->OpenWrite(name));
-    WritableFile& sink = *file;  // torch.save archives stream straight into the file
+    // torch.save archives stream straight into the file, hashed on the way for the manifest.
+    internal::HashingSink sink(*file);
     // Bytes items first, then tensors, each in plan order.
     std::vector<size_t> order;
     for (size_t i : buckets[b].items) {
@@ -269,6 +292,7 @@ Result<std::vector<WriteResult>> FileSystemWriter::WriteData(const SavePlan& pla
     for (size_t i : order) {
       const WriteItem& item = plan.items[i];
       const uint64_t offset = sink.position();
+      sink.BeginBlob();
       Status s;
       if (options_.zstd_level > 0) {
         // Encode in memory, then write one zstd frame.
@@ -299,7 +323,8 @@ Result<std::vector<WriteResult>> FileSystemWriter::WriteData(const SavePlan& pla
       if (options_.zstd_level > 0) {
         info.transform_descriptors = {std::string(internal::kZstdDescriptor)};
       }
-      results[b].push_back({item.index, length, std::move(info)});
+      results[b].push_back(
+          {item.index, length, std::move(info), sink.EndBlob(), internal::kManifestSegmentBytes});
     }
     if (options_.sync_files) {
       DCPP_RETURN_IF_ERROR(file->Sync().WithContext("syncing \"" + name + "\""));
@@ -328,6 +353,36 @@ Status FileSystemWriter::Finish(Metadata& metadata,
   DCPP_RETURN_IF_ERROR(ValidateMetadata(metadata, "metadata of \"" + checkpoint_id_ + "\""));
   DCPP_ASSIGN_OR_RETURN(std::string bytes, EncodeMetadata(metadata, options_.metadata));
   const std::string name = use_collectives_ ? kMetadataFileName : RankMetadataName(rank_);
+  // The manifest first, named after the metadata's bytes: until the metadata's rename nothing
+  // names it, and a crash in between leaves the previous checkpoint with its own manifest.
+  manifest_.clear();
+  internal::Manifest manifest;
+  size_t blob_count = 0, hash_count = 0;
+  for (const auto& rank_results : results) {
+    blob_count += rank_results.size();
+    for (const auto& r : rank_results) hash_count += r.checksums.size();
+  }
+  manifest.blobs.reserve(blob_count);
+  manifest.hashes.reserve(hash_count);
+  bool complete = true;
+  for (const auto& rank_results : results) {
+    for (const auto& r : rank_results) {
+      if (r.checksums.empty() || r.checksum_segment_bytes != manifest.segment_bytes) {
+        complete = false;  // a writer that kept no checksums: no manifest rather than a partial one
+        continue;
+      }
+      manifest.Add(r.storage_data.relative_path, static_cast<uint64_t>(r.storage_data.offset),
+                   static_cast<uint64_t>(r.storage_data.length), r.checksums);
+    }
+  }
+  if (complete) {
+    manifest.metadata_hash = internal::Xxh3(bytes.data(), bytes.size());
+    DCPP_ASSIGN_OR_RETURN(std::string encoded, internal::EncodeManifest(std::move(manifest)));
+    const std::string key = internal::ManifestKey(name, internal::Xxh3(bytes.data(), bytes.size()));
+    DCPP_RETURN_IF_ERROR(
+        store_->WriteAtomic(key, encoded).WithContext("writing the manifest \"" + key + "\""));
+    manifest_ = key;
+  }
   DCPP_RETURN_IF_ERROR(store_->WriteAtomic(name, bytes).WithContext("committing \"" + name + "\""));
   referenced_.clear();
   for (const auto& [idx, info] : metadata.storage_data) referenced_.push_back(info.relative_path);
@@ -344,6 +399,11 @@ Status FileSystemWriter::CleanUp() {
     if (!s.ok() && s.code() != StatusCode::kNotFound) return s;
   }
   replaced_.clear();
+  if (!replaced_manifest_.empty() && replaced_manifest_ != manifest_) {
+    Status s = store_->Remove(replaced_manifest_);
+    if (!s.ok() && s.code() != StatusCode::kNotFound) return s;
+  }
+  replaced_manifest_.clear();
   return Status::Ok();
 }
 
@@ -364,7 +424,13 @@ FileSystemReader::FileSystemReader(Store* store, std::string checkpoint_id,
 FileSystemReader::~FileSystemReader() = default;
 
 Result<Metadata> FileSystemReader::ReadMetadata(int rank) {
-  if (rank < 0) return ReadMetadataFile(-1);
+  manifests_.clear();
+  manifest_complete_ = false;
+  if (rank < 0) {
+    auto md = ReadMetadataFile(-1);
+    manifest_complete_ = md.ok() && !manifests_.empty();
+    return md;
+  }
   // Saved without collectives: one `__{r}.metadata` per saving rank (numbered densely from 0),
   // each describing that rank's items. Their union is the checkpoint whatever world size loads
   // it; this rank's own file comes first, so where files disagree (a rank whose save failed kept
@@ -403,7 +469,27 @@ Result<Metadata> FileSystemReader::ReadMetadataFile(int rank) {
       (*file)->ReadAt(0, bytes.data(), bytes.size()).WithContext("reading " + where));
   auto md = ParseMetadata(bytes);
   if (!md.ok()) return md.status().WithContext("parsing " + where);
+  if (options_.verify) DCPP_RETURN_IF_ERROR(ReadManifest(name, bytes));
   return md;
+}
+
+Status FileSystemReader::ReadManifest(const std::string& name, std::string_view bytes) {
+  const uint64_t hash = internal::Xxh3(bytes.data(), bytes.size());
+  const std::string key = internal::ManifestKey(name, hash);
+  auto data = store_->ReadAll(key);
+  if (!data.ok()) {
+    // No manifest for this metadata: written by PyTorch (or a crash removed nothing of ours).
+    if (data.status().code() == StatusCode::kNotFound) return Status::Ok();
+    return data.status().WithContext("reading the manifest \"" + store_->Describe(key) + "\"");
+  }
+  auto m = internal::DecodeManifest(*data, store_->Describe(key));
+  if (!m.ok()) return m.status();
+  if (m->metadata_hash != hash) {
+    return DataLossError(store_->Describe(key) + ": manifest belongs to other metadata than \"" +
+                         name + "\"");
+  }
+  manifests_.push_back(std::make_shared<const internal::Manifest>(*std::move(m)));
+  return Status::Ok();
 }
 
 Status FileSystemReader::SetUp(const Metadata& metadata, bool /*is_coordinator*/, int rank) {
@@ -457,10 +543,39 @@ Status FileSystemReader::ReadData(const LoadPlan& plan, LoadPlanner& planner) {
                              std::to_string(file->size()) + " bytes)");
       }
       SubSource raw(*file, static_cast<uint64_t>(info.offset), static_cast<uint64_t>(info.length));
+      // The blob's checksums, when the checkpoint has a manifest.
+      const internal::Manifest* manifest = nullptr;
+      const internal::ManifestBlob* sums = nullptr;
+      if (options_.verify) {
+        for (const auto& m : manifests_) {
+          sums =
+              m->Find(name, static_cast<uint64_t>(info.offset), static_cast<uint64_t>(info.length));
+          if (sums) {
+            manifest = m.get();
+            break;
+          }
+        }
+        if (!sums && manifest_complete_) {
+          return DataLossError("reading " + what +
+                               ": the checkpoint's manifest has no checksum "
+                               "for its bytes at offset " +
+                               std::to_string(info.offset));
+        }
+      }
+      std::optional<internal::VerifiedBlobSource> verified;
+      std::optional<internal::CrcCheckingSource> crc_checked;
       // Transforms were applied in order when writing: undo them last to first.
       std::string decoded;
       std::unique_ptr<MemorySource> decoded_src;
       const ByteSource* src = &raw;
+      if (sums && !small(info)) {
+        verified.emplace(raw, manifest->HashesOf(*sums), sums->hash_count, manifest->segment_bytes,
+                         static_cast<uint64_t>(info.offset), store_->Describe(name));
+        src = &*verified;
+      } else if (options_.verify && !sums && info.transform_descriptors.empty()) {
+        crc_checked.emplace(raw);
+        src = &*crc_checked;
+      }
       if (small(info)) {
         const uint64_t begin = static_cast<uint64_t>(info.offset);
         const uint64_t end = begin + static_cast<uint64_t>(info.length);
@@ -484,8 +599,15 @@ Status FileSystemReader::ReadData(const LoadPlan& plan, LoadPlanner& planner) {
           // The next window is fetched while this one is parsed.
           file->Prefetch(stop, kWindowBytes);
         }
-        decoded_src = std::make_unique<MemorySource>(
-            std::string_view(window).substr(begin - window_start, info.length), name);
+        const std::string_view bytes =
+            std::string_view(window).substr(begin - window_start, info.length);
+        if (sums) {
+          DCPP_RETURN_IF_ERROR(internal::VerifyBlobBytes(bytes, manifest->HashesOf(*sums),
+                                                         sums->hash_count, manifest->segment_bytes,
+                                                         begin, store_->Describe(name))
+                                   .WithContext("reading " + what));
+        }
+        decoded_src = std::make_unique<MemorySource>(bytes, name);
         src = decoded_src.get();
       }
       const uint64_t cap = DecodedSizeCap(*metadata_, *blob.items.front(), raw.size());
@@ -500,8 +622,20 @@ Status FileSystemReader::ReadData(const LoadPlan& plan, LoadPlanner& planner) {
       }
       auto archive = TorchSaveArchive::Open(*src);
       if (!archive.ok()) return archive.status().WithContext("reading " + what);
-      if (options_.verify_checksums) {
-        DCPP_RETURN_IF_ERROR(archive->VerifyChecksums().WithContext("reading " + what));
+      if (options_.verify && !sums) {
+        // No manifest: zip CRCs. Records in memory, and small ones, are checked now; a large
+        // (tensor) record when a read covers it whole, from the bytes read.
+        constexpr uint64_t kCheckNow = 1 << 20;
+        for (const auto& [rname, rec] : archive->records()) {
+          if (crc_checked && rec.size > kCheckNow) {
+            crc_checked->AddRecord(archive->prefix() + "/" + rname, rec.data_offset, rec.size,
+                                   rec.crc32);
+            continue;
+          }
+          DCPP_RETURN_IF_ERROR(internal::VerifyZipCrc(*src, archive->prefix() + "/" + rname,
+                                                      rec.data_offset, rec.size, rec.crc32)
+                                   .WithContext("reading " + what));
+        }
       }
       if (blob.items.front()->type == LoadItemType::kByteIO) {
         auto value = archive->ReadValue();

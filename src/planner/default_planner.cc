@@ -445,10 +445,18 @@ Status ValidateGlobalPlan(const Metadata& metadata, bool require_full_coverage) 
   for (const auto& [fqn, m] : metadata.state_dict_metadata) {
     const auto* t = std::get_if<TensorStorageMetadata>(&m);
     if (!t) continue;
+    // Sizes that overflow, negative extents and mismatched ranks would make the sums below
+    // meaningless; load refuses such metadata, so save must not commit it.
+    if (auto bytes = CheckedNumBytes(t->properties.dtype, t->size); !bytes.ok()) {
+      return InvalidArgumentError("\"" + fqn + "\": " + std::string(bytes.status().message()));
+    }
     const ChunkBox whole = WholeBox(t->size);
-    int64_t volume = 0;
+    __int128 volume = 0;  // overlapping chunks (found below) may sum past int64
     for (const auto& c : t->chunks) {
-      if (c.dim() != whole.dim() || !Contains(whole, c)) {
+      const bool negative =
+          std::any_of(c.sizes.begin(), c.sizes.end(), [](int64_t x) { return x < 0; });
+      if (c.dim() != whole.dim() || c.offsets.size() != c.sizes.size() || negative ||
+          !Contains(whole, c)) {
         return InvalidArgumentError("chunk " + c.ToString() + " of \"" + fqn +
                                     "\" is outside its tensor of size " + ShapeToString(t->size));
       }
@@ -458,7 +466,7 @@ Status ValidateGlobalPlan(const Metadata& metadata, bool require_full_coverage) 
     DCPP_RETURN_IF_ERROR(CheckNoOverlap(fqn, t->chunks));
     if (require_full_coverage && volume != whole.numel()) {
       return InvalidArgumentError("the saved chunks of \"" + fqn + "\" cover " +
-                                  std::to_string(volume) + " of its " +
+                                  std::to_string(static_cast<int64_t>(volume)) + " of its " +
                                   std::to_string(whole.numel()) + " elements");
     }
   }
@@ -591,6 +599,10 @@ Result<std::pair<std::vector<SavePlan>, Metadata>> DefaultSavePlanner::CreateGlo
   DCPP_ASSIGN_OR_RETURN(Metadata md, GlobalPlanWithKeys(plans, keys));
   if (options_.flatten_state_dict) md.planner_data = MergeMappings(plans);
   DCPP_RETURN_IF_ERROR(ValidateGlobalPlan(md, options_.require_full_coverage));
+  // What load would refuse (planner data among it) is refused now, before any byte is written.
+  if (Status s = ValidateMetadata(md, "global plan"); !s.ok()) {
+    return InvalidArgumentError(std::string(s.message()));
+  }
   auto global = std::make_pair(std::move(plans), std::move(md));
   if (fingerprint) cache_ = internal::PlanCache::Make(*fingerprint, std::move(kept), global);
   return global;
@@ -666,13 +678,31 @@ std::string EncodeSavePlan(const SavePlan& plan) {
   return w.Release();
 }
 
+namespace {
+
+// One rank per shape, sizes and offsets non-negative, the tensor's byte size within int64, and
+// the chunk inside the tensor (so its byte size fits too).
+bool ValidItemGeometry(const TensorWriteData& td) {
+  const size_t dims = td.size.size();
+  if (td.chunk.offsets.size() != dims || td.chunk.sizes.size() != dims) return false;
+  for (size_t d = 0; d < dims; ++d) {
+    if (td.chunk.offsets[d] < 0 || td.chunk.sizes[d] < 0) return false;
+  }
+  return CheckedNumBytes(td.properties.dtype, td.size).ok() &&
+         Contains(WholeBox(td.size), td.chunk);
+}
+
+}  // namespace
+
 Result<SavePlan> DecodeSavePlan(std::string_view bytes) {
   internal::WireReader r(bytes, "save plan");
   SavePlan plan;
   DCPP_ASSIGN_OR_RETURN(plan.storage_prefix, r.Str());
   DCPP_ASSIGN_OR_RETURN(uint64_t n, r.Count());
-  plan.items.resize(n);
-  for (auto& item : plan.items) {
+  // Grown as items decode: a count is only bounded by the bytes left, and a WriteItem takes far
+  // more memory than a byte.
+  for (uint64_t i = 0; i < n; ++i) {
+    WriteItem& item = plan.items.emplace_back();
     DCPP_RETURN_IF_ERROR(internal::GetIndex(r, &item.index));
     DCPP_ASSIGN_OR_RETURN(uint64_t type, r.U64());
     if (type < 1 || type > 3) return r.Malformed();
@@ -690,6 +720,9 @@ Result<SavePlan> DecodeSavePlan(std::string_view bytes) {
       td.properties.requires_grad = props & 0x100;
       td.properties.pin_memory = props & 0x200;
       td.properties.memory_format = static_cast<MemoryFormat>((props >> 16) & 0xff);
+      // The coordinator sums and sorts by these sizes: geometry that does not hold together is
+      // refused here, before any arithmetic on it.
+      if (!ValidItemGeometry(td)) return r.Malformed();
       item.tensor_data = std::move(td);
     }
   }

@@ -11,6 +11,7 @@ void RegisterCommands(CLI::App& app) {
   RegisterDiff(app);
   RegisterConsolidate(app);
   RegisterBench(app);
+  RegisterVerify(app);
 }
 int ExitCode() { return g_exit_code; }
 void SetExitCode(int code) { g_exit_code = code; }

@@ -14,6 +14,7 @@ void RegisterConvert(CLI::App& app);
 void RegisterDiff(CLI::App& app);
 void RegisterConsolidate(CLI::App& app);
 void RegisterBench(CLI::App& app);
+void RegisterVerify(CLI::App& app);
 
 // `dcpp inspect` of a DCP directory; returns the exit code.
 int InspectDcp(const std::string& path, bool json);

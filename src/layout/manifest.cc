@@ -1,0 +1,459 @@
+// Manifest bytes (docs/format.md, "Checksum manifest"), all integers little-endian:
+//
+//   magic "DCPPMANI" | u32 version (1) | u32 hash kind (1 = XXH3-64, seed 0)
+//   | u64 segment bytes | u64 xxh3 of the metadata file
+//   | varint file count, then per file: varint name length, name,
+//       varint blob count, then per blob (by offset): varint gap (offset - end of the previous
+//       blob of the file, 0 for the first at offset 0), varint length, u64 x SegmentCount hashes
+//   | u64 xxh3 of every byte before it
+#include "layout/manifest.h"
+
+#include <xxhash.h>
+
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+
+#include "codec/zip.h"
+
+namespace dcpp::internal {
+
+namespace {
+
+constexpr char kMagic[8] = {'D', 'C', 'P', 'P', 'M', 'A', 'N', 'I'};
+constexpr size_t kHeaderBytes = 8 + 4 + 4 + 8 + 8;
+constexpr const char* kSuffix = ".manifest";
+
+void PutU32(std::string& out, uint32_t v) {
+  for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>(v >> (8 * i)));
+}
+void PutU64(std::string& out, uint64_t v) {
+  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>(v >> (8 * i)));
+}
+void PutVarint(std::string& out, uint64_t v) {
+  while (v >= 0x80) {
+    out.push_back(static_cast<char>((v & 0x7f) | 0x80));
+    v >>= 7;
+  }
+  out.push_back(static_cast<char>(v));
+}
+uint64_t GetU64(const char* p) {
+  uint64_t v = 0;
+  for (int i = 7; i >= 0; --i) v = (v << 8) | static_cast<uint8_t>(p[i]);
+  return v;
+}
+uint32_t GetU32(const char* p) {
+  uint32_t v = 0;
+  for (int i = 3; i >= 0; --i) v = (v << 8) | static_cast<uint8_t>(p[i]);
+  return v;
+}
+
+class Reader {
+ public:
+  Reader(std::string_view b, const std::string& what) : b_(b), what_(what) {}
+  Status Bad(const std::string& why) const {
+    return DataLossError(what_ + ": malformed manifest: " + why + " (at byte " +
+                         std::to_string(pos_) + ")");
+  }
+  size_t left() const { return b_.size() - pos_; }
+  Result<uint64_t> Varint() {
+    uint64_t v = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+      if (pos_ >= b_.size()) return Bad("truncated");
+      const uint8_t c = static_cast<uint8_t>(b_[pos_++]);
+      if (shift == 63 && c > 1) return Bad("varint overflows 64 bits");
+      v |= static_cast<uint64_t>(c & 0x7f) << shift;
+      if (!(c & 0x80)) return v;
+    }
+    return Bad("varint too long");
+  }
+  Result<uint64_t> U64() {
+    if (left() < 8) return Bad("truncated");
+    const uint64_t v = GetU64(b_.data() + pos_);
+    pos_ += 8;
+    return v;
+  }
+  // A count of elements that each take at least `min_bytes`.
+  Result<uint64_t> Count(uint64_t min_bytes, const char* of) {
+    DCPP_ASSIGN_OR_RETURN(uint64_t n, Varint());
+    if (n > left() / min_bytes) {
+      return Bad(std::string(of) + " count " + std::to_string(n) + " exceeds what " +
+                 std::to_string(left()) + " bytes can hold");
+    }
+    return n;
+  }
+  Result<std::string_view> Bytes(uint64_t n) {
+    if (n > left()) return Bad("truncated");
+    std::string_view s = b_.substr(pos_, n);
+    pos_ += n;
+    return s;
+  }
+
+ private:
+  std::string_view b_;
+  const std::string& what_;
+  size_t pos_ = 0;
+};
+
+std::string Hex16(uint64_t v) {
+  static const char* kHex = "0123456789abcdef";
+  std::string s(16, '0');
+  for (int i = 15; i >= 0; --i, v >>= 4) s[i] = kHex[v & 15];
+  return s;
+}
+
+}  // namespace
+
+uint64_t Xxh3(const void* data, size_t n) { return XXH3_64bits(data, n); }
+
+uint64_t SegmentCount(uint64_t length, uint64_t segment_bytes) {
+  if (length == 0) return 1;
+  return length / segment_bytes + (length % segment_bytes != 0);
+}
+
+std::vector<uint64_t> HashSegments(std::string_view bytes, uint64_t segment_bytes) {
+  std::vector<uint64_t> out;
+  const uint64_t n = SegmentCount(bytes.size(), segment_bytes);
+  out.reserve(n);
+  for (uint64_t s = 0; s < n; ++s) {
+    const uint64_t lo = s * segment_bytes;
+    const uint64_t len = std::min<uint64_t>(segment_bytes, bytes.size() - lo);
+    out.push_back(Xxh3(bytes.data() + lo, len));
+  }
+  return out;
+}
+
+std::string ManifestKey(std::string_view metadata_key, uint64_t metadata_hash) {
+  return std::string(metadata_key) + "." + Hex16(metadata_hash) + kSuffix;
+}
+
+bool IsManifestKey(std::string_view key) {
+  const size_t suffix = std::strlen(kSuffix);
+  if (key.size() < 17 + suffix || key.substr(key.size() - suffix) != kSuffix) return false;
+  std::string_view hex = key.substr(key.size() - suffix - 16, 16);
+  if (key[key.size() - suffix - 17] != '.') return false;
+  return std::all_of(hex.begin(), hex.end(),
+                     [](char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'); });
+}
+
+// ------------------------------------------------------------------ Manifest
+
+void Manifest::Add(const std::string& file, uint64_t offset, uint64_t length,
+                   const std::vector<uint64_t>& blob_hashes) {
+  auto [it, fresh] = file_index_.try_emplace(file, static_cast<uint32_t>(files.size()));
+  if (fresh) files.push_back(file);
+  blobs.push_back({it->second, offset, length, hashes.size(), blob_hashes.size()});
+  hashes.insert(hashes.end(), blob_hashes.begin(), blob_hashes.end());
+}
+
+void Manifest::Index() {
+  file_index_.clear();
+  for (size_t i = 0; i < files.size(); ++i) file_index_.emplace(files[i], static_cast<uint32_t>(i));
+}
+
+const ManifestBlob* Manifest::Find(std::string_view file, uint64_t offset, uint64_t length) const {
+  auto f = file_index_.find(std::string(file));
+  if (f == file_index_.end()) return nullptr;
+  const auto key = std::make_tuple(f->second, offset, length);
+  auto it = std::lower_bound(blobs.begin(), blobs.end(), key,
+                             [](const ManifestBlob& b, const decltype(key)& k) {
+                               return std::make_tuple(b.file, b.offset, b.length) < k;
+                             });
+  if (it == blobs.end() || std::make_tuple(it->file, it->offset, it->length) != key) return nullptr;
+  return &*it;
+}
+
+Result<std::string> EncodeManifest(Manifest m) {
+  if (m.segment_bytes < kManifestMinSegmentBytes || m.segment_bytes > kManifestMaxSegmentBytes) {
+    return InvalidArgumentError("manifest segment size " + std::to_string(m.segment_bytes) +
+                                " is outside [4 KiB, 1 GiB]");
+  }
+  // Files by name, blobs by (file name, offset).
+  std::vector<uint32_t> file_order(m.files.size());
+  std::iota(file_order.begin(), file_order.end(), 0);
+  std::sort(file_order.begin(), file_order.end(),
+            [&](uint32_t a, uint32_t b) { return m.files[a] < m.files[b]; });
+  std::vector<uint32_t> rank_of(m.files.size());
+  for (size_t i = 0; i < file_order.size(); ++i) rank_of[file_order[i]] = static_cast<uint32_t>(i);
+  std::vector<size_t> order(m.blobs.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return std::make_tuple(rank_of[m.blobs[a].file], m.blobs[a].offset, m.blobs[a].length) <
+           std::make_tuple(rank_of[m.blobs[b].file], m.blobs[b].offset, m.blobs[b].length);
+  });
+  std::string out(kMagic, sizeof(kMagic));
+  out.reserve(kHeaderBytes + m.hashes.size() * 8 + m.blobs.size() * 6 + 64);
+  PutU32(out, kManifestVersion);
+  PutU32(out, kManifestHashXxh3_64);
+  PutU64(out, m.segment_bytes);
+  PutU64(out, m.metadata_hash);
+  PutVarint(out, m.files.size());
+  size_t next = 0;
+  for (uint32_t f : file_order) {
+    size_t end = next;
+    while (end < order.size() && m.blobs[order[end]].file == f) ++end;
+    PutVarint(out, m.files[f].size());
+    out.append(m.files[f]);
+    PutVarint(out, end - next);
+    uint64_t prev_end = 0;
+    bool prev_empty_here = false;  // an empty blob ended at prev_end: no second one there
+    for (; next < end; ++next) {
+      const ManifestBlob& b = m.blobs[order[next]];
+      if (b.offset < prev_end || (prev_empty_here && b.offset == prev_end && b.length == 0)) {
+        return InvalidArgumentError("manifest: blobs of \"" + m.files[f] + "\" overlap at offset " +
+                                    std::to_string(b.offset));
+      }
+      if (b.hash_count != SegmentCount(b.length, m.segment_bytes) ||
+          b.first_hash + b.hash_count > m.hashes.size()) {
+        return InvalidArgumentError("manifest: blob at offset " + std::to_string(b.offset) +
+                                    " of \"" + m.files[f] + "\" has " +
+                                    std::to_string(b.hash_count) + " hashes for " +
+                                    std::to_string(b.length) + " bytes");
+      }
+      PutVarint(out, b.offset - prev_end);
+      PutVarint(out, b.length);
+      for (uint64_t h = 0; h < b.hash_count; ++h) PutU64(out, m.hashes[b.first_hash + h]);
+      prev_empty_here = b.length == 0;
+      prev_end = b.offset + b.length;
+    }
+  }
+  PutU64(out, Xxh3(out.data(), out.size()));
+  return out;
+}
+
+Result<Manifest> DecodeManifest(std::string_view bytes, const std::string& what) {
+  if (bytes.size() < kHeaderBytes + 8 || std::memcmp(bytes.data(), kMagic, 8) != 0) {
+    return DataLossError(what + ": not a dcpp manifest (bad magic or too short: " +
+                         std::to_string(bytes.size()) + " bytes)");
+  }
+  const uint64_t stored = GetU64(bytes.data() + bytes.size() - 8);
+  const uint64_t actual = Xxh3(bytes.data(), bytes.size() - 8);
+  if (stored != actual) {
+    return DataLossError(what + ": manifest checksum mismatch (stored " + Hex16(stored) +
+                         ", computed " + Hex16(actual) + ")");
+  }
+  const uint32_t version = GetU32(bytes.data() + 8);
+  const uint32_t kind = GetU32(bytes.data() + 12);
+  if (version != kManifestVersion) {
+    return UnimplementedError(what + ": manifest version " + std::to_string(version) +
+                              " (this build reads " + std::to_string(kManifestVersion) + ")");
+  }
+  if (kind != kManifestHashXxh3_64) {
+    return UnimplementedError(what + ": manifest hash kind " + std::to_string(kind));
+  }
+  Manifest m;
+  m.segment_bytes = GetU64(bytes.data() + 16);
+  m.metadata_hash = GetU64(bytes.data() + 24);
+  Reader r(bytes.substr(kHeaderBytes, bytes.size() - kHeaderBytes - 8), what);
+  if (m.segment_bytes < kManifestMinSegmentBytes || m.segment_bytes > kManifestMaxSegmentBytes) {
+    return r.Bad("segment size " + std::to_string(m.segment_bytes));
+  }
+  // A file takes at least 2 bytes (name length, blob count), a blob at least 10.
+  DCPP_ASSIGN_OR_RETURN(uint64_t file_count, r.Count(2, "file"));
+  m.files.reserve(file_count);
+  for (uint64_t f = 0; f < file_count; ++f) {
+    DCPP_ASSIGN_OR_RETURN(uint64_t name_len, r.Varint());
+    DCPP_ASSIGN_OR_RETURN(std::string_view name, r.Bytes(name_len));
+    if (!m.files.empty() && !(m.files.back() < name)) return r.Bad("files out of order");
+    m.files.emplace_back(name);
+    DCPP_ASSIGN_OR_RETURN(uint64_t blob_count, r.Count(10, "blob"));
+    uint64_t prev_end = 0;
+    bool prev_empty = false;
+    for (uint64_t b = 0; b < blob_count; ++b) {
+      DCPP_ASSIGN_OR_RETURN(uint64_t gap, r.Varint());
+      DCPP_ASSIGN_OR_RETURN(uint64_t length, r.Varint());
+      if (prev_empty && gap == 0 && length == 0) return r.Bad("two empty blobs at one offset");
+      prev_empty = length == 0;
+      constexpr uint64_t kMaxOffset = uint64_t{1} << 62;  // offsets are int64 in the metadata
+      if (gap > kMaxOffset - prev_end || length > kMaxOffset - (prev_end + gap)) {
+        return r.Bad("blob offset or length overflows");
+      }
+      const uint64_t n = SegmentCount(length, m.segment_bytes);
+      if (n > r.left() / 8)
+        return r.Bad("blob of " + std::to_string(length) + " bytes: hashes truncated");
+      ManifestBlob blob{static_cast<uint32_t>(f), prev_end + gap, length, m.hashes.size(), n};
+      for (uint64_t h = 0; h < n; ++h) {
+        DCPP_ASSIGN_OR_RETURN(uint64_t v, r.U64());
+        m.hashes.push_back(v);
+      }
+      m.blobs.push_back(blob);
+      prev_end = blob.offset + length;
+    }
+  }
+  if (r.left() != 0) return r.Bad(std::to_string(r.left()) + " trailing bytes");
+  m.Index();
+  return m;
+}
+
+// ------------------------------------------------------------------ HashingSink
+
+HashingSink::HashingSink(ByteSink& base, uint64_t segment_bytes)
+    : base_(base), segment_bytes_(segment_bytes), state_(XXH3_createState()) {
+  XXH3_64bits_reset(static_cast<XXH3_state_t*>(state_));
+}
+
+HashingSink::~HashingSink() { XXH3_freeState(static_cast<XXH3_state_t*>(state_)); }
+
+void HashingSink::BeginBlob() {
+  hashes_.clear();
+  in_segment_ = 0;
+  XXH3_64bits_reset(static_cast<XXH3_state_t*>(state_));
+}
+
+std::vector<uint64_t> HashingSink::EndBlob() {
+  auto* st = static_cast<XXH3_state_t*>(state_);
+  if (in_segment_ > 0 || hashes_.empty()) hashes_.push_back(XXH3_64bits_digest(st));
+  in_segment_ = 0;
+  XXH3_64bits_reset(st);
+  return std::move(hashes_);
+}
+
+void HashingSink::Feed(const char* p, size_t n) {
+  auto* st = static_cast<XXH3_state_t*>(state_);
+  while (n > 0) {
+    if (in_segment_ == 0 && n >= segment_bytes_) {
+      hashes_.push_back(XXH3_64bits(p, segment_bytes_));  // whole segments in one call
+      p += segment_bytes_;
+      n -= segment_bytes_;
+      continue;
+    }
+    const size_t take = static_cast<size_t>(std::min<uint64_t>(n, segment_bytes_ - in_segment_));
+    XXH3_64bits_update(st, p, take);
+    in_segment_ += take;
+    p += take;
+    n -= take;
+    if (in_segment_ == segment_bytes_) {
+      hashes_.push_back(XXH3_64bits_digest(st));
+      XXH3_64bits_reset(st);
+      in_segment_ = 0;
+    }
+  }
+}
+
+Status HashingSink::Write(const void* data, size_t n) {
+  Feed(static_cast<const char*>(data), n);
+  return base_.Write(data, n);
+}
+
+// ------------------------------------------------------------------ verifying reads
+
+namespace {
+
+Status Mismatch(const std::string& what, uint64_t file_offset, uint64_t segment, uint64_t count,
+                uint64_t seg_lo, uint64_t n, uint64_t want, uint64_t got) {
+  return DataLossError(
+      what + ": checksum mismatch in bytes [" + std::to_string(file_offset + seg_lo) + ", +" +
+      std::to_string(n) + ") of the file (segment " + std::to_string(segment) + " of " +
+      std::to_string(count) + " of the blob at offset " + std::to_string(file_offset) +
+      "): the manifest has xxh3 " + Hex16(want) + ", the bytes have " + Hex16(got));
+}
+
+}  // namespace
+
+Status VerifyBlobBytes(std::string_view bytes, const uint64_t* hashes, uint64_t count,
+                       uint64_t segment_bytes, uint64_t file_offset, const std::string& what) {
+  const uint64_t n = SegmentCount(bytes.size(), segment_bytes);
+  if (n != count) {
+    return DataLossError(what + ": the manifest has " + std::to_string(count) +
+                         " hashes for a blob of " + std::to_string(bytes.size()) + " bytes");
+  }
+  for (uint64_t s = 0; s < n; ++s) {
+    const uint64_t lo = s * segment_bytes;
+    const uint64_t len = std::min<uint64_t>(segment_bytes, bytes.size() - lo);
+    const uint64_t h = Xxh3(bytes.data() + lo, len);
+    if (h != hashes[s]) return Mismatch(what, file_offset, s, n, lo, len, hashes[s], h);
+  }
+  return Status::Ok();
+}
+
+VerifiedBlobSource::VerifiedBlobSource(const ByteSource& blob, const uint64_t* hashes,
+                                       uint64_t count, uint64_t segment_bytes, uint64_t file_offset,
+                                       std::string what)
+    : blob_(blob),
+      hashes_(hashes),
+      count_(count),
+      segment_bytes_(segment_bytes),
+      file_offset_(file_offset),
+      what_(std::move(what)) {}
+
+Status VerifiedBlobSource::Check(uint64_t segment, const char* bytes, uint64_t n) const {
+  if (segment >= count_) {
+    return DataLossError(what_ + ": the manifest has " + std::to_string(count_) +
+                         " hashes for a blob of " + std::to_string(blob_.size()) + " bytes");
+  }
+  const uint64_t h = Xxh3(bytes, n);
+  if (h != hashes_[segment]) {
+    return Mismatch(what_, file_offset_, segment, count_, segment * segment_bytes_, n,
+                    hashes_[segment], h);
+  }
+  return Status::Ok();
+}
+
+Status VerifiedBlobSource::ReadPart(uint64_t segment, uint64_t from, uint64_t n, char* dst) const {
+  constexpr size_t kCachedSegments = 4;
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it =
+      std::find_if(cache_.begin(), cache_.end(), [&](const auto& c) { return c.first == segment; });
+  if (it == cache_.end()) {
+    const uint64_t lo = segment * segment_bytes_;
+    const uint64_t len = std::min<uint64_t>(segment_bytes_, blob_.size() - lo);
+    std::string buf(len, '\0');
+    DCPP_RETURN_IF_ERROR(blob_.ReadAt(lo, buf.data(), len));
+    DCPP_RETURN_IF_ERROR(Check(segment, buf.data(), len));
+    if (cache_.size() >= kCachedSegments) cache_.pop_back();
+    cache_.emplace_front(segment, std::move(buf));
+    it = cache_.begin();
+  } else if (it != cache_.begin()) {
+    cache_.splice(cache_.begin(), cache_, it);
+  }
+  std::memcpy(dst, it->second.data() + from, n);
+  return Status::Ok();
+}
+
+Status VerifiedBlobSource::ReadAt(uint64_t offset, void* dst, size_t n) const {
+  if (offset > blob_.size() || n > blob_.size() - offset) return blob_.ReadAt(offset, dst, n);
+  if (n == 0) return Status::Ok();
+  char* out = static_cast<char*>(dst);
+  const uint64_t end = offset + n;
+  uint64_t pos = offset;
+  while (pos < end) {
+    const uint64_t s = pos / segment_bytes_;
+    const uint64_t lo = s * segment_bytes_;
+    const uint64_t hi = std::min<uint64_t>(lo + segment_bytes_, blob_.size());
+    if (pos == lo && end >= hi) {
+      // A run of whole segments: one read into the caller's buffer, hashed there.
+      uint64_t run_end = hi;
+      while (run_end < end && std::min<uint64_t>(run_end + segment_bytes_, blob_.size()) <= end) {
+        run_end = std::min<uint64_t>(run_end + segment_bytes_, blob_.size());
+      }
+      char* p = out + (pos - offset);
+      DCPP_RETURN_IF_ERROR(blob_.ReadAt(pos, p, run_end - pos));
+      for (uint64_t q = pos; q < run_end; q += segment_bytes_) {
+        DCPP_RETURN_IF_ERROR(Check(q / segment_bytes_, p + (q - pos),
+                                   std::min<uint64_t>(segment_bytes_, run_end - q)));
+      }
+      pos = run_end;
+      continue;
+    }
+    const uint64_t take = std::min(end, hi) - pos;
+    DCPP_RETURN_IF_ERROR(ReadPart(s, pos - lo, take, out + (pos - offset)));
+    pos += take;
+  }
+  return Status::Ok();
+}
+
+Status CrcCheckingSource::ReadAt(uint64_t offset, void* dst, size_t n) const {
+  DCPP_RETURN_IF_ERROR(base_.ReadAt(offset, dst, n));
+  for (const Rec& r : records_) {
+    if (r.offset < offset || r.offset - offset > n || r.size > n - (r.offset - offset)) continue;
+    const uint32_t crc = Crc32(0, static_cast<const char*>(dst) + (r.offset - offset), r.size);
+    if (crc != r.crc) {
+      return DataLossError(base_.name() + ": CRC-32 mismatch in record \"" + r.name +
+                           "\" (stored " + std::to_string(r.crc) + ", computed " +
+                           std::to_string(crc) + ")");
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace dcpp::internal

@@ -1,0 +1,233 @@
+#include "layout/manifest.h"
+
+#include <xxhash.h>
+
+#include <cstring>
+#include <random>
+
+#include "testing/testing.h"
+
+namespace dcpp::internal {
+namespace {
+
+using ::dcpp::testing::StatusIs;
+using ::testing::HasSubstr;
+
+constexpr uint64_t kSeg = kManifestMinSegmentBytes;  // small segments: many per test blob
+
+std::string Bytes(size_t n, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::string s(n, '\0');
+  for (auto& c : s) c = static_cast<char>(rng());
+  return s;
+}
+
+Manifest Sample() {
+  Manifest m;
+  m.segment_bytes = kSeg;
+  m.metadata_hash = 0x1234;
+  uint64_t off = 0;
+  for (uint64_t len : {uint64_t{0}, uint64_t{100}, kSeg, kSeg + 1, 5 * kSeg + 17}) {
+    m.Add("__0_0.distcp", off, len, HashSegments(Bytes(len, len), kSeg));
+    off += len;
+  }
+  m.Add("__1_0.distcp", 4096, 10, HashSegments(Bytes(10, 7), kSeg));  // a gap before it
+  return m;
+}
+
+// Re-seals bytes whose body was edited: the trailing checksum over everything before it.
+std::string Seal(std::string body) {
+  const uint64_t h = XXH3_64bits(body.data(), body.size());
+  for (int i = 0; i < 8; ++i) body.push_back(static_cast<char>(h >> (8 * i)));
+  return body;
+}
+
+TEST(ManifestTest, RoundTripsAndFindsEveryBlob) {
+  Manifest m = Sample();
+  DCPP_ASSERT_OK_AND_ASSIGN(std::string bytes, EncodeManifest(m));
+  DCPP_ASSERT_OK_AND_ASSIGN(Manifest back, DecodeManifest(bytes, "m"));
+  EXPECT_EQ(back.segment_bytes, kSeg);
+  EXPECT_EQ(back.metadata_hash, 0x1234u);
+  ASSERT_EQ(back.blobs.size(), m.blobs.size());
+  EXPECT_EQ(back.hashes, m.hashes);
+  const ManifestBlob* b = back.Find("__0_0.distcp", kSeg + 100, kSeg + 1);
+  ASSERT_NE(b, nullptr);
+  EXPECT_EQ(b->length, kSeg + 1);
+  EXPECT_EQ(b->hash_count, 2u);
+  EXPECT_EQ(back.Find("__0_0.distcp", 7, 1), nullptr);
+  EXPECT_EQ(back.Find("__0_0.distcp", kSeg + 100, kSeg), nullptr);
+  ASSERT_NE(back.Find("__0_0.distcp", 0, 0), nullptr);  // the empty blob beside the next one
+  ASSERT_NE(back.Find("__0_0.distcp", 0, 100), nullptr);
+  EXPECT_EQ(back.Find("__2_0.distcp", 0, 0), nullptr);
+  ASSERT_NE(back.Find("__1_0.distcp", 4096, 10), nullptr);
+  // 8 bytes a hash and a few bytes a blob: compact enough for millions of items.
+  EXPECT_LT(bytes.size(), 32 + 8 + m.hashes.size() * 8 + m.blobs.size() * 4 + 40);
+}
+
+TEST(ManifestTest, OverlappingBlobsAndWrongHashCountsAreNotEncoded) {
+  Manifest m;
+  m.segment_bytes = kSeg;
+  m.Add("f", 0, 100, {1});
+  m.Add("f", 50, 100, {2});
+  EXPECT_THAT(EncodeManifest(m), StatusIs(StatusCode::kInvalidArgument, HasSubstr("overlap")));
+  Manifest e;
+  e.segment_bytes = kSeg;
+  e.Add("f", 8, 0, {1});
+  e.Add("f", 8, 0, {1});
+  EXPECT_THAT(EncodeManifest(e), StatusIs(StatusCode::kInvalidArgument, HasSubstr("overlap")));
+  Manifest n;
+  n.segment_bytes = kSeg;
+  n.Add("f", 0, 3 * kSeg, {1});
+  EXPECT_THAT(EncodeManifest(n), StatusIs(StatusCode::kInvalidArgument, HasSubstr("hashes")));
+}
+
+TEST(ManifestTest, EveryTruncationAndEveryFlipIsDataLoss) {
+  DCPP_ASSERT_OK_AND_ASSIGN(std::string bytes, EncodeManifest(Sample()));
+  for (size_t n = 0; n < bytes.size(); ++n) {
+    EXPECT_THAT(DecodeManifest(bytes.substr(0, n), "m"),
+                StatusIs(StatusCode::kDataLoss, ::testing::_))
+        << n;
+  }
+  for (size_t i = 0; i < bytes.size(); ++i) {
+    std::string b = bytes;
+    b[i] ^= 0x10;
+    EXPECT_FALSE(DecodeManifest(b, "m").ok()) << i;
+  }
+}
+
+TEST(ManifestTest, HostileCountsAndSizesAreRefusedBeforeAllocating) {
+  DCPP_ASSERT_OK_AND_ASSIGN(std::string good, EncodeManifest(Manifest{}));
+  const std::string header = good.substr(0, 32);  // magic, version, kind, segment, metadata
+  auto varint = [](uint64_t v) {
+    std::string s;
+    while (v >= 0x80) {
+      s.push_back(static_cast<char>((v & 0x7f) | 0x80));
+      v >>= 7;
+    }
+    s.push_back(static_cast<char>(v));
+    return s;
+  };
+  const std::string u64zero(8, '\0');
+  // 2^60 files, 2^40 blobs in one file, a blob of 2^61 bytes (2^41 hashes), an offset gap
+  // that overflows, a 12-byte varint, trailing bytes, a bad segment size.
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {header + varint(uint64_t{1} << 60), "file count"},
+      {header + varint(1) + varint(1) + "f" + varint(uint64_t{1} << 40), "blob count"},
+      {header + varint(1) + varint(1) + "f" + varint(1) + varint(0) + varint(uint64_t{1} << 61) +
+           u64zero,
+       "hashes truncated"},
+      {header + varint(1) + varint(1) + "f" + varint(2) + varint(0) + varint(1) + u64zero +
+           varint(~uint64_t{0} >> 1) + varint(1) + u64zero,
+       "overflows"},
+      {header + std::string(11, '\xff') + "\x01", "varint"},
+      {header + varint(1) + varint(1) + "f" + varint(2) + varint(0) + varint(0) + u64zero +
+           varint(0) + varint(0) + u64zero,
+       "two empty blobs"},
+      {header + varint(0) + "x", "trailing"},
+      {header + varint(1) + varint(uint64_t{1} << 40) + "f", "truncated"},
+  };
+  for (const auto& [body, why] : cases) {
+    EXPECT_THAT(DecodeManifest(Seal(body), "m"), StatusIs(StatusCode::kDataLoss, HasSubstr(why)))
+        << why;
+  }
+  std::string small_seg = header;
+  small_seg[16] = 1;  // segment size 1 + ...: not a valid size
+  small_seg[17] = 0;
+  small_seg[18] = 0;
+  EXPECT_THAT(DecodeManifest(Seal(small_seg + varint(0)), "m"),
+              StatusIs(StatusCode::kDataLoss, HasSubstr("segment size")));
+  std::string v2 = header;
+  v2[8] = 2;
+  EXPECT_THAT(DecodeManifest(Seal(v2 + varint(0)), "m"),
+              StatusIs(StatusCode::kUnimplemented, HasSubstr("version 2")));
+}
+
+TEST(ManifestTest, KeysAreNamedAfterTheMetadata) {
+  EXPECT_EQ(ManifestKey(".metadata", 0xabc), ".metadata.0000000000000abc.manifest");
+  EXPECT_TRUE(IsManifestKey(ManifestKey("__3.metadata", 42)));
+  EXPECT_FALSE(IsManifestKey(".metadata"));
+  EXPECT_FALSE(IsManifestKey("__0_0.distcp"));
+  EXPECT_FALSE(IsManifestKey(".metadata.000000000000zabc.manifest"));
+}
+
+TEST(HashingSinkTest, MatchesOneShotHashesWhateverTheWriteSizes) {
+  std::mt19937_64 rng(3);
+  for (size_t len : {size_t{0}, size_t{1}, size_t{kSeg - 1}, size_t{kSeg}, size_t{7 * kSeg + 5}}) {
+    const std::string data = Bytes(len, len + 1);
+    StringSink out;
+    HashingSink sink(out, kSeg);
+    DCPP_ASSERT_OK(sink.Write("prefix", 6));  // bytes before the blob are not part of it
+    sink.BeginBlob();
+    for (size_t pos = 0; pos < len;) {
+      const size_t n = std::min<size_t>(len - pos, 1 + rng() % (3 * kSeg));
+      DCPP_ASSERT_OK(sink.Write(data.data() + pos, n));
+      pos += n;
+    }
+    EXPECT_EQ(sink.EndBlob(), HashSegments(data, kSeg)) << len;
+    EXPECT_EQ(out.str().substr(6), data);
+  }
+}
+
+// A source over memory that counts the bytes read from it.
+class CountingSource final : public ByteSource {
+ public:
+  explicit CountingSource(const std::string& b) : mem_(b) {}
+  uint64_t size() const override { return mem_.size(); }
+  Status ReadAt(uint64_t offset, void* dst, size_t n) const override {
+    read_ += n;
+    return mem_.ReadAt(offset, dst, n);
+  }
+  std::string name() const override { return "blob"; }
+  mutable uint64_t read_ = 0;
+
+ private:
+  MemorySource mem_;
+};
+
+TEST(VerifiedBlobSourceTest, ReadsReturnTheBytesAndCostAtMostASegmentAtEachEnd) {
+  const std::string data = Bytes(20 * kSeg + 123, 9);
+  const auto hashes = HashSegments(data, kSeg);
+  std::mt19937_64 rng(5);
+  for (int i = 0; i < 200; ++i) {
+    CountingSource base(data);
+    VerifiedBlobSource v(base, hashes.data(), hashes.size(), kSeg, 1000, "f");
+    const uint64_t off = rng() % data.size();
+    const size_t n = static_cast<size_t>(rng() % (data.size() - off + 1));
+    std::string got(n, '\0');
+    DCPP_ASSERT_OK(v.ReadAt(off, got.data(), n));
+    EXPECT_EQ(got, data.substr(off, n));
+    EXPECT_LE(base.read_, n + 2 * kSeg);
+  }
+}
+
+TEST(VerifiedBlobSourceTest, AFlipIsFoundByEveryReadOfItsSegmentAndNoOther) {
+  std::string data = Bytes(8 * kSeg, 11);
+  const auto hashes = HashSegments(data, kSeg);
+  data[3 * kSeg + 10] ^= 1;
+  MemorySource base(data);
+  VerifiedBlobSource v(base, hashes.data(), hashes.size(), kSeg, 5000, "\"__0_0.distcp\"");
+  std::string buf(kSeg * 8, '\0');
+  EXPECT_THAT(v.ReadAt(3 * kSeg + 10, buf.data(), 1),
+              StatusIs(StatusCode::kDataLoss,
+                       HasSubstr("checksum mismatch in bytes [" + std::to_string(5000 + 3 * kSeg) +
+                                 ", +4096) of the file (segment 3 of 8")));
+  EXPECT_FALSE(v.ReadAt(0, buf.data(), 8 * kSeg).ok());
+  EXPECT_FALSE(v.ReadAt(2 * kSeg, buf.data(), 2 * kSeg).ok());
+  DCPP_EXPECT_OK(v.ReadAt(0, buf.data(), 3 * kSeg));
+  DCPP_EXPECT_OK(v.ReadAt(4 * kSeg - 0, buf.data(), 4 * kSeg));
+  DCPP_EXPECT_OK(v.ReadAt(4 * kSeg + 1, buf.data(), 100));
+}
+
+TEST(VerifyBlobBytesTest, NamesTheFirstBadSegment) {
+  std::string data = Bytes(3 * kSeg, 2);
+  const auto hashes = HashSegments(data, kSeg);
+  DCPP_EXPECT_OK(VerifyBlobBytes(data, hashes.data(), hashes.size(), kSeg, 0, "f"));
+  data[kSeg * 2] ^= 4;
+  EXPECT_THAT(VerifyBlobBytes(data, hashes.data(), hashes.size(), kSeg, 64, "f"),
+              StatusIs(StatusCode::kDataLoss, HasSubstr("segment 2 of 3")));
+  EXPECT_THAT(VerifyBlobBytes(data, hashes.data(), 2, kSeg, 64, "f"),
+              StatusIs(StatusCode::kDataLoss, HasSubstr("2 hashes for a blob of")));
+}
+
+}  // namespace
+}  // namespace dcpp::internal
