@@ -147,5 +147,8 @@ Result<Metadata> MergeRankLocalMetadata(const std::vector<Metadata>& per_rank, i
 // Bounds and consistency checks (chunks inside size, matching ranks, storage keys present).
 // `what` names the source in messages.
 Status ValidateMetadata(const Metadata& metadata, std::string_view what);
+// The planner_data part of ValidateMetadata alone (list indexes and the holes they leave), for
+// planners that have checked the chunks themselves.
+Status ValidatePlannerData(const Metadata& metadata, std::string_view what);
 
 }  // namespace dcpp

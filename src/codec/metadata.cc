@@ -7,6 +7,7 @@
 #include "dcpp/metadata.h"
 
 #include <algorithm>
+#include <array>
 #include <map>
 #include <set>
 
@@ -395,165 +396,321 @@ Paths PathsFor(MetadataFlavor f) {
           "torch.distributed._shard.sharded_tensor.metadata"};
 }
 
+// Writes the `.metadata` pickle straight from a Metadata, opcode by opcode, without building a
+// PickleValue tree: the bytes are those WritePickle gives for the tree of dataclass objects
+// (cls () NEWOBJ, then the field dict BUILD), so each function below mirrors one kind of node:
+// Boundary() where the tree writer starts a value, a memo entry wherever it memoizes one.
+// Globals keep their memo index in a slot, so a repeated class costs one BINGET and no lookup.
 class Encoder {
  public:
-  explicit Encoder(MetadataFlavor flavor) : flavor_(flavor), paths_(PathsFor(flavor)) {}
-
-  PickleRef Size(const Shape& s) {
-    Items items;
-    for (int64_t x : s) items.push_back(PickleValue::Int(x));
-    return PickleValue::Call(PickleValue::MakeGlobal("torch", "Size"),
-                             PickleValue::Tuple({PickleValue::Tuple(std::move(items))}));
+  Encoder(MetadataFlavor flavor, int protocol)
+      : flavor_(flavor), paths_(PathsFor(flavor)), e_(protocol) {
+    dtype_slots_.fill(-1);
   }
 
-  PickleRef DataObject(const std::string& module, const std::string& name,
-                       PickleValue::DictItems fields) {
-    PickleRef state = fields.empty() ? nullptr : PickleValue::Dict(std::move(fields));
-    return PickleValue::New(PickleValue::MakeGlobal(module, name), PickleValue::Tuple(), state);
-  }
-
-  static std::pair<PickleRef, PickleRef> F(const char* name, PickleRef v) {
-    return {PickleValue::Str(name), std::move(v)};
-  }
-
-  PickleRef Properties(const TensorProperties& p) {
-    Items state = {
-        PickleValue::MakeGlobal("torch", std::string(DTypeName(p.dtype))),
-        PickleValue::Call(PickleValue::MakeGlobal("torch.serialization", "_get_layout"),
-                          PickleValue::Tuple({PickleValue::Str("torch.strided")})),
-        PickleValue::Bool(p.requires_grad),
-        PickleValue::Call(
-            PickleValue::MakeGlobal(paths_.properties, "MEM_FORMAT_ENCODING"),
-            PickleValue::Tuple({PickleValue::Int(static_cast<int>(p.memory_format))})),
-        PickleValue::Bool(p.pin_memory),
-    };
-    return PickleValue::New(PickleValue::MakeGlobal(paths_.properties, "TensorProperties"),
-                            PickleValue::Tuple(), PickleValue::Tuple(std::move(state)));
-  }
-
-  PickleRef Tensor(const TensorStorageMetadata& t) {
-    Items chunks;
-    for (const auto& c : t.chunks) {
-      chunks.push_back(DataObject(paths_.meta, "ChunkStorageMetadata",
-                                  {F("offsets", Size(c.offsets)), F("sizes", Size(c.sizes))}));
-    }
-    return DataObject(paths_.meta, "TensorStorageMetadata",
-                      {F("properties", Properties(t.properties)), F("size", Size(t.size)),
-                       F("chunks", PickleValue::List(std::move(chunks)))});
-  }
-
-  PickleRef Index(const MetadataIndex& idx) {
-    PickleValue::DictItems fields = {
-        F("fqn", PickleValue::Str(idx.fqn)),
-        F("index", idx.index ? PickleValue::Int(*idx.index) : PickleValue::None())};
-    if (idx.offset) fields.push_back(F("offset", Size(*idx.offset)));
-    return DataObject(paths_.meta, "MetadataIndex", std::move(fields));
-  }
-
-  PickleRef Info(const StorageInfo& s) {
-    PickleValue::DictItems fields = {F("relative_path", PickleValue::Str(s.relative_path)),
-                                     F("offset", PickleValue::Int(s.offset)),
-                                     F("length", PickleValue::Int(s.length))};
-    if (!s.transform_descriptors.empty()) {
-      Items d;
-      for (const auto& x : s.transform_descriptors) d.push_back(PickleValue::Str(x));
-      fields.push_back(F("transform_descriptors", PickleValue::List(std::move(d))));
-    }
-    return DataObject(paths_.storage_info, "_StorageInfo", std::move(fields));
-  }
-
-  static PickleRef OptStr(const std::optional<std::string>& s) {
-    return s ? PickleValue::Str(*s) : PickleValue::None();
-  }
-
-  PickleRef Root(const Metadata& md) {
-    PickleValue::DictItems sdm;
+  Result<std::string> Encode(const Metadata& md) {
+    // Every item costs ~150 bytes; reserving avoids most regrowth of a large output.
+    size_t chunks = 0;
     for (const auto& [fqn, m] : md.state_dict_metadata) {
-      if (const auto* t = std::get_if<TensorStorageMetadata>(&m)) {
-        sdm.emplace_back(PickleValue::Str(fqn), Tensor(*t));
-      } else {
-        sdm.emplace_back(PickleValue::Str(fqn),
-                         DataObject(paths_.meta, "BytesStorageMetadata", {}));
-      }
+      if (const auto* t = std::get_if<TensorStorageMetadata>(&m)) chunks += t->chunks.size();
     }
-    PickleRef planner = PickleValue::None();
-    if (md.planner_data) {
-      PickleValue::DictItems pd;
-      for (const auto& [fqn, path] : *md.planner_data) {
-        Items parts;
-        for (const auto& p : path) {
-          if (const auto* s = std::get_if<std::string>(&p)) {
-            parts.push_back(PickleValue::Str(*s));
-          } else {
-            parts.push_back(PickleValue::Int(std::get<int64_t>(p)));
-          }
-        }
-        pd.emplace_back(PickleValue::Str(fqn), PickleValue::Tuple(std::move(parts)));
-      }
-      planner = PickleValue::Dict(std::move(pd));
-    }
-    PickleValue::DictItems storage;
-    for (const auto& [idx, info] : md.storage_data) storage.emplace_back(Index(idx), Info(info));
-
-    PickleValue::DictItems fields = {F("state_dict_metadata", PickleValue::Dict(std::move(sdm))),
-                                     F("planner_data", planner),
-                                     F("storage_data", PickleValue::Dict(std::move(storage)))};
-    if (flavor_ == MetadataFlavor::kTorch2 && md.storage_meta) {
-      Items mods;
-      for (const auto& m : md.storage_meta->modules) mods.push_back(PickleValue::Str(m));
-      fields.push_back(
-          F("storage_meta", DataObject(paths_.meta, "StorageMeta",
-                                       {F("checkpoint_id", OptStr(md.storage_meta->checkpoint_id)),
-                                        F("save_id", OptStr(md.storage_meta->save_id)),
-                                        F("load_id", PickleValue::None()),
-                                        F("modules", PickleValue::List(std::move(mods)))})));
-    }
-    if (flavor_ != MetadataFlavor::kTorch113Prototype) {
-      fields.push_back(F("version", OptStr(md.version)));
-    }
-    return DataObject(paths_.meta, "Metadata", std::move(fields));
+    e_.Reserve(1024 + 80 * chunks + 200 * md.storage_data.size());
+    Root(md);
+    return e_.Finish();
   }
 
  private:
+  using Slot = int64_t;
+
+  void Global(std::string_view module, std::string_view name, Slot* slot) {
+    e_.Boundary();
+    e_.Global(module, name, slot);
+  }
+  void Key(std::string_view name) {
+    e_.Boundary();
+    e_.Str(name);
+  }
+  void StrValue(std::string_view s) {
+    e_.Boundary();
+    if (!e_.proto4() && s.size() > 0xffffffffu) {
+      e_.Fail(InvalidArgumentError("str too long for protocol 2"));
+      return;
+    }
+    e_.Str(s);
+  }
+  void IntValue(int64_t v) {
+    e_.Boundary();
+    e_.Int(v);
+  }
+  void OptStr(const std::optional<std::string>& s) {
+    if (s) return StrValue(*s);
+    e_.Boundary();
+    e_.None();
+  }
+
+  // A dataclass object: cls () NEWOBJ, then, when it has fields, {name: value, ...} BUILD;
+  // `field(i)` writes field i's key and value.
+  template <typename F>
+  void DataObject(std::string_view module, std::string_view name, Slot* slot, size_t n_fields,
+                  F&& field) {
+    e_.Boundary();
+    Global(module, name, slot);
+    e_.Boundary();
+    e_.EmptyTuple();
+    e_.NewObj();
+    e_.Memoize();
+    if (n_fields == 0) return;
+    e_.Boundary();
+    e_.EmptyDict();
+    (void)e_.DictItems(n_fields, [&](size_t i) {
+      field(i);
+      return Status::Ok();
+    });
+    e_.Build();
+  }
+
+  // A tuple of n values; `item(i)` writes value i.
+  template <typename F>
+  void Tuple(size_t n, F&& item) {
+    e_.Boundary();
+    if (n == 0) return e_.EmptyTuple();
+    if (n > 3) e_.Mark();
+    for (size_t i = 0; i < n; ++i) item(i);
+    e_.TupleEnd(n);
+  }
+
+  // torch.Size((a, b, ...)): torch.Size REDUCE on a 1-tuple holding the tuple of ints.
+  void Size(const Shape& s) {
+    e_.Boundary();
+    Global("torch", "Size", &size_slot_);
+    Tuple(1, [&](size_t) { Tuple(s.size(), [&](size_t i) { IntValue(s[i]); }); });
+    e_.Reduce();
+    e_.Memoize();
+  }
+
+  // callable(arg) REDUCE for a global callable and one argument.
+  template <typename F>
+  void Call1(std::string_view module, std::string_view name, Slot* slot, F&& arg) {
+    e_.Boundary();
+    Global(module, name, slot);
+    Tuple(1, [&](size_t) { arg(); });
+    e_.Reduce();
+    e_.Memoize();
+  }
+
+  void Properties(const TensorProperties& p) {
+    e_.Boundary();
+    Global(paths_.properties, "TensorProperties", &properties_slot_);
+    e_.Boundary();
+    e_.EmptyTuple();
+    e_.NewObj();
+    e_.Memoize();
+    // The 5-tuple __getstate__ state: dtype, layout, requires_grad, memory format, pin_memory.
+    Tuple(5, [&](size_t i) {
+      switch (i) {
+        case 0:
+          Global("torch", DTypeName(p.dtype), &dtype_slots_[static_cast<size_t>(p.dtype)]);
+          break;
+        case 1:
+          Call1("torch.serialization", "_get_layout", &layout_slot_,
+                [&] { StrValue("torch.strided"); });
+          break;
+        case 2:
+          e_.Boundary();
+          e_.Bool(p.requires_grad);
+          break;
+        case 3:
+          Call1(paths_.properties, "MEM_FORMAT_ENCODING", &mem_format_slot_,
+                [&] { IntValue(static_cast<int>(p.memory_format)); });
+          break;
+        default:
+          e_.Boundary();
+          e_.Bool(p.pin_memory);
+      }
+    });
+    e_.Build();
+  }
+
+  void Tensor(const TensorStorageMetadata& t) {
+    DataObject(paths_.meta, "TensorStorageMetadata", &tensor_slot_, 3, [&](size_t i) {
+      switch (i) {
+        case 0:
+          Key("properties");
+          return Properties(t.properties);
+        case 1:
+          Key("size");
+          return Size(t.size);
+        default:
+          Key("chunks");
+          e_.Boundary();
+          e_.EmptyList();
+          (void)e_.ListItems(t.chunks.size(), [&](size_t c) {
+            const ChunkBox& box = t.chunks[c];
+            DataObject(paths_.meta, "ChunkStorageMetadata", &chunk_slot_, 2, [&](size_t f) {
+              Key(f == 0 ? "offsets" : "sizes");
+              Size(f == 0 ? box.offsets : box.sizes);
+            });
+            return Status::Ok();
+          });
+      }
+    });
+  }
+
+  void Index(const MetadataIndex& idx) {
+    DataObject(paths_.meta, "MetadataIndex", &index_slot_, idx.offset ? 3 : 2, [&](size_t i) {
+      switch (i) {
+        case 0:
+          Key("fqn");
+          return StrValue(idx.fqn);
+        case 1:
+          Key("index");
+          if (idx.index) return IntValue(*idx.index);
+          e_.Boundary();
+          return e_.None();
+        default:
+          Key("offset");
+          Size(*idx.offset);
+      }
+    });
+  }
+
+  void Info(const StorageInfo& s) {
+    const size_t n = s.transform_descriptors.empty() ? 3 : 4;
+    DataObject(paths_.storage_info, "_StorageInfo", &info_slot_, n, [&](size_t i) {
+      switch (i) {
+        case 0:
+          Key("relative_path");
+          return StrValue(s.relative_path);
+        case 1:
+          Key("offset");
+          return IntValue(s.offset);
+        case 2:
+          Key("length");
+          return IntValue(s.length);
+        default:
+          Key("transform_descriptors");
+          StrList(s.transform_descriptors);
+      }
+    });
+  }
+
+  void StrList(const std::vector<std::string>& items) {
+    e_.Boundary();
+    e_.EmptyList();
+    (void)e_.ListItems(items.size(), [&](size_t i) {
+      StrValue(items[i]);
+      return Status::Ok();
+    });
+  }
+
+  void StateDictMetadataDict(const StateDictMetadata& sdm) {
+    e_.Boundary();
+    e_.EmptyDict();
+    auto it = sdm.begin();
+    (void)e_.DictItems(sdm.size(), [&](size_t) {
+      const auto& [fqn, m] = *it++;
+      StrValue(fqn);
+      if (const auto* t = std::get_if<TensorStorageMetadata>(&m)) {
+        Tensor(*t);
+      } else {
+        DataObject(paths_.meta, "BytesStorageMetadata", &bytes_slot_, 0, [](size_t) {});
+      }
+      return Status::Ok();
+    });
+  }
+
+  void PlannerData(const std::optional<std::map<std::string, ObjectPath>>& pd) {
+    e_.Boundary();
+    if (!pd) return e_.None();
+    e_.EmptyDict();
+    auto it = pd->begin();
+    (void)e_.DictItems(pd->size(), [&](size_t) {
+      const auto& [fqn, path] = *it++;
+      StrValue(fqn);
+      Tuple(path.size(), [&](size_t i) {
+        if (const auto* s = std::get_if<std::string>(&path[i])) {
+          StrValue(*s);
+        } else {
+          IntValue(std::get<int64_t>(path[i]));
+        }
+      });
+      return Status::Ok();
+    });
+  }
+
+  void StorageData(const std::map<MetadataIndex, StorageInfo>& storage) {
+    e_.Boundary();
+    e_.EmptyDict();
+    auto it = storage.begin();
+    (void)e_.DictItems(storage.size(), [&](size_t) {
+      const auto& [idx, info] = *it++;
+      Index(idx);
+      Info(info);
+      return Status::Ok();
+    });
+  }
+
+  void Root(const Metadata& md) {
+    const bool with_storage_meta = flavor_ == MetadataFlavor::kTorch2 && md.storage_meta;
+    const bool with_version = flavor_ != MetadataFlavor::kTorch113Prototype;
+    const size_t n = 3 + (with_storage_meta ? 1 : 0) + (with_version ? 1 : 0);
+    Slot root_slot = -1;
+    DataObject(paths_.meta, "Metadata", &root_slot, n, [&](size_t i) {
+      switch (i) {
+        case 0:
+          Key("state_dict_metadata");
+          return StateDictMetadataDict(md.state_dict_metadata);
+        case 1:
+          Key("planner_data");
+          return PlannerData(md.planner_data);
+        case 2:
+          Key("storage_data");
+          return StorageData(md.storage_data);
+        case 3:
+          if (with_storage_meta) {
+            Key("storage_meta");
+            return StorageMetaObject(*md.storage_meta);
+          }
+          [[fallthrough]];
+        default:
+          Key("version");
+          OptStr(md.version);
+      }
+    });
+  }
+
+  void StorageMetaObject(const StorageMeta& sm) {
+    Slot slot = -1;
+    DataObject(paths_.meta, "StorageMeta", &slot, 4, [&](size_t i) {
+      switch (i) {
+        case 0:
+          Key("checkpoint_id");
+          return OptStr(sm.checkpoint_id);
+        case 1:
+          Key("save_id");
+          return OptStr(sm.save_id);
+        case 2:
+          Key("load_id");
+          e_.Boundary();
+          return e_.None();
+        default:
+          Key("modules");
+          StrList(sm.modules);
+      }
+    });
+  }
+
   MetadataFlavor flavor_;
   Paths paths_;
+  PickleEmitter e_;
+  Slot size_slot_ = -1, properties_slot_ = -1, layout_slot_ = -1, mem_format_slot_ = -1,
+       tensor_slot_ = -1, chunk_slot_ = -1, index_slot_ = -1, info_slot_ = -1, bytes_slot_ = -1;
+  std::array<Slot, kNumDTypes> dtype_slots_;
 };
 
 }  // namespace
 
-Status ValidateMetadata(const Metadata& md, std::string_view what) {
-  // Every size is checked before anything is allocated from it: element counts and byte sizes
-  // must fit in int64, chunks must lie inside their tensor, and an untransformed chunk cannot
-  // hold more bytes than its stored blob (so allocations are bounded by what the files hold).
-  for (const auto& [fqn, m] : md.state_dict_metadata) {
-    const auto* t = std::get_if<TensorStorageMetadata>(&m);
-    if (!t) continue;
-    auto bytes = CheckedNumBytes(t->properties.dtype, t->size);
-    if (!bytes.ok()) {
-      return DataLossError(std::string(what) + ": \"" + fqn +
-                           "\": " + std::string(bytes.status().message()));
-    }
-    for (const auto& c : t->chunks) {
-      bool fits = c.offsets.size() == t->size.size() && c.sizes.size() == t->size.size();
-      for (size_t d = 0; fits && d < c.offsets.size(); ++d) {
-        fits = c.offsets[d] >= 0 && c.sizes[d] >= 0;
-      }
-      if (!fits || !Contains(WholeBox(t->size), c)) {
-        return DataLossError(std::string(what) + ": chunk " + c.ToString() + " of \"" + fqn +
-                             "\" does not fit its size " + ShapeToString(t->size));
-      }
-      auto info = md.storage_data.find(MetadataIndex{fqn, c.offsets, std::nullopt});
-      if (info != md.storage_data.end() && info->second.transform_descriptors.empty()) {
-        const int64_t chunk_bytes = *CheckedNumBytes(t->properties.dtype, c.sizes);
-        if (info->second.length < chunk_bytes || info->second.offset < 0) {
-          return DataLossError(std::string(what) + ": chunk " + c.ToString() + " of \"" + fqn +
-                               "\" needs " + std::to_string(chunk_bytes) +
-                               " bytes but its stored blob has " +
-                               std::to_string(info->second.length));
-        }
-      }
-    }
-  }
+Status ValidatePlannerData(const Metadata& md, std::string_view what) {
   if (md.planner_data) {
     // Loading into an empty state dict rebuilds every list up to its largest index, filling the
     // places of elements that left no entry (empty dicts, which flattening drops) with None. The
@@ -594,6 +751,43 @@ Status ValidateMetadata(const Metadata& md, std::string_view what) {
       }
     }
   }
+  return Status::Ok();
+}
+
+Status ValidateMetadata(const Metadata& md, std::string_view what) {
+  // Every size is checked before anything is allocated from it: element counts and byte sizes
+  // must fit in int64, chunks must lie inside their tensor, and an untransformed chunk cannot
+  // hold more bytes than its stored blob (so allocations are bounded by what the files hold).
+  for (const auto& [fqn, m] : md.state_dict_metadata) {
+    const auto* t = std::get_if<TensorStorageMetadata>(&m);
+    if (!t) continue;
+    auto bytes = CheckedNumBytes(t->properties.dtype, t->size);
+    if (!bytes.ok()) {
+      return DataLossError(std::string(what) + ": \"" + fqn +
+                           "\": " + std::string(bytes.status().message()));
+    }
+    for (const auto& c : t->chunks) {
+      bool fits = c.offsets.size() == t->size.size() && c.sizes.size() == t->size.size();
+      for (size_t d = 0; fits && d < c.offsets.size(); ++d) {
+        fits = c.offsets[d] >= 0 && c.sizes[d] >= 0;
+      }
+      if (!fits || !Contains(WholeBox(t->size), c)) {
+        return DataLossError(std::string(what) + ": chunk " + c.ToString() + " of \"" + fqn +
+                             "\" does not fit its size " + ShapeToString(t->size));
+      }
+      auto info = md.storage_data.find(MetadataIndex{fqn, c.offsets, std::nullopt});
+      if (info != md.storage_data.end() && info->second.transform_descriptors.empty()) {
+        const int64_t chunk_bytes = *CheckedNumBytes(t->properties.dtype, c.sizes);
+        if (info->second.length < chunk_bytes || info->second.offset < 0) {
+          return DataLossError(std::string(what) + ": chunk " + c.ToString() + " of \"" + fqn +
+                               "\" needs " + std::to_string(chunk_bytes) +
+                               " bytes but its stored blob has " +
+                               std::to_string(info->second.length));
+        }
+      }
+    }
+  }
+  DCPP_RETURN_IF_ERROR(ValidatePlannerData(md, what));
   for (const auto& [idx, info] : md.storage_data) {
     const StorageMetadata* m = md.state_dict_metadata.Find(idx.fqn);
     if (!m) {
@@ -620,11 +814,11 @@ Result<Metadata> ParseMetadata(std::string_view pickle_bytes) {
 }
 
 Result<std::string> EncodeMetadata(const Metadata& metadata, const MetadataEncodeOptions& options) {
-  Encoder enc(options.flavor);
-  PickleRef root = enc.Root(metadata);
-  PickleWriteOptions w;
-  w.protocol = options.protocol;
-  return WritePickle(*root, w);
+  if (options.protocol != 2 && options.protocol != 4) {
+    return InvalidArgumentError("pickle protocol " + std::to_string(options.protocol) +
+                                " cannot be written (2 or 4)");
+  }
+  return Encoder(options.flavor, options.protocol).Encode(metadata);
 }
 
 }  // namespace dcpp

@@ -189,10 +189,7 @@ std::string_view OpName(uint8_t code) {
 }
 
 constexpr int kHighestProtocol = 5;
-constexpr size_t kBatchSize = 1000;             // CPython's APPENDS/SETITEMS/ADDITEMS batch
-constexpr size_t kFrameSizeTarget = 64 * 1024;  // CPython's _FRAME_SIZE_TARGET
-constexpr size_t kFrameSizeMin = 4;             // smaller frames are written without a FRAME header
-constexpr size_t kFrameHeaderSize = 9;          // FRAME + u64 length
+constexpr size_t kBatchSize = 1000;  // CPython's APPENDS/SETITEMS/ADDITEMS batch
 
 bool IsContainer(Kind k) {
   switch (k) {
@@ -965,211 +962,210 @@ Result<PickleRef> Reader::Run() {
   return std::move(result_);
 }
 
+// ---------------------------------------------------------------- emitter
+
+}  // namespace
+
+PickleEmitter::PickleEmitter(int protocol) : protocol_(protocol) {
+  const char header[2] = {static_cast<char>(op::kProto), static_cast<char>(protocol)};
+  Write(std::string_view(header, 2));
+  framing_ = protocol >= 4;
+}
+
+void PickleEmitter::OpLE(uint8_t code, uint64_t v, size_t width) {
+  char buf[9];
+  buf[0] = static_cast<char>(code);
+  for (size_t i = 0; i < width; ++i) buf[1 + i] = static_cast<char>((v >> (8 * i)) & 0xff);
+  Write(std::string_view(buf, 1 + width));
+}
+
+void PickleEmitter::CommitFrame() {
+  if (!framing_ || frame_start_ == std::string::npos) return;
+  size_t len = out_.size() - frame_start_ - kFrameHeaderSize;
+  if (len >= kFrameSizeMin) {
+    out_[frame_start_] = static_cast<char>(op::kFrame);
+    for (size_t i = 0; i < 8; ++i) {
+      out_[frame_start_ + 1 + i] = static_cast<char>((uint64_t{len} >> (8 * i)) & 0xff);
+    }
+  } else {
+    out_.erase(frame_start_, kFrameHeaderSize);
+  }
+  frame_start_ = std::string::npos;
+}
+
+void PickleEmitter::Payload(uint8_t code, size_t width, std::string_view payload) {
+  bool bypass = framing_ && payload.size() >= kFrameSizeTarget;
+  if (bypass) {
+    CommitFrame();
+    framing_ = false;
+  }
+  OpLE(code, payload.size(), width);
+  Write(payload);
+  if (bypass) framing_ = true;
+}
+
+uint64_t PickleEmitter::Memoize() {
+  uint64_t index = memo_size_++;
+  if (proto4()) {
+    Op(op::kMemoize);
+  } else if (index < 256) {
+    OpLE(op::kBinPut, index, 1);
+  } else {
+    OpLE(op::kLongBinPut, index, 4);
+  }
+  return index;
+}
+
+void PickleEmitter::MemoGet(uint64_t index) {
+  if (index < 256) {
+    OpLE(op::kBinGet, index, 1);
+  } else {
+    OpLE(op::kLongBinGet, index, 4);
+  }
+}
+
+void PickleEmitter::None() { Op(op::kNone); }
+void PickleEmitter::Bool(bool b) { Op(b ? op::kNewTrue : op::kNewFalse); }
+
+void PickleEmitter::Int(int64_t v) {
+  if (v >= 0 && v <= 0xff) {
+    OpLE(op::kBinInt1, static_cast<uint64_t>(v), 1);
+  } else if (v >= 0 && v <= 0xffff) {
+    OpLE(op::kBinInt2, static_cast<uint64_t>(v), 2);
+  } else if (v >= std::numeric_limits<int32_t>::min() && v <= std::numeric_limits<int32_t>::max()) {
+    OpLE(op::kBinInt, static_cast<uint32_t>(static_cast<int32_t>(v)), 4);
+  } else {
+    // Shortest two's complement, little-endian.
+    size_t n = 1;
+    while (n < 8) {
+      int64_t lo = -(int64_t{1} << (8 * n - 1));
+      int64_t hi = (int64_t{1} << (8 * n - 1)) - 1;
+      if (v >= lo && v <= hi) break;
+      ++n;
+    }
+    char buf[10];
+    buf[0] = static_cast<char>(op::kLong1);
+    buf[1] = static_cast<char>(n);
+    auto u = static_cast<uint64_t>(v);
+    for (size_t i = 0; i < n; ++i) buf[2 + i] = static_cast<char>((u >> (8 * i)) & 0xff);
+    Write(std::string_view(buf, 2 + n));
+  }
+}
+
+void PickleEmitter::Float(double d) {
+  auto bits = std::bit_cast<uint64_t>(d);
+  char buf[9];
+  buf[0] = static_cast<char>(op::kBinFloat);
+  for (int i = 0; i < 8; ++i) buf[1 + i] = static_cast<char>((bits >> (56 - 8 * i)) & 0xff);
+  Write(std::string_view(buf, 9));
+}
+
+void PickleEmitter::StrBody(std::string_view s) {
+  if (proto4() && s.size() < 256) {
+    Payload(op::kShortBinUnicode, 1, s);
+  } else if (s.size() > 0xffffffffu) {
+    if (!proto4()) return Fail(InvalidArgumentError("str too long for protocol 2"));
+    Payload(op::kBinUnicode8, 8, s);
+  } else {
+    Payload(op::kBinUnicode, 4, s);
+  }
+}
+
+void PickleEmitter::SharedStr(std::string_view s) {
+  auto it = str_memo_.find(s);
+  if (it != str_memo_.end()) return MemoGet(it->second);
+  StrBody(s);
+  str_memo_.emplace(std::string(s), memo_size_);
+  Memoize();
+}
+
+void PickleEmitter::Global(std::string_view module, std::string_view name) {
+  std::string key;
+  key.reserve(module.size() + name.size() + 1);
+  key.append(module).push_back('\0');
+  key.append(name);
+  auto it = global_memo_.find(key);
+  if (it != global_memo_.end()) {
+    last_global_ = it->second;
+    return MemoGet(it->second);
+  }
+  if (proto4()) {
+    // CPython saves both names as values, so each one is an opcode boundary.
+    Boundary();
+    SharedStr(module);
+    Boundary();
+    SharedStr(name);
+    Op(op::kStackGlobal);
+  } else {
+    std::string_view m = Py2Module(module);
+    if (m.find('\n') != std::string_view::npos || name.find('\n') != std::string_view::npos) {
+      return Fail(InvalidArgumentError("pickle global \"" + std::string(module) + "." +
+                                       std::string(name) + "\" contains a newline"));
+    }
+    std::string text;
+    text.reserve(m.size() + name.size() + 3);
+    text.push_back(static_cast<char>(op::kGlobal));
+    text.append(m).append("\n").append(name).append("\n");
+    Write(text);
+  }
+  last_global_ = memo_size_;
+  global_memo_.emplace(std::move(key), memo_size_);
+  Memoize();
+}
+
+void PickleEmitter::EmptyTuple() { Op(op::kEmptyTuple); }
+void PickleEmitter::Mark() { Op(op::kMark); }
+void PickleEmitter::TupleEnd(size_t n) {
+  Op(n > 3 ? op::kTuple : static_cast<uint8_t>(op::kTuple1 + n - 1));
+  Memoize();
+}
+void PickleEmitter::EmptyList() {
+  Op(op::kEmptyList);
+  Memoize();
+}
+void PickleEmitter::EmptyDict() {
+  Op(op::kEmptyDict);
+  Memoize();
+}
+void PickleEmitter::Append() { Op(op::kAppend); }
+void PickleEmitter::Appends() { Op(op::kAppends); }
+void PickleEmitter::SetItem() { Op(op::kSetItem); }
+void PickleEmitter::SetItems() { Op(op::kSetItems); }
+void PickleEmitter::NewObj() { Op(op::kNewObj); }
+void PickleEmitter::Reduce() { Op(op::kReduce); }
+void PickleEmitter::Build() { Op(op::kBuild); }
+
+Result<std::string> PickleEmitter::Finish() {
+  if (!status_.ok()) return status_;
+  Op(op::kStop);
+  CommitFrame();
+  return std::move(out_);
+}
+
+namespace {
+
 // ---------------------------------------------------------------- writer
 
+// A PickleValue tree through the emitter. Nodes held by more than one reference are memoized by
+// identity, so a shared node is written once.
 class Writer {
  public:
-  explicit Writer(const PickleWriteOptions& options) : options_(options) {}
+  explicit Writer(const PickleWriteOptions& options) : options_(options), e_(options.protocol) {}
 
   Result<std::string> Run(const PickleValue& root) {
-    if (options_.protocol != 2 && options_.protocol != 4) {
-      return InvalidArgumentError("pickle protocol " + std::to_string(options_.protocol) +
-                                  " cannot be written (2 or 4)");
-    }
-    const char header[2] = {static_cast<char>(op::kProto), static_cast<char>(options_.protocol)};
-    Write(std::string_view(header, 2));
-    framing_ = options_.protocol >= 4;
     DCPP_RETURN_IF_ERROR(Save(root, 1, /*shared=*/false));
-    WriteOp(op::kStop);
-    CommitFrame();
-    return std::move(out_);
+    return e_.Finish();
   }
 
  private:
-  bool Proto4() const { return options_.protocol >= 4; }
+  bool Proto4() const { return e_.proto4(); }
 
-  // Output with CPython's framing: a frame is opened lazily by the first write after a commit
-  // and committed at an opcode boundary (the start of each value) once it holds
-  // kFrameSizeTarget bytes.
-  void Write(std::string_view bytes) {
-    if (framing_ && frame_start_ == std::string::npos) {
-      frame_start_ = out_.size();
-      out_.append(kFrameHeaderSize, '\0');
-    }
-    out_.append(bytes);
-  }
-  void WriteOp(uint8_t code) { Write(std::string_view(reinterpret_cast<const char*>(&code), 1)); }
-  void WriteOpLE(uint8_t code, uint64_t v, size_t width) {
-    char buf[9];
-    buf[0] = static_cast<char>(code);
-    for (size_t i = 0; i < width; ++i) buf[1 + i] = static_cast<char>((v >> (8 * i)) & 0xff);
-    Write(std::string_view(buf, 1 + width));
-  }
-  void CommitFrame() {
-    if (!framing_ || frame_start_ == std::string::npos) return;
-    size_t len = out_.size() - frame_start_ - kFrameHeaderSize;
-    if (len >= kFrameSizeMin) {
-      out_[frame_start_] = static_cast<char>(op::kFrame);
-      for (size_t i = 0; i < 8; ++i) {
-        out_[frame_start_ + 1 + i] = static_cast<char>((uint64_t{len} >> (8 * i)) & 0xff);
-      }
-    } else {
-      out_.erase(frame_start_, kFrameHeaderSize);
-    }
-    frame_start_ = std::string::npos;
-  }
-  void OpcodeBoundary() {
-    if (!framing_ || frame_start_ == std::string::npos) return;
-    if (out_.size() - frame_start_ - kFrameHeaderSize >= kFrameSizeTarget) CommitFrame();
-  }
-  // A length-prefixed payload; large ones go outside frames, as CPython writes them.
-  void WritePayload(uint8_t code, size_t width, std::string_view payload) {
-    bool bypass = framing_ && payload.size() >= kFrameSizeTarget;
-    if (bypass) {
-      CommitFrame();
-      framing_ = false;
-    }
-    WriteOpLE(code, payload.size(), width);
-    Write(payload);
-    if (bypass) framing_ = true;
-  }
-
-  void Memoize() {
-    uint64_t index = memo_size_++;
-    if (Proto4()) {
-      WriteOp(op::kMemoize);
-    } else if (index < 256) {
-      WriteOpLE(op::kBinPut, index, 1);
-    } else {
-      WriteOpLE(op::kLongBinPut, index, 4);
-    }
-  }
   // `shared`: the node may be reached again (more than one reference), so remember its index.
   void MemoizeNode(const PickleValue& v, bool shared) {
-    if (shared) node_memo_.emplace(&v, memo_size_);
-    Memoize();
-  }
-  void MemoGet(uint64_t index) {
-    if (index < 256) {
-      WriteOpLE(op::kBinGet, index, 1);
-    } else {
-      WriteOpLE(op::kLongBinGet, index, 4);
-    }
+    const uint64_t index = e_.Memoize();
+    if (shared) node_memo_.emplace(&v, index);
   }
 
-  void WriteInt(int64_t v) {
-    if (v >= 0 && v <= 0xff) {
-      WriteOpLE(op::kBinInt1, static_cast<uint64_t>(v), 1);
-    } else if (v >= 0 && v <= 0xffff) {
-      WriteOpLE(op::kBinInt2, static_cast<uint64_t>(v), 2);
-    } else if (v >= std::numeric_limits<int32_t>::min() &&
-               v <= std::numeric_limits<int32_t>::max()) {
-      WriteOpLE(op::kBinInt, static_cast<uint32_t>(static_cast<int32_t>(v)), 4);
-    } else {
-      // Shortest two's complement, little-endian.
-      size_t n = 1;
-      while (n < 8) {
-        int64_t lo = -(int64_t{1} << (8 * n - 1));
-        int64_t hi = (int64_t{1} << (8 * n - 1)) - 1;
-        if (v >= lo && v <= hi) break;
-        ++n;
-      }
-      char buf[10];
-      buf[0] = static_cast<char>(op::kLong1);
-      buf[1] = static_cast<char>(n);
-      auto u = static_cast<uint64_t>(v);
-      for (size_t i = 0; i < n; ++i) buf[2 + i] = static_cast<char>((u >> (8 * i)) & 0xff);
-      Write(std::string_view(buf, 2 + n));
-    }
-  }
-  void WriteStrBody(std::string_view s) {
-    if (Proto4() && s.size() < 256) {
-      WritePayload(op::kShortBinUnicode, 1, s);
-    } else if (s.size() > 0xffffffffu) {
-      WritePayload(op::kBinUnicode8, 8, s);  // protocol 4 only; protocol 2 is checked earlier
-    } else {
-      WritePayload(op::kBinUnicode, 4, s);
-    }
-  }
-  // Strings that CPython shares by identity (global names, 'latin1'): memoized by value.
-  void WriteSharedStr(const std::string& s) {
-    auto it = str_memo_.find(s);
-    if (it != str_memo_.end()) {
-      MemoGet(it->second);
-      return;
-    }
-    WriteStrBody(s);
-    str_memo_.emplace(s, memo_size_);
-    Memoize();
-  }
-  Status WriteGlobal(const std::string& module, const std::string& name) {
-    auto key = std::make_pair(module, name);
-    auto it = global_memo_.find(key);
-    if (it != global_memo_.end()) {
-      MemoGet(it->second);
-      return Status::Ok();
-    }
-    if (Proto4()) {
-      // CPython saves both names as values, so each one is an opcode boundary.
-      OpcodeBoundary();
-      WriteSharedStr(module);
-      OpcodeBoundary();
-      WriteSharedStr(name);
-      WriteOp(op::kStackGlobal);
-    } else {
-      std::string_view m = Py2Module(module);
-      if (m.find('\n') != std::string_view::npos || name.find('\n') != std::string::npos) {
-        return InvalidArgumentError("pickle global \"" + module + "." + name +
-                                    "\" contains a newline");
-      }
-      std::string text;
-      text.reserve(m.size() + name.size() + 3);
-      text.push_back(static_cast<char>(op::kGlobal));
-      text.append(m).append("\n").append(name).append("\n");
-      Write(text);
-    }
-    global_memo_.emplace(std::move(key), memo_size_);
-    Memoize();
-    return Status::Ok();
-  }
-
-  // CPython's batch_list_exact / batch_dict_exact (a real list or dict): a lone item uses
-  // APPEND/SETITEM, otherwise every batch of up to 1000 is MARK ... APPENDS / SETITEMS.
-  Status WriteListItemsExact(const Items& items, int depth) {
-    if (items.size() == 1) {
-      DCPP_RETURN_IF_ERROR(SaveRef(items[0], depth, "list item"));
-      WriteOp(op::kAppend);
-      return Status::Ok();
-    }
-    for (size_t i = 0; i < items.size(); i += kBatchSize) {
-      WriteOp(op::kMark);
-      for (size_t j = i; j < std::min(items.size(), i + kBatchSize); ++j) {
-        DCPP_RETURN_IF_ERROR(SaveRef(items[j], depth, "list item"));
-      }
-      WriteOp(op::kAppends);
-    }
-    return Status::Ok();
-  }
-  Status WriteDictItemsExact(const DictItems& items, int depth) {
-    if (items.size() == 1) {
-      DCPP_RETURN_IF_ERROR(SavePair(items[0], depth));
-      WriteOp(op::kSetItem);
-      return Status::Ok();
-    }
-    if (items.empty()) return Status::Ok();
-    // Unlike lists, CPython loops while the last batch was full, so a multiple of 1000 ends
-    // with an empty MARK SETITEMS.
-    size_t i = 0;
-    size_t n = 0;
-    do {
-      WriteOp(op::kMark);
-      for (n = 0; n < kBatchSize && i < items.size(); ++n, ++i) {
-        DCPP_RETURN_IF_ERROR(SavePair(items[i], depth));
-      }
-      WriteOp(op::kSetItems);
-    } while (n == kBatchSize);
-    return Status::Ok();
-  }
   // CPython's batch_list / batch_dict (items from an iterator, as for reduce's listitems and
   // dictitems): a batch holding a single item uses APPEND/SETITEM.
   Status WriteListItemsIter(const Items& items, int depth) {
@@ -1177,12 +1173,12 @@ class Writer {
       size_t end = std::min(items.size(), i + kBatchSize);
       if (end - i == 1) {
         DCPP_RETURN_IF_ERROR(SaveRef(items[i], depth, "list item"));
-        WriteOp(op::kAppend);
+        e_.Append();
         continue;
       }
-      WriteOp(op::kMark);
+      e_.Mark();
       for (size_t j = i; j < end; ++j) DCPP_RETURN_IF_ERROR(SaveRef(items[j], depth, "list item"));
-      WriteOp(op::kAppends);
+      e_.Appends();
     }
     return Status::Ok();
   }
@@ -1191,14 +1187,18 @@ class Writer {
       size_t end = std::min(items.size(), i + kBatchSize);
       if (end - i == 1) {
         DCPP_RETURN_IF_ERROR(SavePair(items[i], depth));
-        WriteOp(op::kSetItem);
+        e_.SetItem();
         continue;
       }
-      WriteOp(op::kMark);
+      e_.Mark();
       for (size_t j = i; j < end; ++j) DCPP_RETURN_IF_ERROR(SavePair(items[j], depth));
-      WriteOp(op::kSetItems);
+      e_.SetItems();
     }
     return Status::Ok();
+  }
+  Status WriteListItemsExact(const Items& items, int depth) {
+    return e_.ListItems(items.size(),
+                        [&](size_t i) { return SaveRef(items[i], depth, "list item"); });
   }
   Status SavePair(const std::pair<PickleRef, PickleRef>& kv, int depth) {
     DCPP_RETURN_IF_ERROR(SaveRef(kv.first, depth, "dict key"));
@@ -1209,38 +1209,41 @@ class Writer {
     // A node held by a single reference appears once in the tree: no memo lookup needed.
     return Save(*v, depth, v.use_count() > 1);
   }
+  Status Global(const std::string& module, const std::string& name) {
+    e_.Global(module, name);
+    return e_.status();
+  }
 
   Status SaveBytes(const PickleValue& v, bool shared) {
     const std::string& b = v.as_str();
     if (Proto4()) {
       if (b.size() < 256) {
-        WritePayload(op::kShortBinBytes, 1, b);
+        e_.Payload(op::kShortBinBytes, 1, b);
       } else if (b.size() > 0xffffffffu) {
-        WritePayload(op::kBinBytes8, 8, b);
+        e_.Payload(op::kBinBytes8, 8, b);
       } else {
-        WritePayload(op::kBinBytes, 4, b);
+        e_.Payload(op::kBinBytes, 4, b);
       }
       MemoizeNode(v, shared);
       return Status::Ok();
     }
     // Protocol 2 has no bytes opcode: CPython writes bytes() or _codecs.encode(text, 'latin1').
     if (b.empty()) {
-      DCPP_RETURN_IF_ERROR(WriteGlobal("builtins", "bytes"));
-      WriteOp(op::kEmptyTuple);
+      DCPP_RETURN_IF_ERROR(Global("builtins", "bytes"));
+      e_.EmptyTuple();
     } else {
-      DCPP_RETURN_IF_ERROR(WriteGlobal("_codecs", "encode"));
+      DCPP_RETURN_IF_ERROR(Global("_codecs", "encode"));
       std::string text = Latin1ToUtf8(b);
       if (text.size() > 0xffffffffu) {
         return InvalidArgumentError("bytes of " + std::to_string(b.size()) +
                                     " too long for protocol 2");
       }
-      WriteStrBody(text);
-      Memoize();
-      WriteSharedStr("latin1");
-      WriteOp(op::kTuple2);
-      Memoize();
+      e_.StrBody(text);
+      e_.Memoize();
+      e_.SharedStr("latin1");
+      e_.TupleEnd(2);
     }
-    WriteOp(op::kReduce);
+    e_.Reduce();
     MemoizeNode(v, shared);
     return Status::Ok();
   }
@@ -1248,7 +1251,7 @@ class Writer {
   Status SaveSet(const PickleValue& v, int depth, bool shared) {
     const Items& items = v.items();
     if (Proto4()) {
-      WriteOp(op::kEmptySet);
+      e_.Op(op::kEmptySet);
       MemoizeNode(v, shared);
       if (items.empty()) return Status::Ok();
       // CPython's save_set: batches of 1000 while the last batch was full (so a multiple of
@@ -1256,22 +1259,20 @@ class Writer {
       size_t i = 0;
       size_t n = 0;
       do {
-        WriteOp(op::kMark);
+        e_.Mark();
         for (n = 0; n < kBatchSize && i < items.size(); ++n, ++i) {
           DCPP_RETURN_IF_ERROR(SaveRef(items[i], depth, "set item"));
         }
-        WriteOp(op::kAddItems);
+        e_.Op(op::kAddItems);
       } while (n == kBatchSize);
       return Status::Ok();
     }
     // Protocol 2: builtins.set(list(items)).
-    DCPP_RETURN_IF_ERROR(WriteGlobal("builtins", "set"));
-    WriteOp(op::kEmptyList);
-    Memoize();
+    DCPP_RETURN_IF_ERROR(Global("builtins", "set"));
+    e_.EmptyList();
     DCPP_RETURN_IF_ERROR(WriteListItemsExact(items, depth));
-    WriteOp(op::kTuple1);
-    Memoize();
-    WriteOp(op::kReduce);
+    e_.TupleEnd(1);
+    e_.Reduce();
     MemoizeNode(v, shared);
     return Status::Ok();
   }
@@ -1287,14 +1288,18 @@ class Writer {
     DCPP_RETURN_IF_ERROR(SaveRef(o.callable, depth, "callable"));
     DCPP_RETURN_IF_ERROR(SaveRef(o.args, depth, "arguments"));
     if (!o.kwargs) {
-      WriteOp(o.newobj ? op::kNewObj : op::kReduce);
+      if (o.newobj) {
+        e_.NewObj();
+      } else {
+        e_.Reduce();
+      }
     } else if (!o.newobj) {
       return InvalidArgumentError("keyword arguments need a NEWOBJ object");
     } else if (Proto4()) {
       DCPP_RETURN_IF_ERROR(SaveRef(o.kwargs, depth, "keyword arguments"));
-      WriteOp(op::kNewObjEx);
+      e_.Op(op::kNewObjEx);
     } else if (o.kwargs->is(Kind::kDict) && o.kwargs->dict_items().empty()) {
-      WriteOp(op::kNewObj);  // cls.__new__(cls, *args, **{}) is plain NEWOBJ
+      e_.NewObj();  // cls.__new__(cls, *args, **{}) is plain NEWOBJ
     } else {
       return InvalidArgumentError("NEWOBJ_EX keyword arguments need pickle protocol 4");
     }
@@ -1303,7 +1308,7 @@ class Writer {
     DCPP_RETURN_IF_ERROR(WriteDictItemsIter(o.dict_items, depth));
     if (o.state) {
       DCPP_RETURN_IF_ERROR(SaveRef(o.state, depth, "state"));
-      WriteOp(op::kBuild);
+      e_.Build();
     }
     return Status::Ok();
   }
@@ -1313,40 +1318,35 @@ class Writer {
       return InvalidArgumentError("pickle tree nested deeper than " +
                                   std::to_string(options_.max_depth) + " (max_depth)");
     }
-    OpcodeBoundary();  // CPython's save() checks before each value, atoms included
+    e_.Boundary();  // CPython's save() checks before each value, atoms included
     return SaveValue(v, depth, shared);
   }
 
   Status SaveValue(const PickleValue& v, int depth, bool shared) {
     if (shared) {
       if (auto it = node_memo_.find(&v); it != node_memo_.end()) {
-        MemoGet(it->second);
+        e_.MemoGet(it->second);
         return Status::Ok();
       }
     }
     switch (v.kind()) {
       case Kind::kNone:
-        WriteOp(op::kNone);
+        e_.None();
         return Status::Ok();
       case Kind::kBool:
-        WriteOp(v.as_bool() ? op::kNewTrue : op::kNewFalse);
+        e_.Bool(v.as_bool());
         return Status::Ok();
       case Kind::kInt:
-        WriteInt(v.as_int());
+        e_.Int(v.as_int());
         return Status::Ok();
-      case Kind::kFloat: {
-        auto bits = std::bit_cast<uint64_t>(v.as_float());
-        char buf[9];
-        buf[0] = static_cast<char>(op::kBinFloat);
-        for (int i = 0; i < 8; ++i) buf[1 + i] = static_cast<char>((bits >> (56 - 8 * i)) & 0xff);
-        Write(std::string_view(buf, 9));
+      case Kind::kFloat:
+        e_.Float(v.as_float());
         return Status::Ok();
-      }
       case Kind::kStr:
         if (!Proto4() && v.as_str().size() > 0xffffffffu) {
           return InvalidArgumentError("str too long for protocol 2");
         }
-        WriteStrBody(v.as_str());
+        e_.StrBody(v.as_str());
         MemoizeNode(v, shared);
         return Status::Ok();
       case Kind::kBytes:
@@ -1354,46 +1354,42 @@ class Writer {
       case Kind::kTuple: {
         const Items& items = v.items();
         if (items.empty()) {
-          WriteOp(op::kEmptyTuple);  // CPython does not memoize ()
+          e_.EmptyTuple();  // CPython does not memoize ()
           return Status::Ok();
         }
-        if (items.size() > 3) WriteOp(op::kMark);
+        if (items.size() > 3) e_.Mark();
         for (const PickleRef& c : items) DCPP_RETURN_IF_ERROR(SaveRef(c, depth + 1, "tuple item"));
-        WriteOp(items.size() > 3 ? op::kTuple
-                                 : static_cast<uint8_t>(op::kTuple1 + items.size() - 1));
+        e_.Op(items.size() > 3 ? op::kTuple : static_cast<uint8_t>(op::kTuple1 + items.size() - 1));
         MemoizeNode(v, shared);
         return Status::Ok();
       }
       case Kind::kList:
-        WriteOp(op::kEmptyList);
+        e_.Op(op::kEmptyList);
         MemoizeNode(v, shared);
         return WriteListItemsExact(v.items(), depth + 1);
-      case Kind::kDict:
-        WriteOp(op::kEmptyDict);
+      case Kind::kDict: {
+        e_.Op(op::kEmptyDict);
         MemoizeNode(v, shared);
-        return WriteDictItemsExact(v.dict_items(), depth + 1);
+        const DictItems& items = v.dict_items();
+        return e_.DictItems(items.size(), [&](size_t i) { return SavePair(items[i], depth + 1); });
+      }
       case Kind::kSet:
         return SaveSet(v, depth + 1, shared);
       case Kind::kGlobal:
-        return WriteGlobal(v.global().module, v.global().name);
+        return Global(v.global().module, v.global().name);
       case Kind::kObject:
         return SaveObject(v, depth + 1, shared);
       case Kind::kPersistentId:
         DCPP_RETURN_IF_ERROR(SaveRef(v.persistent_id(), depth + 1, "persistent id"));
-        WriteOp(op::kBinPersId);
+        e_.Op(op::kBinPersId);
         return Status::Ok();
     }
     return InternalError("unknown pickle value kind");
   }
 
   const PickleWriteOptions& options_;
-  std::string out_;
-  bool framing_ = false;
-  size_t frame_start_ = std::string::npos;
-  uint64_t memo_size_ = 0;
+  PickleEmitter e_;
   std::unordered_map<const PickleValue*, uint64_t> node_memo_;
-  std::map<std::string, uint64_t, std::less<>> str_memo_;
-  std::map<std::pair<std::string, std::string>, uint64_t> global_memo_;
 };
 
 // ---------------------------------------------------------------- repr
@@ -1851,6 +1847,10 @@ Result<PickleRef> ReadPickle(std::string_view data, const PickleReadOptions& opt
 }
 
 Result<std::string> WritePickle(const PickleValue& value, const PickleWriteOptions& options) {
+  if (options.protocol != 2 && options.protocol != 4) {
+    return InvalidArgumentError("pickle protocol " + std::to_string(options.protocol) +
+                                " cannot be written (2 or 4)");
+  }
   return Writer(options).Run(value);
 }
 

@@ -36,7 +36,9 @@
 // Thread-safety: functions are reentrant; PickleValue trees are not synchronized.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <set>
 #include <string>
@@ -199,6 +201,149 @@ Result<PickleRef> ReadPickle(std::string_view data, const PickleReadOptions& opt
 struct PickleWriteOptions {
   int protocol = 2;      // 2 or 4
   int max_depth = 1000;  // nesting limit (same measure as PickleReadOptions::max_depth)
+};
+
+// Emits pickle opcodes straight into a byte string, making the choices WritePickle makes
+// (CPython's C pickler: integer widths, a memo entry for every str, container and object,
+// globals and their names memoized by value, frames of at least 64 KiB), for encoders that know
+// their structure and need no PickleValue tree (the `.metadata` encoder). Output equals
+// WritePickle's for the equivalent tree when the caller follows its order: Boundary() before
+// every value (CPython commits a full frame there), Memoize() after every value CPython
+// memoizes (Str, TupleEnd, EmptyList and EmptyDict do it themselves), ListItems/DictItems for
+// the items of a real list or dict. Errors (a protocol-2 global with a newline, a str too long
+// for protocol 2) are kept and returned by Finish(). Thread-safety: one emitter per thread.
+class PickleEmitter {
+ public:
+  // `protocol` must be 2 or 4 (WritePickle checks it before constructing one).
+  explicit PickleEmitter(int protocol);
+
+  int protocol() const { return protocol_; }
+  bool proto4() const { return protocol_ >= 4; }
+  void Reserve(size_t bytes) { out_.reserve(bytes); }
+  size_t size() const { return out_.size(); }
+
+  // CPython's save() checks before each value, atoms included, whether the frame is full.
+  void Boundary() {
+    if (framing_ && frame_start_ != std::string::npos &&
+        out_.size() - frame_start_ - kFrameHeaderSize >= kFrameSizeTarget) {
+      CommitFrame();
+    }
+  }
+
+  void None();
+  void Bool(bool b);
+  void Int(int64_t v);
+  void Float(double d);
+  // A str object: its bytes and its memo entry.
+  void Str(std::string_view s) {
+    StrBody(s);
+    Memoize();
+  }
+  void StrBody(std::string_view s);
+  // A str CPython shares by identity (global names, 'latin1'): memoized by value.
+  void SharedStr(std::string_view s);
+  // The global module.name (STACK_GLOBAL in protocol 4, GLOBAL in 2), memoized by value. With
+  // `slot`, the call site caches the memo index (-1 until the first write), skipping the lookup.
+  void Global(std::string_view module, std::string_view name);
+  void Global(std::string_view module, std::string_view name, int64_t* slot) {
+    if (*slot >= 0) return MemoGet(static_cast<uint64_t>(*slot));
+    Global(module, name);
+    *slot = static_cast<int64_t>(last_global_);
+  }
+
+  void EmptyTuple();  // not memoized, as in CPython
+  void Mark();
+  // Closes a tuple of n >= 1 items (TUPLE1-3; TUPLE after a Mark() the caller wrote for n > 3)
+  // and memoizes it.
+  void TupleEnd(size_t n);
+  void EmptyList();  // and its memo entry
+  void EmptyDict();  // and its memo entry
+  void Append();
+  void Appends();
+  void SetItem();
+  void SetItems();
+  void NewObj();
+  void Reduce();
+  void Build();
+
+  // CPython's batch_list_exact / batch_dict_exact for n items; `item(i)` (`pair(i)`) writes
+  // item i (key i and value i) and returns a Status that stops the loop when not OK.
+  template <typename F>
+  Status ListItems(size_t n, F&& item) {
+    if (n == 1) {
+      DCPP_RETURN_IF_ERROR(item(size_t{0}));
+      Append();
+      return Status::Ok();
+    }
+    for (size_t i = 0; i < n; i += kBatchSize) {
+      Mark();
+      for (size_t j = i; j < std::min(n, i + kBatchSize); ++j) DCPP_RETURN_IF_ERROR(item(j));
+      Appends();
+    }
+    return Status::Ok();
+  }
+  template <typename F>
+  Status DictItems(size_t n, F&& pair) {
+    if (n == 1) {
+      DCPP_RETURN_IF_ERROR(pair(size_t{0}));
+      SetItem();
+      return Status::Ok();
+    }
+    if (n == 0) return Status::Ok();
+    // Unlike lists, CPython loops while the last batch was full, so a multiple of 1000 ends
+    // with an empty MARK SETITEMS.
+    size_t i = 0;
+    size_t k = 0;
+    do {
+      Mark();
+      for (k = 0; k < kBatchSize && i < n; ++k, ++i) DCPP_RETURN_IF_ERROR(pair(i));
+      SetItems();
+    } while (k == kBatchSize);
+    return Status::Ok();
+  }
+
+  // Lower level, for writers of other value kinds.
+  void Op(uint8_t code) { Write(std::string_view(reinterpret_cast<const char*>(&code), 1)); }
+  void OpLE(uint8_t code, uint64_t v, size_t width);
+  // A length-prefixed payload; large ones go outside frames, as CPython writes them.
+  void Payload(uint8_t code, size_t width, std::string_view payload);
+  // Adds the value just written to the memo; returns its index.
+  uint64_t Memoize();
+  void MemoGet(uint64_t index);
+  void Fail(Status s) {
+    if (status_.ok()) status_ = std::move(s);
+  }
+  const Status& status() const { return status_; }
+
+  // STOP, the last frame closed; the bytes, or the first error.
+  Result<std::string> Finish();
+
+  static constexpr size_t kBatchSize = 1000;             // CPython's APPENDS/SETITEMS batch
+  static constexpr size_t kFrameSizeTarget = 64 * 1024;  // CPython's _FRAME_SIZE_TARGET
+
+ private:
+  static constexpr size_t kFrameSizeMin = 4;     // smaller frames get no FRAME header
+  static constexpr size_t kFrameHeaderSize = 9;  // FRAME + u64 length
+
+  // A frame is opened lazily by the first write after a commit.
+  void Write(std::string_view bytes) {
+    if (framing_ && frame_start_ == std::string::npos) {
+      frame_start_ = out_.size();
+      out_.append(kFrameHeaderSize, '\0');
+    }
+    out_.append(bytes);
+  }
+  void CommitFrame();
+
+  int protocol_;
+  std::string out_;
+  bool framing_ = false;
+  size_t frame_start_ = std::string::npos;
+  uint64_t memo_size_ = 0;
+  uint64_t last_global_ = 0;
+  std::map<std::string, uint64_t, std::less<>> str_memo_;
+  std::map<std::string, uint64_t, std::less<>> global_memo_;  // "module\0name"
+  Status status_;
 };
 
 // Serializes a tree. kObject nodes with newobj=false become `callable args REDUCE`, with

@@ -41,7 +41,8 @@ TEST(WireTest, TruncatedEnvelopesAndHugeCodesAreMalformed) {
   WireWriter w;
   w.U64(256);
   w.Str("x");
-  WireReader r(w.Release(), "collective message");
+  const std::string huge_code = w.Release();  // the reader views it: it must outlive the reader
+  WireReader r(huge_code, "collective message");
   Status carried;
   EXPECT_THAT(r.ReadStatus(&carried), StatusIs(StatusCode::kDataLoss, HasSubstr("malformed")));
 }

@@ -60,14 +60,14 @@ TEST(WriteResultsWireTest, RoundTripsAndRefusesEveryTruncation) {
 }
 
 TEST(WriteResultsWireTest, ACountBeyondTheResultsPresentIsMalformed) {
-  // 64 zero bytes decode as one empty result; a count of 2^24 over 2^24 such bytes passes the
+  // 80 zero bytes decode as one empty result; a count of 2^24 over 2^24 such bytes passes the
   // count's bound but not the decoding. The results are grown as they decode, not sized by the
   // count up front (2^24 WriteResults are gigabytes).
   const uint64_t count = uint64_t{1} << 24;
   std::string bytes(8 + count, '\0');
   for (int i = 0; i < 8; ++i) bytes[i] = static_cast<char>(count >> (8 * i));
   EXPECT_THAT(DecodeWriteResults(bytes), StatusIs(StatusCode::kDataLoss, HasSubstr("malformed")));
-  bytes.resize(8 + 64);
+  bytes.resize(8 + 80);  // index, size, storage info (64 bytes), no checksums (16)
   bytes[3] = 0;
   bytes[0] = 1;  // a count of 1: the one empty result decodes
   DCPP_ASSERT_OK_AND_ASSIGN(auto one, DecodeWriteResults(bytes));

@@ -13,6 +13,7 @@
 #include <unordered_set>
 
 #include "codec/torch_save.h"
+#include "core/thread_pool.h"
 #include "dcpp/planner.h"
 #include "planner/plan_wire.h"
 #include "xxhash.h"
@@ -113,7 +114,10 @@ uint64_t HashKey(uint32_t fqn, const std::optional<Shape>& offset) {
   } else {
     h ^= 0x5bd1e995;
   }
-  return h ^ (h >> 29);
+  // MurmurHash3's finalizer: the low bits pick the slot, the high bits are the tag.
+  h ^= h >> 33;
+  h *= 0xff51afd7ed558ccdULL;
+  return h ^ (h >> 33);
 }
 
 PlanKeys ComputeKeys(const std::vector<SavePlan>& plans) {
@@ -121,25 +125,41 @@ PlanKeys ComputeKeys(const std::vector<SavePlan>& plans) {
   k.key.resize(plans.size());
   size_t total = 0;
   for (const auto& p : plans) total += p.items.size();
+  k.key_fqn.reserve(total);
+  k.first.reserve(total);
+  k.holders.reserve(total);
   std::unordered_map<std::string_view, uint32_t> fqn_id;
-  // Open addressing over key ids (no node per key): a slot holds id + 1, 0 when empty; a key's
-  // identity is read back from its first holder.
+  // Open addressing over key ids (no node per key): a slot holds the key's hash in its high 32
+  // bits and id + 1 in its low 32 bits (0 when empty), so a probe only reads the key's identity
+  // back from its first holder when the hashes agree.
   size_t cap = 16;
   while (cap < total * 2) cap <<= 1;
-  std::vector<uint32_t> slots(cap, 0);
+  std::vector<uint64_t> slots(cap, 0);
   const size_t mask = cap - 1;
-  std::vector<uint32_t> prev_fqn;  // fqn ids of the previous plan's items, by position
+  std::vector<uint32_t> prev_fqn, cur_fqn;  // fqn ids of the previous / this plan's items
+  std::vector<uint64_t> hashes;             // this plan's key hashes; 0: same key as prev rank
   for (size_t p = 0; p < plans.size(); ++p) {
     const auto& items = plans[p].items;
     const auto* prev_items = p > 0 ? &plans[p - 1].items : nullptr;
-    std::vector<uint32_t> cur_fqn(items.size());
+    cur_fqn.resize(items.size());
+    hashes.resize(items.size());
     auto& keys = k.key[p];
     keys.resize(items.size());
+    // 1. Each item's fqn id and key hash. Consecutive ranks usually list the same fqns in the
+    // same order, and replicated items sit at the same position on every rank: those are
+    // recognised by comparing with the previous rank's item, without hashing.
     for (size_t i = 0; i < items.size(); ++i) {
       const MetadataIndex& idx = items[i].index;
       uint32_t f;
       if (prev_items && i < prev_items->size() && (*prev_items)[i].index.fqn == idx.fqn) {
         f = prev_fqn[i];
+        if ((*prev_items)[i].index.offset == idx.offset) {
+          cur_fqn[i] = f;
+          hashes[i] = 0;
+          keys[i] = k.key[p - 1][i];
+          ++k.holders[keys[i]];
+          continue;
+        }
       } else {
         auto it = fqn_id.find(idx.fqn);
         if (it == fqn_id.end()) {
@@ -149,21 +169,36 @@ PlanKeys ComputeKeys(const std::vector<SavePlan>& plans) {
         f = it->second;
       }
       cur_fqn[i] = f;
-      size_t slot = HashKey(f, idx.offset) & mask;
+      hashes[i] = HashKey(f, idx.offset) | 1;  // never 0
+    }
+    // 2. The other keys through the table, in item order. The table is far larger than the
+    // caches, so the slot of an item a few places ahead is prefetched.
+    constexpr size_t kAhead = 16;
+    for (size_t i = 0; i < items.size(); ++i) {
+      if (i + kAhead < items.size() && hashes[i + kAhead] != 0) {
+        __builtin_prefetch(&slots[hashes[i + kAhead] & mask]);
+      }
+      const uint64_t h = hashes[i];
+      if (h == 0) continue;
+      const uint32_t f = cur_fqn[i];
+      const uint64_t tag = h >> 32;
+      size_t slot = h & mask;
       uint32_t id;
       for (;; slot = (slot + 1) & mask) {
-        if (slots[slot] == 0) {
+        const uint64_t v = slots[slot];
+        if (v == 0) {
           id = static_cast<uint32_t>(k.key_fqn.size());
-          slots[slot] = id + 1;
+          slots[slot] = (tag << 32) | (id + 1);
           k.key_fqn.push_back(f);
           k.first.push_back({static_cast<uint32_t>(p), static_cast<uint32_t>(i)});
           k.holders.push_back(0);
           break;
         }
-        const uint32_t cand = slots[slot] - 1;
+        if ((v >> 32) != tag) continue;
+        const uint32_t cand = static_cast<uint32_t>(v & 0xffffffffu) - 1;
         if (k.key_fqn[cand] != f) continue;
         const auto [fp, fi] = k.first[cand];
-        if (plans[fp].items[fi].index.offset == idx.offset) {
+        if (plans[fp].items[fi].index.offset == items[i].index.offset) {
           id = cand;
           break;
         }
@@ -171,7 +206,7 @@ PlanKeys ComputeKeys(const std::vector<SavePlan>& plans) {
       ++k.holders[id];
       keys[i] = id;
     }
-    prev_fqn = std::move(cur_fqn);
+    std::swap(prev_fqn, cur_fqn);
   }
   return k;
 }
@@ -249,26 +284,66 @@ void DedupWithKeys(std::vector<SavePlan>& plans, PlanKeys& keys, bool save_to_lo
   }
 }
 
+// What GlobalPlanWithKeys learns about each tensor's chunks while it collects them, so the
+// validation that follows need not visit them again: the first chunk outside the tensor, the
+// chunks' total volume, and the dimensions along which the chunks, in order, are disjoint
+// intervals (row or column shards as ranks list them), which rules out any overlap.
+struct ChunkFacts {
+  int64_t first_outside = -1;             // index of the first chunk outside the tensor, or -1
+  __int128 volume = 0;                    // overlapping chunks (refused below) may sum past int64
+  uint64_t disjoint_dims = ~uint64_t{0};  // bit d: chunks disjoint and ascending along d
+  Shape last_end;                         // offsets + sizes of the previous chunk
+};
+
+void AddChunkFacts(ChunkFacts& facts, const Shape& size, const ChunkBox& c, int64_t index) {
+  const size_t dims = size.size();
+  // Contains(WholeBox(size), c) without building the box: 128-bit sums, as there.
+  bool inside = c.offsets.size() == dims && c.sizes.size() == dims;
+  for (size_t d = 0; inside && d < dims; ++d) {
+    inside = c.offsets[d] >= 0 && __int128{c.offsets[d]} + c.sizes[d] <= __int128{size[d]};
+  }
+  if (facts.first_outside < 0 && !inside) facts.first_outside = index;
+  facts.volume += c.numel();
+  if (facts.first_outside >= 0 || dims > 64) {
+    facts.disjoint_dims = 0;
+    return;
+  }
+  if (index == 0) {
+    facts.disjoint_dims = dims == 64 ? ~uint64_t{0} : (uint64_t{1} << dims) - 1;
+    facts.last_end.resize(dims);
+  } else {
+    for (size_t d = 0; d < dims; ++d) {
+      if (c.offsets[d] < facts.last_end[d]) facts.disjoint_dims &= ~(uint64_t{1} << d);
+    }
+  }
+  for (size_t d = 0; d < dims; ++d) facts.last_end[d] = c.offsets[d] + c.sizes[d];
+}
+
 // PyTorch's create_default_global_save_plan on computed keys: one metadata entry per fqn (in the
 // order the deduplicated plans first name them), chunks in plan order, index hints rewritten.
-Result<Metadata> GlobalPlanWithKeys(std::vector<SavePlan>& plans, const PlanKeys& keys) {
+// `facts`, when given, receives each fqn's ChunkFacts (indexed like md.state_dict_metadata).
+// `fqn_of(p, i)` is the fqn id of plan p's item i, `fqn_name(f)` its name, for n_fqns ids.
+template <typename FqnOf, typename FqnName>
+Result<Metadata> BuildMetadata(std::vector<SavePlan>& plans, size_t n_fqns, FqnOf&& fqn_of,
+                               FqnName&& fqn_name, std::vector<ChunkFacts>* facts) {
   struct Entry {
     bool seen = false;
     StorageMetadata m;
+    ChunkFacts facts;
   };
-  std::vector<Entry> entries(keys.fqns.size());
+  std::vector<Entry> entries(n_fqns);
   std::vector<uint32_t> order;
-  std::vector<int64_t> chunk_count(keys.fqns.size(), 0);
+  std::vector<int64_t> chunk_count(n_fqns, 0);
   for (size_t p = 0; p < plans.size(); ++p) {
-    for (uint32_t id : keys.key[p]) ++chunk_count[keys.key_fqn[id]];
+    for (size_t i = 0; i < plans[p].items.size(); ++i) ++chunk_count[fqn_of(p, i)];
   }
   for (size_t p = 0; p < plans.size(); ++p) {
     auto& items = plans[p].items;
     for (size_t i = 0; i < items.size(); ++i) {
       WriteItem& item = items[i];
-      const uint32_t f = keys.key_fqn[keys.key[p][i]];
+      const uint32_t f = fqn_of(p, i);
       Entry& e = entries[f];
-      const std::string& fqn = keys.fqns[f];
+      const std::string& fqn = fqn_name(f);
       if (item.type == WriteItemType::kByteIO) {
         if (e.seen) {
           return InvalidArgumentError("rank " + std::to_string(p) + ": key \"" + fqn +
@@ -302,13 +377,26 @@ Result<Metadata> GlobalPlanWithKeys(std::vector<SavePlan>& plans, const PlanKeys
                                     std::string(DTypeName(tmd->properties.dtype)) +
                                     ShapeToString(tmd->size));
       }
-      item.index.index = static_cast<int64_t>(tmd->chunks.size());
+      const auto index = static_cast<int64_t>(tmd->chunks.size());
+      item.index.index = index;
+      if (facts) AddChunkFacts(e.facts, tmd->size, td.chunk, index);
       tmd->chunks.push_back(td.chunk);
     }
   }
   Metadata md;
-  for (uint32_t f : order) md.state_dict_metadata[keys.fqns[f]] = std::move(entries[f].m);
+  if (facts) facts->reserve(order.size());
+  for (uint32_t f : order) {
+    md.state_dict_metadata[fqn_name(f)] = std::move(entries[f].m);
+    if (facts) facts->push_back(std::move(entries[f].facts));
+  }
   return md;
+}
+
+Result<Metadata> GlobalPlanWithKeys(std::vector<SavePlan>& plans, const PlanKeys& keys,
+                                    std::vector<ChunkFacts>* facts = nullptr) {
+  return BuildMetadata(
+      plans, keys.fqns.size(), [&](size_t p, size_t i) { return keys.key_fqn[keys.key[p][i]]; },
+      [&](uint32_t f) -> const std::string& { return keys.fqns[f]; }, facts);
 }
 
 // Items several ranks hold under one key must describe the same data, or dedup would silently
@@ -441,6 +529,39 @@ Status CheckNoOverlap(const std::string& fqn, const std::vector<ChunkBox>& chunk
 
 }  // namespace
 
+namespace {
+
+// ValidateGlobalPlan with what GlobalPlanWithKeys learnt (same checks, same messages): chunks
+// are only visited again for tensors whose chunks are not disjoint along some dimension.
+Status ValidateWithFacts(const Metadata& metadata, const std::vector<ChunkFacts>& facts,
+                         bool require_full_coverage) {
+  size_t n = 0;
+  for (const auto& [fqn, m] : metadata.state_dict_metadata) {
+    const ChunkFacts& f = facts[n++];
+    const auto* t = std::get_if<TensorStorageMetadata>(&m);
+    if (!t) continue;
+    if (f.first_outside >= 0) {
+      return InvalidArgumentError("chunk " + t->chunks[f.first_outside].ToString() + " of \"" +
+                                  fqn + "\" is outside its tensor of size " +
+                                  ShapeToString(t->size));
+    }
+    // Sizes that overflow would make the sums meaningless; load refuses such metadata.
+    if (auto bytes = CheckedNumBytes(t->properties.dtype, t->size); !bytes.ok()) {
+      return InvalidArgumentError("\"" + fqn + "\": " + std::string(bytes.status().message()));
+    }
+    if (t->size.empty()) continue;  // a 0-d tensor: every copy is the whole tensor
+    if (f.disjoint_dims == 0) DCPP_RETURN_IF_ERROR(CheckNoOverlap(fqn, t->chunks));
+    if (require_full_coverage && f.volume != NumElements(t->size)) {
+      return InvalidArgumentError("the saved chunks of \"" + fqn + "\" cover " +
+                                  std::to_string(static_cast<int64_t>(f.volume)) + " of its " +
+                                  std::to_string(NumElements(t->size)) + " elements");
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
 Status ValidateGlobalPlan(const Metadata& metadata, bool require_full_coverage) {
   for (const auto& [fqn, m] : metadata.state_dict_metadata) {
     const auto* t = std::get_if<TensorStorageMetadata>(&m);
@@ -478,27 +599,31 @@ Status ValidateGlobalPlan(const Metadata& metadata, bool require_full_coverage) 
 namespace internal {
 
 // What a global plan did to its inputs, so that the same inputs get the same answer without
-// redoing the work (PyTorch's enable_plan_caching): the items each plan keeps, their index
-// hints, and the metadata.
+// redoing the work (PyTorch's enable_plan_caching): the items each plan keeps and the fqn of
+// each, the fqn names and the merged mappings. The metadata is rebuilt from the kept items
+// (chunks in the same order, so the same index hints) rather than stored: the first answer
+// then costs no copy of it, and a hit copies the chunks once, as a stored copy would too.
 struct PlanCache {
   PlanFingerprint fingerprint;
-  std::vector<std::vector<uint32_t>> kept;   // [plan] -> positions of kept items
-  std::vector<std::vector<uint32_t>> hints;  // [plan] -> index hint of each kept item
-  Metadata metadata;
+  std::vector<std::vector<uint32_t>> kept;      // [plan] -> positions of kept items
+  std::vector<std::vector<uint32_t>> item_fqn;  // [plan] -> fqn id of each kept item
+  std::vector<std::string> fqns;                // fqn id -> name
+  std::optional<std::map<std::string, ObjectPath>> planner_data;
 
+  // `keys` as dedup left them (compacted along with the items).
   static std::shared_ptr<const PlanCache> Make(
-      const PlanFingerprint& fp, std::vector<std::vector<uint32_t>> kept,
+      const PlanFingerprint& fp, std::vector<std::vector<uint32_t>> kept, const PlanKeys& keys,
       const std::pair<std::vector<SavePlan>, Metadata>& global) {
     auto c = std::make_shared<PlanCache>();
     c->fingerprint = fp;
     c->kept = std::move(kept);
-    c->hints.resize(global.first.size());
-    for (size_t p = 0; p < global.first.size(); ++p) {
-      for (const auto& item : global.first[p].items) {
-        c->hints[p].push_back(item.index.index ? static_cast<uint32_t>(*item.index.index) : 0);
-      }
+    c->item_fqn.resize(keys.key.size());
+    for (size_t p = 0; p < keys.key.size(); ++p) {
+      c->item_fqn[p].reserve(keys.key[p].size());
+      for (uint32_t id : keys.key[p]) c->item_fqn[p].push_back(keys.key_fqn[id]);
     }
-    c->metadata = global.second;
+    c->fqns.assign(keys.fqns.begin(), keys.fqns.end());
+    c->planner_data = global.second.planner_data;
     return c;
   }
 
@@ -510,11 +635,15 @@ struct PlanCache {
         const uint32_t from = kept[p][k];
         if (from >= items.size() || from < k) return InternalError("plan cache: bad position");
         if (from != k) items[k] = std::move(items[from]);
-        if (items[k].tensor_data) items[k].index.index = hints[p][k];
       }
       items.resize(kept[p].size());
     }
-    return std::make_pair(std::move(plans), metadata);
+    DCPP_ASSIGN_OR_RETURN(
+        Metadata md, BuildMetadata(
+                         plans, fqns.size(), [&](size_t p, size_t i) { return item_fqn[p][i]; },
+                         [&](uint32_t f) -> const std::string& { return fqns[f]; }, nullptr));
+    md.planner_data = planner_data;
+    return std::make_pair(std::move(plans), std::move(md));
   }
 };
 
@@ -580,31 +709,60 @@ PlanFingerprint FingerprintPlans(const std::vector<SavePlan>& plans,
 
 }  // namespace
 
+// The coordinator's work runs in two sections of two independent parts each, side by side on
+// the thread pool when a thread is free (the caller runs whatever no thread has taken):
+//   1. keys and the agreement check of shared items  ||  the plans' fingerprint (first caching
+//      plan only; later ones need it before anything else, to look up the cache);
+//   2. dedup and the metadata (which rewrite items)  ||  the merged flattening mappings (which
+//      read only `mappings`).
+// Then the chunk layout is validated with what the metadata pass learnt.
 Result<std::pair<std::vector<SavePlan>, Metadata>> DefaultSavePlanner::CreateGlobalPlan(
     std::vector<SavePlan> plans) {
   last_plan_cached_ = false;
   std::optional<PlanFingerprint> fingerprint;
-  if (options_.enable_plan_caching) {
+  if (options_.enable_plan_caching && cache_) {
     fingerprint = FingerprintPlans(plans, options_);
-    if (cache_ && cache_->fingerprint == *fingerprint) {
+    if (cache_->fingerprint == *fingerprint) {
       DCPP_ASSIGN_OR_RETURN(auto global, cache_->Apply(std::move(plans)));
       last_plan_cached_ = true;
       return global;
     }
   }
-  PlanKeys keys = ComputeKeys(plans);
-  DCPP_RETURN_IF_ERROR(CheckSharedItemsAgree(plans, keys));
+  const bool fingerprint_alongside = options_.enable_plan_caching && !fingerprint;
+  PlanKeys keys;
+  std::vector<Status> done = internal::ParallelFor(2, 2, [&](size_t part) {
+    if (part == 1) {
+      if (fingerprint_alongside) fingerprint = FingerprintPlans(plans, options_);
+      return Status::Ok();
+    }
+    keys = ComputeKeys(plans);
+    return CheckSharedItemsAgree(plans, keys);
+  });
+  DCPP_RETURN_IF_ERROR(internal::FirstError(done));
+
   std::vector<std::vector<uint32_t>> kept;
-  DedupWithKeys(plans, keys, options_.dedup_save_to_lowest_rank, fingerprint ? &kept : nullptr);
-  DCPP_ASSIGN_OR_RETURN(Metadata md, GlobalPlanWithKeys(plans, keys));
-  if (options_.flatten_state_dict) md.planner_data = MergeMappings(plans);
-  DCPP_RETURN_IF_ERROR(ValidateGlobalPlan(md, options_.require_full_coverage));
-  // What load would refuse (planner data among it) is refused now, before any byte is written.
-  if (Status s = ValidateMetadata(md, "global plan"); !s.ok()) {
+  std::vector<ChunkFacts> facts;
+  Result<Metadata> md = Metadata{};
+  std::optional<std::map<std::string, ObjectPath>> mappings;
+  done = internal::ParallelFor(2, 2, [&](size_t part) {
+    if (part == 1) {
+      if (options_.flatten_state_dict) mappings = MergeMappings(plans);
+      return Status::Ok();
+    }
+    DedupWithKeys(plans, keys, options_.dedup_save_to_lowest_rank, fingerprint ? &kept : nullptr);
+    md = GlobalPlanWithKeys(plans, keys, &facts);
+    return md.status();
+  });
+  DCPP_RETURN_IF_ERROR(internal::FirstError(done));
+  md->planner_data = std::move(mappings);
+  DCPP_RETURN_IF_ERROR(ValidateWithFacts(*md, facts, options_.require_full_coverage));
+  // Planner data load would refuse is refused now, before any byte is written (the chunks were
+  // checked above, so the whole-metadata check is not repeated).
+  if (Status s = ValidatePlannerData(*md, "global plan"); !s.ok()) {
     return InvalidArgumentError(std::string(s.message()));
   }
-  auto global = std::make_pair(std::move(plans), std::move(md));
-  if (fingerprint) cache_ = internal::PlanCache::Make(*fingerprint, std::move(kept), global);
+  auto global = std::make_pair(std::move(plans), *std::move(md));
+  if (fingerprint) cache_ = internal::PlanCache::Make(*fingerprint, std::move(kept), keys, global);
   return global;
 }
 
@@ -787,8 +945,13 @@ std::vector<ReadItem> CreateReadItemsForChunks(const std::string& fqn,
   }
   std::vector<size_t> order(saved.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-  std::sort(order.begin(), order.end(),
-            [&](size_t a, size_t b) { return saved[a].offsets[sweep] < saved[b].offsets[sweep]; });
+  // Saved chunks usually come in row order already (ranks in order): sort only when not.
+  auto by_start = [&](size_t a, size_t b) {
+    return saved[a].offsets[sweep] < saved[b].offsets[sweep];
+  };
+  if (!std::is_sorted(order.begin(), order.end(), by_start)) {
+    std::sort(order.begin(), order.end(), by_start);
+  }
   std::vector<int64_t> starts;
   int64_t longest = 0;
   for (size_t i : order) {

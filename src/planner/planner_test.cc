@@ -230,6 +230,98 @@ TEST(SavePlannerTest, ValidationScalesToManyChunks) {
   }
 }
 
+// Random row/column/block layouts, some with overlapping, missing, outside or out-of-order
+// chunks: the planner's validation (which reuses what the metadata pass learnt) must give the
+// same answer, and the same message, as dedup + global plan + ValidateGlobalPlan.
+TEST(SavePlannerTest, GlobalPlanValidationAgreesWithValidateGlobalPlan) {
+  std::mt19937_64 rng(11);
+  auto pick = [&](int64_t lo, int64_t hi) {
+    return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
+  };
+  int failures = 0;
+  for (int round = 0; round < 300; ++round) {
+    const int ranks = static_cast<int>(pick(1, 6));
+    const int64_t rows = ranks * 4, cols = 6;
+    std::vector<SavePlan> plans(ranks);
+    for (int r = 0; r < ranks; ++r) {
+      // Row shards, sometimes cut along columns too; a few are perturbed.
+      const bool split_cols = round % 3 == 1;
+      for (int part = 0; part < (split_cols ? 2 : 1); ++part) {
+        ChunkBox c{{r * 4, split_cols ? part * 3 : 0}, {4, split_cols ? 3 : cols}};
+        switch (pick(0, 14)) {
+          case 0:
+            c.sizes[0] += 1;  // overlaps the next rank's rows (or leaves the tensor)
+            break;
+          case 1:
+            c.sizes[0] -= 1;  // a gap
+            break;
+          case 2:
+            c.offsets[1] = cols;  // outside
+            break;
+          default:
+            break;
+        }
+        WriteItem w;
+        w.index = {"w", c.offsets, std::nullopt};
+        w.type = WriteItemType::kShard;
+        w.tensor_data = TensorWriteData{c, {DType::kFloat32}, {rows, cols}};
+        plans[r].items.push_back(w);
+      }
+      WriteItem b;  // replicated
+      b.index = {"b", Shape{0}, std::nullopt};
+      b.tensor_data = TensorWriteData{{{0}, {cols}}, {DType::kFloat32}, {cols}};
+      plans[r].items.push_back(b);
+    }
+    if (pick(0, 1)) std::shuffle(plans.begin(), plans.end(), rng);  // chunks out of row order
+    const bool full = pick(0, 1);
+    Status reference = [&] {
+      auto deduped = DedupSavePlans(plans, false);
+      auto global = CreateDefaultGlobalSavePlan(deduped);
+      if (!global.ok()) return global.status();
+      return ValidateGlobalPlan(global->second, full);
+    }();
+    SavePlannerOptions options;
+    options.require_full_coverage = full;
+    DefaultSavePlanner planner(options);
+    auto got = planner.CreateGlobalPlan(plans);
+    EXPECT_EQ(got.status().ToString(), reference.ToString()) << "round " << round;
+    failures += !reference.ok();
+  }
+  EXPECT_GT(failures, 30);  // the perturbations do produce invalid layouts
+  EXPECT_LT(failures, 270);
+}
+
+// A larger structure with bytes, replicated and sharded items whose dedup moves items: the plan
+// cache's answer (metadata rebuilt from the kept items) equals a fresh plan's.
+TEST(SavePlannerTest, PlanCacheHitEqualsFreshPlanForMixedItems) {
+  std::vector<SavePlan> plans;
+  for (int r = 0; r < 64; ++r) {
+    Value sd = ShardedRows(r, 64, 256, 5);
+    sd.Set("opt", Value::Int(r % 2));  // bytes, replicated by key
+    for (int i = 0; i < 5; ++i) {
+      sd.Set("norm" + std::to_string(i), Value::FromTensor(IotaTensor(DType::kFloat64, {7})));
+    }
+    plans.push_back(PlanFor(sd));
+  }
+  DefaultSavePlanner fresh;
+  DCPP_ASSERT_OK_AND_ASSIGN(auto expected, fresh.CreateGlobalPlan(plans));
+  SavePlannerOptions options;
+  options.enable_plan_caching = true;
+  DefaultSavePlanner caching(options);
+  DCPP_ASSERT_OK(caching.CreateGlobalPlan(plans).status());
+  for (int again = 0; again < 2; ++again) {
+    DCPP_ASSERT_OK_AND_ASSIGN(auto hit, caching.CreateGlobalPlan(plans));
+    EXPECT_TRUE(caching.last_plan_cached());
+    ASSERT_EQ(hit.first.size(), expected.first.size());
+    for (size_t p = 0; p < expected.first.size(); ++p) {
+      EXPECT_EQ(EncodeSavePlan(hit.first[p]), EncodeSavePlan(expected.first[p])) << p;
+    }
+    DCPP_ASSERT_OK_AND_ASSIGN(std::string a, EncodeMetadata(hit.second));
+    DCPP_ASSERT_OK_AND_ASSIGN(std::string b, EncodeMetadata(expected.second));
+    EXPECT_EQ(a, b);
+  }
+}
+
 TEST(SavePlannerTest, PlanEncodingRoundTrips) {
   SavePlan p = PlanFor(Nested());
   p.storage_prefix = "__1_";

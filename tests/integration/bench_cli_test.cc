@@ -37,7 +37,8 @@ TEST(BenchCliTest, QuickJsonPrintsOneRowPerCase) {
   }
   for (const char* c :
        {"save/large/t1", "save/large/t4", "load/large/t4", "save/small/t4", "load/small/t1",
-        "load/reshard/t4 (4 -> 3 ranks)", "limits/memcpy", "planning/16x100"}) {
+        "load/reshard/t4 (4 -> 3 ranks)", "limits/memcpy", "planning/16x100",
+        "commit-metadata/16x100", "bench/total"}) {
     EXPECT_TRUE(cases.count(c)) << c << " missing in " << out;
   }
   for (const auto& r : rows) {
@@ -48,6 +49,13 @@ TEST(BenchCliTest, QuickJsonPrintsOneRowPerCase) {
     }
     if (r["case"] == "planning/16x100") {
       EXPECT_TRUE(r["pass"].get<bool>()) << r.dump();  // a plan cache hit, not a speed
+    }
+    if (r["case"] == "commit-metadata/16x100") {
+      EXPECT_GT(f.value("metadata_MiB", 0.0), 0) << r.dump();
+    }
+    if (r["case"] == "bench/total") {
+      EXPECT_GT(f.value("total_s", 0.0), 0) << r.dump();
+      EXPECT_GT(f.value("planning_s", 0.0), 0) << r.dump();
     }
     if (r["case"] == "load/reshard/t4 (4 -> 3 ranks)") {
       EXPECT_GT(f.value("bytes_read_per_needed", 0.0), 0.99) << r.dump();

@@ -13,6 +13,7 @@
 #include "dcpp/comm.h"
 #include "dcpp/s3_store.h"
 #include "dcpp/storage.h"
+#include "dcpp/verify.h"
 #include "testing/s3_server.h"
 #include "testing/store_conformance.h"
 #include "testing/testing.h"
@@ -435,6 +436,26 @@ TEST(S3CheckpointTest, FourRanksSaveThreeAndTwoRanksLoadResharded) {
   // A missing checkpoint is NotFound naming its metadata.
   Value sd = Value::MakeDict();
   EXPECT_THAT(Load(sd, url + "_missing"), StatusIs(StatusCode::kNotFound, HasSubstr(".metadata")));
+}
+
+TEST(S3CheckpointTest, VerifyChecksEveryByteThroughTheStore) {
+  DCPP_REQUIRE_S3();
+  UseEndpoint(Server().endpoint());
+  const std::string url = "s3://" + UniqueBucket() + "/run/step_7";
+  Model m(2);
+  DCPP_ASSERT_OK(SaveOn(2, m, url));
+  DCPP_ASSERT_OK_AND_ASSIGN(VerifyReport clean, VerifyCheckpoint(url));
+  EXPECT_TRUE(clean.ok()) << clean.ToString();
+  EXPECT_TRUE(clean.has_manifest);
+  // One byte flipped in a data file: verify names it, a load refuses it.
+  DCPP_ASSERT_OK_AND_ASSIGN(auto store, OpenStore(url));
+  DCPP_ASSERT_OK_AND_ASSIGN(std::string bytes, store->ReadAll("__1_0.distcp"));
+  bytes[bytes.size() / 2] ^= 0x20;
+  DCPP_ASSERT_OK(store->WriteAll("__1_0.distcp", bytes));
+  DCPP_ASSERT_OK_AND_ASSIGN(VerifyReport bad, VerifyCheckpoint(url));
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.problems[0].file, "__1_0.distcp");
+  EXPECT_THAT(bad.problems[0].message, HasSubstr("checksum mismatch"));
 }
 
 TEST(S3CheckpointTest, InjectedServerErrorsDuringASaveAreRetried) {

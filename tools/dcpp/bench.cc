@@ -54,6 +54,7 @@ struct BenchArgs {
   int items = 1000;
   int load_ranks = 0;
   int rounds = 3;
+  int peer_small_rounds = 1;
   IoCaseArgs io;
 };
 
@@ -65,6 +66,8 @@ void RegisterBench(CLI::App& app) {
   cmd->add_flag("--json", args->json, "print one JSON array of rows");
   cmd->add_flag("--quick", args->quick, "tiny sizes, one round (a smoke test)");
   cmd->add_option("--rounds", args->rounds, "alternating rounds; medians are reported (3)");
+  cmd->add_option("--peer-small-rounds", args->peer_small_rounds,
+                  "rounds that run PyTorch DCP on the small tensors (1: ~12 s per operation)");
   cmd->add_option("--dir", args->dir, "scratch directory (default: bench-scratch in the cwd)");
   // Internal: run one case in this process (the orchestrator spawns these).
   cmd->add_option("--case", args->case_name, "run one case in this process")->group("");
@@ -253,6 +256,14 @@ int RunOrchestrator(const BenchArgs& args) {
   const int64_t reshard = args.quick ? (32 << 20) : (int64_t{512} << 20);
   const std::vector<int> thread_counts = {1, 4};
   Samples s;
+  // Wall seconds per phase, reported with the total in the last row.
+  const double bench_t0 = NowSeconds();
+  std::map<std::string, double> phase_s;
+  auto timed = [&](const std::string& phase, auto&& fn) {
+    const double t0 = NowSeconds();
+    fn();
+    phase_s[phase] += NowSeconds() - t0;
+  };
   auto note = [&](const std::string& what) {
     if (!args.json) std::cerr << "dcpp bench: " << what << "\n";
   };
@@ -275,37 +286,49 @@ int RunOrchestrator(const BenchArgs& args) {
       for (int t : thread_counts) {
         const std::string k = kind + "/t" + std::to_string(t);
         note("round " + std::to_string(round + 1) + ": " + k);
-        json sv = io(kind, "save", t, bytes);
+        json sv, ld;
+        timed("dcpp_io_s", [&] {
+          sv = io(kind, "save", t, bytes);
+          ld = io(kind, "load", t, bytes);
+        });
         if (sv.contains("first_gbps")) {
           s.Add("dcpp/save/" + k + "/first", sv["first_gbps"]);
           s.Add("dcpp/save/" + k + "/later", sv.value("later_gbps", 0.0));
           s.Add("dcpp/save/" + k + "/rss", sv["peak_rss_bytes"].get<double>());
           s.Add("state/" + kind, sv["state_bytes"].get<double>());
         }
-        json ld = io(kind, "load", t, bytes);
         if (ld.contains("gbps")) {
           s.Add("dcpp/load/" + k, ld["gbps"]);
           s.Add("dcpp/load/" + k + "/rss", ld["peak_rss_bytes"].get<double>());
         }
         fs::remove_all(dir + "/dcpp_" + kind + "_t" + std::to_string(t) + "_0");
-        const auto fw = Fio(dir, "write", t, bytes);
-        s.Add("fio/write/" + k, fw.first);
-        s.Add("fio/write_wall/" + k, fw.second);
-        s.Add("fio/read/" + k, Fio(dir, "read", t, bytes).first);
+        timed("fio_s", [&] {
+          const auto fw = Fio(dir, "write", t, bytes);
+          s.Add("fio/write/" + k, fw.first);
+          s.Add("fio/write_wall/" + k, fw.second);
+          s.Add("fio/read/" + k, Fio(dir, "read", t, bytes).first);
+        });
         for (const auto& e : fs::directory_iterator(dir)) {
           if (e.path().filename().string().rfind("dcppbench", 0) == 0) fs::remove(e.path());
         }
       }
+      // PyTorch DCP takes ~12 s per 20 000-tensor save or load here, so its small-tensor
+      // operations run in the first --peer-small-rounds rounds only; torch.save/load and the
+      // large-tensor operations run every round.
+      const bool peer_dcp = kind != "small" || round < args.peer_small_rounds;
       if (have_peer) {
         // One peer process per kind and round runs every operation in turn (PyTorch's import
         // is paid once; its later saves are warm, which favours the peer).
         note("round " + std::to_string(round + 1) + ": PyTorch peers, " + kind);
         std::string ops;
         for (int t : thread_counts) {
+          if (!peer_dcp) break;
           ops += "dcp_save:" + std::to_string(t) + ",dcp_load:" + std::to_string(t) + ",";
         }
         ops += "torch_save,torch_load";
-        for (const json& r : torch(kind, ops, bytes)) {
+        std::vector<json> peer_rows;
+        timed("peers_s", [&] { peer_rows = torch(kind, ops, bytes); });
+        for (const json& r : peer_rows) {
           if (!r.contains("seconds") || r["seconds"].get<double>() <= 0) continue;
           const double gbps = r["bytes"].get<double>() / r["seconds"].get<double>() / 1e9;
           const std::string op = r["op"];
@@ -320,12 +343,15 @@ int RunOrchestrator(const BenchArgs& args) {
     for (int t : thread_counts) {
       const std::string k = "reshard/t" + std::to_string(t);
       note("round " + std::to_string(round + 1) + ": " + k);
-      json sv = io("reshard", "save", t, reshard);
+      json sv, ld;
+      timed("dcpp_io_s", [&] {
+        sv = io("reshard", "save", t, reshard);
+        ld = io("reshard", "load", t, reshard);
+      });
       if (sv.contains("first_gbps")) {
         s.Add("dcpp/save/" + k + "/first", sv["first_gbps"]);
         s.Add("dcpp/save/" + k + "/later", sv.value("later_gbps", 0.0));
       }
-      json ld = io("reshard", "load", t, reshard);
       if (ld.contains("gbps")) {
         s.Add("dcpp/load/" + k, ld["gbps"]);
         s.Add("dcpp/load/" + k + "/rss", ld["peak_rss_bytes"].get<double>());
@@ -407,23 +433,39 @@ int RunOrchestrator(const BenchArgs& args) {
   }
   rows.push_back(Row("limits/memcpy", {{"GBps", s.Med("memcpy")}}, "measured limit", true));
 
-  // Planning at scale, each size in its own process.
+  // Planning at scale, each size in its own process. The 256- and 1024-rank processes also
+  // run the commit (storage data merged, `.metadata` encoded) after the planning figures are
+  // taken; its rows follow the planning rows.
   std::vector<std::pair<int, int>> scales =
       args.quick ? std::vector<std::pair<int, int>>{{16, 100}}
                  : std::vector<std::pair<int, int>>{{256, 1000}, {1024, 1000}, {4096, 1000}};
   double per_item_small = 0;
+  std::vector<json> commit_rows;
+  const double planning_t0 = NowSeconds();
   for (const auto& [ranks, items] : scales) {
     const int load_ranks = ranks == 4096 ? 3072 : ranks * 3 / 4;
+    const bool commit = ranks <= 1024;
     note("planning " + std::to_string(ranks) + " x " + std::to_string(items));
-    auto out = RunJson("env DCPP_BENCH_NO_COMMIT=1 " + self + " bench --case planning --ranks " +
-                           std::to_string(ranks) + " --items " + std::to_string(items) +
-                           " --load-ranks " + std::to_string(load_ranks),
+    auto out = RunJson(std::string(commit ? "" : "env DCPP_BENCH_NO_COMMIT=1 ") + self +
+                           " bench --case planning --ranks " + std::to_string(ranks) + " --items " +
+                           std::to_string(items) + " --load-ranks " + std::to_string(load_ranks),
                        300);
+    const std::string name = std::to_string(ranks) + "x" + std::to_string(items);
     if (out.empty()) {
-      rows.push_back(Row("planning/" + std::to_string(ranks), json::object(), "ran", false));
+      rows.push_back(Row("planning/" + name, json::object(), "ran", false));
       continue;
     }
     json f = out[0]["figures"];
+    if (f.contains("commit_metadata_s")) {
+      commit_rows.push_back(Row("commit-metadata/" + name,
+                                {{"commit_metadata_s", f["commit_metadata_s"]},
+                                 {"metadata_MiB", f.value("metadata_MiB", 0.0)},
+                                 {"with_commit_rss_MiB", f.value("with_commit_rss_MiB", 0.0)}},
+                                "measured (streaming pickle encoder; no target)", true));
+      for (const char* k : {"commit_metadata_s", "metadata_MiB", "with_commit_rss_MiB"}) {
+        f.erase(k);
+      }
+    }
     const double t = f.value("global_plan_s", 0.0);
     const double per_item = t / (static_cast<double>(ranks) * items);
     if (per_item_small == 0) per_item_small = per_item;
@@ -438,23 +480,10 @@ int RunOrchestrator(const BenchArgs& args) {
       pass = pass && t < 2.0 && f.value("planning_rss_MiB", 1e9) < 1024;
       target += ", global plan < 2 s and < 1 GiB above its input plans";
     }
-    rows.push_back(
-        Row("planning/" + std::to_string(ranks) + "x" + std::to_string(items), f, target, pass));
+    rows.push_back(Row("planning/" + name, f, target, pass));
   }
-
-  // The commit's .metadata pickle for 256 ranks (not part of the planning targets above).
-  if (!args.quick) {
-    note("planning 256 x 1000 with the commit's metadata encoding");
-    auto out = RunJson(self + " bench --case planning --ranks 256 --items 1000", 300);
-    if (!out.empty()) {
-      json f = out[0]["figures"];
-      rows.push_back(Row("commit-metadata/256x1000",
-                         {{"commit_metadata_s", f.value("commit_metadata_s", 0.0)},
-                          {"metadata_MiB", f.value("metadata_MiB", 0.0)},
-                          {"with_commit_rss_MiB", f.value("with_commit_rss_MiB", 0.0)}},
-                         "measured, no target yet (the pickle is built as a tree first)", true));
-    }
-  }
+  for (auto& r : commit_rows) rows.push_back(std::move(r));
+  phase_s["planning_s"] = NowSeconds() - planning_t0;
 
   // Rows from other benchmark scripts (bench/*_rows.py), joined as they print them.
   if (!args.quick && fs::exists(SourceDir() + "/bench")) {
@@ -462,13 +491,23 @@ int RunOrchestrator(const BenchArgs& args) {
       const std::string name = e.path().filename().string();
       if (name.size() < 8 || name.substr(name.size() - 8) != "_rows.py") continue;
       note("rows from " + name);
+      const double t0 = NowSeconds();
       for (auto& r :
            RunJson(Quote(python) + " " + Quote(e.path().string()) + " --dir " + Quote(dir), 300)) {
         if (r.is_object() && r.contains("case")) rows.push_back(std::move(r));
       }
+      phase_s["rows_" + name.substr(0, name.size() - 8) + "_s"] = NowSeconds() - t0;
     }
   }
   fs::remove_all(dir);
+  // The whole run against its budget: 10 minutes for the full benchmark on the development
+  // machine, each phase's share beside it.
+  const double total = NowSeconds() - bench_t0;
+  json tf = {{"total_s", total}, {"rounds", rounds}, {"peer_small_rounds", args.peer_small_rounds}};
+  for (const auto& [k, v] : phase_s) tf[k] = v;
+  rows.push_back(Row("bench/total", tf, args.quick ? "measured" : "total runtime < 600 s",
+                     args.quick || total < 600));
+  std::cerr << "dcpp bench: total runtime " << Fmt(total) << " s\n";
   if (args.json) {
     std::cout << json(rows).dump(1) << std::endl;
   } else {
