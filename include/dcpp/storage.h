@@ -76,7 +76,12 @@ class WritableFile : public ByteSink {
 };
 
 // A file opened for reading: a fixed-size ByteSource whose name() is the key's path.
-class ReadableFile : public ByteSource {};
+class ReadableFile : public ByteSource {
+ public:
+  // A hint that [offset, offset + n) will be read soon: a backend may start fetching it while
+  // the caller works on what it has. Never fails; the default does nothing.
+  virtual void Prefetch(uint64_t /*offset*/, uint64_t /*n*/) const {}
+};
 
 // How a lock is held: many shared holders, or one exclusive holder.
 enum class LockMode { kShared, kExclusive };

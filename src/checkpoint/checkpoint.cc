@@ -292,7 +292,11 @@ Status SaveSteps::DecideCommit(const std::vector<Carried>& parts,
   DCPP_RETURN_IF_ERROR(writer_.Finish(metadata_, all));
   // A failed clean-up leaves stray files, but the checkpoint is committed and valid.
   if (!writer_.CleanUp().ok()) LogLine(LogLevel::kInfo, "save.cleanup_failed", "");
-  DCPP_ASSIGN_OR_RETURN((*replies)[0], EncodeMetadata(metadata_));
+  // Only the other ranks read the reply (the coordinator returns metadata_ itself): encoding
+  // it for nobody cost as much as writing `.metadata` for a state of many small tensors.
+  if (!rank_local_ && comm_.size() > 1) {
+    DCPP_ASSIGN_OR_RETURN((*replies)[0], EncodeMetadata(metadata_));
+  }
   return Status::Ok();
 }
 

@@ -690,6 +690,8 @@ Status FileSystemReader::ReadData(const LoadPlan& plan, LoadPlanner& planner) {
           DCPP_RETURN_IF_ERROR(
               file->ReadAt(begin, window.data(), window.size()).WithContext("reading " + what));
           window_start = begin;
+          // The next window is fetched while this one is parsed.
+          file->Prefetch(stop, kWindowBytes);
         }
         const std::string_view bytes =
             std::string_view(window).substr(begin - window_start, info.length);

@@ -47,7 +47,8 @@ class LocalStore final : public Store {
     DCPP_RETURN_IF_ERROR(ValidateKey(key));
     DCPP_RETURN_IF_ERROR(MakeParents(key));
     std::string path = Describe(key);
-    DCPP_ASSIGN_OR_RETURN(int fd, OpenFd(path, O_WRONLY | O_CREAT | O_TRUNC, 0644));
+    // Read access too: a file switching to direct I/O reads back its last partial block.
+    DCPP_ASSIGN_OR_RETURN(int fd, OpenFd(path, O_RDWR | O_CREAT | O_TRUNC, 0644));
     return std::unique_ptr<WritableFile>(new PosixWritableFile(fd, std::move(path)));
   }
 

@@ -2,13 +2,37 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
 
+#ifdef DCPP_HAVE_URING
+#include <liburing.h>
+#endif
+
 namespace dcpp::internal {
+
+bool DirectWritesEnabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("DCPP_DIRECT_IO");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return enabled;
+}
+
+// One submission queue per file being written directly: at most one chunk in flight.
+struct DirectRing {
+#ifdef DCPP_HAVE_URING
+  io_uring ring;
+  bool ready = false;
+  ~DirectRing() {
+    if (ready) io_uring_queue_exit(&ring);  // waits for a write still in flight
+  }
+#endif
+};
 
 Result<int> OpenFd(const std::string& path, int flags, mode_t mode) {
   int fd;
@@ -111,9 +135,13 @@ Status MakeDirs(const std::string& path) {
 
 // ---- PosixWritableFile ----
 
+PosixWritableFile::PosixWritableFile(int fd, std::string path)
+    : fd_(fd), path_(std::move(path)), direct_refused_(!DirectWritesEnabled()) {}
+
 PosixWritableFile::~PosixWritableFile() {
   if (fd_ >= 0) {
-    (void)FlushBuffer();
+    (void)(direct_ ? FlushDirectTail() : FlushBuffer());
+    ring_.reset();
     ::close(fd_);
   }
 }
@@ -122,6 +150,9 @@ Status PosixWritableFile::Append(const void* data, size_t n) {
   DCPP_RETURN_IF_ERROR(CheckUsable());
   if (n == 0) return Status::Ok();
   const char* p = static_cast<const char*>(data);
+  if (!direct_ && !direct_refused_ && position_ + n >= kDirectAfterBytes) EnterDirect();
+  DCPP_RETURN_IF_ERROR(error_);
+  if (direct_) return AppendDirect(p, n);
   if (used_ + n <= kAppendBufferBytes && n < kAppendBufferBytes) {
     if (!buffer_) buffer_ = std::make_unique<char[]>(kAppendBufferBytes);
     std::memcpy(buffer_.get() + used_, p, n);
@@ -139,18 +170,20 @@ Status PosixWritableFile::Append(const void* data, size_t n) {
 
 Status PosixWritableFile::Sync() {
   DCPP_RETURN_IF_ERROR(CheckUsable());
-  DCPP_RETURN_IF_ERROR(FlushBuffer());
+  DCPP_RETURN_IF_ERROR(direct_ ? FlushDirectTail() : FlushBuffer());
   error_ = SyncFd(fd_, path_);
   return error_;
 }
 
 Status PosixWritableFile::Close() {
   if (fd_ < 0) return FailedPreconditionError(path_ + ": already closed");
-  Status st = error_.ok() ? FlushBuffer() : error_;
+  Status st = !error_.ok() ? error_ : direct_ ? FlushDirectTail() : FlushBuffer();
+  ring_.reset();
   // close() errors (EIO on NFS, say) can report lost writes, so they count.
   if (::close(fd_) != 0 && st.ok()) st = ErrnoToStatus(errno, "closing " + path_);
   fd_ = -1;
   buffer_.reset();
+  staging_.reset();
   return st;
 }
 
@@ -179,9 +212,179 @@ void PosixWritableFile::StartWriteBack() {
   started_ = written;
 }
 
+// The switch: buffered bytes go out as before; the partial block they end in is read back into
+// the first chunk, so every later write starts at an aligned offset. Whatever fails here (no
+// O_DIRECT on this file system, a write-only descriptor, no memory) leaves the file buffered.
+void PosixWritableFile::EnterDirect() {
+  direct_refused_ = true;  // one try per file
+  if (!FlushBuffer().ok()) return;
+  void* mem = std::aligned_alloc(kDirectAlign, 2 * kDirectChunkBytes);
+  if (mem == nullptr) return;
+  std::unique_ptr<char, FreeAligned> staging(static_cast<char*>(mem));
+  const uint64_t aligned = position_ & ~uint64_t{kDirectAlign - 1};
+  const size_t head = static_cast<size_t>(position_ - aligned);
+  if (head > 0) {
+    ssize_t r;
+    do {
+      r = ::pread(fd_, staging.get(), head, static_cast<off_t>(aligned));
+    } while (r < 0 && errno == EINTR);
+    if (r != static_cast<ssize_t>(head)) return;
+  }
+  const int flags = ::fcntl(fd_, F_GETFL);
+  if (flags < 0 || ::fcntl(fd_, F_SETFL, flags | O_DIRECT) != 0) return;
+  staging_ = std::move(staging);
+  direct_ = o_direct_ = true;
+  current_ = 0;
+  fill_ = head;
+  chunk_offset_ = aligned;
+#ifdef DCPP_HAVE_URING
+  auto ring = std::make_unique<DirectRing>();
+  ring->ready = io_uring_queue_init(2, &ring->ring, 0) == 0;  // seccomp may forbid it
+  if (ring->ready) ring_ = std::move(ring);
+#endif
+}
+
+Status PosixWritableFile::AppendDirect(const char* p, size_t n) {
+  while (n > 0) {
+    const size_t k = std::min(n, kDirectChunkBytes - fill_);
+    std::memcpy(chunk(current_) + fill_, p, k);
+    fill_ += k;
+    position_ += k;
+    p += k;
+    n -= k;
+    if (fill_ == kDirectChunkBytes) DCPP_RETURN_IF_ERROR(SubmitChunk());
+  }
+  return Status::Ok();
+}
+
+// The full current chunk is written (asynchronously where a ring exists) and the other one
+// becomes current, once its own write has finished.
+Status PosixWritableFile::SubmitChunk() {
+  DCPP_RETURN_IF_ERROR(WaitInFlight());
+  const char* data = chunk(current_);
+#ifdef DCPP_HAVE_URING
+  if (ring_) {
+    io_uring_sqe* sqe = io_uring_get_sqe(&ring_->ring);
+    if (sqe != nullptr) {
+      io_uring_prep_write(sqe, fd_, data, static_cast<unsigned>(kDirectChunkBytes), chunk_offset_);
+      const int rc = io_uring_submit(&ring_->ring);
+      if (rc == 1) {
+        in_flight_ = true;
+        in_flight_offset_ = chunk_offset_;
+      } else {
+        ring_.reset();  // fall back to pwrite from now on
+      }
+    }
+  }
+  if (!in_flight_) DCPP_RETURN_IF_ERROR(WriteAt(data, kDirectChunkBytes, chunk_offset_));
+#else
+  DCPP_RETURN_IF_ERROR(WriteAt(data, kDirectChunkBytes, chunk_offset_));
+#endif
+  chunk_offset_ += kDirectChunkBytes;
+  current_ ^= 1;
+  fill_ = 0;
+  return Status::Ok();
+}
+
+Status PosixWritableFile::WaitInFlight() {
+  if (!in_flight_) return Status::Ok();
+  in_flight_ = false;
+#ifdef DCPP_HAVE_URING
+  const char* data = chunk(current_ ^ 1);
+  io_uring_cqe* cqe = nullptr;
+  int rc;
+  do {
+    rc = io_uring_wait_cqe(&ring_->ring, &cqe);
+  } while (rc == -EINTR);
+  if (rc < 0) return error_ = ErrnoToStatus(-rc, "writing " + path_);
+  const int res = cqe->res;
+  io_uring_cqe_seen(&ring_->ring, cqe);
+  size_t done = 0;
+  if (res < 0) {
+    // EINVAL: the file system refused the alignment; WriteAt retries without O_DIRECT.
+    if (res != -EINVAL && res != -EINTR && res != -EAGAIN) {
+      return error_ = ErrnoToStatus(-res, "writing " + path_);
+    }
+  } else {
+    done = static_cast<size_t>(res);
+  }
+  if (done < kDirectChunkBytes) {
+    return WriteAt(data + done, kDirectChunkBytes - done, in_flight_offset_ + done);
+  }
+#endif
+  return Status::Ok();
+}
+
+// Makes the file hold exactly [0, position_): the partial chunk is written padded to the
+// alignment (O_DIRECT needs whole blocks) and the padding cut off again. The chunk stays
+// current, so later appends complete it and it is rewritten whole.
+Status PosixWritableFile::FlushDirectTail() {
+  DCPP_RETURN_IF_ERROR(WaitInFlight());
+  if (fill_ > 0) {
+    size_t n = fill_;
+    if (o_direct_) {
+      n = (fill_ + kDirectAlign - 1) & ~(kDirectAlign - 1);
+      std::memset(chunk(current_) + fill_, 0, n - fill_);
+    }
+    DCPP_RETURN_IF_ERROR(WriteAt(chunk(current_), n, chunk_offset_));
+    if (chunk_offset_ + n > position_) {
+      while (::ftruncate(fd_, static_cast<off_t>(position_)) != 0) {
+        if (errno != EINTR) return error_ = ErrnoToStatus(errno, "truncating " + path_);
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+// pwrite until done. EINVAL under O_DIRECT means this file system (or this offset) refuses
+// direct I/O: the flag is dropped and the write retried through the page cache.
+Status PosixWritableFile::WriteAt(const char* p, size_t n, uint64_t offset) {
+  while (n > 0) {
+    ssize_t w = ::pwrite(fd_, p, std::min(n, kMaxIoBytes), static_cast<off_t>(offset));
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EINVAL && o_direct_) {
+        const int flags = ::fcntl(fd_, F_GETFL);
+        if (flags >= 0 && ::fcntl(fd_, F_SETFL, flags & ~O_DIRECT) == 0) {
+          o_direct_ = false;
+          continue;
+        }
+        errno = EINVAL;
+      }
+      return error_ = ErrnoToStatus(errno, "writing " + path_);
+    }
+    if (w == 0) return error_ = UnavailableError("writing " + path_ + ": write made no progress");
+    p += w;
+    offset += static_cast<uint64_t>(w);
+    n -= static_cast<size_t>(w);
+  }
+  return Status::Ok();
+}
+
 // ---- PosixReadableFile ----
 
-PosixReadableFile::~PosixReadableFile() { ::close(fd_); }
+PosixReadableFile::PosixReadableFile(int fd, uint64_t size, std::string path)
+    : fd_(fd), size_(size), path_(std::move(path)) {
+  if (size_ < kDirectReadBytes || !DirectWritesEnabled()) return;
+  int dfd;
+  do {
+    dfd = ::open(path_.c_str(), O_RDONLY | O_DIRECT | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+  } while (dfd < 0 && errno == EINTR);
+  if (dfd < 0) return;  // no O_DIRECT here: buffered reads only
+  // The name may point elsewhere by now: only the inode opened first is read.
+  struct stat a, b;
+  if (::fstat(fd_, &a) == 0 && ::fstat(dfd, &b) == 0 && a.st_dev == b.st_dev &&
+      a.st_ino == b.st_ino) {
+    direct_fd_ = dfd;
+  } else {
+    ::close(dfd);
+  }
+}
+
+PosixReadableFile::~PosixReadableFile() {
+  ::close(fd_);
+  if (direct_fd_ >= 0) ::close(direct_fd_);
+}
 
 Status PosixReadableFile::ReadAt(uint64_t offset, void* dst, size_t n) const {
   if (offset > size_ || n > size_ - offset) {
@@ -189,7 +392,124 @@ Status PosixReadableFile::ReadAt(uint64_t offset, void* dst, size_t n) const {
                          std::to_string(offset) + " is past the end (" + std::to_string(size_) +
                          " bytes)");
   }
-  return PreadFully(fd_, offset, dst, n, path_);
+  char* p = static_cast<char*>(dst);
+  if (direct_fd_ >= 0 && n >= kDirectReadBytes) {
+    // What the page cache already holds is copied from there without waiting for the device.
+    while (n > 0) {
+      iovec v{p, std::min(n, kMaxIoBytes)};
+      const ssize_t r = ::preadv2(fd_, &v, 1, static_cast<off_t>(offset), RWF_NOWAIT);
+      if (r <= 0) break;  // EAGAIN: not cached; anything else is retried below
+      p += r;
+      offset += static_cast<uint64_t>(r);
+      n -= static_cast<size_t>(r);
+    }
+    if (n >= kDirectAlign) return ReadDirect(offset, p, n);
+  }
+  return PreadFully(fd_, offset, p, n, path_);
+}
+
+void PosixReadableFile::Prefetch(uint64_t offset, uint64_t n) const {
+  if (offset >= size_) return;
+  n = std::min(n, size_ - offset);
+  (void)::posix_fadvise(fd_, static_cast<off_t>(offset), static_cast<off_t>(n),
+                        POSIX_FADV_WILLNEED);
+}
+
+// [offset, offset + n) through aligned chunks of the O_DIRECT descriptor. Errors the direct
+// path alone can have (EINVAL: an alignment the file system refuses) fall back to pread.
+Status PosixReadableFile::ReadDirect(uint64_t offset, char* dst, size_t n) const {
+  constexpr size_t kChunk = kDirectChunkBytes;
+  // Per thread, so concurrent reads of one file never share a buffer; kept for the next read.
+  thread_local std::unique_ptr<char, void (*)(void*)> staging(nullptr, std::free);
+  if (!staging) {
+    staging.reset(static_cast<char*>(std::aligned_alloc(kDirectAlign, 2 * kChunk)));
+    if (!staging) return PreadFully(fd_, offset, dst, n, path_);
+  }
+  const uint64_t first = offset & ~uint64_t{kDirectAlign - 1};
+  const uint64_t end = offset + n;
+  const size_t chunks = static_cast<size_t>((end - first + kChunk - 1) / kChunk);
+  auto chunk_start = [&](size_t i) { return first + i * kChunk; };
+  // Copies the part of chunk i that [offset, end) needs; `got` bytes of it were read.
+  auto deliver = [&](size_t i, const char* buf, size_t got) -> Status {
+    const uint64_t cs = chunk_start(i);
+    const uint64_t lo = std::max(cs, offset), hi = std::min(cs + kChunk, end);
+    if (cs + got < hi) {
+      // Short: the file ended (truncated since it was opened?) or a direct read stopped early.
+      const uint64_t from = cs + got > lo ? cs + got : lo;
+      std::memcpy(dst + (lo - offset), buf + (lo - cs), static_cast<size_t>(from - lo));
+      return PreadFully(fd_, from, dst + (from - offset), static_cast<size_t>(hi - from), path_);
+    }
+    std::memcpy(dst + (lo - offset), buf + (lo - cs), static_cast<size_t>(hi - lo));
+    return Status::Ok();
+  };
+  auto read_sync = [&](size_t i, char* buf) -> Status {
+    ssize_t r;
+    do {
+      r = ::pread(direct_fd_, buf, kChunk, static_cast<off_t>(chunk_start(i)));
+    } while (r < 0 && errno == EINTR);
+    if (r < 0) {
+      const uint64_t cs = chunk_start(i);
+      const uint64_t lo = std::max(cs, offset), hi = std::min(cs + kChunk, end);
+      return PreadFully(fd_, lo, dst + (lo - offset), static_cast<size_t>(hi - lo), path_);
+    }
+    return deliver(i, buf, static_cast<size_t>(r));
+  };
+#ifdef DCPP_HAVE_URING
+  DirectRing ring;
+  ring.ready = chunks > 1 && io_uring_queue_init(2, &ring.ring, 0) == 0;
+  if (ring.ready) {
+    auto submit = [&](size_t i) {
+      io_uring_sqe* sqe = io_uring_get_sqe(&ring.ring);
+      io_uring_prep_read(sqe, direct_fd_, staging.get() + (i % 2) * kChunk,
+                         static_cast<unsigned>(kChunk), chunk_start(i));
+      io_uring_sqe_set_data64(sqe, i);
+      return io_uring_submit(&ring.ring) == 1;
+    };
+    // Two chunks in flight; each is copied out as it arrives, then its buffer refilled.
+    // Completions may come out of order: each is kept by chunk until its turn.
+    size_t submitted = 0;
+    while (submitted < std::min<size_t>(2, chunks) && submit(submitted)) ++submitted;
+    bool done[2] = {false, false};
+    int result[2] = {0, 0};
+    Status st;
+    for (size_t i = 0; i < chunks; ++i) {
+      char* buf = staging.get() + (i % 2) * kChunk;
+      if (i >= submitted) {  // submission failed: this chunk and the rest synchronously
+        if (st.ok()) st = read_sync(i, buf);
+        continue;
+      }
+      while (!done[i % 2]) {
+        io_uring_cqe* cqe = nullptr;
+        int rc;
+        do {
+          rc = io_uring_wait_cqe(&ring.ring, &cqe);
+        } while (rc == -EINTR);
+        if (rc < 0) return ErrnoToStatus(-rc, "reading " + path_);
+        const uint64_t which = io_uring_cqe_get_data64(cqe);
+        result[which % 2] = cqe->res;
+        done[which % 2] = true;
+        io_uring_cqe_seen(&ring.ring, cqe);
+      }
+      done[i % 2] = false;
+      const int res = result[i % 2];
+      if (st.ok()) {
+        if (res < 0) {
+          const uint64_t cs = chunk_start(i);
+          const uint64_t lo = std::max(cs, offset), hi = std::min(cs + kChunk, end);
+          st = PreadFully(fd_, lo, dst + (lo - offset), static_cast<size_t>(hi - lo), path_);
+        } else {
+          st = deliver(i, buf, static_cast<size_t>(res));
+        }
+      }
+      if (submitted < chunks && submitted == i + 2 && st.ok() && submit(submitted)) ++submitted;
+    }
+    return st;  // the ring is torn down only after every submitted read completed
+  }
+#endif
+  for (size_t i = 0; i < chunks; ++i) {
+    DCPP_RETURN_IF_ERROR(read_sync(i, staging.get() + (i % 2) * kChunk));
+  }
+  return Status::Ok();
 }
 
 }  // namespace dcpp::internal

@@ -6,6 +6,14 @@
 // of a file is DataLoss. Opening for read accepts only regular files, and the last component
 // must not be a symbolic link: a FIFO would block forever and a link could leave the checkpoint.
 //
+// A file that grows past kDirectAfterBytes (a checkpoint's data file) switches to direct I/O:
+// O_DIRECT writes of aligned kDirectChunkBytes chunks from two staging buffers, one filled while
+// the other is written (io_uring where the kernel allows it, pwrite otherwise). The page-cache
+// copy and dirty-page throttling that bound buffered saves go away; the bytes on disk are the
+// same. A partial last chunk is written padded to the alignment and the file truncated back to
+// its true length. File systems without O_DIRECT, or that refuse an alignment, keep buffered
+// writes. DCPP_DIRECT_IO=0 in the environment turns direct I/O off for the process.
+//
 // Thread-safety: the functions are reentrant; a PosixReadableFile may be read from several
 // threads at once (pread), a PosixWritableFile is used by one thread at a time.
 #pragma once
@@ -14,6 +22,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <string>
 
@@ -28,6 +37,18 @@ inline constexpr size_t kMaxIoBytes = size_t{1} << 30;
 inline constexpr size_t kAppendBufferBytes = size_t{1} << 20;
 // Writeback of a file being written is started every this many bytes (see StartWriteBack).
 inline constexpr uint64_t kWriteBehindBytes = uint64_t{32} << 20;
+// Direct I/O (see above): offsets, lengths and buffers aligned to kDirectAlign (the largest
+// logical block size in use, and the page size); a file switches once it reaches
+// kDirectAfterBytes, so small files (metadata, per-item files) stay in the page cache.
+inline constexpr size_t kDirectAlign = 4096;
+inline constexpr size_t kDirectChunkBytes = size_t{8} << 20;
+inline constexpr uint64_t kDirectAfterBytes = uint64_t{8} << 20;
+
+// Reads at least this large may bypass the page cache (see PosixReadableFile).
+inline constexpr size_t kDirectReadBytes = size_t{8} << 20;
+
+// False when DCPP_DIRECT_IO=0 is set (read once per process).
+bool DirectWritesEnabled();
 
 // open(2) with O_CLOEXEC, retried on EINTR. Returns the descriptor or a Status naming `path`.
 Result<int> OpenFd(const std::string& path, int flags, mode_t mode = 0);
@@ -43,11 +64,15 @@ Status SyncDirectory(const std::string& dir);
 // mkdir -p.
 Status MakeDirs(const std::string& path);
 
-// A WritableFile over a descriptor it owns (see kAppendBufferBytes). A failed write leaves the
-// file's tail unknown, so every later call repeats that error.
+struct DirectRing;  // io_uring state, defined in posix_io.cc
+
+// A WritableFile over a descriptor it owns (see kAppendBufferBytes and direct I/O above). A
+// failed write leaves the file's tail unknown, so every later call repeats that error. Direct
+// I/O needs the descriptor opened O_RDWR (the partial block before the switch is read back);
+// a write-only descriptor stays buffered.
 class PosixWritableFile final : public WritableFile {
  public:
-  PosixWritableFile(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
+  PosixWritableFile(int fd, std::string path);
   ~PosixWritableFile() override;
 
   Status Append(const void* data, size_t n) override;
@@ -55,11 +80,25 @@ class PosixWritableFile final : public WritableFile {
   Status Close() override;
   uint64_t position() const override { return position_; }
   std::string name() const override { return path_; }
+  // Whether writes have switched to direct I/O (for tests and benchmarks).
+  bool direct() const { return direct_; }
 
  private:
+  struct FreeAligned {
+    void operator()(char* p) const { std::free(p); }
+  };
+
   Status CheckUsable() const;
   Status FlushBuffer();
   void StartWriteBack();
+  // Direct I/O.
+  void EnterDirect();
+  Status AppendDirect(const char* p, size_t n);
+  Status SubmitChunk();
+  Status WaitInFlight();
+  Status FlushDirectTail();
+  Status WriteAt(const char* p, size_t n, uint64_t offset);
+  char* chunk(int i) const { return staging_.get() + static_cast<size_t>(i) * kDirectChunkBytes; }
 
   int fd_;
   std::string path_;
@@ -68,21 +107,41 @@ class PosixWritableFile final : public WritableFile {
   uint64_t position_ = 0;
   uint64_t started_ = 0;  // writeback started for [0, started_)
   Status error_;
+
+  bool direct_ = false;          // writes go through the staging chunks
+  bool direct_refused_ = false;  // tried (or disabled): stay buffered
+  bool o_direct_ = false;        // the descriptor has O_DIRECT (dropped if the fs refuses)
+  std::unique_ptr<char, FreeAligned> staging_;  // two chunks of kDirectChunkBytes
+  int current_ = 0;                             // chunk being filled
+  size_t fill_ = 0;                             // bytes in it
+  uint64_t chunk_offset_ = 0;                   // its file offset (aligned)
+  std::unique_ptr<DirectRing> ring_;            // null: synchronous pwrite
+  bool in_flight_ = false;                      // the other chunk is being written
+  uint64_t in_flight_offset_ = 0;
 };
 
-// A ReadableFile over a descriptor it owns; the size is fixed at open.
+// A ReadableFile over a descriptor it owns; the size is fixed at open. A file of at least
+// kDirectReadBytes also gets a second, O_DIRECT descriptor on the same inode: a read that large
+// takes what the page cache holds (RWF_NOWAIT) and reads the rest directly, in aligned chunks
+// through two staging buffers (io_uring keeps the next chunk in flight while one is copied out),
+// so a file written with direct I/O is read at the device's speed rather than one readahead
+// window at a time.
 class PosixReadableFile final : public ReadableFile {
  public:
-  PosixReadableFile(int fd, uint64_t size, std::string path)
-      : fd_(fd), size_(size), path_(std::move(path)) {}
+  PosixReadableFile(int fd, uint64_t size, std::string path);
   ~PosixReadableFile() override;
 
   uint64_t size() const override { return size_; }
   std::string name() const override { return path_; }
   Status ReadAt(uint64_t offset, void* dst, size_t n) const override;
+  // Starts readahead into the page cache (POSIX_FADV_WILLNEED).
+  void Prefetch(uint64_t offset, uint64_t n) const override;
 
  private:
+  Status ReadDirect(uint64_t offset, char* dst, size_t n) const;
+
   int fd_;
+  int direct_fd_ = -1;  // O_DIRECT, same inode; -1 when unavailable
   uint64_t size_;
   std::string path_;
 };

@@ -46,6 +46,135 @@ TEST(PosixIoTest, AppendsBufferSmallWritesAndPassLargeOnesThrough) {
   EXPECT_EQ(Slurp(path), expected);
 }
 
+// Bytes that differ at every offset, so a chunk written at the wrong place shows.
+std::string Pattern(size_t n, uint32_t seed) {
+  std::string s(n, '\0');
+  uint32_t x = seed * 2654435761u + 1;
+  for (size_t i = 0; i < n; ++i) {
+    x = x * 1664525u + 1013904223u;
+    s[i] = static_cast<char>(x >> 24);
+  }
+  return s;
+}
+
+uint64_t FileSize(int fd) {
+  struct stat st;
+  EXPECT_EQ(::fstat(fd, &st), 0);
+  return static_cast<uint64_t>(st.st_size);
+}
+
+// Whether this directory's file system takes O_DIRECT at all (ext4 does, some tmpfs do not).
+bool SupportsODirect(const std::string& dir) {
+  const std::string probe = dir + "/odirect-probe";
+  int fd = ::open(probe.c_str(), O_RDWR | O_CREAT | O_DIRECT, 0644);
+  if (fd >= 0) ::close(fd);
+  ::unlink(probe.c_str());
+  return fd >= 0;
+}
+
+TEST(PosixIoTest, DirectWritesKeepEveryByteAndTheExactLength) {
+  if (!DirectWritesEnabled()) {
+    GTEST_SKIP() << "DCPP_DIRECT_IO=0";
+  }
+  TempDir dir;
+  const std::string path = dir.Join("big.bin");
+  DCPP_ASSERT_OK_AND_ASSIGN(int fd, OpenFd(path, O_RDWR | O_CREAT | O_TRUNC, 0644));
+  PosixWritableFile file(fd, path);
+  std::string expected;
+  auto append = [&](size_t n) {
+    const std::string chunk = Pattern(n, static_cast<uint32_t>(expected.size()));
+    ASSERT_THAT(file.Append(chunk.data(), chunk.size()), IsOk());
+    expected += chunk;
+    ASSERT_EQ(file.position(), expected.size());
+  };
+  // Buffered at first, and the switch happens in the middle of an unaligned block.
+  append(100);
+  append(3 << 20);
+  EXPECT_FALSE(file.direct());
+  append((5 << 20) + 13);
+  if (SupportsODirect(dir.path().string())) {
+    EXPECT_TRUE(file.direct());
+  }
+  // Small appends across chunk boundaries, a sync with a partial chunk, then more.
+  for (int i = 0; i < 3000; ++i) append(4097);
+  ASSERT_THAT(file.Sync(), IsOk());
+  EXPECT_EQ(FileSize(fd), expected.size());  // the padding of the last block is cut off
+  EXPECT_EQ(Slurp(path), expected);
+  append(kDirectChunkBytes * 2 + 7);
+  append(1);
+  ASSERT_THAT(file.Sync(), IsOk());
+  EXPECT_EQ(FileSize(fd), expected.size());
+  ASSERT_THAT(file.Close(), IsOk());
+  EXPECT_EQ(Slurp(path), expected);
+}
+
+TEST(PosixIoTest, DirectWritesEndingOnAChunkBoundaryNeedNoTail) {
+  TempDir dir;
+  const std::string path = dir.Join("exact.bin");
+  DCPP_ASSERT_OK_AND_ASSIGN(int fd, OpenFd(path, O_RDWR | O_CREAT | O_TRUNC, 0644));
+  PosixWritableFile file(fd, path);
+  const std::string bytes = Pattern(2 * kDirectChunkBytes, 7);
+  ASSERT_THAT(file.Append(bytes.data(), bytes.size()), IsOk());
+  ASSERT_THAT(file.Close(), IsOk());  // no Sync: Close alone leaves the whole file
+  EXPECT_EQ(Slurp(path), bytes);
+}
+
+TEST(PosixIoTest, AWriteOnlyDescriptorStaysBufferedAndCorrect) {
+  TempDir dir;
+  const std::string path = dir.Join("wo.bin");
+  // Write-only: the partial block before the switch cannot be read back.
+  DCPP_ASSERT_OK_AND_ASSIGN(int fd, OpenFd(path, O_WRONLY | O_CREAT | O_TRUNC, 0644));
+  PosixWritableFile file(fd, path);
+  std::string expected = Pattern(101, 1) + Pattern(kDirectAfterBytes + 5, 2);
+  ASSERT_THAT(file.Append(expected.data(), 101), IsOk());
+  ASSERT_THAT(file.Append(expected.data() + 101, expected.size() - 101), IsOk());
+  EXPECT_FALSE(file.direct());
+  ASSERT_THAT(file.Sync(), IsOk());
+  ASSERT_THAT(file.Close(), IsOk());
+  EXPECT_EQ(Slurp(path), expected);
+}
+
+TEST(PosixIoTest, LargeReadsGiveTheSameBytesCachedOrNot) {
+  TempDir dir;
+  const std::string path = dir.Join("big.bin");
+  const std::string bytes = Pattern(3 * kDirectChunkBytes + 12345, 9);
+  {
+    DCPP_ASSERT_OK_AND_ASSIGN(int fd, OpenFd(path, O_RDWR | O_CREAT | O_TRUNC, 0644));
+    PosixWritableFile file(fd, path);
+    ASSERT_THAT(file.Append(bytes.data(), bytes.size()), IsOk());
+    ASSERT_THAT(file.Sync(), IsOk());
+    ASSERT_THAT(file.Close(), IsOk());
+  }
+  uint64_t size = 0;
+  DCPP_ASSERT_OK_AND_ASSIGN(int fd, OpenRegularForRead(path, &size));
+  ASSERT_EQ(size, bytes.size());
+  // Out of the page cache, so the direct path is taken where the file system has one.
+  ASSERT_EQ(::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED), 0);
+  PosixReadableFile file(fd, size, path);
+  struct Range {
+    uint64_t offset;
+    size_t n;
+  };
+  for (const Range r : {Range{0, bytes.size()}, Range{77, kDirectReadBytes + 5},
+                        Range{kDirectChunkBytes - 3, 2 * kDirectChunkBytes + 1},
+                        Range{bytes.size() - kDirectReadBytes - 1, kDirectReadBytes + 1},
+                        Range{4096, 2 * kDirectChunkBytes}, Range{5, 100}}) {
+    std::string out(r.n, '\0');
+    ASSERT_THAT(file.ReadAt(r.offset, out.data(), out.size()), IsOk());
+    EXPECT_TRUE(out == bytes.substr(r.offset, r.n)) << "offset " << r.offset << " n " << r.n;
+  }
+  // Half in the page cache (just read buffered), half not.
+  ASSERT_EQ(::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED), 0);
+  std::string half(kDirectChunkBytes, '\0');
+  ASSERT_THAT(PreadFully(fd, 0, half.data(), half.size(), path), IsOk());
+  std::string out(bytes.size() - 10, '\0');
+  ASSERT_THAT(file.ReadAt(10, out.data(), out.size()), IsOk());
+  EXPECT_TRUE(out == bytes.substr(10));
+  std::string past(kDirectReadBytes, '\0');
+  EXPECT_THAT(file.ReadAt(bytes.size() - 100, past.data(), past.size()),
+              StatusIs(StatusCode::kDataLoss, HasSubstr("past the end")));
+}
+
 TEST(PosixIoTest, ReadsPastTheEndAreDataLossNamingThePath) {
   TempDir dir;
   const std::string path = dir.Join("f");
