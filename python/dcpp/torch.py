@@ -12,7 +12,11 @@ exactly what PyTorch's FileSystemWriter writes (PyTorch's FileSystemReader loads
 reader loads PyTorch's). The bytes are moved by dcpp's C++ engine with the GIL released: tensors
 are written as torch.save archives straight from their memory by `thread_count` threads, each file
 fsync'ed, and `.metadata` committed atomically (temporary, fsync, rename, fsync of the
-directory). Loads read each item's byte range in parallel straight into the destination tensor
+directory). As dcpp's own writer does, the coordinator refuses a directory that is not a
+checkpoint, holds the directory's save lock from planning to the commit (a save from another
+process fails at once), gives the data files of a save that replaces a checkpoint names of their
+own (so a failed save never damages the last good checkpoint), and removes what no committed
+metadata uses after the commit (rank-local saves, use_collectives=False, take no lock). Loads read each item's byte range in parallel straight into the destination tensor
 (no torch.load, no intermediate copy).
 """
 
@@ -45,6 +49,8 @@ __all__ = ["FileSystemWriter", "FileSystemReader"]
 
 _METADATA = ".metadata"
 _SUFFIX = ".distcp"
+# Directory (real path) -> the save lock this process's coordinator holds on it.
+_GUARDS: dict = {}
 
 # dtypes whose torch tensors cross into the engine through __dlpack__ as they are; the others go
 # as same-size integer views with the dtype named.
@@ -118,8 +124,32 @@ class FileSystemWriter(_dcp.FileSystemWriter):
                          cache_staged_state_dict=cache_staged_state_dict, overwrite=overwrite,
                          **kwargs)
 
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        super().set_up_storage_writer(is_coordinator, *args, **kwargs)
+        self._is_coordinator = is_coordinator
+        self._tag = ""
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        plan = super().prepare_local_plan(plan)  # makes the directory, applies `overwrite`
+        # Replacing a committed checkpoint: this save's data files get names of their own, so the
+        # previous checkpoint's files stay whole until the new metadata is committed (PyTorch's
+        # writer rewrites them in place, so a failed save would damage the last good checkpoint).
+        self._tag = "_" + os.urandom(4).hex() if self._metadata_exists() else ""
+        if getattr(self, "_is_coordinator", False) and self.use_collectives:
+            # The lock keeps other processes out. A save of this process that failed on its way
+            # (PyTorch calls no writer method after a failed step) left its lock with its writer
+            # object; the next save here to the same directory takes it over.
+            key = os.path.realpath(os.fspath(self.path))
+            old = _GUARDS.pop(key, None)
+            if old is not None:
+                old.release()
+            self._guard = _dcpp.SaveGuard(os.fspath(self.path))
+            _GUARDS[key] = self._guard
+        return plan
+
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
         prefix = plan.storage_data.prefix
+        tag = getattr(self, "_tag", "")
         groups = (_buckets(self.thread_count, plan.items) if self.single_file_per_rank
                   else [[item] for item in plan.items])
         groups = [g for g in groups if g]
@@ -132,7 +162,7 @@ class FileSystemWriter(_dcp.FileSystemWriter):
                     blobs.append(bytes(data.getbuffer()))
                 else:
                     blobs.append(_engine_tensor(data))
-            files.append((f"{prefix}{n}{_SUFFIX}", blobs))
+            files.append((f"{prefix}{n}{tag}{_SUFFIX}", blobs))
         where = _dcpp.write_files(os.fspath(self.path), files, max(1, self.thread_count),
                                   self.sync_files)
         results = []
@@ -171,7 +201,18 @@ class FileSystemWriter(_dcp.FileSystemWriter):
                 blobs.append((info.relative_path, info.offset, info.length, list(hashes)))
             if blobs is None:
                 break
-        _dcpp.commit_checkpoint(os.fspath(self.path), name, pickle.dumps(metadata), blobs)
+        guard = getattr(self, "_guard", None)
+        self._guard = None
+        try:
+            _dcpp.commit_checkpoint(os.fspath(self.path), name, pickle.dumps(metadata), blobs)
+            if guard is not None:
+                guard.remove_leftovers()  # the replaced checkpoint's files, failed saves' files
+        finally:
+            if guard is not None:
+                guard.release()
+                key = os.path.realpath(os.fspath(self.path))
+                if _GUARDS.get(key) is guard:
+                    del _GUARDS[key]
 
 
 class FileSystemReader(_dcp.FileSystemReader):

@@ -47,6 +47,7 @@
 #include "dcpp/tensor.h"
 #include "dcpp/value.h"
 #include "dcpp/verify.h"
+#include "layout/leftovers.h"
 #include "layout/manifest.h"
 
 namespace nb = nanobind;
@@ -686,7 +687,7 @@ void CommitCheckpoint(
     Check(store->WriteAtomic(key, bytes).WithContext("writing \"" + store->Describe(key) + "\""));
   }
   Check(store->WriteAtomic(name, data).WithContext("committing \"" + store->Describe(name) + "\""));
-  // PyTorch's layout rewrites data files in place, so an older manifest is stale now.
+  // Whatever manifest an earlier commit of this name left is stale now.
   auto keys = store->List();
   if (!keys.ok()) return;
   for (const auto& k : *keys) {
@@ -695,6 +696,53 @@ void CommitCheckpoint(
     }
   }
 }
+
+// What dcpp.torch's coordinator holds from planning to the commit, as dcpp's own writer does: a
+// directory that is not a checkpoint is refused, the exclusive save lock is taken (a second save
+// to the same directory fails at once instead of mixing files), and leftovers of earlier failed
+// saves are removed under it, before this save and after its commit.
+class SaveGuard {
+ public:
+  explicit SaveGuard(const std::string& dir) : dir_(dir) {
+    nb::gil_scoped_release release;
+    store_ = Take(OpenStore(dir, {.create = true}));
+    const std::vector<std::string> keys = Take(store_->List());
+    Check(dcpp::internal::CheckCheckpointDirectory(keys, dir));
+    if (store_->CanLock()) {
+      lock_ = Take(store_->TryLock(dcpp::internal::kLockFileName, LockMode::kExclusive));
+      RemoveLeftoversUnlocked();
+    }
+  }
+
+  // Removes data files, temporaries and manifests no committed metadata references (only while
+  // the lock is held: another save's files in flight would look the same). Returns their names.
+  std::vector<std::string> RemoveLeftovers() {
+    nb::gil_scoped_release release;
+    return RemoveLeftoversUnlocked();
+  }
+
+  void Release() { lock_.reset(); }
+  bool locked() const { return lock_ != nullptr; }
+
+ private:
+  // The same, with the GIL already released.
+  std::vector<std::string> RemoveLeftoversUnlocked() {
+    std::vector<std::string> removed;
+    if (!lock_) return removed;
+    const std::vector<std::string> keys = Take(store_->List());
+    for (const auto& f : Take(dcpp::internal::FindLeftovers(*store_, keys))) {
+      Status s = store_->Remove(f);
+      if (!s.ok() && s.code() != StatusCode::kNotFound) Throw(s);
+      removed.push_back(f);
+    }
+    if (!removed.empty()) Check(store_->SyncDir());
+    return removed;
+  }
+
+  std::string dir_;
+  std::unique_ptr<Store> store_;
+  std::unique_ptr<StoreLock> lock_;
+};
 
 nb::bytes ReadWhole(const std::string& dir, const std::string& name) {
   std::string data;
@@ -916,6 +964,11 @@ NB_MODULE(_dcpp, m) {
   m.def("commit_file", &CommitFile, "dir"_a, "name"_a, "data"_a);
   m.def("commit_checkpoint", &CommitCheckpoint, "dir"_a, "name"_a, "metadata"_a,
         "blobs"_a = nb::none());
+  nb::class_<SaveGuard>(m, "SaveGuard")
+      .def(nb::init<const std::string&>(), "dir"_a)
+      .def("remove_leftovers", &SaveGuard::RemoveLeftovers)
+      .def("release", &SaveGuard::Release)
+      .def_prop_ro("locked", &SaveGuard::locked);
   m.def("read_file", &ReadWhole, "dir"_a, "name"_a);
   m.def("read_items", &ReadItems, "dir"_a, "requests"_a, "threads"_a = 1,
         "metadata_name"_a = nb::none(), "verify"_a = true);

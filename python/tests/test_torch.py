@@ -76,11 +76,13 @@ def test_same_files_as_pytorch_writer(tmp_path):
     sd = state()
     dcp.save(sd, storage_writer=dcpp.torch.FileSystemWriter(tmp_path / "d", thread_count=3))
     dcp.save(sd, storage_writer=dcp.FileSystemWriter(tmp_path / "t", thread_count=3))
-    # The same files, and dcpp's checksum manifest beside them (PyTorch ignores it).
+    # The same files, and dcpp's checksum manifest and save lock beside them (PyTorch ignores
+    # both).
     ours = sorted(os.listdir(tmp_path / "d"))
     manifests = [n for n in ours if n.startswith(".metadata.") and n.endswith(".manifest")]
-    assert len(manifests) == 1
-    assert [n for n in ours if n not in manifests] == sorted(os.listdir(tmp_path / "t"))
+    assert len(manifests) == 1 and ".dcpp.lock" in ours
+    extras = set(manifests) | {".dcpp.lock"}
+    assert [n for n in ours if n not in extras] == sorted(os.listdir(tmp_path / "t"))
     md_d = dcp.FileSystemReader(tmp_path / "d").read_metadata()
     md_t = dcp.FileSystemReader(tmp_path / "t").read_metadata()
     assert md_d.state_dict_metadata == md_t.state_dict_metadata
@@ -162,7 +164,7 @@ def test_dcpp_torch_writer_writes_a_manifest_that_loads_verify(tmp_path):
     assert sum(n.startswith(".metadata.") and n.endswith(".manifest") for n in names) == 1
     report = dcpp.open(tmp_path / "c").verify()
     assert report["ok"] and report["has_manifest"] and report["segments_checked"] >= 4
-    # A second save over it (PyTorch's layout rewrites files in place) keeps one manifest.
+    # A second save over it (its data files get a tag of their own) keeps one manifest.
     dcp.save(sd, storage_writer=dcpp.torch.FileSystemWriter(tmp_path / "c", thread_count=2))
     names = os.listdir(tmp_path / "c")
     assert sum(n.endswith(".manifest") for n in names) == 1
@@ -176,7 +178,7 @@ def test_dcpp_torch_writer_writes_a_manifest_that_loads_verify(tmp_path):
     with pytest.raises(CheckpointException, match="checksum mismatch"):
         dcp.load({"w": torch.zeros(256, 1024)},
                  storage_reader=dcpp.torch.FileSystemReader(tmp_path / "c"))
-    with pytest.raises(dcpp.DataLossError, match=r'BAD "w@\[0, 0\]" in "__0_\d.distcp" at offset'):
+    with pytest.raises(dcpp.DataLossError, match=r'BAD "w@\[0, 0\]" in "__0_\d(_[0-9a-f]{8})?.distcp" at offset'):
         dcpp.open(tmp_path / "c").verify()
     out = {"w": torch.zeros(256, 1024)}
     dcp.load(out, storage_reader=dcpp.torch.FileSystemReader(tmp_path / "c", verify=False))
@@ -236,3 +238,72 @@ def test_dtensor_gloo_ranks(tmp_path, world):
 
 def test_dtensor_three_ranks_pytorch_writer_dcpp_reader(tmp_path):
     run_ranks(tmp_path, 3, "torch", "dcpp")
+
+
+def _data_files(directory):
+    return sorted(n for n in os.listdir(directory) if n.endswith(".distcp"))
+
+
+def _state_of(seed):
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(64, 32, generator=g), "b": torch.randn(32, generator=g), "step": seed}
+
+
+def test_replacing_a_checkpoint_never_touches_its_files_before_the_commit(tmp_path, monkeypatch):
+    path = tmp_path / "c"
+    first = _state_of(1)
+    dcp.save(first, storage_writer=dcpp.torch.FileSystemWriter(path, thread_count=2))
+    old_files = _data_files(path)
+    old_bytes = {n: (path / n).read_bytes() for n in old_files}
+    # A second save that dies after writing its data, before the commit (a crash, a full disk).
+    real = dcpp._dcpp.commit_checkpoint
+
+    def dies(*args, **kwargs):
+        raise dcpp.UnavailableError("injected: the commit never happens")
+
+    monkeypatch.setattr(dcpp._dcpp, "commit_checkpoint", dies)
+    with pytest.raises(CheckpointException, match="injected"):
+        dcp.save(_state_of(2), storage_writer=dcpp.torch.FileSystemWriter(path, thread_count=2))
+    monkeypatch.setattr(dcpp._dcpp, "commit_checkpoint", real)
+    # The last good checkpoint is whole: its files were not rewritten, PyTorch loads it, verify
+    # passes. The failed save's files carry a tag of their own.
+    assert {n: (path / n).read_bytes() for n in old_files} == old_bytes
+    assert set(_data_files(path)) > set(old_files)
+    out = {"w": torch.zeros(64, 32), "b": torch.zeros(32), "step": 0}
+    dcp.load(out, storage_reader=dcp.FileSystemReader(path))
+    assert torch.equal(out["w"], first["w"]) and out["step"] == 1
+    assert dcpp.open(path).verify()["ok"]
+    # The next good save replaces it and removes every file the new metadata does not use.
+    third = _state_of(3)
+    dcp.save(third, storage_writer=dcpp.torch.FileSystemWriter(path, thread_count=2))
+    used = {sd.relative_path for sd in dcp.FileSystemReader(path).read_metadata()
+            .storage_data.values()}
+    assert set(_data_files(path)) == used and not used & set(old_files)
+    dcp.load(out, storage_reader=dcp.FileSystemReader(path))
+    assert torch.equal(out["w"], third["w"]) and out["step"] == 3
+    assert dcpp.open(path).verify()["ok"]
+
+
+def test_a_save_while_another_holds_the_directory_fails_at_once(tmp_path):
+    path = tmp_path / "c"
+    dcp.save(_state_of(1), storage_writer=dcpp.torch.FileSystemWriter(path))
+    other = dcpp._dcpp.SaveGuard(os.fspath(path))  # what a concurrent save holds
+    assert other.locked
+    before = {n: (path / n).read_bytes() for n in _data_files(path)}
+    with pytest.raises(CheckpointException, match="lock"):
+        dcp.save(_state_of(2), storage_writer=dcpp.torch.FileSystemWriter(path))
+    assert {n: (path / n).read_bytes() for n in _data_files(path)} == before
+    other.release()
+    dcp.save(_state_of(2), storage_writer=dcpp.torch.FileSystemWriter(path))
+    out = {"w": torch.zeros(64, 32), "b": torch.zeros(32), "step": 0}
+    dcp.load(out, storage_reader=dcpp.torch.FileSystemReader(path))
+    assert out["step"] == 2
+
+
+def test_a_directory_that_is_not_a_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "mine"
+    path.mkdir()
+    (path / "__0_0.distcp").write_bytes(b"a user's own file")
+    with pytest.raises(CheckpointException, match="not a checkpoint"):
+        dcp.save(_state_of(1), storage_writer=dcpp.torch.FileSystemWriter(path))
+    assert (path / "__0_0.distcp").read_bytes() == b"a user's own file"

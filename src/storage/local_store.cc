@@ -115,26 +115,7 @@ class LocalStore final : public Store {
   Result<std::vector<std::string>> ListDirectory(std::string_view dir) override {
     if (!dir.empty()) DCPP_RETURN_IF_ERROR(ValidateKey(dir));
     std::vector<std::string> keys;
-    const std::string rel(dir);
-    const std::string path = Describe(rel);
-    DIR* d = ::opendir(path.c_str());
-    if (d == nullptr) return ErrnoToStatus(errno, "listing " + path);
-    std::unique_ptr<DIR, int (*)(DIR*)> closer(d, ::closedir);
-    while (true) {
-      errno = 0;
-      struct dirent* e = ::readdir(d);
-      if (e == nullptr) {
-        if (errno != 0) return ErrnoToStatus(errno, "listing " + path);
-        break;
-      }
-      std::string name = e->d_name;
-      if (name == "." || name == "..") continue;
-      std::string key = rel.empty() ? name : rel + "/" + name;
-      struct stat st;
-      if (::stat(Describe(key).c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
-        keys.push_back(std::move(key));
-      }
-    }
+    DCPP_RETURN_IF_ERROR(ListDir(std::string(dir), keys, /*recursive=*/false));
     std::sort(keys.begin(), keys.end());
     return keys;
   }
@@ -212,8 +193,9 @@ class LocalStore final : public Store {
     return Status::Ok();
   }
 
-  // Appends the files under directory `rel` ("" = root) to keys, recursively.
-  Status ListDir(const std::string& rel, std::vector<std::string>& keys) {
+  // Appends the files in directory `rel` ("" = root) to keys, and with `recursive` those of its
+  // subdirectories.
+  Status ListDir(const std::string& rel, std::vector<std::string>& keys, bool recursive = true) {
     std::string path = Describe(rel);
     DIR* d = ::opendir(path.c_str());
     if (d == nullptr) return ErrnoToStatus(errno, "listing " + path);
@@ -234,7 +216,7 @@ class LocalStore final : public Store {
       if (::stat(Describe(key).c_str(), &st) != 0) continue;  // vanished or dangling
       if (S_ISREG(st.st_mode)) {
         keys.push_back(std::move(key));
-      } else if (S_ISDIR(st.st_mode)) {
+      } else if (recursive && S_ISDIR(st.st_mode)) {
         struct stat lst;
         if (::lstat(Describe(key).c_str(), &lst) == 0 && S_ISDIR(lst.st_mode)) {
           subdirs.push_back(std::move(key));
