@@ -625,8 +625,9 @@ class Encoder {
     e_.EmptyDict();
     auto it = pd->begin();
     (void)e_.DictItems(pd->size(), [&](size_t) {
-      const auto& [fqn, path] = *it++;
-      StrValue(fqn);
+      const auto& entry = *it++;
+      const ObjectPath& path = entry.second;  // a plain name: lambdas cannot capture bindings
+      StrValue(entry.first);
       Tuple(path.size(), [&](size_t i) {
         if (const auto* s = std::get_if<std::string>(&path[i])) {
           StrValue(*s);

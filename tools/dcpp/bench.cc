@@ -281,8 +281,10 @@ int RunOrchestrator(const BenchArgs& args) {
   };
 
   for (int round = 0; round < rounds; ++round) {
-    for (const auto& [kind, bytes] :
+    for (const auto& shape :
          std::vector<std::pair<std::string, int64_t>>{{"large", large}, {"small", small}}) {
+      const std::string& kind = shape.first;  // plain names: lambdas below capture them
+      const int64_t bytes = shape.second;
       for (int t : thread_counts) {
         const std::string k = kind + "/t" + std::to_string(t);
         note("round " + std::to_string(round + 1) + ": " + k);
