@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 
@@ -15,13 +16,24 @@
 
 namespace dcpp::internal {
 
+namespace {
+std::atomic<int> direct_io_for_testing{-1};
+}  // namespace
+
 bool DirectWritesEnabled() {
+  if (const int forced = direct_io_for_testing.load(std::memory_order_relaxed); forced >= 0) {
+    return forced == 1;
+  }
+  // Opt-in: direct writes leave nothing in the page cache, so a load soon after a save reads from
+  // the disk instead of memory (docs/benchmarks.md has both sides of the trade).
   static const bool enabled = [] {
     const char* v = std::getenv("DCPP_DIRECT_IO");
-    return v == nullptr || std::strcmp(v, "0") != 0;
+    return v != nullptr && std::strcmp(v, "0") != 0;
   }();
   return enabled;
 }
+
+void SetDirectIoForTesting(int mode) { direct_io_for_testing.store(mode); }
 
 // One submission queue per file being written directly: at most one chunk in flight.
 struct DirectRing {

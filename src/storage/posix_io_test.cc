@@ -72,10 +72,15 @@ bool SupportsODirect(const std::string& dir) {
   return fd >= 0;
 }
 
+// Direct I/O is opt-in (DCPP_DIRECT_IO=1); these tests turn it on for their duration.
+class DirectIo {
+ public:
+  DirectIo() { SetDirectIoForTesting(1); }
+  ~DirectIo() { SetDirectIoForTesting(-1); }
+};
+
 TEST(PosixIoTest, DirectWritesKeepEveryByteAndTheExactLength) {
-  if (!DirectWritesEnabled()) {
-    GTEST_SKIP() << "DCPP_DIRECT_IO=0";
-  }
+  DirectIo on;
   TempDir dir;
   const std::string path = dir.Join("big.bin");
   DCPP_ASSERT_OK_AND_ASSIGN(int fd, OpenFd(path, O_RDWR | O_CREAT | O_TRUNC, 0644));
@@ -109,6 +114,7 @@ TEST(PosixIoTest, DirectWritesKeepEveryByteAndTheExactLength) {
 }
 
 TEST(PosixIoTest, DirectWritesEndingOnAChunkBoundaryNeedNoTail) {
+  DirectIo on;
   TempDir dir;
   const std::string path = dir.Join("exact.bin");
   DCPP_ASSERT_OK_AND_ASSIGN(int fd, OpenFd(path, O_RDWR | O_CREAT | O_TRUNC, 0644));
@@ -120,6 +126,7 @@ TEST(PosixIoTest, DirectWritesEndingOnAChunkBoundaryNeedNoTail) {
 }
 
 TEST(PosixIoTest, AWriteOnlyDescriptorStaysBufferedAndCorrect) {
+  DirectIo on;
   TempDir dir;
   const std::string path = dir.Join("wo.bin");
   // Write-only: the partial block before the switch cannot be read back.
@@ -135,6 +142,7 @@ TEST(PosixIoTest, AWriteOnlyDescriptorStaysBufferedAndCorrect) {
 }
 
 TEST(PosixIoTest, LargeReadsGiveTheSameBytesCachedOrNot) {
+  DirectIo on;
   TempDir dir;
   const std::string path = dir.Join("big.bin");
   const std::string bytes = Pattern(3 * kDirectChunkBytes + 12345, 9);
