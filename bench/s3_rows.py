@@ -2,6 +2,11 @@
 """Save/load GB/s on a local S3 server: dcpp's S3 store vs PyTorch DCP's fsspec path (s3fs).
 
     $(scripts/venv-path)/bin/python bench/s3_rows.py BUILD_DIR [MB]
+    $(scripts/venv-path)/bin/python bench/s3_rows.py [--build BUILD_DIR] [--mb MB] [--dir SCRATCH]
+
+The second form is how `dcpp bench` runs it (with --dir); the build defaults to DCPP_BUILD_DIR,
+else the repository's build/. Without bench/dcpp_s3_bench in the build, only the PyTorch and
+server rows are measured and one row says why dcpp's are missing.
 
 BUILD_DIR was configured with -DDCPP_BUILD_BENCHMARKS=ON (it holds bench/dcpp_s3_bench). Every
 case gets a fresh moto server on loopback (moto keeps objects in memory), started here and
@@ -129,9 +134,34 @@ def gbs(nbytes, s):
     return round(nbytes / s / 1e9, 3)
 
 
+def parse_args(argv):
+    """(build dir, MiB): positional BUILD_DIR [MB], or --build / --mb (--dir is accepted and
+    unused: the S3 server keeps objects in memory)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    build = os.environ.get("DCPP_BUILD_DIR", os.path.join(root, "build"))
+    mb = 256
+    positional = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in ("--build", "--mb", "--dir") and i + 1 < len(argv):
+            if argv[i] == "--build":
+                build = argv[i + 1]
+            elif argv[i] == "--mb":
+                mb = int(argv[i + 1])
+            i += 2
+            continue
+        positional.append(argv[i])
+        i += 1
+    if positional:
+        build = positional[0]
+    if len(positional) > 1:
+        mb = int(positional[1])
+    return build, mb
+
+
 def main():
-    build = sys.argv[1]
-    mb = int(sys.argv[2]) if len(sys.argv) > 2 else 256
+    build, mb = parse_args(sys.argv[1:])
+    have_dcpp = os.path.exists(os.path.join(build, "bench", "dcpp_s3_bench"))
     rows = []
     torch_best = {"save": 0.0, "load": 0.0}
     for threads in (1, 4):
@@ -143,7 +173,12 @@ def main():
         rows.append({"case": f"s3/pytorch_fsspec/threads={threads}", "figures": figs,
                      "target": "reference (PyTorch 2.13 FsspecWriter/FsspecReader, s3fs)",
                      "pass": True})
-    for ranks, threads in ((1, 1), (1, 4), (4, 1), (4, 2)):
+    if not have_dcpp:
+        rows.append({"case": "s3/dcpp", "figures": {},
+                     "target": f"not measured: {build}/bench/dcpp_s3_bench is missing (configure "
+                               "the build with -DDCPP_BUILD_BENCHMARKS=ON)",
+                     "pass": False})
+    for ranks, threads in ((1, 1), (1, 4), (4, 1), (4, 2)) if have_dcpp else ():
         r = dcpp_case(build, mb, ranks, threads)
         figs = {"save_GBps": gbs(r["bytes"], r["save_s"]), "load_GBps": gbs(r["bytes"], r["load_s"]),
                 "MiB": r["bytes"] >> 20}
