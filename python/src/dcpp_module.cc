@@ -727,14 +727,8 @@ class SaveGuard {
  private:
   // The same, with the GIL already released.
   std::vector<std::string> RemoveLeftoversUnlocked() {
-    std::vector<std::string> removed;
-    if (!lock_) return removed;
-    const std::vector<std::string> keys = Take(store_->List());
-    for (const auto& f : Take(dcpp::internal::FindLeftovers(*store_, keys))) {
-      Status s = store_->Remove(f);
-      if (!s.ok() && s.code() != StatusCode::kNotFound) Throw(s);
-      removed.push_back(f);
-    }
+    if (!lock_) return {};
+    std::vector<std::string> removed = Take(dcpp::internal::RemoveLeftovers(*store_));
     if (!removed.empty()) Check(store_->SyncDir());
     return removed;
   }

@@ -249,12 +249,9 @@ Status FileSystemWriter::GuardDestination(bool rank_local) {
 
 Status FileSystemWriter::RemoveLeftovers() {
   if (!lock_) return Status::Ok();  // another save's files in flight would look like leftovers
-  DCPP_ASSIGN_OR_RETURN(std::vector<std::string> keys, store_->List());
-  DCPP_ASSIGN_OR_RETURN(std::vector<std::string> leftovers,
-                        internal::FindLeftovers(*store_, keys, use_collectives_ ? -1 : rank_));
-  for (const auto& f : leftovers) {
-    Status s = store_->Remove(f);
-    if (!s.ok() && s.code() != StatusCode::kNotFound) return s;
+  DCPP_ASSIGN_OR_RETURN(std::vector<std::string> removed,
+                        internal::RemoveLeftovers(*store_, use_collectives_ ? -1 : rank_));
+  for (const auto& f : removed) {
     internal::LogLine(internal::LogLevel::kInfo, "save.removed_leftover",
                       "path=\"" + store_->Describe(f) + "\"");
   }
@@ -480,15 +477,10 @@ Result<std::vector<std::string>> CollectGarbage(Store& store, const std::string&
       // What was listed before the lock may have changed.
       DCPP_ASSIGN_OR_RETURN(keys, store.List());
     }
-    DCPP_ASSIGN_OR_RETURN(std::vector<std::string> leftovers, internal::FindLeftovers(store, keys));
-    if (!dry_run) {
-      for (const auto& f : leftovers) {
-        Status s = store.Remove(f);
-        if (!s.ok() && s.code() != StatusCode::kNotFound) return s;
-      }
-      if (!leftovers.empty()) DCPP_RETURN_IF_ERROR(store.SyncDir());
-    }
-    return leftovers;
+    if (dry_run) return internal::FindLeftovers(store, keys);
+    DCPP_ASSIGN_OR_RETURN(std::vector<std::string> removed, internal::RemoveLeftovers(store));
+    if (!removed.empty()) DCPP_RETURN_IF_ERROR(store.SyncDir());
+    return removed;
   };
   auto out = run();
   if (!out.ok()) return out.status().WithContext(what);

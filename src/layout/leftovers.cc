@@ -146,4 +146,14 @@ Result<std::vector<std::string>> FindLeftovers(Store& store, const std::vector<s
   return out;
 }
 
+Result<std::vector<std::string>> RemoveLeftovers(Store& store, int rank) {
+  DCPP_ASSIGN_OR_RETURN(std::vector<std::string> keys, store.List());
+  DCPP_ASSIGN_OR_RETURN(std::vector<std::string> leftovers, FindLeftovers(store, keys, rank));
+  for (const auto& f : leftovers) {
+    Status s = store.Remove(f);
+    if (!s.ok() && s.code() != StatusCode::kNotFound) return s;
+  }
+  return leftovers;
+}
+
 }  // namespace dcpp::internal

@@ -54,4 +54,9 @@ Status CheckCheckpointDirectory(const std::vector<std::string>& keys, const std:
 Result<std::vector<std::string>> FindLeftovers(Store& store, const std::vector<std::string>& keys,
                                                int rank = -1);
 
+// Removes what FindLeftovers finds among the store's current keys (an already removed file is not
+// an error) and returns their names. Only under the save lock: another save's files in flight
+// would look the same.
+Result<std::vector<std::string>> RemoveLeftovers(Store& store, int rank = -1);
+
 }  // namespace dcpp::internal

@@ -35,10 +35,9 @@ TEST(BenchCliTest, QuickJsonPrintsOneRowPerCase) {
         << r.dump();
     cases.insert(r["case"].get<std::string>());
   }
-  for (const char* c :
-       {"save/large/t1", "save/large/t4", "load/large/t4", "save/small/t4", "load/small/t1",
-        "load/reshard/t4 (4 -> 3 ranks)", "limits/memcpy", "planning/16x100",
-        "commit-metadata/16x100", "bench/total"}) {
+  for (const char* c : {"save/large/t1", "save/large/t4", "load/large/t4", "save/small/t4",
+                        "load/small/t1", "load/reshard/t4 (4 -> 3 ranks)", "limits/memcpy",
+                        "planning/16x100", "commit-metadata/16x100", "bench/total"}) {
     EXPECT_TRUE(cases.count(c)) << c << " missing in " << out;
   }
   for (const auto& r : rows) {
