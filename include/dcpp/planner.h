@@ -25,6 +25,8 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -198,10 +200,15 @@ class DefaultLoadPlanner : public LoadPlanner {
     ObjectPath path;
     Value* value = nullptr;
   };
+  void IndexDestinations();
+
   LoadPlannerOptions options_;
   StateDict* state_dict_ = nullptr;
   const Metadata* metadata_ = nullptr;
-  std::map<std::string, Dest> dest_;
+  std::map<std::string, Dest> dest_;  // in key order, the order of the plan's items
+  // Per-item lookups while reading (ResolveTensor, LoadBytes) hash the key instead of walking
+  // dest_; the keys are views of dest_'s.
+  std::unordered_map<std::string_view, Dest*> by_fqn_;
 };
 
 // Read items that fill `local` chunks of `fqn` from the stored `saved` chunks (the overlap

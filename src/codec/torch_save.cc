@@ -27,6 +27,7 @@
 #include <cstring>
 #include <functional>
 #include <optional>
+#include <stdexcept>
 #include <unordered_map>
 
 #include "codec/zip.h"
@@ -132,35 +133,37 @@ Status TreeReader::ChargeBytes(size_t n) {
 }
 
 Result<TorchSaveTensorRef> TreeReader::ParseRebuild(const PickleValue& v, bool v3) {
-  const std::string fn = NodeName(v);
+  // Names for messages are built only when one is needed.
+  auto fn = [&v] { return NodeName(v); };
   const PickleValue::Object& obj = v.object();
-  if (!obj.args || !obj.args->is(Kind::kTuple)) return DataLoss(fn + ": arguments are not a tuple");
+  if (!obj.args || !obj.args->is(Kind::kTuple))
+    return DataLoss(fn() + ": arguments are not a tuple");
   const PickleValue::Items& args = obj.args->items();
   if (args.size() < (v3 ? 7u : 4u)) {
-    return DataLoss(fn + ": " + std::to_string(args.size()) + " arguments are too few");
+    return DataLoss(fn() + ": " + std::to_string(args.size()) + " arguments are too few");
   }
   for (const PickleRef& a : args) {
-    if (!a) return DataLoss(fn + ": null argument");
+    if (!a) return DataLoss(fn() + ": null argument");
   }
 
   // Persistent id: ('storage', storage_type, key, location, numel).
   if (!args[0]->is(Kind::kPersistentId) || !args[0]->persistent_id() ||
       !args[0]->persistent_id()->is(Kind::kTuple)) {
-    return DataLoss(fn + ": storage argument is not a persistent id tuple");
+    return DataLoss(fn() + ": storage argument is not a persistent id tuple");
   }
   const PickleValue::Items& pid = args[0]->persistent_id()->items();
   if (pid.size() != 5 || !pid[0] || !pid[1] || !pid[2] || !pid[4]) {
-    return DataLoss(fn + ": persistent id is not ('storage', type, key, location, numel)");
+    return DataLoss(fn() + ": persistent id is not ('storage', type, key, location, numel)");
   }
   if (!(pid[0]->is(Kind::kStr) || pid[0]->is(Kind::kBytes)) || pid[0]->as_str() != "storage") {
-    return DataLoss(fn + ": persistent id of unknown kind " + pid[0]->DebugString(1));
+    return DataLoss(fn() + ": persistent id of unknown kind " + pid[0]->DebugString(1));
   }
   // PyTorch pickles the untyped storage class by its module: torch.storage.UntypedStorage.
   const bool torch_storage_module = pid[1]->is(Kind::kGlobal) &&
                                     pid[1]->global().module == "torch.storage" &&
                                     pid[1]->global().name == "UntypedStorage";
   if (!pid[1]->is(Kind::kGlobal) || (pid[1]->global().module != "torch" && !torch_storage_module)) {
-    return DataLoss(fn + ": storage type " + pid[1]->DebugString(1) + " is not a torch storage");
+    return DataLoss(fn() + ": storage type " + pid[1]->DebugString(1) + " is not a torch storage");
   }
   const std::string& storage_class = pid[1]->global().name;
   const bool untyped = storage_class == "UntypedStorage";
@@ -174,7 +177,7 @@ Result<TorchSaveTensorRef> TreeReader::ParseRebuild(const PickleValue& v, bool v
     storage_dtype = *d;
   }
   if (!(pid[2]->is(Kind::kStr) || pid[2]->is(Kind::kBytes))) {
-    return DataLoss(fn + ": storage key is a " + std::string(PickleKindName(pid[2]->kind())));
+    return DataLoss(fn() + ": storage key is a " + std::string(PickleKindName(pid[2]->kind())));
   }
   TorchSaveTensorRef ref;
   ref.storage_key = pid[2]->as_str();
@@ -187,18 +190,18 @@ Result<TorchSaveTensorRef> TreeReader::ParseRebuild(const PickleValue& v, bool v
     const auto& o = size_node->object();
     if (!o.args || !o.args->is(Kind::kTuple) || o.args->items().size() != 1 ||
         !o.args->items()[0]) {
-      return DataLoss(fn + ": malformed torch.Size");
+      return DataLoss(fn() + ": malformed torch.Size");
     }
     size_node = o.args->items()[0].get();
   }
   DCPP_ASSIGN_OR_RETURN(const PickleValue::Items* size_items, size_node->GetTuple());
   DCPP_ASSIGN_OR_RETURN(const PickleValue::Items* stride_items, args[3]->GetTuple());
   if (size_items->size() != stride_items->size() || size_items->size() > kMaxRank) {
-    return DataLoss(fn + ": " + std::to_string(size_items->size()) + " sizes and " +
+    return DataLoss(fn() + ": " + std::to_string(size_items->size()) + " sizes and " +
                     std::to_string(stride_items->size()) + " strides");
   }
   for (size_t i = 0; i < size_items->size(); ++i) {
-    if (!(*size_items)[i] || !(*stride_items)[i]) return DataLoss(fn + ": null size or stride");
+    if (!(*size_items)[i] || !(*stride_items)[i]) return DataLoss(fn() + ": null size or stride");
     DCPP_ASSIGN_OR_RETURN(int64_t s, (*size_items)[i]->GetInt());
     DCPP_ASSIGN_OR_RETURN(int64_t st, (*stride_items)[i]->GetInt());
     ref.shape.push_back(s);
@@ -209,7 +212,8 @@ Result<TorchSaveTensorRef> TreeReader::ParseRebuild(const PickleValue& v, bool v
   }
   if (v3) {
     if (!args[6]->is(Kind::kGlobal) || args[6]->global().module != "torch") {
-      return DataLoss(fn + ": dtype argument " + args[6]->DebugString(1) + " is not a torch dtype");
+      return DataLoss(fn() + ": dtype argument " + args[6]->DebugString(1) +
+                      " is not a torch dtype");
     }
     auto d = DTypeFromName(args[6]->global().name);
     if (!d.ok()) {
@@ -218,15 +222,27 @@ Result<TorchSaveTensorRef> TreeReader::ParseRebuild(const PickleValue& v, bool v
     }
     ref.dtype = *d;
   } else {
-    if (untyped) return DataLoss(fn + ": UntypedStorage needs a dtype (_rebuild_tensor_v3)");
+    if (untyped) return DataLoss(fn() + ": UntypedStorage needs a dtype (_rebuild_tensor_v3)");
     ref.dtype = storage_dtype;
   }
 
   // The storage's record, and the bytes the persistent id says it holds.
-  const std::string record_name = archive_.prefix() + "/data/" + ref.storage_key;
-  auto it = archive_.records().find("data/" + ref.storage_key);
+  auto record_name = [&] { return archive_.prefix() + "/data/" + ref.storage_key; };
+  char key_buf[32];
+  std::string_view record_key;
+  if (ref.storage_key.size() + 5 <= sizeof(key_buf)) {
+    std::memcpy(key_buf, "data/", 5);
+    std::memcpy(key_buf + 5, ref.storage_key.data(), ref.storage_key.size());
+    record_key = std::string_view(key_buf, ref.storage_key.size() + 5);
+  }
+  std::string long_key;
+  if (record_key.empty()) {
+    long_key = "data/" + ref.storage_key;
+    record_key = long_key;
+  }
+  auto it = archive_.records().find(record_key);
   if (it == archive_.records().end()) {
-    return DataLossError(archive_.source().name() + ": missing storage record \"" + record_name +
+    return DataLossError(archive_.source().name() + ": missing storage record \"" + record_name() +
                          "\"");
   }
   ref.record_offset = it->second.data_offset;
@@ -235,19 +251,19 @@ Result<TorchSaveTensorRef> TreeReader::ParseRebuild(const PickleValue& v, bool v
   if (numel < 0 || static_cast<unsigned __int128>(numel) * storage_elem > ref.record_size) {
     return DataLossError(archive_.source().name() + ": storage \"" + ref.storage_key +
                          "\" declares " + std::to_string(numel) + " elements of " +
-                         std::to_string(storage_elem) + " bytes but record \"" + record_name +
+                         std::to_string(storage_elem) + " bytes but record \"" + record_name() +
                          "\" holds " + std::to_string(ref.record_size) + " bytes");
   }
   const uint64_t storage_bytes = static_cast<uint64_t>(numel) * storage_elem;
 
   // Geometry, overflow-safe: sizes, strides and offset non-negative; the extent fits.
-  if (ref.storage_offset < 0) return DataLoss(fn + ": negative storage offset");
+  if (ref.storage_offset < 0) return DataLoss(fn() + ": negative storage offset");
   unsigned __int128 count = 1;
   unsigned __int128 last = static_cast<uint64_t>(ref.storage_offset);
   bool empty = false;
   for (size_t i = 0; i < ref.shape.size(); ++i) {
     if (ref.shape[i] < 0 || ref.strides[i] < 0) {
-      return DataLoss(fn + ": negative size or stride in " + ShapeToString(ref.shape) + " / " +
+      return DataLoss(fn() + ": negative size or stride in " + ShapeToString(ref.shape) + " / " +
                       ShapeToString(ref.strides));
     }
     if (ref.shape[i] == 0) empty = true;
@@ -262,7 +278,7 @@ Result<TorchSaveTensorRef> TreeReader::ParseRebuild(const PickleValue& v, bool v
   const size_t elem = ElementSize(ref.dtype);
   if (!empty) {
     if (count * elem > kMaxTensorBytes) {
-      return DataLoss(fn + ": tensor of shape " + ShapeToString(ref.shape) + " is too large");
+      return DataLoss(fn() + ": tensor of shape " + ShapeToString(ref.shape) + " is too large");
     }
     const unsigned __int128 need = (last + 1) * elem;
     if (need > storage_bytes) {
@@ -270,7 +286,7 @@ Result<TorchSaveTensorRef> TreeReader::ParseRebuild(const PickleValue& v, bool v
           archive_.source().name() + ": tensor " + std::string(DTypeName(ref.dtype)) +
           ShapeToString(ref.shape) + " strides " + ShapeToString(ref.strides) + " offset " +
           std::to_string(ref.storage_offset) + " reaches past the end of storage record \"" +
-          record_name + "\" (" + std::to_string(storage_bytes) + " bytes)");
+          record_name() + "\" (" + std::to_string(storage_bytes) + " bytes)");
     }
   }
   return ref;
@@ -535,43 +551,80 @@ Result<TorchSaveArchive> TorchSaveArchive::Open(const ByteSource& source) {
   TorchSaveArchive a;
   a.source_ = &source;
   a.prefix_ = first.substr(0, slash);
-  const std::string dir = a.prefix_ + "/";
+  const std::string_view dir(first.data(), slash + 1);
+  std::vector<RecordMap::value_type>& recs = a.records_.sorted_;
+  recs.reserve(zip.entries().size());
   for (const internal::ZipEntry& e : zip.entries()) {
     // Entries outside the archive directory are not part of the payload; PyTorch ignores them.
-    if (e.name.size() <= dir.size() || e.name.compare(0, dir.size(), dir) != 0) continue;
-    std::string rel = e.name.substr(dir.size());
-    a.records_[rel] = Record{e.data_offset, e.size, e.crc32};
-    a.order_.push_back(std::move(rel));
+    if (e.name.size() <= dir.size() || std::string_view(e.name).substr(0, dir.size()) != dir) {
+      continue;
+    }
+    recs.emplace_back(e.name.substr(dir.size()), Record{e.data_offset, e.size, e.crc32});
   }
-  if (!a.records_.count("data.pkl")) {
-    return DataLossError(name + ": no \"" + dir + "data.pkl\" record");
+  // Zip names are unique, so are the names below the prefix.
+  std::vector<uint32_t> index(recs.size());
+  for (uint32_t i = 0; i < index.size(); ++i) index[i] = i;
+  std::sort(index.begin(), index.end(),
+            [&](uint32_t x, uint32_t y) { return recs[x].first < recs[y].first; });
+  std::vector<RecordMap::value_type> sorted;
+  sorted.reserve(recs.size());
+  a.records_.order_.resize(recs.size());
+  for (uint32_t i = 0; i < index.size(); ++i) {
+    a.records_.order_[index[i]] = i;
+    sorted.push_back(std::move(recs[index[i]]));
+  }
+  recs = std::move(sorted);
+  const auto pkl_record = a.records_.find("data.pkl");
+  if (pkl_record == a.records_.end()) {
+    return DataLossError(name + ": no \"" + std::string(dir) + "data.pkl\" record");
   }
   const char* version_name = a.records_.count("version")         ? "version"
                              : a.records_.count(".data/version") ? ".data/version"
                                                                  : nullptr;
-  if (!version_name) return DataLossError(name + ": no \"" + dir + "version\" record");
+  if (!version_name) return DataLossError(name + ": no \"" + std::string(dir) + "version\" record");
   {
-    const Record& r = a.records_[version_name];
-    if (r.size > 64) return DataLossError(name + ": " + dir + version_name + " is too long");
-    DCPP_ASSIGN_OR_RETURN(std::string text, a.ReadRecord(version_name));
-    DCPP_ASSIGN_OR_RETURN(a.version_, ParseVersion(text, name + ": " + dir + version_name));
+    const Record& r = a.records_.find(version_name)->second;
+    if (r.size > 64) {
+      return DataLossError(name + ": " + std::string(dir) + version_name + " is too long");
+    }
+    char text[64];
+    if (Status s = source.ReadAt(r.data_offset, text, r.size); !s.ok()) {
+      return s.WithContext("record \"" + a.prefix_ + "/" + version_name + "\"");
+    }
+    DCPP_ASSIGN_OR_RETURN(a.version_, ParseVersion(std::string(text, r.size),
+                                                   name + ": " + std::string(dir) + version_name));
   }
   if (auto it = a.records_.find("byteorder"); it != a.records_.end()) {
-    if (it->second.size > 16) return DataLossError(name + ": " + dir + "byteorder is too long");
-    DCPP_ASSIGN_OR_RETURN(std::string order, a.ReadRecord("byteorder"));
+    if (it->second.size > 16) {
+      return DataLossError(name + ": " + std::string(dir) + "byteorder is too long");
+    }
+    char text[16];
+    if (Status s = source.ReadAt(it->second.data_offset, text, it->second.size); !s.ok()) {
+      return s.WithContext("record \"" + a.prefix_ + "/byteorder\"");
+    }
+    const std::string_view order(text, it->second.size);
     if (order == "big") {
       a.big_endian_ = true;
     } else if (order != "little") {
-      return DataLossError(name + ": " + dir + "byteorder is \"" + order +
+      return DataLossError(name + ": " + std::string(dir) + "byteorder is \"" + std::string(order) +
                            "\" (expected \"little\" or \"big\")");
     }
   }
-  DCPP_ASSIGN_OR_RETURN(std::string pkl, a.ReadRecord("data.pkl"));
+  // data.pkl in place when the archive is in memory.
+  std::string pkl_copy;
+  std::string_view pkl;
+  const Record& pr = pkl_record->second;
+  if (const std::byte* p = source.Peek(pr.data_offset, pr.size)) {
+    pkl = std::string_view(reinterpret_cast<const char*>(p), pr.size);
+  } else {
+    DCPP_ASSIGN_OR_RETURN(pkl_copy, a.ReadRecord("data.pkl"));
+    pkl = pkl_copy;
+  }
   static const PickleAllowList* const kAllow = new PickleAllowList(PickleAllowList::TorchSave());
   PickleReadOptions options;
   options.allow = kAllow;
   auto root = ReadPickle(pkl, options);
-  if (!root.ok()) return root.status().WithContext(name + ": " + dir + "data.pkl");
+  if (!root.ok()) return root.status().WithContext(name + ": " + std::string(dir) + "data.pkl");
   a.root_ = *std::move(root);
   return a;
 }
@@ -587,11 +640,29 @@ Result<std::string> TorchSaveArchive::ReadRecord(const std::string& name) const 
   return out;
 }
 
-std::vector<std::string> TorchSaveArchive::RecordNames() const { return order_; }
+TorchSaveArchive::RecordMap::const_iterator TorchSaveArchive::RecordMap::find(
+    std::string_view name) const {
+  auto it = std::lower_bound(sorted_.begin(), sorted_.end(), name,
+                             [](const value_type& v, std::string_view n) { return v.first < n; });
+  return it != sorted_.end() && it->first == name ? it : sorted_.end();
+}
+
+const TorchSaveArchive::Record& TorchSaveArchive::RecordMap::at(std::string_view name) const {
+  auto it = find(name);
+  if (it == end()) throw std::out_of_range("no torch.save record \"" + std::string(name) + "\"");
+  return it->second;
+}
+
+std::vector<std::string> TorchSaveArchive::RecordNames() const {
+  std::vector<std::string> names;
+  names.reserve(records_.size());
+  for (uint32_t i : records_.order_) names.push_back(records_.sorted_[i].first);
+  return names;
+}
 
 Status TorchSaveArchive::VerifyChecksums() const {
-  for (const std::string& name : order_) {
-    const Record& r = records_.at(name);
+  for (uint32_t i : records_.order_) {
+    const auto& [name, r] = records_.sorted_[i];
     DCPP_RETURN_IF_ERROR(
         internal::VerifyZipCrc(*source_, prefix_ + "/" + name, r.data_offset, r.size, r.crc32));
   }
@@ -659,12 +730,12 @@ Status TorchSaveArchive::ReadTensorInto(const TorchSaveTensorRef& ref, const Sha
     return DataLossError(source_->name() + ": tensor box reaches past storage record \"" + prefix_ +
                          "/data/" + ref.storage_key + "\"");
   }
-  const std::string what = "reading record \"" + prefix_ + "/data/" + ref.storage_key + "\"";
+  auto what = [&] { return "reading record \"" + prefix_ + "/data/" + ref.storage_key + "\""; };
   const TensorView sview(nullptr, ref.dtype, sizes, ref.strides, 0);
   if (sview.is_contiguous() && dview.is_contiguous()) {
     // Both sides are one run of bytes: read straight into the destination.
     Status s = source_->ReadAt(ref.record_offset + lo, dview.data(), n);
-    if (!s.ok()) return s.WithContext(what);
+    if (!s.ok()) return s.WithContext(what());
     if (big_endian_) SwapBytes(dview.data(), n, ref.dtype);
     return Status::Ok();
   }
@@ -705,7 +776,7 @@ Status TorchSaveArchive::ReadTensorInto(const TorchSaveTensorRef& ref, const Sha
     if (!buffer || buffer->nbytes() < piece) buffer = Storage::AllocateUninitialized(piece);
     const uint64_t at = static_cast<uint64_t>(ref.storage_offset + a) * elem;
     Status s = source_->ReadAt(ref.record_offset + at, buffer->data(), piece);
-    if (!s.ok()) return s.WithContext(what);
+    if (!s.ok()) return s.WithContext(what());
     if (big_endian_) SwapBytes(buffer->data(), piece, ref.dtype);
     const TensorView src(buffer->data(), ref.dtype, size, ref.strides, 0);
     Shape dst_at(rank);

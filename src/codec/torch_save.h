@@ -22,6 +22,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "codec/pickle.h"
@@ -97,7 +98,27 @@ class TorchSaveArchive {
     uint64_t size = 0;
     uint32_t crc32 = 0;
   };
-  const std::map<std::string, Record>& records() const { return records_; }
+  // Records by name (without the prefix), in name order: a sorted vector, since an archive has
+  // a handful of them and one is opened per stored item.
+  class RecordMap {
+   public:
+    using value_type = std::pair<std::string, Record>;
+    using const_iterator = std::vector<value_type>::const_iterator;
+    const_iterator begin() const { return sorted_.begin(); }
+    const_iterator end() const { return sorted_.end(); }
+    size_t size() const { return sorted_.size(); }
+    bool empty() const { return sorted_.empty(); }
+    const_iterator find(std::string_view name) const;
+    size_t count(std::string_view name) const { return find(name) == end() ? 0 : 1; }
+    // Throws std::out_of_range for a missing name, as std::map::at does.
+    const Record& at(std::string_view name) const;
+
+   private:
+    friend class TorchSaveArchive;
+    std::vector<value_type> sorted_;
+    std::vector<uint32_t> order_;  // indexes into sorted_, in archive order
+  };
+  const RecordMap& records() const { return records_; }
 
   // Checks every record's CRC-32 (DataLoss naming the record on mismatch).
   Status VerifyChecksums() const;
@@ -111,8 +132,7 @@ class TorchSaveArchive {
   std::string prefix_;
   int64_t version_ = 0;
   bool big_endian_ = false;
-  std::map<std::string, Record> records_;
-  std::vector<std::string> order_;
+  RecordMap records_;
   PickleRef root_;
 };
 

@@ -11,6 +11,11 @@
 
 namespace dcpp::internal {
 
+namespace {
+// Archives with at most this many entries find names by a linear scan.
+constexpr uint64_t kZipLinearLookup = 32;
+}  // namespace
+
 // ISA-L's folding CRC (PCLMUL/AVX-512) runs 4x zlib's on the development machine; the two give
 // the same values (both the reflected IEEE polynomial, chained the same way).
 uint32_t Crc32(uint32_t crc, const void* data, size_t n) {
@@ -229,6 +234,14 @@ class Parser {
     return DataLossError("zip archive " + name_ + ", entry \"" + entry + "\": " + what);
   }
 
+  // The bytes [offset, offset + n): in place when the source is in memory, else read into
+  // `scratch`. Small archives parsed from memory (a DCP blob in a read window) copy nothing.
+  Result<const char*> View(uint64_t offset, size_t n, std::string& scratch) const {
+    if (const std::byte* p = source_.Peek(offset, n)) return reinterpret_cast<const char*>(p);
+    DCPP_RETURN_IF_ERROR(Read(offset, n, scratch));
+    return static_cast<const char*>(scratch.data());
+  }
+
   Status Read(uint64_t offset, size_t n, std::string& out) const {
     out.resize(n);
     Status s = source_.ReadAt(offset, out.data(), n);
@@ -257,18 +270,18 @@ Result<EndInfo> FindEnd(const Parser& p) {
   // The end record is the last 22 bytes plus a comment of at most 65535 bytes.
   const uint64_t tail_len = std::min<uint64_t>(size, kZipEndSize + 0xFFFF);
   const uint64_t tail_start = size - tail_len;
-  std::string tail;
-  DCPP_RETURN_IF_ERROR(p.Read(tail_start, tail_len, tail));
+  std::string tail_buf;
+  DCPP_ASSIGN_OR_RETURN(const char* tail, p.View(tail_start, tail_len, tail_buf));
   int64_t found = -1;
   for (int64_t i = static_cast<int64_t>(tail_len - kZipEndSize); i >= 0; --i) {
-    if (Get32(tail.data() + i) == kZipEndSig &&
-        static_cast<uint64_t>(i) + kZipEndSize + Get16(tail.data() + i + 20) <= tail_len) {
+    if (Get32(tail + i) == kZipEndSig &&
+        static_cast<uint64_t>(i) + kZipEndSize + Get16(tail + i + 20) <= tail_len) {
       found = i;
       break;
     }
   }
   if (found < 0) return p.Corrupt("no end of central directory record (not a zip archive?)");
-  const char* e = tail.data() + found;
+  const char* e = tail + found;
   const uint64_t end_offset = tail_start + static_cast<uint64_t>(found);
   if (Get16(e + 4) != 0 || Get16(e + 6) != 0) {
     return UnimplementedError("zip archive " + p.name_ + ": multi-disk archives are not supported");
@@ -282,29 +295,30 @@ Result<EndInfo> FindEnd(const Parser& p) {
   // A ZIP64 locator right before the end record points at the ZIP64 end record, which holds
   // the full-width values (PyTorch always writes both).
   if (end_offset >= kZip64LocatorSize) {
-    std::string loc;
-    DCPP_RETURN_IF_ERROR(p.Read(end_offset - kZip64LocatorSize, kZip64LocatorSize, loc));
-    if (Get32(loc.data()) == kZip64LocatorSig) {
-      const uint64_t z64 = Get64(loc.data() + 8);
+    std::string loc_buf;
+    DCPP_ASSIGN_OR_RETURN(const char* loc,
+                          p.View(end_offset - kZip64LocatorSize, kZip64LocatorSize, loc_buf));
+    if (Get32(loc) == kZip64LocatorSig) {
+      const uint64_t z64 = Get64(loc + 8);
       const uint64_t locator_offset = end_offset - kZip64LocatorSize;
       if (!FitsWithin(z64, kZip64EndSize, locator_offset)) {
         return p.Corrupt("ZIP64 end record offset " + std::to_string(z64) + " is out of range");
       }
-      std::string rec;
-      DCPP_RETURN_IF_ERROR(p.Read(z64, kZip64EndSize, rec));
-      if (Get32(rec.data()) != kZip64EndSig) {
+      std::string rec_buf;
+      DCPP_ASSIGN_OR_RETURN(const char* rec, p.View(z64, kZip64EndSize, rec_buf));
+      if (Get32(rec) != kZip64EndSig) {
         return p.Corrupt("bad ZIP64 end record signature at offset " + std::to_string(z64));
       }
-      if (Get64(rec.data() + 4) < kZip64EndSize - 12) {
+      if (Get64(rec + 4) < kZip64EndSize - 12) {
         return p.Corrupt("ZIP64 end record too short");
       }
-      if (Get32(rec.data() + 16) != 0 || Get32(rec.data() + 20) != 0) {
+      if (Get32(rec + 16) != 0 || Get32(rec + 20) != 0) {
         return UnimplementedError("zip archive " + p.name_ +
                                   ": multi-disk archives are not supported");
       }
-      info.entries = Get64(rec.data() + 32);
-      info.cd_size = Get64(rec.data() + 40);
-      info.cd_offset = Get64(rec.data() + 48);
+      info.entries = Get64(rec + 32);
+      info.cd_size = Get64(rec + 40);
+      info.cd_offset = Get64(rec + 48);
       info.cd_limit = z64;
     }
   }
@@ -325,18 +339,19 @@ Result<EndInfo> FindEnd(const Parser& p) {
 Result<ZipReader> ZipReader::Open(const ByteSource& source) {
   Parser p(source);
   DCPP_ASSIGN_OR_RETURN(EndInfo end, FindEnd(p));
-  std::string cd;
-  DCPP_RETURN_IF_ERROR(p.Read(end.cd_offset, end.cd_size, cd));
+  std::string cd_buf;
+  DCPP_ASSIGN_OR_RETURN(const char* cd_bytes, p.View(end.cd_offset, end.cd_size, cd_buf));
+  const std::string_view cd(cd_bytes, end.cd_size);
 
   ZipReader reader;
   reader.source_ = &source;
   reader.entries_.reserve(end.entries);
   size_t pos = 0;
   for (uint64_t i = 0; i < end.entries; ++i) {
-    const std::string where = "central directory entry " + std::to_string(i);
-    if (cd.size() - pos < kZipCentralHeaderSize) return p.Corrupt(where + " is truncated");
+    auto where = [i] { return "central directory entry " + std::to_string(i); };
+    if (cd.size() - pos < kZipCentralHeaderSize) return p.Corrupt(where() + " is truncated");
     const char* h = cd.data() + pos;
-    if (Get32(h) != kZipCentralHeaderSig) return p.Corrupt(where + " has a bad signature");
+    if (Get32(h) != kZipCentralHeaderSig) return p.Corrupt(where() + " has a bad signature");
     const uint16_t flags = Get16(h + 8);
     const uint16_t method = Get16(h + 10);
     uint32_t crc = Get32(h + 16);
@@ -348,7 +363,7 @@ Result<ZipReader> ZipReader::Open(const ByteSource& source) {
     const uint16_t disk = Get16(h + 34);
     uint64_t lho = Get32(h + 42);
     if (cd.size() - pos - kZipCentralHeaderSize < name_len + extra_len + comment_len) {
-      return p.Corrupt(where + " is truncated");
+      return p.Corrupt(where() + " is truncated");
     }
     ZipEntry entry;
     entry.name.assign(h + kZipCentralHeaderSize, name_len);
@@ -405,22 +420,23 @@ Result<ZipReader> ZipReader::Open(const ByteSource& source) {
       return p.CorruptEntry(entry.name,
                             "local header offset " + std::to_string(lho) + " is out of range");
     }
-    std::string local;
-    DCPP_RETURN_IF_ERROR(p.Read(lho, kZipLocalHeaderSize + name_len, local));
-    if (Get32(local.data()) != kZipLocalHeaderSig) {
+    std::string local_buf;
+    DCPP_ASSIGN_OR_RETURN(const char* local,
+                          p.View(lho, kZipLocalHeaderSize + name_len, local_buf));
+    if (Get32(local) != kZipLocalHeaderSig) {
       return p.CorruptEntry(entry.name,
                             "bad local header signature at offset " + std::to_string(lho));
     }
-    const size_t local_name_len = Get16(local.data() + 26);
-    const size_t local_extra_len = Get16(local.data() + 28);
+    const size_t local_name_len = Get16(local + 26);
+    const size_t local_extra_len = Get16(local + 28);
     if (local_name_len != name_len ||
-        std::memcmp(local.data() + kZipLocalHeaderSize, entry.name.data(), name_len) != 0) {
+        std::memcmp(local + kZipLocalHeaderSize, entry.name.data(), name_len) != 0) {
       return p.CorruptEntry(entry.name, "local header names a different entry");
     }
-    if (Get16(local.data() + 8) != 0) {
+    if (Get16(local + 8) != 0) {
       return UnimplementedError("zip archive " + p.name_ + ", entry \"" + entry.name +
                                 "\": compressed in its local header (method " +
-                                std::to_string(Get16(local.data() + 8)) + ")");
+                                std::to_string(Get16(local + 8)) + ")");
     }
     entry.data_offset = lho + kZipLocalHeaderSize + local_name_len + local_extra_len;
     if (!FitsWithin(entry.data_offset, entry.size, end.cd_offset)) {
@@ -428,15 +444,26 @@ Result<ZipReader> ZipReader::Open(const ByteSource& source) {
                                             std::to_string(entry.size) +
                                             ") runs into the central directory");
     }
-    if (!reader.by_name_.emplace(entry.name, reader.entries_.size()).second) {
-      return p.CorruptEntry(entry.name, "duplicate entry name");
+    // A torch.save archive has a handful of entries: compared in place, without a hash table.
+    bool duplicate = false;
+    if (end.entries <= kZipLinearLookup) {
+      for (const ZipEntry& e : reader.entries_) duplicate = duplicate || e.name == entry.name;
+    } else {
+      duplicate = !reader.by_name_.emplace(entry.name, reader.entries_.size()).second;
     }
+    if (duplicate) return p.CorruptEntry(entry.name, "duplicate entry name");
     reader.entries_.push_back(std::move(entry));
   }
   return reader;
 }
 
 const ZipEntry* ZipReader::Find(std::string_view name) const {
+  if (by_name_.empty()) {
+    for (const ZipEntry& e : entries_) {
+      if (e.name == name) return &e;
+    }
+    return nullptr;
+  }
   auto it = by_name_.find(std::string(name));
   return it == by_name_.end() ? nullptr : &entries_[it->second];
 }

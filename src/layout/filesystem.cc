@@ -32,6 +32,8 @@
 #include <mutex>
 #include <optional>
 #include <random>
+#include <string_view>
+#include <unordered_map>
 
 #include "codec/stream_transform.h"
 #include "codec/torch_save.h"
@@ -586,45 +588,89 @@ Status FileSystemReader::SetUp(const Metadata& metadata, bool /*is_coordinator*/
 
 Status FileSystemReader::ReadData(const LoadPlan& plan, LoadPlanner& planner) {
   if (!metadata_) return FailedPreconditionError("FileSystemReader::ReadData before SetUp");
-  // Group items by file, and within a file by stored blob, so each archive is parsed once.
+  // 1. Each item's stored blob. Plans list items in key order, as storage_data holds them, so
+  //    the blob is usually the one found last or the next one; anything else is looked up.
+  struct Entry {
+    const StorageInfo* info;
+    const ReadItem* item;
+    uint32_t file;
+  };
+  std::vector<Entry> entries;
+  entries.reserve(plan.items.size());
+  std::unordered_map<std::string_view, uint32_t> file_ids;
+  std::vector<const std::string*> file_names;
+  const auto& storage = metadata_->storage_data;
+  auto cursor = storage.end();
+  for (const ReadItem& item : plan.items) {
+    if (cursor != storage.end() && !(cursor->first == item.storage_index)) {
+      ++cursor;
+      if (cursor != storage.end() && !(cursor->first == item.storage_index)) cursor = storage.end();
+    }
+    if (cursor == storage.end()) {
+      cursor = storage.find(item.storage_index);
+      if (cursor == storage.end()) return metadata_->FindStorage(item.storage_index).status();
+    }
+    const StorageInfo* info = &cursor->second;
+    auto [it, inserted] = file_ids.try_emplace(info->relative_path, file_names.size());
+    if (inserted) file_names.push_back(&info->relative_path);
+    entries.push_back({info, &item, it->second});
+  }
+  // 2. Grouped by file, blobs in file order, and the items of one blob together (in plan order),
+  //    so each archive is parsed once.
+  std::stable_sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
+    if (a.file != b.file) return a.file < b.file;
+    if (a.info->offset != b.info->offset) return a.info->offset < b.info->offset;
+    return std::less<const StorageInfo*>()(a.info, b.info);
+  });
   struct Blob {
     const StorageInfo* info;
-    std::vector<const ReadItem*> items;
+    size_t begin, end;  // its items: entries[begin, end)
   };
-  std::map<std::string, std::map<MetadataIndex, Blob>> files;
-  for (const auto& item : plan.items) {
-    DCPP_ASSIGN_OR_RETURN(const StorageInfo* info, metadata_->FindStorage(item.storage_index));
-    auto& blob = files[info->relative_path][item.storage_index];
-    blob.info = info;
-    blob.items.push_back(&item);
+  std::vector<Blob> blobs;
+  std::vector<size_t> file_blobs;  // file f's blobs: [file_blobs[f], file_blobs[f + 1])
+  for (size_t e = 0; e < entries.size(); ++e) {
+    if (e == 0 || entries[e].file != entries[e - 1].file) file_blobs.push_back(blobs.size());
+    if (e > 0 && entries[e].info == entries[e - 1].info) {
+      blobs.back().end = e + 1;
+    } else {
+      blobs.push_back({entries[e].info, e, e + 1});
+    }
   }
+  file_blobs.push_back(blobs.size());
   std::mutex planner_mu;  // planners are not thread-safe
-  std::vector<std::pair<const std::string*, const std::map<MetadataIndex, Blob>*>> work;
-  for (const auto& [name, blobs] : files) work.push_back({&name, &blobs});
 
   auto read_file = [&](size_t w) -> Status {
-    const std::string& name = *work[w].first;
+    const std::string& name = *file_names[w];
     DCPP_ASSIGN_OR_RETURN(std::unique_ptr<ReadableFile> file, store_->OpenRead(name));
-    // Blobs in file order. Runs of small neighbouring blobs are read with one pread into a
-    // window and parsed from memory, so a state dict of many small tensors is not bound by
-    // several small reads per item; large blobs read only the byte ranges they need.
-    std::vector<std::pair<const MetadataIndex*, const Blob*>> ordered;
-    for (const auto& [index, blob] : *work[w].second) ordered.push_back({&index, &blob});
-    std::stable_sort(ordered.begin(), ordered.end(), [](const auto& a, const auto& b) {
-      return a.second->info->offset < b.second->info->offset;
-    });
-    std::string window;
+    const std::string described = store_->Describe(name);
+    // This file's position in each manifest, looked up once.
+    std::vector<std::pair<const internal::Manifest*, uint32_t>> manifests;
+    if (options_.verify) {
+      for (const auto& m : manifests_) {
+        if (auto f = m->FileIndex(name)) manifests.push_back({m.get(), *f});
+      }
+    }
+    // Runs of small neighbouring blobs are read with one pread into a window and parsed from
+    // memory, so a state dict of many small tensors is not bound by several small reads per
+    // item; large blobs read only the byte ranges they need.
+    std::unique_ptr<char[]> window;  // not zero-filled: every byte is read over
+    size_t window_capacity = 0, window_size = 0;
     uint64_t window_start = 0;
     auto small = [](const StorageInfo& i) {
       return i.transform_descriptors.empty() && i.length <= int64_t{kWholeBlobBytes};
     };
-    for (size_t o = 0; o < ordered.size(); ++o) {
-      const MetadataIndex& index = *ordered[o].first;
-      const Blob& blob = *ordered[o].second;
-      const std::string what = "\"" + name + "\" item \"" + index.ToString() + "\"";
+    const size_t first = file_blobs[w], last = file_blobs[w + 1];
+    for (size_t o = first; o < last; ++o) {
+      const Blob& blob = blobs[o];
+      const ReadItem& front = *entries[blob.begin].item;
       const StorageInfo& info = *blob.info;
+      // Messages are built only when something fails.
+      auto what = [&] {
+        return "\"" + name + "\" item \"" + front.storage_index.ToString() + "\"";
+      };
+      auto fail = [&](const Status& s) { return s.WithContext("reading " + what()); };
       if (static_cast<uint64_t>(info.offset) + static_cast<uint64_t>(info.length) > file->size()) {
-        return DataLossError(what + ": byte range [" + std::to_string(info.offset) + ", +" +
+        return DataLossError(what() + ": byte range [" + std::to_string(info.offset) + ", +" +
                              std::to_string(info.length) + ") is past the end of the file (" +
                              std::to_string(file->size()) + " bytes)");
       }
@@ -633,16 +679,15 @@ Status FileSystemReader::ReadData(const LoadPlan& plan, LoadPlanner& planner) {
       const internal::Manifest* manifest = nullptr;
       const internal::ManifestBlob* sums = nullptr;
       if (options_.verify) {
-        for (const auto& m : manifests_) {
-          sums =
-              m->Find(name, static_cast<uint64_t>(info.offset), static_cast<uint64_t>(info.length));
+        for (const auto& [m, f] : manifests) {
+          sums = m->Find(f, static_cast<uint64_t>(info.offset), static_cast<uint64_t>(info.length));
           if (sums) {
-            manifest = m.get();
+            manifest = m;
             break;
           }
         }
         if (!sums && manifest_complete_) {
-          return DataLossError("reading " + what +
+          return DataLossError("reading " + what() +
                                ": the checkpoint's manifest has no checksum "
                                "for its bytes at offset " +
                                std::to_string(info.offset));
@@ -652,11 +697,11 @@ Status FileSystemReader::ReadData(const LoadPlan& plan, LoadPlanner& planner) {
       std::optional<internal::CrcCheckingSource> crc_checked;
       // Transforms were applied in order when writing: undo them last to first.
       std::string decoded;
-      std::unique_ptr<MemorySource> decoded_src;
+      std::optional<MemorySource> memory;
       const ByteSource* src = &raw;
       if (sums && !small(info)) {
         verified.emplace(raw, manifest->HashesOf(*sums), sums->hash_count, manifest->segment_bytes,
-                         static_cast<uint64_t>(info.offset), store_->Describe(name));
+                         static_cast<uint64_t>(info.offset), described);
         src = &*verified;
       } else if (options_.verify && !sums && info.transform_descriptors.empty()) {
         crc_checked.emplace(raw);
@@ -665,11 +710,11 @@ Status FileSystemReader::ReadData(const LoadPlan& plan, LoadPlanner& planner) {
       if (small(info)) {
         const uint64_t begin = static_cast<uint64_t>(info.offset);
         const uint64_t end = begin + static_cast<uint64_t>(info.length);
-        if (begin < window_start || end > window_start + window.size()) {
+        if (begin < window_start || end > window_start + window_size) {
           // A new window from this blob over the following small blobs that lie close behind.
           uint64_t stop = end;
-          for (size_t n = o + 1; n < ordered.size(); ++n) {
-            const StorageInfo& next = *ordered[n].second->info;
+          for (size_t n = o + 1; n < last; ++n) {
+            const StorageInfo& next = *blobs[n].info;
             const uint64_t nb = static_cast<uint64_t>(next.offset);
             const uint64_t ne = nb + static_cast<uint64_t>(next.length);
             if (!small(next) || nb > stop + kWindowGapBytes || ne - begin > kWindowBytes ||
@@ -678,36 +723,43 @@ Status FileSystemReader::ReadData(const LoadPlan& plan, LoadPlanner& planner) {
             }
             stop = std::max(stop, ne);
           }
-          window.resize(stop - begin);
-          DCPP_RETURN_IF_ERROR(
-              file->ReadAt(begin, window.data(), window.size()).WithContext("reading " + what));
+          window_size = static_cast<size_t>(stop - begin);
+          if (window_capacity < window_size) {
+            window = std::make_unique_for_overwrite<char[]>(window_size);
+            window_capacity = window_size;
+          }
+          if (Status s = file->ReadAt(begin, window.get(), window_size); !s.ok()) {
+            return fail(s);
+          }
           window_start = begin;
           // The next window is fetched while this one is parsed.
           file->Prefetch(stop, kWindowBytes);
         }
-        const std::string_view bytes =
-            std::string_view(window).substr(begin - window_start, info.length);
+        const std::string_view bytes(window.get() + (begin - window_start),
+                                     static_cast<size_t>(info.length));
         if (sums) {
-          DCPP_RETURN_IF_ERROR(internal::VerifyBlobBytes(bytes, manifest->HashesOf(*sums),
-                                                         sums->hash_count, manifest->segment_bytes,
-                                                         begin, store_->Describe(name))
-                                   .WithContext("reading " + what));
+          Status s = internal::VerifyBlobBytes(bytes, manifest->HashesOf(*sums), sums->hash_count,
+                                               manifest->segment_bytes, begin, described);
+          if (!s.ok()) return fail(s);
         }
-        decoded_src = std::make_unique<MemorySource>(bytes, name);
-        src = decoded_src.get();
+        memory.emplace(bytes, name);
+        src = &*memory;
       }
-      const uint64_t cap = DecodedSizeCap(*metadata_, *blob.items.front(), raw.size());
-      for (auto d = info.transform_descriptors.rbegin(); d != info.transform_descriptors.rend();
-           ++d) {
-        auto transform = internal::FindStreamTransform(*d);
-        if (!transform.ok()) return transform.status().WithContext("reading " + what);
-        DCPP_ASSIGN_OR_RETURN(std::string out, (*transform)->Decode(*src, cap, what));
-        decoded = std::move(out);
-        decoded_src = std::make_unique<MemorySource>(decoded, name);
-        src = decoded_src.get();
+      if (!info.transform_descriptors.empty()) {
+        const uint64_t cap = DecodedSizeCap(*metadata_, front, raw.size());
+        for (auto d = info.transform_descriptors.rbegin(); d != info.transform_descriptors.rend();
+             ++d) {
+          auto transform = internal::FindStreamTransform(*d);
+          if (!transform.ok()) return fail(transform.status());
+          DCPP_ASSIGN_OR_RETURN(std::string out, (*transform)->Decode(*src, cap, what()));
+          decoded = std::move(out);
+          memory.reset();
+          memory.emplace(decoded, name);
+          src = &*memory;
+        }
       }
       auto archive = TorchSaveArchive::Open(*src);
-      if (!archive.ok()) return archive.status().WithContext("reading " + what);
+      if (!archive.ok()) return fail(archive.status());
       if (options_.verify && !sums) {
         // No manifest: zip CRCs. Records in memory, and small ones, are checked now; a large
         // (tensor) record when a read covers it whole, from the bytes read.
@@ -718,57 +770,62 @@ Status FileSystemReader::ReadData(const LoadPlan& plan, LoadPlanner& planner) {
                                    rec.crc32);
             continue;
           }
-          DCPP_RETURN_IF_ERROR(internal::VerifyZipCrc(*src, archive->prefix() + "/" + rname,
-                                                      rec.data_offset, rec.size, rec.crc32)
-                                   .WithContext("reading " + what));
+          if (const std::byte* p = src->Peek(rec.data_offset, rec.size);
+              p && internal::Crc32(0, p, rec.size) == rec.crc32) {
+            continue;  // the common case, without building the record's name
+          }
+          Status s = internal::VerifyZipCrc(*src, archive->prefix() + "/" + rname, rec.data_offset,
+                                            rec.size, rec.crc32);
+          if (!s.ok()) return fail(s);
         }
       }
-      if (blob.items.front()->type == LoadItemType::kByteIO) {
+      if (front.type == LoadItemType::kByteIO) {
         auto value = archive->ReadValue();
         Value v;
         if (value.ok()) {
           v = std::move(*value);
         } else if (value.status().code() == StatusCode::kInvalidArgument) {
           // A Python object dcpp does not model: keep its exact bytes.
-          Opaque o;
-          o.torch_save_bytes.resize(src->size());
+          Opaque op;
+          op.torch_save_bytes.resize(src->size());
           DCPP_RETURN_IF_ERROR(
-              src->ReadAt(0, o.torch_save_bytes.data(), o.torch_save_bytes.size()));
+              src->ReadAt(0, op.torch_save_bytes.data(), op.torch_save_bytes.size()));
           auto shown = archive->ReadValue(/*opaque_objects=*/true);
-          o.type_name = shown.ok() && shown->is_opaque() ? shown->opaque().type_name : "object";
-          v = Value::FromOpaque(std::move(o));
+          op.type_name = shown.ok() && shown->is_opaque() ? shown->opaque().type_name : "object";
+          v = Value::FromOpaque(std::move(op));
         } else {
-          return value.status().WithContext("reading " + what);
+          return fail(value.status());
         }
         std::lock_guard<std::mutex> lock(planner_mu);
-        for (const ReadItem* item : blob.items) {
-          DCPP_RETURN_IF_ERROR(planner.LoadBytes(*item, v));
+        for (size_t e = blob.begin; e < blob.end; ++e) {
+          DCPP_RETURN_IF_ERROR(planner.LoadBytes(*entries[e].item, v));
         }
         continue;
       }
       auto ref = archive->RootTensor();
-      if (!ref.ok()) return ref.status().WithContext("reading " + what);
-      for (const ReadItem* item : blob.items) {
+      if (!ref.ok()) return fail(ref.status());
+      for (size_t e = blob.begin; e < blob.end; ++e) {
+        const ReadItem& item = *entries[e].item;
         TensorView dst;
         {
           std::lock_guard<std::mutex> lock(planner_mu);
-          DCPP_ASSIGN_OR_RETURN(dst, planner.ResolveTensor(*item));
+          DCPP_ASSIGN_OR_RETURN(dst, planner.ResolveTensor(item));
         }
         if (dst.dtype() != ref->dtype) {
-          return DataLossError("reading " + what + ": stored " +
+          return DataLossError("reading " + what() + ": stored " +
                                std::string(DTypeName(ref->dtype)) + " but the metadata says " +
                                std::string(DTypeName(dst.dtype())));
         }
-        Status s = archive->ReadTensorInto(*ref, item->storage_offsets, dst, item->dest_offsets,
-                                           item->lengths);
-        if (!s.ok()) return s.WithContext("reading " + what);
+        Status s = archive->ReadTensorInto(*ref, item.storage_offsets, dst, item.dest_offsets,
+                                           item.lengths);
+        if (!s.ok()) return fail(s);
       }
     }
     return Status::Ok();
   };
 
   DCPP_RETURN_IF_ERROR(internal::FirstError(internal::ParallelFor(
-      work.size(), static_cast<size_t>(std::max(options_.thread_count, 1)), read_file)));
+      file_names.size(), static_cast<size_t>(std::max(options_.thread_count, 1)), read_file)));
   return planner.Finish();
 }
 

@@ -151,10 +151,19 @@ void Manifest::Index() {
   for (size_t i = 0; i < files.size(); ++i) file_index_.emplace(files[i], static_cast<uint32_t>(i));
 }
 
-const ManifestBlob* Manifest::Find(std::string_view file, uint64_t offset, uint64_t length) const {
+std::optional<uint32_t> Manifest::FileIndex(std::string_view file) const {
   auto f = file_index_.find(std::string(file));
-  if (f == file_index_.end()) return nullptr;
-  const auto key = std::make_tuple(f->second, offset, length);
+  if (f == file_index_.end()) return std::nullopt;
+  return f->second;
+}
+
+const ManifestBlob* Manifest::Find(std::string_view file, uint64_t offset, uint64_t length) const {
+  const std::optional<uint32_t> f = FileIndex(file);
+  return f ? Find(*f, offset, length) : nullptr;
+}
+
+const ManifestBlob* Manifest::Find(uint32_t file, uint64_t offset, uint64_t length) const {
+  const auto key = std::make_tuple(file, offset, length);
   auto it = std::lower_bound(blobs.begin(), blobs.end(), key,
                              [](const ManifestBlob& b, const decltype(key)& k) {
                                return std::make_tuple(b.file, b.offset, b.length) < k;

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <list>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -74,6 +75,9 @@ struct Manifest {
   // blobs in order). An empty blob may
   // share its offset with the next one.
   const ManifestBlob* Find(std::string_view file, uint64_t offset, uint64_t length) const;
+  // The same by the file's index (FileIndex), for readers that look up many blobs of one file.
+  const ManifestBlob* Find(uint32_t file, uint64_t offset, uint64_t length) const;
+  std::optional<uint32_t> FileIndex(std::string_view file) const;
   const uint64_t* HashesOf(const ManifestBlob& b) const { return hashes.data() + b.first_hash; }
 
   // Rebuilds the lookup after blobs/files were filled directly.

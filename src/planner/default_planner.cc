@@ -997,6 +997,7 @@ Status DefaultLoadPlanner::SetUp(StateDict* state_dict, const Metadata& metadata
       d.value = GetElement(*state_dict, d.path);
       if (!d.value) return InternalError("rebuilt state dict lost \"" + fqn + "\"");
     }
+    IndexDestinations();
     return Status::Ok();
   }
   std::vector<FlatEntry> flat;
@@ -1006,7 +1007,14 @@ Status DefaultLoadPlanner::SetUp(StateDict* state_dict, const Metadata& metadata
     flat = TopLevelEntries(*state_dict);
   }
   for (const auto& e : flat) dest_[e.fqn] = {e.path, const_cast<Value*>(e.value)};
+  IndexDestinations();
   return Status::Ok();
+}
+
+void DefaultLoadPlanner::IndexDestinations() {
+  by_fqn_.clear();
+  by_fqn_.reserve(dest_.size());
+  for (auto& [fqn, d] : dest_) by_fqn_.emplace(fqn, &d);
 }
 
 namespace {
@@ -1114,11 +1122,11 @@ Result<LoadPlan> DefaultLoadPlanner::CreateLocalPlan() {
 }
 
 Result<TensorView> DefaultLoadPlanner::ResolveTensor(const ReadItem& item) {
-  auto it = dest_.find(item.dest_index.fqn);
-  if (it == dest_.end()) {
+  auto it = by_fqn_.find(item.dest_index.fqn);
+  if (it == by_fqn_.end()) {
     return InternalError("read item for unknown key \"" + item.dest_index.fqn + "\"");
   }
-  const Value& v = *it->second.value;
+  const Value& v = *it->second->value;
   if (v.is_tensor()) return v.tensor().view();
   if (v.is_sharded()) {
     const auto& shards = v.sharded().shards;
@@ -1135,11 +1143,11 @@ Result<TensorView> DefaultLoadPlanner::ResolveTensor(const ReadItem& item) {
 }
 
 Status DefaultLoadPlanner::LoadBytes(const ReadItem& item, Value value) {
-  auto it = dest_.find(item.dest_index.fqn);
-  if (it == dest_.end()) {
+  auto it = by_fqn_.find(item.dest_index.fqn);
+  if (it == by_fqn_.end()) {
     return InternalError("read item for unknown key \"" + item.dest_index.fqn + "\"");
   }
-  *it->second.value = std::move(value);
+  *it->second->value = std::move(value);
   return Status::Ok();
 }
 
