@@ -57,6 +57,8 @@ constexpr const char* kSuffix = ".distcp";
 constexpr size_t kWholeBlobBytes = 512 << 10;
 constexpr uint64_t kWindowBytes = 8 << 20;
 constexpr uint64_t kWindowGapBytes = 64 << 10;
+// Saves: small records are gathered into writes of this size (per writer thread).
+constexpr size_t kWriteBatchBytes = 4 << 20;
 
 std::string RandomHex(int n) {
   static thread_local std::mt19937_64 rng(std::random_device{}());
@@ -336,8 +338,9 @@ Result<std::vector<WriteResult>> FileSystemWriter::WriteData(const SavePlan& pla
   auto write_bucket = [&](size_t b) -> Status {
     const std::string name = plan.storage_prefix + std::to_string(b) + tag + kSuffix;
     DCPP_ASSIGN_OR_RETURN(std::unique_ptr<WritableFile> file, store_->OpenWrite(name));
-    // torch.save archives stream straight into the file, hashed on the way for the manifest.
-    internal::HashingSink sink(*file);
+    // torch.save archives stream into the file, hashed on the way for the manifest; small
+    // records are gathered into large writes, large ones go straight from the caller's memory.
+    internal::HashingSink sink(*file, internal::kManifestSegmentBytes, kWriteBatchBytes);
     // Bytes items first, then tensors, each in plan order.
     std::vector<size_t> order;
     for (size_t i : buckets[b].items) {
@@ -383,6 +386,7 @@ Result<std::vector<WriteResult>> FileSystemWriter::WriteData(const SavePlan& pla
       results[b].push_back(
           {item.index, length, std::move(info), sink.EndBlob(), internal::kManifestSegmentBytes});
     }
+    DCPP_RETURN_IF_ERROR(sink.Flush().WithContext("writing \"" + name + "\""));
     if (options_.sync_files) {
       DCPP_RETURN_IF_ERROR(file->Sync().WithContext("syncing \"" + name + "\""));
     }

@@ -104,7 +104,17 @@ std::string Hex16(uint64_t v) {
 
 }  // namespace
 
-uint64_t Xxh3(const void* data, size_t n) { return XXH3_64bits(data, n); }
+#if defined(DCPP_HAVE_XXH3_AVX2)
+uint64_t Xxh3Avx2(const void* data, size_t n);  // xxh3_avx2.cc
+#endif
+
+uint64_t Xxh3(const void* data, size_t n) {
+#if defined(DCPP_HAVE_XXH3_AVX2)
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return Xxh3Avx2(data, n);
+#endif
+  return XXH3_64bits(data, n);
+}
 
 uint64_t SegmentCount(uint64_t length, uint64_t segment_bytes) {
   if (length == 0) return 1;
@@ -296,9 +306,13 @@ Result<Manifest> DecodeManifest(std::string_view bytes, const std::string& what)
 
 // ------------------------------------------------------------------ HashingSink
 
-HashingSink::HashingSink(ByteSink& base, uint64_t segment_bytes)
+HashingSink::HashingSink(ByteSink& base, uint64_t segment_bytes, size_t batch_bytes)
     : base_(base), segment_bytes_(segment_bytes), state_(XXH3_createState()) {
   XXH3_64bits_reset(static_cast<XXH3_state_t*>(state_));
+  if (batch_bytes > 0) {
+    capacity_ = std::max(batch_bytes, kHashingSinkSmallWrite);
+    buffer_ = std::make_unique_for_overwrite<char[]>(capacity_);
+  }
 }
 
 HashingSink::~HashingSink() { XXH3_freeState(static_cast<XXH3_state_t*>(state_)); }
@@ -306,22 +320,40 @@ HashingSink::~HashingSink() { XXH3_freeState(static_cast<XXH3_state_t*>(state_))
 void HashingSink::BeginBlob() {
   hashes_.clear();
   in_segment_ = 0;
+  pending_ = used_;
+  fed_ = false;
   XXH3_64bits_reset(static_cast<XXH3_state_t*>(state_));
 }
 
 std::vector<uint64_t> HashingSink::EndBlob() {
   auto* st = static_cast<XXH3_state_t*>(state_);
-  if (in_segment_ > 0 || hashes_.empty()) hashes_.push_back(XXH3_64bits_digest(st));
+  if (!fed_) {
+    // The whole blob is in the buffer (or empty): one-shot hashes of its segments, which equal
+    // the streaming ones.
+    hashes_ =
+        HashSegments(std::string_view(buffer_.get() + pending_, used_ - pending_), segment_bytes_);
+  } else {
+    FeedPending();
+    if (in_segment_ > 0 || hashes_.empty()) hashes_.push_back(XXH3_64bits_digest(st));
+  }
   in_segment_ = 0;
+  pending_ = used_;
+  fed_ = false;
   XXH3_64bits_reset(st);
   return std::move(hashes_);
 }
 
+void HashingSink::FeedPending() {
+  if (used_ > pending_) Feed(buffer_.get() + pending_, used_ - pending_);
+  pending_ = used_;
+}
+
 void HashingSink::Feed(const char* p, size_t n) {
+  fed_ = true;
   auto* st = static_cast<XXH3_state_t*>(state_);
   while (n > 0) {
     if (in_segment_ == 0 && n >= segment_bytes_) {
-      hashes_.push_back(XXH3_64bits(p, segment_bytes_));  // whole segments in one call
+      hashes_.push_back(Xxh3(p, segment_bytes_));  // whole segments in one call
       p += segment_bytes_;
       n -= segment_bytes_;
       continue;
@@ -339,7 +371,24 @@ void HashingSink::Feed(const char* p, size_t n) {
   }
 }
 
+Status HashingSink::Flush() {
+  if (used_ == 0) return Status::Ok();
+  FeedPending();  // the buffer is reused: hash what the current blob has there first
+  Status s = base_.Write(buffer_.get(), used_);
+  used_ = 0;
+  pending_ = 0;
+  return s;
+}
+
 Status HashingSink::Write(const void* data, size_t n) {
+  if (capacity_ > 0 && n <= kHashingSinkSmallWrite) {
+    if (n == 0) return Status::Ok();
+    if (used_ + n > capacity_) DCPP_RETURN_IF_ERROR(Flush());
+    std::memcpy(buffer_.get() + used_, data, n);
+    used_ += n;
+    return Status::Ok();
+  }
+  DCPP_RETURN_IF_ERROR(Flush());
   Feed(static_cast<const char*>(data), n);
   return base_.Write(data, n);
 }

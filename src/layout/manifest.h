@@ -20,6 +20,7 @@
 
 #include <cstdint>
 #include <list>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -95,9 +96,18 @@ Result<std::string> EncodeManifest(Manifest manifest);
 Result<Manifest> DecodeManifest(std::string_view bytes, const std::string& what);
 
 // A sink that hashes every byte written through it, blob by blob, then passes it on.
+//
+// With `batch_bytes` > 0, writes of up to kHashingSinkSmallWrite bytes are gathered in a buffer
+// of that size and passed on together (a state dict of many small tensors costs one write call
+// per buffer, not several per item), and a blob that lies whole in the buffer is hashed in one
+// call over it when it ends, while its bytes are still in cache. Larger writes go straight
+// through. The caller must then Flush before it syncs or closes the sink's base.
+inline constexpr size_t kHashingSinkSmallWrite = size_t{256} << 10;
+
 class HashingSink final : public ByteSink {
  public:
-  HashingSink(ByteSink& base, uint64_t segment_bytes = kManifestSegmentBytes);
+  explicit HashingSink(ByteSink& base, uint64_t segment_bytes = kManifestSegmentBytes,
+                       size_t batch_bytes = 0);
   ~HashingSink() override;
   HashingSink(const HashingSink&) = delete;
   HashingSink& operator=(const HashingSink&) = delete;
@@ -107,17 +117,27 @@ class HashingSink final : public ByteSink {
   std::vector<uint64_t> EndBlob();
 
   Status Write(const void* data, size_t n) override;
-  uint64_t position() const override { return base_.position(); }
+  // Passes the gathered bytes on (a no-op without batching).
+  Status Flush();
+  uint64_t position() const override { return base_.position() + used_; }
   std::string name() const override { return base_.name(); }
 
  private:
   void Feed(const char* p, size_t n);
+  // Feeds the current blob's gathered bytes that are not hashed yet to the streaming state.
+  void FeedPending();
 
   ByteSink& base_;
   uint64_t segment_bytes_;
   void* state_;  // XXH3_state_t
   uint64_t in_segment_ = 0;
   std::vector<uint64_t> hashes_;
+  // Batching.
+  std::unique_ptr<char[]> buffer_;
+  size_t capacity_ = 0;
+  size_t used_ = 0;
+  size_t pending_ = 0;  // the current blob's bytes in buffer_[pending_, used_) are not hashed yet
+  bool fed_ = false;    // some of the current blob's bytes went through the streaming state
 };
 
 // Checks `bytes` (a whole blob in memory) against its hashes; DataLoss naming `what`, the file

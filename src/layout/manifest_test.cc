@@ -168,6 +168,64 @@ TEST(HashingSinkTest, MatchesOneShotHashesWhateverTheWriteSizes) {
   }
 }
 
+TEST(HashingSinkTest, BatchedWritesPassTheSameBytesAndHashesOfEveryBlob) {
+  // Blobs of small and large pieces through a small batch buffer: blobs that lie whole in the
+  // buffer, blobs cut by a flush, and writes that bypass the buffer.
+  for (uint64_t seg : {kSeg, kManifestSegmentBytes}) {
+    std::mt19937_64 rng(seg);
+    StringSink out;
+    HashingSink sink(out, seg, /*batch_bytes=*/300 << 10);
+    std::string expected;
+    for (int b = 0; b < 60; ++b) {
+      const size_t len =
+          b % 7 == 0 ? 0 : static_cast<size_t>(rng() % (b % 5 == 0 ? 900 << 10 : 40 << 10));
+      const std::string data = Bytes(len, static_cast<uint64_t>(b) * 31 + seg);
+      const uint64_t start = sink.position();
+      EXPECT_EQ(start, expected.size());
+      sink.BeginBlob();
+      for (size_t pos = 0; pos < len;) {
+        const size_t n = std::min<size_t>(len - pos, 1 + rng() % (b % 3 == 0 ? 400 << 10 : 5000));
+        DCPP_ASSERT_OK(sink.Write(data.data() + pos, n));
+        pos += n;
+      }
+      EXPECT_EQ(sink.position() - start, len);
+      EXPECT_EQ(sink.EndBlob(), HashSegments(data, seg)) << "blob " << b << " of " << len;
+      expected += data;
+    }
+    DCPP_ASSERT_OK(sink.Flush());
+    EXPECT_EQ(out.str(), expected);
+  }
+}
+
+TEST(HashingSinkTest, SmallWritesWaitForTheBufferOrAFlush) {
+  StringSink out;
+  HashingSink sink(out, kManifestSegmentBytes, /*batch_bytes=*/1 << 20);
+  for (int b = 0; b < 10; ++b) {
+    sink.BeginBlob();
+    DCPP_ASSERT_OK(sink.Write("header", 6));
+    const std::string data = Bytes(4096, static_cast<uint64_t>(b));
+    DCPP_ASSERT_OK(sink.Write(data.data(), data.size()));
+    EXPECT_EQ(sink.EndBlob(), HashSegments("header" + data, kManifestSegmentBytes));
+  }
+  EXPECT_EQ(out.str().size(), 0u);  // nothing passed on yet: one write for all of them
+  EXPECT_EQ(sink.position(), 10u * 4102);
+  DCPP_ASSERT_OK(sink.Flush());
+  EXPECT_EQ(out.str().size(), 10u * 4102);
+}
+
+TEST(Xxh3Test, EqualsLibxxhashForEverySizeAndAlignment) {
+  const std::string data = Bytes((1 << 20) + 64, 11);
+  for (size_t n = 0; n <= 300; ++n) {
+    for (size_t at : {size_t{0}, size_t{1}, size_t{7}}) {
+      ASSERT_EQ(Xxh3(data.data() + at, n), XXH3_64bits(data.data() + at, n)) << n << "@" << at;
+    }
+  }
+  for (size_t n : {size_t{1000}, size_t{4096}, size_t{25600}, size_t{65536 + 3},
+                   size_t{kManifestSegmentBytes}, size_t{1} << 20}) {
+    EXPECT_EQ(Xxh3(data.data() + 5, n), XXH3_64bits(data.data() + 5, n)) << n;
+  }
+}
+
 // A source over memory that counts the bytes read from it.
 class CountingSource final : public ByteSource {
  public:
