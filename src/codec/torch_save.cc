@@ -944,17 +944,19 @@ class PickleBuilder {
 
 // PyTorch's serialization id: a combined hash of the record names and a combined hash of their
 // CRCs, 20 decimal digits each. Readers never check it; it only has to be well-formed.
-std::string SerializationId(const std::vector<std::string>& names,
+uint64_t NameHash(std::string_view name) {
+  uint64_t h = 0xcbf29ce484222325ull;  // FNV-1a
+  for (unsigned char c : name) h = (h ^ c) * 0x100000001b3ull;
+  return h;
+}
+
+std::string SerializationId(const std::vector<uint64_t>& name_hashes,
                             const std::vector<uint32_t>& crcs) {
   auto combine = [](uint64_t seed, uint64_t h) {
     return seed ^ (h + 0x9e3779b97f4a7c15ull + (seed << 6) + (seed >> 2));
   };
   uint64_t name_hash = 0;
-  for (const std::string& n : names) {
-    uint64_t h = 0xcbf29ce484222325ull;  // FNV-1a
-    for (unsigned char c : n) h = (h ^ c) * 0x100000001b3ull;
-    name_hash = combine(name_hash, h);
-  }
+  for (uint64_t h : name_hashes) name_hash = combine(name_hash, h);
   uint64_t crc_hash = 0;
   for (uint32_t c : crcs) crc_hash = combine(crc_hash, c);
   char buf[48];
@@ -963,12 +965,69 @@ std::string SerializationId(const std::vector<std::string>& names,
   return buf;
 }
 
-}  // namespace
+// data.pkl of a lone tensor covering its storage "0" exactly, emitted without building the
+// pickle tree: the opcodes WritePickle writes for PickleBuilder's tree of it, in the same order
+// (PROTO 2; every str, tuple and REDUCE result memoized; globals by value). torch_save_test
+// compares the two for many dtypes and shapes.
+Result<std::string> EmitLoneTensorPickle(const Tensor& t, uint64_t nbytes) {
+  constexpr uint8_t kBinPersId = 'Q';
+  const std::string_view storage_class = StorageClassName(t.dtype());
+  const bool v3 = storage_class.empty();
+  PickleEmitter e(2);
+  e.Reserve(256);
+  auto ints = [&](const Shape& values) {
+    if (values.empty()) return e.EmptyTuple();  // CPython does not memoize ()
+    if (values.size() > 3) e.Mark();
+    for (int64_t v : values) e.Int(v);
+    e.TupleEnd(values.size());
+  };
+  e.Global("torch._utils", v3 ? "_rebuild_tensor_v3" : "_rebuild_tensor_v2");
+  e.Mark();  // the arguments: 6 or 7 items
+  e.Mark();  // the persistent id: ('storage', class, key, location, numel)
+  e.Str("storage");
+  if (v3) {
+    e.Global("torch.storage", "UntypedStorage");
+  } else {
+    e.Global("torch", storage_class);
+  }
+  e.Str("0");
+  e.Str("cpu");
+  e.Int(static_cast<int64_t>(v3 ? nbytes : nbytes / ElementSize(t.dtype())));
+  e.TupleEnd(5);
+  e.Op(kBinPersId);
+  e.Int(t.storage_offset());
+  ints(t.shape());
+  ints(t.strides());
+  e.Bool(false);
+  e.Global("collections", "OrderedDict");  // OrderedDict(): the backward hooks
+  e.EmptyTuple();
+  e.Reduce();
+  e.Memoize();
+  if (v3) e.Global("torch", DTypeName(t.dtype()));
+  e.TupleEnd(v3 ? 7 : 6);
+  e.Reduce();
+  e.Memoize();
+  return e.Finish();
+}
 
-Status WriteTorchSave(const Value& value, ByteSink& sink, const TorchSaveWriteOptions& options) {
-  if (options.archive_name.empty() || options.archive_name.find('/') != std::string::npos) {
-    return InvalidArgumentError("torch.save archive name \"" + options.archive_name +
-                                "\" must be non-empty and without '/'");
+// Steps 1 and 2 of WriteTorchSave: the tensors' storage groups, the tensors as written, and
+// data.pkl. A lone tensor that covers its storage exactly (every DCP tensor item) takes a
+// direct path unless `via_tree`.
+Status PlanRecords(const Value& value, const TorchSaveWriteOptions& options, bool via_tree,
+                   std::vector<PlannedTensor>& planned, std::vector<StorageGroup>& groups,
+                   std::string& pkl) {
+  if (!via_tree && !options.materialize && value.is_tensor() && value.tensor().defined() &&
+      value.tensor().storage()->device().is_cpu() && CoversStorageExactly(value.tensor())) {
+    const Tensor& t = value.tensor();
+    StorageGroup g;
+    g.storage = t.storage();
+    g.dtype = t.dtype();
+    g.nbytes = t.storage()->nbytes();
+    g.key = "0";
+    groups.push_back(std::move(g));
+    planned.push_back({t, 0});
+    DCPP_ASSIGN_OR_RETURN(pkl, EmitLoneTensorPickle(t, groups[0].nbytes));
+    return Status::Ok();
   }
   // 1. Tensors in pickling order, grouped by storage.
   std::vector<const Tensor*> found;
@@ -986,8 +1045,7 @@ Status WriteTorchSave(const Value& value, ByteSink& sink, const TorchSaveWriteOp
     if (inserted) order.push_back(t.storage().get());
     it->second.push_back(i);
   }
-  std::vector<PlannedTensor> planned(found.size());
-  std::vector<StorageGroup> groups;
+  planned.resize(found.size());
   groups.reserve(order.size());
   for (const Storage* s : order) {
     const std::vector<size_t>& idx = users[s];
@@ -1026,17 +1084,35 @@ Status WriteTorchSave(const Value& value, ByteSink& sink, const TorchSaveWriteOp
   PickleRef root = builder.Build(value);
   PickleWriteOptions pickle_options;
   pickle_options.protocol = 2;
-  DCPP_ASSIGN_OR_RETURN(std::string pkl, WritePickle(*root, pickle_options));
+  DCPP_ASSIGN_OR_RETURN(pkl, WritePickle(*root, pickle_options));
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status WriteTorchSave(const Value& value, ByteSink& sink, const TorchSaveWriteOptions& options) {
+  if (options.archive_name.empty() || options.archive_name.find('/') != std::string::npos) {
+    return InvalidArgumentError("torch.save archive name \"" + options.archive_name +
+                                "\" must be non-empty and without '/'");
+  }
+  std::vector<PlannedTensor> planned;
+  std::vector<StorageGroup> groups;
+  std::string pkl;
+  DCPP_RETURN_IF_ERROR(PlanRecords(value, options, /*via_tree=*/false, planned, groups, pkl));
 
   // 3. Records.
   internal::ZipWriterOptions zip_options;
   zip_options.compute_crc32 = options.compute_crc32;
   internal::ZipWriter zip(sink, zip_options);
   const std::string dir = options.archive_name + "/";
-  std::vector<std::string> names;
-  auto add = [&](const std::string& name, const void* data, size_t n) {
-    names.push_back(dir + name);
-    return zip.AddRecord(dir + name, data, n);
+  std::vector<uint64_t> name_hashes;  // for the serialization id
+  name_hashes.reserve(8);
+  std::string full = dir;
+  auto add = [&](std::string_view name, const void* data, size_t n) {
+    full.resize(dir.size());
+    full.append(name);
+    name_hashes.push_back(NameHash(full));
+    return zip.AddRecord(full, data, n);
   };
   auto add_str = [&](const std::string& name, std::string_view s) {
     return add(name, s.data(), s.size());
@@ -1071,10 +1147,23 @@ Status WriteTorchSave(const Value& value, ByteSink& sink, const TorchSaveWriteOp
   }
   DCPP_RETURN_IF_ERROR(add_str("version", "3\n"));
   if (options.modern_records) {
-    DCPP_RETURN_IF_ERROR(add_str(".data/serialization_id", SerializationId(names, zip.crcs())));
+    DCPP_RETURN_IF_ERROR(
+        add_str(".data/serialization_id", SerializationId(name_hashes, zip.crcs())));
   }
   return zip.Finish();
 }
+
+namespace internal {
+
+Result<std::string> TorchSavePickle(const Value& value, bool via_tree) {
+  std::vector<PlannedTensor> planned;
+  std::vector<StorageGroup> groups;
+  std::string pkl;
+  DCPP_RETURN_IF_ERROR(PlanRecords(value, {}, via_tree, planned, groups, pkl));
+  return pkl;
+}
+
+}  // namespace internal
 
 Result<std::string> EncodeTorchSave(const Value& value, const TorchSaveWriteOptions& options) {
   StringSink sink;

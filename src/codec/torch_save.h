@@ -162,4 +162,10 @@ Status WriteTorchSave(const Value& value, ByteSink& sink,
                       const TorchSaveWriteOptions& options = {});
 Result<std::string> EncodeTorchSave(const Value& value, const TorchSaveWriteOptions& options = {});
 
+namespace internal {
+// data.pkl as WriteTorchSave writes it for `value`; with `via_tree`, always through the pickle
+// tree, which a lone tensor's direct path must match byte for byte (tests).
+Result<std::string> TorchSavePickle(const Value& value, bool via_tree);
+}  // namespace internal
+
 }  // namespace dcpp

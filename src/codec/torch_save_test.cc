@@ -115,6 +115,54 @@ TEST(TorchSaveTest, EveryDTypeRoundTrips) {
   }
 }
 
+TEST(TorchSaveTest, ALoneTensorsDirectPickleIsTheTreesByteForByte) {
+  // Every dtype (typed storages and _rebuild_tensor_v3), ranks 0 to 6 (TUPLE1-3 and MARK
+  // TUPLE), integers of every pickle width, and dense permutations (w.t()).
+  std::vector<Shape> shapes = {{},     {0},       {1},          {5},
+                               {3, 5}, {2, 3, 4}, {2, 3, 4, 5}, {1, 1, 1, 1, 1, 1},
+                               {300},  {70000},   {2, 0, 3}};
+  int checked = 0;
+  for (int i = 0; i < kNumDTypes; ++i) {
+    const DType d = static_cast<DType>(i);
+    for (const Shape& shape : shapes) {
+      const Tensor t = PatternTensor(d, shape, i + 1);
+      DCPP_ASSERT_OK_AND_ASSIGN(std::string direct,
+                                internal::TorchSavePickle(Value::FromTensor(t), false));
+      DCPP_ASSERT_OK_AND_ASSIGN(std::string tree,
+                                internal::TorchSavePickle(Value::FromTensor(t), true));
+      EXPECT_TRUE(direct == tree) << DTypeName(d) << ShapeToString(shape);
+      ++checked;
+    }
+    const Tensor w = PatternTensor(d, {4, 7}, i + 2);
+    const Tensor wt = View(w, {7, 4}, {1, 7}, 0);
+    DCPP_ASSERT_OK_AND_ASSIGN(std::string direct,
+                              internal::TorchSavePickle(Value::FromTensor(wt), false));
+    DCPP_ASSERT_OK_AND_ASSIGN(std::string tree,
+                              internal::TorchSavePickle(Value::FromTensor(wt), true));
+    EXPECT_TRUE(direct == tree) << DTypeName(d) << " transposed";
+  }
+  // Sizes past 2^31 and 2^32 elements (LONG1), on a placeholder storage: no bytes are touched.
+  for (size_t n : {size_t{3} << 30, size_t{5} << 30}) {
+    auto storage = Storage::Wrap(nullptr, n, Device{}, nullptr);
+    DCPP_ASSERT_OK_AND_ASSIGN(
+        Tensor big, Tensor::FromStorage(storage, DType::kUInt8, {static_cast<int64_t>(n)}));
+    DCPP_ASSERT_OK_AND_ASSIGN(std::string direct,
+                              internal::TorchSavePickle(Value::FromTensor(big), false));
+    DCPP_ASSERT_OK_AND_ASSIGN(std::string tree,
+                              internal::TorchSavePickle(Value::FromTensor(big), true));
+    EXPECT_TRUE(direct == tree) << n;
+  }
+  EXPECT_EQ(checked, kNumDTypes * static_cast<int>(shapes.size()));
+  // And the archive around it reads back.
+  const Tensor t = PatternTensor(DType::kFloat32, {3, 5}, 9);
+  DCPP_ASSERT_OK_AND_ASSIGN(std::string bytes, EncodeTorchSave(Value::FromTensor(t)));
+  MemorySource src(bytes);
+  DCPP_ASSERT_OK_AND_ASSIGN(TorchSaveArchive archive, TorchSaveArchive::Open(src));
+  DCPP_ASSERT_OK(archive.VerifyChecksums());
+  DCPP_ASSERT_OK_AND_ASSIGN(Value back, archive.ReadValue());
+  EXPECT_TRUE(back.tensor().BitwiseEqual(t));
+}
+
 TEST(TorchSaveTest, RecordsAreInPyTorchOrderAndAligned) {
   const Value v = Dict({{"a", Value::FromTensor(PatternTensor(DType::kFloat32, {2, 3}))},
                         {"b", Value::FromTensor(PatternTensor(DType::kInt64, {7}))}});
