@@ -107,17 +107,16 @@ Status ZipWriter::AddRecord(std::string_view name, const void* data, size_t size
   }
   const uint64_t offset = position();
   const size_t pad = ZipPaddingSize(offset, name.size(), size, options_.alignment);
-  std::string extra = Zip64ExtraField(offset, size);
-  const bool zip64 = !extra.empty();
-  Put16(extra, kZipPaddingExtraId);
-  Put16(extra, static_cast<uint16_t>(pad));
-  extra.append(pad, 'Z');
+  const size_t zip64_size = Zip64LocalExtraSize(offset, size);
+  const bool zip64 = zip64_size > 0;
+  const size_t extra_size = zip64_size + 4 + pad;
 
   // Local header: sizes and CRC are zero here; they follow the data in the descriptor. Like
-  // miniz, an empty record has no descriptor and so no descriptor flag.
+  // miniz, an empty record has no descriptor and so no descriptor flag. Built in a buffer kept
+  // between records: a small record costs no allocation.
   const uint16_t flags = size > 0 ? kZipFlags : kZipFlagUtf8;
-  std::string header;
-  header.reserve(kZipLocalHeaderSize + name.size() + extra.size());
+  std::string& header = scratch_;
+  header.clear();
   Put32(header, kZipLocalHeaderSig);
   Put16(header, 0);  // version needed
   Put16(header, flags);
@@ -128,9 +127,12 @@ Status ZipWriter::AddRecord(std::string_view name, const void* data, size_t size
   Put32(header, 0);  // compressed size
   Put32(header, 0);  // uncompressed size
   Put16(header, static_cast<uint16_t>(name.size()));
-  Put16(header, static_cast<uint16_t>(extra.size()));
+  Put16(header, static_cast<uint16_t>(extra_size));
   header.append(name);
-  header.append(extra);
+  if (zip64) header.append(Zip64ExtraField(offset, size));
+  Put16(header, kZipPaddingExtraId);
+  Put16(header, static_cast<uint16_t>(pad));
+  header.append(pad, 'Z');
   DCPP_RETURN_IF_ERROR(sink_.Write(header.data(), header.size()));
   // The CRC is computed piece by piece just before each piece is written, so the bytes are read
   // from memory once while still in cache.
@@ -144,7 +146,8 @@ Status ZipWriter::AddRecord(std::string_view name, const void* data, size_t size
     done += n;
   }
   if (size > 0) {
-    std::string descriptor;
+    std::string& descriptor = scratch_;
+    descriptor.clear();
     Put32(descriptor, kZipDataDescriptorSig);
     Put32(descriptor, crc);
     if (zip64) {
@@ -156,7 +159,8 @@ Status ZipWriter::AddRecord(std::string_view name, const void* data, size_t size
     }
     DCPP_RETURN_IF_ERROR(sink_.Write(descriptor.data(), descriptor.size()));
   }
-  central_.push_back({std::string(name), offset, size, crc, flags});
+  central_.push_back({names_.size(), name.size(), offset, size, crc, flags});
+  names_.append(name);
   crcs_.push_back(crc);
   return Status::Ok();
 }
@@ -166,8 +170,12 @@ Status ZipWriter::Finish() {
   finished_ = true;
   const uint64_t cd_offset = position();
   std::string cd;
+  size_t cd_reserve = 98;  // the end records
+  for (const Central& e : central_) cd_reserve += kZipCentralHeaderSize + e.name_size + 28;
+  cd.reserve(cd_reserve);
   for (const Central& e : central_) {
-    const std::string extra = Zip64ExtraField(e.local_header_offset, e.size);
+    const std::string_view name(names_.data() + e.name_offset, e.name_size);
+    const size_t extra_size = Zip64LocalExtraSize(e.local_header_offset, e.size);
     Put32(cd, kZipCentralHeaderSig);
     Put16(cd, 0);  // version made by
     Put16(cd, 0);  // version needed
@@ -178,15 +186,15 @@ Status ZipWriter::Finish() {
     Put32(cd, e.crc32);
     Put32(cd, static_cast<uint32_t>(std::min(e.size, kZip32Max)));
     Put32(cd, static_cast<uint32_t>(std::min(e.size, kZip32Max)));
-    Put16(cd, static_cast<uint16_t>(e.name.size()));
-    Put16(cd, static_cast<uint16_t>(extra.size()));
+    Put16(cd, static_cast<uint16_t>(name.size()));
+    Put16(cd, static_cast<uint16_t>(extra_size));
     Put16(cd, 0);  // comment length
     Put16(cd, 0);  // disk number start
     Put16(cd, 0);  // internal attributes
     Put32(cd, 0);  // external attributes
     Put32(cd, static_cast<uint32_t>(std::min(e.local_header_offset, kZip32Max)));
-    cd.append(e.name);
-    cd.append(extra);
+    cd.append(name);
+    if (extra_size > 0) cd.append(Zip64ExtraField(e.local_header_offset, e.size));
   }
   const uint64_t cd_size = cd.size();
   const uint64_t zip64_end_offset = cd_offset + cd_size;

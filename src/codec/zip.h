@@ -96,7 +96,8 @@ class ZipWriter {
 
  private:
   struct Central {
-    std::string name;
+    size_t name_offset;  // the name is names_[name_offset, +name_size)
+    size_t name_size;
     uint64_t local_header_offset;
     uint64_t size;
     uint32_t crc32;
@@ -106,6 +107,8 @@ class ZipWriter {
   ZipWriterOptions options_;
   uint64_t base_;
   std::vector<Central> central_;
+  std::string names_;    // every record's name, back to back
+  std::string scratch_;  // a local header or descriptor being written
   std::vector<uint32_t> crcs_;
   bool finished_ = false;
 };
