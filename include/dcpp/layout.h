@@ -139,7 +139,7 @@ class FileSystemWriter final : public StorageWriter {
 
  private:
   Status GuardDestination(bool rank_local);
-  Status RemoveLeftovers();
+  Status RemoveLeftovers(bool after_commit);
 
   std::unique_ptr<Store> owned_store_;
   Store* store_;
@@ -151,9 +151,11 @@ class FileSystemWriter final : public StorageWriter {
   bool use_collectives_ = true;
   std::string save_tag_;  // non-empty when replacing a checkpoint: makes file names unique
   std::vector<std::string> referenced_;  // files of the committed metadata (for CleanUp)
-  std::vector<std::string> replaced_;    // files of the checkpoint this save replaces
-  std::string replaced_manifest_;        // the replaced checkpoint's manifest (for CleanUp)
-  std::string manifest_;                 // this save's manifest, once committed
+  std::string committed_;                // the committed metadata's key, and its bytes' hash
+  uint64_t committed_hash_ = 0;
+  std::vector<std::string> replaced_;  // files of the checkpoint this save replaces
+  std::string replaced_manifest_;      // the replaced checkpoint's manifest (for CleanUp)
+  std::string manifest_;               // this save's manifest, once committed
 };
 
 struct FileSystemReaderOptions {
