@@ -275,6 +275,7 @@ Status FileSystemWriter::SetUp(bool is_coordinator, int rank, bool use_collectiv
   rank_ = rank;
   use_collectives_ = use_collectives;
   committed_.clear();
+  committed_bytes_.clear();
   if (options_.guard_destination && (is_coordinator || !use_collectives)) {
     DCPP_RETURN_IF_ERROR(GuardDestination(!use_collectives));
   }
@@ -459,6 +460,7 @@ Status FileSystemWriter::Finish(Metadata& metadata,
   referenced_.erase(std::unique(referenced_.begin(), referenced_.end()), referenced_.end());
   committed_ = name;
   committed_hash_ = bytes_hash;
+  committed_bytes_ = std::move(bytes);
   return Status::Ok();
 }
 
