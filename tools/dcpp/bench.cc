@@ -55,6 +55,7 @@ struct BenchArgs {
   int load_ranks = 0;
   int rounds = 3;
   int peer_small_rounds = 1;
+  std::string only;  // comma-separated parts to run; empty: all
   IoCaseArgs io;
 };
 
@@ -68,6 +69,8 @@ void RegisterBench(CLI::App& app) {
   cmd->add_option("--rounds", args->rounds, "alternating rounds; medians are reported (3)");
   cmd->add_option("--peer-small-rounds", args->peer_small_rounds,
                   "rounds that run PyTorch DCP on the small tensors (1: ~12 s per operation)");
+  cmd->add_option("--only", args->only,
+                  "run only these parts, comma-separated: large, small, reshard, planning, rows");
   cmd->add_option("--dir", args->dir, "scratch directory (default: bench-scratch in the cwd)");
   // Internal: run one case in this process (the orchestrator spawns these).
   cmd->add_option("--case", args->case_name, "run one case in this process")->group("");
@@ -251,6 +254,12 @@ int RunOrchestrator(const BenchArgs& args) {
   const std::string peer = SourceDir() + "/bench/torch_peer.py";
   const bool have_peer = fs::exists(peer) && !args.quick;
   const int rounds = args.quick ? 1 : std::max(1, args.rounds);
+  // --only: the parts to run (a partial run's rows are marked so in bench/total).
+  auto runs = [&](const std::string& part) {
+    if (args.only.empty()) return true;
+    const std::string list = "," + args.only + ",";
+    return list.find("," + part + ",") != std::string::npos;
+  };
   const int64_t large = args.quick ? (32 << 20) : (int64_t{1} << 30);
   const int64_t small = args.quick ? (4 << 20) : int64_t{496} << 20;
   const int64_t reshard = args.quick ? (32 << 20) : (int64_t{512} << 20);
@@ -285,6 +294,7 @@ int RunOrchestrator(const BenchArgs& args) {
          std::vector<std::pair<std::string, int64_t>>{{"large", large}, {"small", small}}) {
       const std::string& kind = shape.first;  // plain names: lambdas below capture them
       const int64_t bytes = shape.second;
+      if (!runs(kind)) continue;
       for (int t : thread_counts) {
         const std::string k = kind + "/t" + std::to_string(t);
         note("round " + std::to_string(round + 1) + ": " + k);
@@ -343,6 +353,7 @@ int RunOrchestrator(const BenchArgs& args) {
       }
     }
     for (int t : thread_counts) {
+      if (!runs("reshard")) break;
       const std::string k = "reshard/t" + std::to_string(t);
       note("round " + std::to_string(round + 1) + ": " + k);
       json sv, ld;
@@ -369,6 +380,7 @@ int RunOrchestrator(const BenchArgs& args) {
   std::vector<json> rows;
   const double mib = 1 << 20;
   for (const std::string kind : {"large", "small"}) {
+    if (!runs(kind)) continue;
     const double state = s.Med("state/" + kind);
     for (int t : thread_counts) {
       const std::string k = kind + "/t" + std::to_string(t);
@@ -415,6 +427,7 @@ int RunOrchestrator(const BenchArgs& args) {
   }
   const double rstate = s.Med("state/reshard");
   for (int t : thread_counts) {
+    if (!runs("reshard")) break;
     const std::string k = "reshard/t" + std::to_string(t);
     rows.push_back(Row("save/" + k + " (4 ranks)",
                        {{"dcpp_first_GBps", s.Med("dcpp/save/" + k + "/first")},
@@ -441,6 +454,7 @@ int RunOrchestrator(const BenchArgs& args) {
   std::vector<std::pair<int, int>> scales =
       args.quick ? std::vector<std::pair<int, int>>{{16, 100}}
                  : std::vector<std::pair<int, int>>{{256, 1000}, {1024, 1000}, {4096, 1000}};
+  if (!runs("planning")) scales.clear();
   double per_item_small = 0;
   std::vector<json> commit_rows;
   const double planning_t0 = NowSeconds();
@@ -488,7 +502,7 @@ int RunOrchestrator(const BenchArgs& args) {
   phase_s["planning_s"] = NowSeconds() - planning_t0;
 
   // Rows from other benchmark scripts (bench/*_rows.py), joined as they print them.
-  if (!args.quick && fs::exists(SourceDir() + "/bench")) {
+  if (!args.quick && runs("rows") && fs::exists(SourceDir() + "/bench")) {
     for (const auto& e : fs::directory_iterator(SourceDir() + "/bench")) {
       const std::string name = e.path().filename().string();
       if (name.size() < 8 || name.substr(name.size() - 8) != "_rows.py") continue;
@@ -506,6 +520,7 @@ int RunOrchestrator(const BenchArgs& args) {
   // machine, each phase's share beside it.
   const double total = NowSeconds() - bench_t0;
   json tf = {{"total_s", total}, {"rounds", rounds}, {"peer_small_rounds", args.peer_small_rounds}};
+  if (!args.only.empty()) tf["only"] = args.only;
   for (const auto& [k, v] : phase_s) tf[k] = v;
   rows.push_back(Row("bench/total", tf, args.quick ? "measured" : "total runtime < 600 s",
                      args.quick || total < 600));
