@@ -85,8 +85,13 @@ def run(a, op, threads):
         dcp.save(sd, storage_writer=dcp.FileSystemWriter(path, thread_count=threads,
                                                           sync_files=True))
         dt = time.perf_counter() - t0
-    elif op == "dcp_load":
+    elif op in ("dcp_load", "dcp_load_cold"):
         sd = state(a.kind, a.bytes, False)
+        if op == "dcp_load_cold":  # as a new job finds it: not in the page cache
+            for name in os.listdir(path):
+                fd = os.open(os.path.join(path, name), os.O_RDONLY)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.close(fd)
         t0 = time.perf_counter()
         dcp.load(sd, storage_reader=dcp.FileSystemReader(path))
         dt = time.perf_counter() - t0

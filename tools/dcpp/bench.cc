@@ -82,6 +82,7 @@ void RegisterBench(CLI::App& app) {
   cmd->add_option("--threads", args->io.threads)->group("");
   cmd->add_option("--saves", args->io.saves)->group("");
   cmd->add_option("--bytes", args->io.bytes)->group("");
+  cmd->add_flag("--cold", args->io.cold)->group("");
   cmd->callback([args] {
     if (args->case_name == "planning") {
       SetExitCode(RunPlanningCase(args->ranks, args->items, args->load_ranks));
@@ -276,10 +277,11 @@ int RunOrchestrator(const BenchArgs& args) {
   auto note = [&](const std::string& what) {
     if (!args.json) std::cerr << "dcpp bench: " << what << "\n";
   };
-  auto io = [&](const std::string& kind, const std::string& op, int threads, int64_t bytes) {
+  auto io = [&](const std::string& kind, const std::string& op, int threads, int64_t bytes,
+                bool cold = false) {
     auto out = RunJson(self + " bench --case io --kind " + kind + " --op " + op + " --threads " +
                            std::to_string(threads) + " --saves 2 --bytes " + std::to_string(bytes) +
-                           " --dir " + Quote(dir),
+                           " --dir " + Quote(dir) + (cold ? " --cold" : ""),
                        300);
     return out.empty() ? json::object() : out[0].value("figures", json::object());
   };
@@ -298,11 +300,14 @@ int RunOrchestrator(const BenchArgs& args) {
       for (int t : thread_counts) {
         const std::string k = kind + "/t" + std::to_string(t);
         note("round " + std::to_string(round + 1) + ": " + k);
-        json sv, ld;
+        json sv, ld, cold;
         timed("dcpp_io_s", [&] {
           sv = io(kind, "save", t, bytes);
           ld = io(kind, "load", t, bytes);
+          // A new job's load: nothing of the checkpoint in the page cache (large state only).
+          if (kind == "large") cold = io(kind, "load", t, bytes, /*cold=*/true);
         });
+        if (cold.contains("gbps")) s.Add("dcpp/load_cold/" + k, cold["gbps"]);
         if (sv.contains("first_gbps")) {
           s.Add("dcpp/save/" + k + "/first", sv["first_gbps"]);
           s.Add("dcpp/save/" + k + "/later", sv.value("later_gbps", 0.0));
@@ -336,6 +341,7 @@ int RunOrchestrator(const BenchArgs& args) {
         for (int t : thread_counts) {
           if (!peer_dcp) break;
           ops += "dcp_save:" + std::to_string(t) + ",dcp_load:" + std::to_string(t) + ",";
+          if (kind == "large") ops += "dcp_load_cold:" + std::to_string(t) + ",";
         }
         ops += "torch_save,torch_load";
         std::vector<json> peer_rows;
@@ -347,6 +353,7 @@ int RunOrchestrator(const BenchArgs& args) {
           const std::string t = "/t" + std::to_string(r.value("threads", 1));
           if (op == "dcp_save") s.Add("dcp/save/" + kind + t, gbps);
           if (op == "dcp_load") s.Add("dcp/load/" + kind + t, gbps);
+          if (op == "dcp_load_cold") s.Add("dcp/load_cold/" + kind + t, gbps);
           if (op == "torch_save") s.Add("torch/save/" + kind, gbps);
           if (op == "torch_load") s.Add("torch/load/" + kind, gbps);
         }
@@ -423,6 +430,23 @@ int RunOrchestrator(const BenchArgs& args) {
         target += ", >= 5x DCP, >= 3x torch.load";
       }
       rows.push_back(Row("load/" + k, f, target, pass));
+    }
+    // Cold loads, as a new job finds a checkpoint: dcpp and DCP with the checkpoint's files
+    // dropped from the page cache, against fio's read (fio drops its file's pages too).
+    for (int t : thread_counts) {
+      if (kind != "large") break;
+      const std::string k = kind + "/t" + std::to_string(t);
+      const double g = s.Med("dcpp/load_cold/" + k), raw = s.Med("fio/read/" + k);
+      json f = {{"dcpp_GBps", g}, {"fio_read_GBps", raw}};
+      bool pass = g > 0 && raw > 0 && g >= 0.9 * raw;
+      std::string target = ">= 0.9x fio read (" + std::to_string(t) + " jobs)";
+      if (have_peer) {
+        const double dcp = s.Med("dcp/load_cold/" + k);
+        f["dcp_GBps"] = dcp;
+        pass = pass && dcp > 0 && g >= dcp;
+        target += ", >= DCP's cold load";
+      }
+      rows.push_back(Row("load-cold/" + k, f, target, pass));
     }
   }
   const double rstate = s.Med("state/reshard");
