@@ -83,6 +83,131 @@ Result<int64_t> ParseVersion(const std::string& text, const std::string& where) 
   return v;
 }
 
+// ---- reading: a lone tensor's data.pkl without the pickle tree ----
+
+Result<std::string> EmitLoneTensorPickle(DType dtype, const Shape& shape, const Shape& strides,
+                                         int64_t storage_offset, int64_t numel);
+
+// The values of `pkl` if it is exactly the data.pkl EmitLoneTensorPickle writes for them (as
+// PyTorch writes a lone tensor): its globals, strings and integers are collected in order from
+// the few opcodes that form, then the bytes are emitted again from them and compared. Any
+// other pickle (or any byte of difference) is nullopt, for the general reader.
+std::optional<internal::LoneTensorPickle> MatchLoneTensorPickle(std::string_view pkl) {
+  if (pkl.size() < 2 || pkl.size() > 4096 || static_cast<uint8_t>(pkl[0]) != 0x80 || pkl[1] != 2) {
+    return std::nullopt;
+  }
+  std::vector<std::pair<std::string_view, std::string_view>> globals;
+  std::vector<std::string_view> strs;
+  std::vector<int64_t> ints;
+  size_t at = 2;
+  auto take = [&](size_t n) -> const char* {
+    if (pkl.size() - at < n) return nullptr;
+    const char* p = pkl.data() + at;
+    at += n;
+    return p;
+  };
+  auto le = [](const char* p, size_t n) {
+    uint64_t v = 0;
+    for (size_t i = n; i-- > 0;) v = (v << 8) | static_cast<uint8_t>(p[i]);
+    return v;
+  };
+  bool stopped = false;
+  while (!stopped) {
+    const char* op = take(1);
+    if (!op) return std::nullopt;
+    const char* p = nullptr;
+    switch (static_cast<uint8_t>(*op)) {
+      case 'c': {  // GLOBAL "module\nname\n"
+        const size_t nl1 = pkl.find('\n', at);
+        if (nl1 == std::string_view::npos) return std::nullopt;
+        const size_t nl2 = pkl.find('\n', nl1 + 1);
+        if (nl2 == std::string_view::npos) return std::nullopt;
+        globals.emplace_back(pkl.substr(at, nl1 - at), pkl.substr(nl1 + 1, nl2 - nl1 - 1));
+        at = nl2 + 1;
+        break;
+      }
+      case 'X': {  // BINUNICODE
+        if (!(p = take(4))) return std::nullopt;
+        const uint64_t n = le(p, 4);
+        if (!(p = take(n))) return std::nullopt;
+        strs.emplace_back(p, n);
+        break;
+      }
+      case 'K':  // BININT1
+        if (!(p = take(1))) return std::nullopt;
+        ints.push_back(static_cast<int64_t>(le(p, 1)));
+        break;
+      case 'M':  // BININT2
+        if (!(p = take(2))) return std::nullopt;
+        ints.push_back(static_cast<int64_t>(le(p, 2)));
+        break;
+      case 'J':  // BININT
+        if (!(p = take(4))) return std::nullopt;
+        ints.push_back(static_cast<int32_t>(static_cast<uint32_t>(le(p, 4))));
+        break;
+      case 0x8a: {  // LONG1: up to 8 bytes, two's complement
+        if (!(p = take(1))) return std::nullopt;
+        const size_t n = static_cast<uint8_t>(*p);
+        if (n == 0 || n > 8 || !(p = take(n))) return std::nullopt;
+        uint64_t v = le(p, n);
+        if (n < 8 && (static_cast<uint8_t>(p[n - 1]) & 0x80)) v |= ~uint64_t{0} << (8 * n);
+        ints.push_back(static_cast<int64_t>(v));
+        break;
+      }
+      case 'q':  // BINPUT
+        if (!take(1)) return std::nullopt;
+        break;
+      case 'r':  // LONG_BINPUT
+        if (!take(4)) return std::nullopt;
+        break;
+      case '(':   // MARK
+      case 't':   // TUPLE
+      case 0x85:  // TUPLE1
+      case 0x86:  // TUPLE2
+      case 0x87:  // TUPLE3
+      case ')':   // EMPTY_TUPLE
+      case 'Q':   // BINPERSID
+      case 0x89:  // NEWFALSE
+      case 'R':   // REDUCE
+        break;
+      case '.':  // STOP
+        stopped = true;
+        break;
+      default:
+        return std::nullopt;
+    }
+  }
+  if (at != pkl.size()) return std::nullopt;
+  // rebuild, storage class, OrderedDict (, dtype); "storage", key, "cpu"; numel, offset, sizes,
+  // strides.
+  if (globals.size() < 3 || strs.size() != 3 || strs[1] != "0" || ints.size() < 2 ||
+      ints.size() % 2 != 0) {
+    return std::nullopt;
+  }
+  internal::LoneTensorPickle lone;
+  lone.v3 = globals[0].second == "_rebuild_tensor_v3";
+  if (lone.v3) {
+    if (globals.size() != 4 || globals[3].first != "torch") return std::nullopt;
+    auto d = DTypeFromName(globals[3].second);
+    if (!d.ok()) return std::nullopt;
+    lone.dtype = *d;
+  } else {
+    if (globals.size() != 3 || globals[1].first != "torch") return std::nullopt;
+    auto d = DTypeFromStorageClass(globals[1].second);
+    if (!d.ok()) return std::nullopt;
+    lone.dtype = lone.storage_dtype = *d;
+  }
+  lone.numel = ints[0];
+  lone.storage_offset = ints[1];
+  const size_t rank = (ints.size() - 2) / 2;
+  lone.shape.assign(ints.begin() + 2, ints.begin() + 2 + rank);
+  lone.strides.assign(ints.begin() + 2 + rank, ints.end());
+  auto again =
+      EmitLoneTensorPickle(lone.dtype, lone.shape, lone.strides, lone.storage_offset, lone.numel);
+  if (!again.ok() || *again != pkl) return std::nullopt;
+  return lone;
+}
+
 // ---- reading: pickle tree -> tensors and values ----
 
 class TreeReader {
@@ -95,6 +220,11 @@ class TreeReader {
 
   // The tensor a rebuild call describes, or nullopt if `v` is not one.
   Result<std::optional<TorchSaveTensorRef>> AsTensor(const PickleValue& v, int depth);
+  // The tensor of a canonical lone-tensor data.pkl (MatchLoneTensorPickle), checked as
+  // ParseRebuild checks the same call's tree.
+  Result<TorchSaveTensorRef> LoneTensor(const internal::LoneTensorPickle& lone);
+  // A checked tensor's values, its storage read once.
+  Result<Tensor> MaterializeRef(const TorchSaveTensorRef& ref) { return Materialize(ref); }
   Result<Value> ToValue(const PickleValue& v, int depth, bool materialize);
   Status CollectLeaves(const PickleValue& v, const std::string& key, int depth,
                        std::vector<TorchSaveLeaf>& out);
@@ -104,6 +234,10 @@ class TreeReader {
   Status ChargeBytes(size_t n);
   Result<bool> ContainsTensor(const PickleValue& v, int depth);
   Result<TorchSaveTensorRef> ParseRebuild(const PickleValue& v, bool v3);
+  // The checks of a rebuild call's values against the archive's records; `fn` names the call.
+  Result<TorchSaveTensorRef> CheckRebuild(TorchSaveTensorRef ref, int64_t numel, bool untyped,
+                                          DType storage_dtype,
+                                          const std::function<std::string()>& fn);
   Result<Tensor> Materialize(const TorchSaveTensorRef& ref);
   Result<std::string> KeyString(const PickleValue& k, int depth);
   Status DataLoss(const std::string& what) const {
@@ -225,7 +359,12 @@ Result<TorchSaveTensorRef> TreeReader::ParseRebuild(const PickleValue& v, bool v
     if (untyped) return DataLoss(fn() + ": UntypedStorage needs a dtype (_rebuild_tensor_v3)");
     ref.dtype = storage_dtype;
   }
+  return CheckRebuild(std::move(ref), numel, untyped, storage_dtype, fn);
+}
 
+Result<TorchSaveTensorRef> TreeReader::CheckRebuild(TorchSaveTensorRef ref, int64_t numel,
+                                                    bool untyped, DType storage_dtype,
+                                                    const std::function<std::string()>& fn) {
   // The storage's record, and the bytes the persistent id says it holds.
   auto record_name = [&] { return archive_.prefix() + "/data/" + ref.storage_key; };
   char key_buf[32];
@@ -290,6 +429,19 @@ Result<TorchSaveTensorRef> TreeReader::ParseRebuild(const PickleValue& v, bool v
     }
   }
   return ref;
+}
+
+Result<TorchSaveTensorRef> TreeReader::LoneTensor(const internal::LoneTensorPickle& lone) {
+  TorchSaveTensorRef ref;
+  ref.dtype = lone.dtype;
+  ref.shape = lone.shape;
+  ref.strides = lone.strides;
+  ref.storage_offset = lone.storage_offset;
+  ref.storage_key = "0";
+  const std::string_view fn_name =
+      lone.v3 ? "torch._utils._rebuild_tensor_v3" : "torch._utils._rebuild_tensor_v2";
+  return CheckRebuild(std::move(ref), lone.numel, lone.v3, lone.storage_dtype,
+                      [fn_name] { return std::string(fn_name); });
 }
 
 Result<std::optional<TorchSaveTensorRef>> TreeReader::AsTensor(const PickleValue& v, int depth) {
@@ -623,6 +775,11 @@ Result<TorchSaveArchive> TorchSaveArchive::Open(const ByteSource& source) {
   static const PickleAllowList* const kAllow = new PickleAllowList(PickleAllowList::TorchSave());
   PickleReadOptions options;
   options.allow = kAllow;
+  // A lone tensor's canonical pickle (every DCP tensor item) is read without the tree.
+  if (auto lone = MatchLoneTensorPickle(pkl)) {
+    a.lone_ = std::move(*lone);
+    return a;
+  }
   auto root = ReadPickle(pkl, options);
   if (!root.ok()) return root.status().WithContext(name + ": " + std::string(dir) + "data.pkl");
   a.root_ = *std::move(root);
@@ -671,6 +828,7 @@ Status TorchSaveArchive::VerifyChecksums() const {
 
 Result<TorchSaveTensorRef> TorchSaveArchive::RootTensor() const {
   TreeReader reader(*this, false, records_.at("data.pkl").size);
+  if (lone_) return reader.LoneTensor(*lone_);
   DCPP_ASSIGN_OR_RETURN(auto ref, reader.AsTensor(*root_, 0));
   if (!ref) {
     return InvalidArgumentError(source_->name() + ": the saved object is a " + NodeName(*root_) +
@@ -681,12 +839,24 @@ Result<TorchSaveTensorRef> TorchSaveArchive::RootTensor() const {
 
 Result<Value> TorchSaveArchive::ReadValue(bool opaque_objects) const {
   TreeReader reader(*this, opaque_objects, records_.at("data.pkl").size);
+  if (lone_) {
+    DCPP_ASSIGN_OR_RETURN(TorchSaveTensorRef ref, reader.LoneTensor(*lone_));
+    DCPP_ASSIGN_OR_RETURN(Tensor t, reader.MaterializeRef(ref));
+    return Value::FromTensor(std::move(t));
+  }
   return reader.ToValue(*root_, 0, true);
 }
 
 Result<std::vector<TorchSaveLeaf>> TorchSaveArchive::Leaves(bool opaque_objects) const {
   TreeReader reader(*this, opaque_objects, records_.at("data.pkl").size);
   std::vector<TorchSaveLeaf> out;
+  if (lone_) {
+    TorchSaveLeaf leaf;
+    leaf.is_tensor = true;
+    DCPP_ASSIGN_OR_RETURN(leaf.tensor, reader.LoneTensor(*lone_));
+    out.push_back(std::move(leaf));
+    return out;
+  }
   DCPP_RETURN_IF_ERROR(reader.CollectLeaves(*root_, "", 0, out));
   return out;
 }
@@ -969,9 +1139,10 @@ std::string SerializationId(const std::vector<uint64_t>& name_hashes,
 // pickle tree: the opcodes WritePickle writes for PickleBuilder's tree of it, in the same order
 // (PROTO 2; every str, tuple and REDUCE result memoized; globals by value). torch_save_test
 // compares the two for many dtypes and shapes.
-Result<std::string> EmitLoneTensorPickle(const Tensor& t, uint64_t nbytes) {
+Result<std::string> EmitLoneTensorPickle(DType dtype, const Shape& shape, const Shape& strides,
+                                         int64_t storage_offset, int64_t numel) {
   constexpr uint8_t kBinPersId = 'Q';
-  const std::string_view storage_class = StorageClassName(t.dtype());
+  const std::string_view storage_class = StorageClassName(dtype);
   const bool v3 = storage_class.empty();
   PickleEmitter e(2);
   e.Reserve(256);
@@ -992,18 +1163,18 @@ Result<std::string> EmitLoneTensorPickle(const Tensor& t, uint64_t nbytes) {
   }
   e.Str("0");
   e.Str("cpu");
-  e.Int(static_cast<int64_t>(v3 ? nbytes : nbytes / ElementSize(t.dtype())));
+  e.Int(numel);
   e.TupleEnd(5);
   e.Op(kBinPersId);
-  e.Int(t.storage_offset());
-  ints(t.shape());
-  ints(t.strides());
+  e.Int(storage_offset);
+  ints(shape);
+  ints(strides);
   e.Bool(false);
   e.Global("collections", "OrderedDict");  // OrderedDict(): the backward hooks
   e.EmptyTuple();
   e.Reduce();
   e.Memoize();
-  if (v3) e.Global("torch", DTypeName(t.dtype()));
+  if (v3) e.Global("torch", DTypeName(dtype));
   e.TupleEnd(v3 ? 7 : 6);
   e.Reduce();
   e.Memoize();
@@ -1026,7 +1197,12 @@ Status PlanRecords(const Value& value, const TorchSaveWriteOptions& options, boo
     g.key = "0";
     groups.push_back(std::move(g));
     planned.push_back({t, 0});
-    DCPP_ASSIGN_OR_RETURN(pkl, EmitLoneTensorPickle(t, groups[0].nbytes));
+    const uint64_t nbytes = groups[0].nbytes;
+    const bool v3 = StorageClassName(t.dtype()).empty();
+    DCPP_ASSIGN_OR_RETURN(
+        pkl,
+        EmitLoneTensorPickle(t.dtype(), t.shape(), t.strides(), t.storage_offset(),
+                             static_cast<int64_t>(v3 ? nbytes : nbytes / ElementSize(t.dtype()))));
     return Status::Ok();
   }
   // 1. Tensors in pickling order, grouped by storage.

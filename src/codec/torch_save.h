@@ -21,6 +21,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -32,6 +33,20 @@
 #include "dcpp/value.h"
 
 namespace dcpp {
+
+namespace internal {
+// The values of a lone tensor's data.pkl in the canonical form PyTorch and dcpp write (found by
+// MatchLoneTensorPickle in torch_save.cc without building the pickle tree).
+struct LoneTensorPickle {
+  bool v3 = false;                      // _rebuild_tensor_v3 with an UntypedStorage
+  DType dtype = DType::kFloat32;        // the tensor's
+  DType storage_dtype = DType::kUInt8;  // the typed storage's (v2)
+  int64_t numel = 0;                    // the persistent id's count (v3: bytes)
+  int64_t storage_offset = 0;
+  Shape shape;
+  Shape strides;
+};
+}  // namespace internal
 
 // Where one tensor's bytes are inside an archive, without reading them.
 struct TorchSaveTensorRef {
@@ -65,11 +80,12 @@ class TorchSaveArchive {
   // Parses the zip directory and data.pkl. `source` must outlive the archive.
   static Result<TorchSaveArchive> Open(const ByteSource& source);
 
-  // The pickled tree, as the safe reader produced it (persistent ids unresolved).
-  const PickleRef& root_pickle() const { return root_; }
   // Archive directory prefix without slash ("archive", "my.model").
   const std::string& prefix() const { return prefix_; }
   int64_t version() const { return version_; }
+
+  // data.pkl is a lone tensor's in its canonical form, read without the pickle tree.
+  bool lone_tensor() const { return lone_.has_value(); }
 
   // If the root object is a single tensor, its reference.
   Result<TorchSaveTensorRef> RootTensor() const;
@@ -133,7 +149,8 @@ class TorchSaveArchive {
   int64_t version_ = 0;
   bool big_endian_ = false;
   RecordMap records_;
-  PickleRef root_;
+  PickleRef root_;  // null when lone_ holds the canonical lone-tensor pickle's values
+  std::optional<internal::LoneTensorPickle> lone_;
 };
 
 struct TorchSaveWriteOptions {

@@ -163,6 +163,64 @@ TEST(TorchSaveTest, ALoneTensorsDirectPickleIsTheTreesByteForByte) {
   EXPECT_TRUE(back.tensor().BitwiseEqual(t));
 }
 
+TEST(TorchSaveTest, ALoneTensorIsReadWithoutThePickleTreeAndCheckedTheSame) {
+  int lone = 0;
+  for (int i = 0; i < kNumDTypes; ++i) {
+    const DType d = static_cast<DType>(i);
+    for (const Shape& shape : std::vector<Shape>{{}, {0}, {7}, {3, 5}, {2, 3, 4, 5}, {70000}}) {
+      const Tensor t = PatternTensor(d, shape, i + 3);
+      for (bool modern : {true, false}) {
+        TorchSaveWriteOptions options;
+        options.modern_records = modern;
+        DCPP_ASSERT_OK_AND_ASSIGN(std::string bytes,
+                                  EncodeTorchSave(Value::FromTensor(t), options));
+        MemorySource src(bytes);
+        DCPP_ASSERT_OK_AND_ASSIGN(TorchSaveArchive archive, TorchSaveArchive::Open(src));
+        lone += archive.lone_tensor();
+        DCPP_ASSERT_OK_AND_ASSIGN(TorchSaveTensorRef ref, archive.RootTensor());
+        EXPECT_EQ(ref.dtype, d);
+        EXPECT_EQ(ref.shape, shape);
+        EXPECT_EQ(ref.strides, t.strides());
+        EXPECT_EQ(ref.record_size, t.nbytes());
+        DCPP_ASSERT_OK_AND_ASSIGN(Value back, archive.ReadValue());
+        EXPECT_TRUE(back.tensor().BitwiseEqual(t)) << DTypeName(d) << ShapeToString(shape);
+        DCPP_ASSERT_OK_AND_ASSIGN(auto leaves, archive.Leaves());
+        ASSERT_EQ(leaves.size(), 1u);
+        EXPECT_TRUE(leaves[0].is_tensor);
+        EXPECT_EQ(leaves[0].key, "");
+        EXPECT_EQ(leaves[0].tensor.shape, shape);
+      }
+    }
+  }
+  EXPECT_EQ(lone, kNumDTypes * 6 * 2);
+  // Anything else takes the general reader.
+  for (const Value& v :
+       {Dict({{"w", Value::FromTensor(PatternTensor(DType::kFloat32, {3}))}}), Value::Int(5)}) {
+    DCPP_ASSERT_OK_AND_ASSIGN(std::string bytes, EncodeTorchSave(v));
+    MemorySource src(bytes);
+    DCPP_ASSERT_OK_AND_ASSIGN(TorchSaveArchive archive, TorchSaveArchive::Open(src));
+    EXPECT_FALSE(archive.lone_tensor());
+  }
+  // A canonical pickle over a record too short for it is refused as the tree reader refuses it.
+  DCPP_ASSERT_OK_AND_ASSIGN(
+      std::string pkl,
+      internal::TorchSavePickle(Value::FromTensor(PatternTensor(DType::kFloat32, {10})), false));
+  StringSink sink;
+  internal::ZipWriter zip(sink);
+  const std::string short_record(8, 'x');
+  DCPP_ASSERT_OK(zip.AddRecord("archive/data.pkl", pkl.data(), pkl.size()));
+  DCPP_ASSERT_OK(zip.AddRecord("archive/data/0", short_record.data(), short_record.size()));
+  DCPP_ASSERT_OK(zip.AddRecord("archive/version", "3\n", 2));
+  DCPP_ASSERT_OK(zip.Finish());
+  const std::string bad = sink.Release();
+  MemorySource src(bad);
+  DCPP_ASSERT_OK_AND_ASSIGN(TorchSaveArchive archive, TorchSaveArchive::Open(src));
+  EXPECT_TRUE(archive.lone_tensor());
+  EXPECT_THAT(archive.RootTensor(),
+              StatusIs(StatusCode::kDataLoss, HasSubstr("declares 10 elements of 4 bytes")));
+  EXPECT_THAT(archive.ReadValue(), StatusIs(StatusCode::kDataLoss, HasSubstr("declares 10")));
+}
+
 TEST(TorchSaveTest, RecordsAreInPyTorchOrderAndAligned) {
   const Value v = Dict({{"a", Value::FromTensor(PatternTensor(DType::kFloat32, {2, 3}))},
                         {"b", Value::FromTensor(PatternTensor(DType::kInt64, {7}))}});

@@ -173,5 +173,26 @@ TEST(FileSystemReadTest, AFlipInASmallBlobInsideAWindowNamesItsItem) {
   EXPECT_EQ(back, ManySmall());
 }
 
+TEST(FileSystemReadTest, PyTorchsTensorBlobsTakeTheLoneTensorPath) {
+  // PyTorch 2.13's DCP writes each tensor item as the canonical lone-tensor pickle, so its
+  // checkpoints are read without pickle trees too (the golden was written by PyTorch).
+  const std::string path = testing::SourceDir() + "/tests/data/dcp_213_2ranks/sync";
+  DCPP_ASSERT_OK_AND_ASSIGN(auto reader, FileSystemReader::Open(path));
+  DCPP_ASSERT_OK_AND_ASSIGN(Metadata md, reader->ReadMetadata());
+  int tensors = 0, lone = 0;
+  for (const auto& [idx, info] : md.storage_data) {
+    const StorageMetadata* m = md.state_dict_metadata.Find(idx.fqn);
+    if (!m || !std::holds_alternative<TensorStorageMetadata>(*m)) continue;
+    DCPP_ASSERT_OK_AND_ASSIGN(std::string bytes, ReadFileBytes(path + "/" + info.relative_path));
+    MemorySource blob(std::string_view(bytes).substr(info.offset, info.length));
+    DCPP_ASSERT_OK_AND_ASSIGN(TorchSaveArchive archive, TorchSaveArchive::Open(blob));
+    ++tensors;
+    lone += archive.lone_tensor();
+    DCPP_EXPECT_OK(archive.RootTensor().status());
+  }
+  EXPECT_GT(tensors, 0);
+  EXPECT_EQ(lone, tensors);
+}
+
 }  // namespace
 }  // namespace dcpp
