@@ -1,8 +1,9 @@
 // CPU time and peak RSS of decoding one `.metadata` file, by hand:
-//   dcpp_metadata_bench FILE [direct|tree|validate|parse] [ROUNDS]
+//   dcpp_metadata_bench FILE [direct|tree|validate|parse|compare] [ROUNDS]
 // Each process runs one way (peak RSS is per process): the direct decoder, the tree path
 // (ReadPickle + its interpretation), ValidateMetadata alone on a decoded result, or the whole
-// ParseMetadata. Prints one JSON line: the median CPU seconds over the rounds, the peak RSS
+// ParseMetadata; `compare` decodes both ways and prints their first difference ("" if none).
+// Prints one JSON line: the median CPU seconds over the rounds, the peak RSS
 // above what the process held after reading the file, and the RSS the result itself keeps.
 #include <sys/resource.h>
 #include <time.h>
@@ -38,7 +39,7 @@ long StatusKiB(const char* field) {
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: %s FILE [direct|tree|validate|parse] [ROUNDS]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s FILE [direct|tree|validate|parse|compare] [ROUNDS]\n", argv[0]);
     return 2;
   }
   const std::string way = argc > 2 ? argv[2] : "direct";
@@ -55,6 +56,19 @@ int main(int argc, char** argv) {
   const long base_rss = StatusKiB("VmRSS:");
   const long base_hwm = StatusKiB("VmHWM:");
 
+  if (way == "compare") {
+    auto tree = dcpp::internal::DecodeMetadataTree(bytes);
+    auto direct = dcpp::internal::DecodeMetadataDirect(bytes);
+    if (!tree.ok() || !direct.ok()) {
+      std::printf("{\"way\":\"compare\",\"tree\":\"%s\",\"direct\":\"%s\"}\n",
+                  tree.status().ToString().c_str(), direct.status().ToString().c_str());
+      return 1;
+    }
+    const std::string diff = dcpp::internal::MetadataDifference(*tree, *direct);
+    std::printf("{\"way\":\"compare\",\"entries\":%zu,\"difference\":\"%s\"}\n",
+                tree->state_dict_metadata.size(), diff.c_str());
+    return diff.empty() ? 0 : 1;
+  }
   auto decode = [&](const std::string& w) -> dcpp::Result<dcpp::Metadata> {
     if (w == "tree") return dcpp::internal::DecodeMetadataTree(bytes);
     if (w == "parse") return dcpp::ParseMetadata(bytes);
