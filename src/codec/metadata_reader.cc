@@ -53,8 +53,14 @@ enum class T : uint8_t {
   kUnset,      // a memo slot not written yet
 };
 
+// Facts of a tuple, computed once when it is made, so a tuple read through the memo again and
+// again costs nothing to check (a hostile pickle must not make checking quadratic).
+constexpr uint8_t kNegative = 1;  // kIntTuple / kSize: some item is negative
+constexpr uint8_t kAllStr = 2;    // kTuple: every item is a str
+
 struct Val {
   T tag = T::kNone;
+  uint8_t facts = 0;
   uint16_t depth = 1;  // the tree reader's nesting measure; nodes keep theirs in the node
   uint32_t n = 0;
   uint64_t x = 0;
@@ -147,6 +153,8 @@ struct ListNode {
   std::vector<Val> items;
   uint16_t depth = 1;
   bool adopted = false;  // inside another value: no longer modifiable
+  int8_t all_str = -1;   // IsStrSeq / IsChunkList, once known (-1: not yet)
+  int8_t all_chunks = -1;
 };
 struct DictNode {
   std::vector<Val> items;  // key, value, key, value, ...
@@ -446,12 +454,16 @@ class Decoder {
       t.x = ints_.size();
       t.depth = n ? 2 : 1;
       for (size_t i = start; i < stack_.size(); ++i) {
-        ints_.push_back(static_cast<int64_t>(stack_[i].x));
+        const auto v = static_cast<int64_t>(stack_[i].x);
+        if (v < 0) t.facts |= kNegative;
+        ints_.push_back(v);
       }
     } else {
       t.tag = T::kTuple;
       t.x = items_.size();
+      t.facts = kAllStr;
       for (size_t i = start; i < stack_.size(); ++i) {
+        if (stack_[i].tag != T::kStr) t.facts = 0;
         if (!Grow(&t.depth, stack_[i])) return false;
         Adopt(stack_[i]);
         items_.push_back(stack_[i]);
@@ -537,6 +549,7 @@ class Decoder {
         r.tag = T::kSize;
         r.x = inner.x;
         r.n = inner.n;
+        r.facts = inner.facts;
         return Push(r);
       }
       case G::kGetLayout: {
@@ -576,10 +589,7 @@ class Decoder {
         return Push(r);
       }
       case G::kPathClass: {
-        if (args.tag == T::kIntTuple && args.n != 0) return Unhandled("a path of ints");
-        for (uint32_t i = 0; args.tag == T::kTuple && i < args.n; ++i) {
-          if (items_[args.x + i].tag != T::kStr) return Unhandled("a path part that is not a str");
-        }
+        if (!IsStrSeq(args)) return Unhandled("a path whose parts are not all str");
         r.tag = T::kPath;
         r.x = args.tag == T::kTuple ? args.x : 0;
         r.n = args.n;
@@ -609,9 +619,7 @@ class Decoder {
   // A size: torch.Size(ints) or a tuple of ints, none negative (ParseSize).
   bool AsSize(const Val& v, Range* r) {
     if (v.tag != T::kSize && v.tag != T::kIntTuple) return Unhandled("a size of another form");
-    for (uint32_t i = 0; i < v.n; ++i) {
-      if (ints_[v.x + i] < 0) return Unhandled("a negative size or offset");
-    }
+    if (v.facts & kNegative) return Unhandled("a negative size or offset");
     *r = Range{static_cast<uint32_t>(v.x), v.n};
     return true;
   }
@@ -640,21 +648,28 @@ class Decoder {
     free_.push_back(std::move(d.items));
     d.items = {};
   }
-  bool IsStrSeq(const Val& v) const {
+  // A tuple or list of str only. A list is checked once: it is read here only from inside a
+  // field dict, so it is adopted and can no longer change.
+  bool IsStrSeq(const Val& v) {
     if (v.tag == T::kIntTuple) return v.n == 0;
-    if (v.tag == T::kTuple) {
-      for (uint32_t i = 0; i < v.n; ++i) {
-        if (items_[v.x + i].tag != T::kStr) return false;
-      }
-      return true;
+    if (v.tag == T::kTuple) return (v.facts & kAllStr) != 0;
+    if (v.tag != T::kList) return false;
+    ListNode& l = lists_[v.x];
+    if (l.all_str < 0 || !l.adopted) {
+      l.all_str = std::all_of(l.items.begin(), l.items.end(),
+                              [](const Val& x) { return x.tag == T::kStr; });
     }
-    if (v.tag == T::kList) {
-      for (const Val& x : lists_[v.x].items) {
-        if (x.tag != T::kStr) return false;
-      }
-      return true;
+    return l.all_str != 0;
+  }
+  // A list of built ChunkStorageMetadata objects only, checked once as above.
+  bool IsChunkList(const Val& v) {
+    if (v.tag != T::kList) return false;
+    ListNode& l = lists_[v.x];
+    if (l.all_chunks < 0 || !l.adopted) {
+      l.all_chunks = std::all_of(l.items.begin(), l.items.end(),
+                                 [&](const Val& c) { return IsBuilt(c, Cls::kChunk); });
     }
-    return false;
+    return l.all_chunks != 0;
   }
   bool IsBuilt(const Val& v, Cls cls) const {
     return v.tag == T::kObj && objs_[v.x].cls == cls && objs_[v.x].built;
@@ -716,10 +731,7 @@ class Decoder {
         }
         t.props = objs_[f[0].x].built ? objs_[f[0].x].rec : kDefaultProps;
         if (!AsSize(f[1], &t.size)) return false;
-        if (f[2].tag != T::kList) return Unhandled("chunks that are not a list");
-        for (const Val& c : lists_[f[2].x].items) {
-          if (!IsBuilt(c, Cls::kChunk)) return Unhandled("a chunk of another kind");
-        }
+        if (!IsChunkList(f[2])) return Unhandled("chunks that are not a list of chunks");
         t.chunks = static_cast<uint32_t>(f[2].x);
         tensors_.push_back(t);
         *rec = static_cast<uint32_t>(tensors_.size() - 1);
