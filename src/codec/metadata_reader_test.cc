@@ -340,6 +340,37 @@ TEST(MetadataReaderTest, VariantsOfOtherWritersTakeTheDirectPath) {
             DType::kFloat16);
 }
 
+// Lists and tuples shared through the memo are checked once and read alike from every place.
+TEST(MetadataReaderTest, SharedListsAndTuplesAgree) {
+  for (PickleRef descriptors : {PickleValue::List({S("stream.zstd/1")}),
+                                Tup({S("stream.zstd/1"), S("b")}), PickleValue::List({I(1)})}) {
+    PickleValue::DictItems storage;
+    PickleValue::DictItems entries;
+    for (const char* fqn : {"a", "b", "c"}) {
+      entries.push_back({S(fqn), Obj("BytesStorageMetadata", {})});
+      storage.push_back(
+          {Obj("MetadataIndex", {F("fqn", S(fqn))}),
+           PickleValue::New(
+               G("torch.distributed.checkpoint.filesystem", "_StorageInfo"), Tup({}),
+               PickleValue::Dict({F("relative_path", S("__0_0.distcp")), F("offset", I(0)),
+                                  F("length", I(4)), F("transform_descriptors", descriptors)}))});
+    }
+    const std::string bytes =
+        Pickled(Obj("Metadata", {F("state_dict_metadata", PickleValue::Dict(std::move(entries))),
+                                 F("storage_data", PickleValue::Dict(std::move(storage)))}));
+    if (descriptors->is(PickleValue::Kind::kList) &&
+        descriptors->items()[0]->is(PickleValue::Kind::kInt)) {
+      EXPECT_EQ(ExpectAgree(bytes, "int descriptors"), Outcome::kNeither);
+    } else {
+      ExpectDirect(bytes, "shared descriptors");
+    }
+  }
+  // A negative torch.Size shared by a chunk and an index: refused by both, wherever it is read.
+  Parts negative;
+  negative.offsets = Size({-1, 0});
+  EXPECT_EQ(ExpectAgree(Pickled(Root(negative)), "negative offsets"), Outcome::kNeither);
+}
+
 TEST(MetadataReaderTest, ConstructsItDoesNotModelFallBackToTheTreePath) {
   // OrderedDict state_dict_metadata, dict-form TensorProperties, a class made by REDUCE: the
   // direct decoder declines (Unimplemented), ParseMetadata still reads them.
