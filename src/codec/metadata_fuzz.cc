@@ -1,5 +1,5 @@
 // Fuzz target for the `.metadata` codec. Seeds: tests/fuzz/metadata_fuzz/ (a PyTorch 1.13
-// prototype checkpoint's .metadata and dcpp-written ones of every flavor).
+// prototype checkpoint's .metadata, PyTorch 2.13's, and dcpp-written ones of every flavor).
 //
 // Any input must parse or fail cleanly. The direct decoder and the tree path must agree: the
 // direct one never accepts what the tree path refuses, and when both accept, the Metadata is
