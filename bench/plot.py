@@ -23,7 +23,7 @@ def main():
         "fio (same jobs)": ("fio_write_GBps", "fio_read_GBps"),
     }
     cases = [r for r in rows if r["case"].startswith(("save/large", "save/small", "load/large",
-                                                      "load/small"))]
+                                                      "load/small", "load-cold/large"))]
     fig, ax = plt.subplots(figsize=(11, 4.8))
     width = 0.8 / len(series)
     for i, (label, (save_key, load_key)) in enumerate(series.items()):
@@ -36,7 +36,7 @@ def main():
     ax.set_xticklabels([r["case"].replace("/t", "\n") + " thr" for r in cases], fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("GB/s (log)")
-    ax.set_title("dcpp bench: save (fsync) and load (page cache), medians of alternating rounds")
+    ax.set_title("dcpp bench: save (fsync), load (page cache) and cold load, medians of rounds")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

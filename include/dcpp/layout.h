@@ -77,6 +77,10 @@ class StorageWriter {
   // Every rank, once the save's outcome is known (success or failure): releases what SetUp took
   // (the destination's lock). The writer may be set up again for another save afterwards.
   virtual void EndSave() {}
+  // After a successful Finish: the committed metadata's pickle bytes, handed over once (empty
+  // when the writer kept none). The coordinator sends them to the other ranks rather than
+  // encoding the metadata a second time.
+  virtual std::string TakeCommittedMetadata() { return {}; }
   // The checkpoint's name for messages and StorageMeta.
   virtual std::string checkpoint_id() const = 0;
 };
@@ -135,11 +139,12 @@ class FileSystemWriter final : public StorageWriter {
   Status Finish(Metadata& metadata, const std::vector<std::vector<WriteResult>>& results) override;
   Status CleanUp() override;
   void EndSave() override;
+  std::string TakeCommittedMetadata() override { return std::move(committed_bytes_); }
   std::string checkpoint_id() const override { return checkpoint_id_; }
 
  private:
   Status GuardDestination(bool rank_local);
-  Status RemoveLeftovers();
+  Status RemoveLeftovers(bool after_commit);
 
   std::unique_ptr<Store> owned_store_;
   Store* store_;
@@ -151,9 +156,12 @@ class FileSystemWriter final : public StorageWriter {
   bool use_collectives_ = true;
   std::string save_tag_;  // non-empty when replacing a checkpoint: makes file names unique
   std::vector<std::string> referenced_;  // files of the committed metadata (for CleanUp)
-  std::vector<std::string> replaced_;    // files of the checkpoint this save replaces
-  std::string replaced_manifest_;        // the replaced checkpoint's manifest (for CleanUp)
-  std::string manifest_;                 // this save's manifest, once committed
+  std::string committed_;                // the committed metadata's key, and its bytes' hash
+  uint64_t committed_hash_ = 0;
+  std::string committed_bytes_;        // until TakeCommittedMetadata
+  std::vector<std::string> replaced_;  // files of the checkpoint this save replaces
+  std::string replaced_manifest_;      // the replaced checkpoint's manifest (for CleanUp)
+  std::string manifest_;               // this save's manifest, once committed
 };
 
 struct FileSystemReaderOptions {

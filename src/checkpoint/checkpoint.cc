@@ -294,8 +294,12 @@ Status SaveSteps::DecideCommit(const std::vector<Carried>& parts,
   if (!writer_.CleanUp().ok()) LogLine(LogLevel::kInfo, "save.cleanup_failed", "");
   // Only the other ranks read the reply (the coordinator returns metadata_ itself): encoding
   // it for nobody cost as much as writing `.metadata` for a state of many small tensors.
+  std::string committed = writer_.TakeCommittedMetadata();
   if (!rank_local_ && comm_.size() > 1) {
-    DCPP_ASSIGN_OR_RETURN((*replies)[0], EncodeMetadata(metadata_));
+    if (committed.empty()) {
+      DCPP_ASSIGN_OR_RETURN(committed, EncodeMetadata(metadata_));
+    }
+    (*replies)[0] = std::move(committed);
   }
   return Status::Ok();
 }

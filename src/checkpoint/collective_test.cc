@@ -158,6 +158,31 @@ TEST(CollectiveTest, SaveWithFourLoadWithOneTwoThreeAndEight) {
   }
 }
 
+// Every rank's Save returns the committed metadata: the coordinator its own, the others what it
+// sent them (the committed bytes, not encoded a second time). Encoded again, each is exactly
+// the committed `.metadata`.
+TEST(CollectiveTest, EveryRankGetsTheCommittedMetadata) {
+  TempDir dir;
+  Model m;
+  const std::string path = dir.Join("ck");
+  std::vector<Metadata> got(3);
+  for (const auto& s : OnRanks(3, [&](Communicator& comm) {
+         SaveOptions so;
+         so.comm = &comm;
+         so.coordinator_rank = 1;
+         auto md = Save(State(m, comm.rank(), 3, true), path, so);
+         if (md.ok()) got[comm.rank()] = *std::move(md);
+         return md.status();
+       })) {
+    DCPP_ASSERT_OK(s);
+  }
+  DCPP_ASSERT_OK_AND_ASSIGN(std::string committed, testing::ReadFileBytes(path + "/.metadata"));
+  for (int r = 0; r < 3; ++r) {
+    DCPP_ASSERT_OK_AND_ASSIGN(std::string again, EncodeMetadata(got[r]));
+    EXPECT_TRUE(again == committed) << "rank " << r;
+  }
+}
+
 TEST(CollectiveTest, ReplicatedTensorsAreWrittenOnceAndSpreadOverRanks) {
   TempDir dir;
   std::vector<Metadata> md(4);

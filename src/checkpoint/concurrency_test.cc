@@ -22,6 +22,8 @@
 #include "dcpp/comm.h"
 #include "dcpp/layout.h"
 #include "dcpp/storage.h"
+#include "layout/leftovers.h"
+#include "layout/manifest.h"
 #include "testing/fault_store.h"
 #include "testing/testing.h"
 
@@ -377,6 +379,33 @@ TEST(LeftoversTest, TheNextSaveAndCollectGarbageRemoveWhatFailedSavesLeft) {
   EXPECT_EQ(removed, std::vector<std::string>{"__9_9.distcp"});
   EXPECT_FALSE(fs::exists(dir + "/__9_9.distcp"));
   EXPECT_EQ(LoadedSeed(dir, 16), 3);
+}
+
+// The writer that just committed a metadata passes what it references, so the commit is not
+// parsed again; the shortcut applies only while the stored bytes are the ones it committed.
+TEST(LeftoversTest, KnownMetadataIsTrustedOnlyForTheBytesItWasMadeFrom) {
+  TempDir tmp;
+  const std::string dir = tmp.Join("ck");
+  DCPP_ASSERT_OK(SaveOnRanks(dir, 1, 16));
+  auto store = OpenStore(dir).value();
+  DCPP_ASSERT_OK_AND_ASSIGN(std::vector<std::string> keys, store->List());
+  DCPP_ASSERT_OK_AND_ASSIGN(std::string bytes, store->ReadAll(".metadata"));
+  std::vector<std::string> data;
+  for (const auto& k : keys) {
+    if (internal::ClassifyName(k).kind == internal::NameKind::kData) data.push_back(k);
+  }
+  ASSERT_EQ(data.size(), static_cast<size_t>(kWorld));
+  internal::KnownMetadata known;
+  known.key = ".metadata";
+  known.hash = internal::Xxh3(bytes.data(), bytes.size());
+  known.referenced = {data[0]};  // deliberately incomplete: shows which source was used
+  DCPP_ASSERT_OK_AND_ASSIGN(std::vector<std::string> trusted,
+                            internal::FindLeftovers(*store, keys, -1, &known));
+  EXPECT_EQ(trusted, std::vector<std::string>(data.begin() + 1, data.end()));
+  known.hash ^= 1;  // other bytes than those committed: parsed, nothing is a leftover
+  DCPP_ASSERT_OK_AND_ASSIGN(std::vector<std::string> parsed,
+                            internal::FindLeftovers(*store, keys, -1, &known));
+  EXPECT_TRUE(parsed.empty());
 }
 
 TEST(LeftoversTest, ARankLocalSaveRemovesOnlyItsOwnRanksLeftovers) {

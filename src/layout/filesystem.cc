@@ -239,7 +239,7 @@ Status FileSystemWriter::GuardDestination(bool rank_local) {
   // Under the lock nobody else writes here: the leftovers of earlier saves go now, before this
   // save needs their space (a disk filled by a failed save). Best effort: a failure to remove is
   // logged, and CleanUp tries again after the commit.
-  Status removed = RemoveLeftovers();
+  Status removed = RemoveLeftovers(/*after_commit=*/false);
   if (!removed.ok()) {
     internal::LogLine(internal::LogLevel::kInfo, "save.leftovers_not_removed",
                       "error=\"" + std::string(removed.message()) + "\"");
@@ -247,10 +247,18 @@ Status FileSystemWriter::GuardDestination(bool rank_local) {
   return Status::Ok();
 }
 
-Status FileSystemWriter::RemoveLeftovers() {
+Status FileSystemWriter::RemoveLeftovers(bool after_commit) {
   if (!lock_) return Status::Ok();  // another save's files in flight would look like leftovers
+  // After the commit this writer knows what its metadata references: no need to parse it again.
+  internal::KnownMetadata known;
+  if (after_commit && !committed_.empty()) {
+    known.key = committed_;
+    known.hash = committed_hash_;
+    known.referenced = referenced_;
+  }
   DCPP_ASSIGN_OR_RETURN(std::vector<std::string> removed,
-                        internal::RemoveLeftovers(*store_, use_collectives_ ? -1 : rank_));
+                        internal::RemoveLeftovers(*store_, use_collectives_ ? -1 : rank_,
+                                                  known.key.empty() ? nullptr : &known));
   for (const auto& f : removed) {
     internal::LogLine(internal::LogLevel::kInfo, "save.removed_leftover",
                       "path=\"" + store_->Describe(f) + "\"");
@@ -266,6 +274,8 @@ void FileSystemWriter::EndSave() {
 Status FileSystemWriter::SetUp(bool is_coordinator, int rank, bool use_collectives) {
   rank_ = rank;
   use_collectives_ = use_collectives;
+  committed_.clear();
+  committed_bytes_.clear();
   if (options_.guard_destination && (is_coordinator || !use_collectives)) {
     DCPP_RETURN_IF_ERROR(GuardDestination(!use_collectives));
   }
@@ -430,17 +440,27 @@ Status FileSystemWriter::Finish(Metadata& metadata,
                    static_cast<uint64_t>(r.storage_data.length), r.checksums);
     }
   }
+  const uint64_t bytes_hash = internal::Xxh3(bytes.data(), bytes.size());
   if (complete) {
-    manifest.metadata_hash = internal::Xxh3(bytes.data(), bytes.size());
+    manifest.metadata_hash = bytes_hash;
     DCPP_ASSIGN_OR_RETURN(std::string encoded, internal::EncodeManifest(std::move(manifest)));
-    const std::string key = internal::ManifestKey(name, internal::Xxh3(bytes.data(), bytes.size()));
+    const std::string key = internal::ManifestKey(name, bytes_hash);
     DCPP_RETURN_IF_ERROR(
         store_->WriteAtomic(key, encoded).WithContext("writing the manifest \"" + key + "\""));
     manifest_ = key;
   }
   DCPP_RETURN_IF_ERROR(store_->WriteAtomic(name, bytes).WithContext("committing \"" + name + "\""));
   referenced_.clear();
-  for (const auto& [idx, info] : metadata.storage_data) referenced_.push_back(info.relative_path);
+  for (const auto& [idx, info] : metadata.storage_data) {
+    if (referenced_.empty() || referenced_.back() != info.relative_path) {
+      referenced_.push_back(info.relative_path);
+    }
+  }
+  std::sort(referenced_.begin(), referenced_.end());
+  referenced_.erase(std::unique(referenced_.begin(), referenced_.end()), referenced_.end());
+  committed_ = name;
+  committed_hash_ = bytes_hash;
+  committed_bytes_ = std::move(bytes);
   return Status::Ok();
 }
 
@@ -460,7 +480,7 @@ Status FileSystemWriter::CleanUp() {
   }
   replaced_manifest_.clear();
   // Leftovers of failed or killed saves (the replaced checkpoint's files are gone by now too).
-  return RemoveLeftovers();
+  return RemoveLeftovers(/*after_commit=*/true);
 }
 
 // ------------------------------------------------------------------ garbage collection

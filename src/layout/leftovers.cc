@@ -115,7 +115,7 @@ Status CheckCheckpointDirectory(const std::vector<std::string>& keys, const std:
 }
 
 Result<std::vector<std::string>> FindLeftovers(Store& store, const std::vector<std::string>& keys,
-                                               int rank) {
+                                               int rank, const KnownMetadata* known) {
   std::set<std::string> referenced;
   std::set<std::string> manifests;  // those of the committed metadata
   bool all_read = true;
@@ -123,7 +123,12 @@ Result<std::vector<std::string>> FindLeftovers(Store& store, const std::vector<s
     NameKind kind = ClassifyName(k).kind;
     if (kind != NameKind::kMetadata && kind != NameKind::kRankMetadata) continue;
     auto bytes = store.ReadAll(k);
-    if (bytes.ok()) manifests.insert(ManifestKey(k, Xxh3(bytes->data(), bytes->size())));
+    const uint64_t hash = bytes.ok() ? Xxh3(bytes->data(), bytes->size()) : 0;
+    if (bytes.ok()) manifests.insert(ManifestKey(k, hash));
+    if (bytes.ok() && known && known->key == k && known->hash == hash) {
+      referenced.insert(known->referenced.begin(), known->referenced.end());
+      continue;
+    }
     auto md = bytes.ok() ? ParseMetadata(*bytes) : Result<Metadata>(bytes.status());
     if (!md.ok()) {
       all_read = false;
@@ -146,9 +151,11 @@ Result<std::vector<std::string>> FindLeftovers(Store& store, const std::vector<s
   return out;
 }
 
-Result<std::vector<std::string>> RemoveLeftovers(Store& store, int rank) {
+Result<std::vector<std::string>> RemoveLeftovers(Store& store, int rank,
+                                                 const KnownMetadata* known) {
   DCPP_ASSIGN_OR_RETURN(std::vector<std::string> keys, store.List());
-  DCPP_ASSIGN_OR_RETURN(std::vector<std::string> leftovers, FindLeftovers(store, keys, rank));
+  DCPP_ASSIGN_OR_RETURN(std::vector<std::string> leftovers,
+                        FindLeftovers(store, keys, rank, known));
   for (const auto& f : leftovers) {
     Status s = store.Remove(f);
     if (!s.ok() && s.code() != StatusCode::kNotFound) return s;

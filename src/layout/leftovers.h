@@ -12,6 +12,7 @@
 // Thread-safety: pure functions, plus reads of a store.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -51,12 +52,20 @@ Status CheckCheckpointDirectory(const std::vector<std::string>& keys, const std:
 // files, commit temporaries and manifests of no committed metadata. With rank >= 0 only that rank's
 // files (a rank-local save holds only its own rank's lock). If some committed metadata cannot be
 // read, no data file is a leftover (only temporaries), since it might be referenced.
+// A metadata file whose references the caller already knows (the writer that just committed it):
+// when the stored bytes still hash to `hash`, they are not parsed again.
+struct KnownMetadata {
+  std::string key;
+  uint64_t hash = 0;                    // Xxh3 of the committed bytes
+  std::vector<std::string> referenced;  // the data files its storage_data names
+};
 Result<std::vector<std::string>> FindLeftovers(Store& store, const std::vector<std::string>& keys,
-                                               int rank = -1);
+                                               int rank = -1, const KnownMetadata* known = nullptr);
 
 // Removes what FindLeftovers finds among the store's current keys (an already removed file is not
 // an error) and returns their names. Only under the save lock: another save's files in flight
 // would look the same.
-Result<std::vector<std::string>> RemoveLeftovers(Store& store, int rank = -1);
+Result<std::vector<std::string>> RemoveLeftovers(Store& store, int rank = -1,
+                                                 const KnownMetadata* known = nullptr);
 
 }  // namespace dcpp::internal

@@ -331,8 +331,18 @@ void HashingSink::Feed(const char* p, size_t n) {
 }
 
 Status HashingSink::Write(const void* data, size_t n) {
-  Feed(static_cast<const char*>(data), n);
-  return base_.Write(data, n);
+  // Hashed and written piece by piece, so the write copies bytes the hash just brought into the
+  // cache instead of reading a large tensor from memory twice.
+  constexpr size_t kPiece = size_t{4} << 20;
+  const char* p = static_cast<const char*>(data);
+  while (n > 0) {
+    const size_t take = std::min(n, kPiece);
+    Feed(p, take);
+    DCPP_RETURN_IF_ERROR(base_.Write(p, take));
+    p += take;
+    n -= take;
+  }
+  return Status::Ok();
 }
 
 // ------------------------------------------------------------------ verifying reads

@@ -174,9 +174,17 @@ Status PosixWritableFile::Append(const void* data, size_t n) {
   }
   DCPP_RETURN_IF_ERROR(FlushBuffer());
   if (n < kAppendBufferBytes) return Append(data, n);  // fits the now-empty buffer
-  error_ = WriteFully(fd_, p, n, path_);
-  if (error_.ok()) position_ += n;
-  StartWriteBack();
+  // Large appends go in write-behind steps, so the device writes the first pieces while later
+  // ones are still being copied, and dirty pages never pile up to the kernel's throttle.
+  while (n > 0) {
+    const size_t piece = std::min<size_t>(n, kWriteBehindBytes);
+    error_ = WriteFully(fd_, p, piece, path_);
+    if (!error_.ok()) return error_;
+    position_ += piece;
+    p += piece;
+    n -= piece;
+    StartWriteBack();
+  }
   return error_;
 }
 

@@ -37,8 +37,11 @@ inline constexpr size_t kMaxIoBytes = size_t{1} << 30;
 // Appends smaller than this are gathered in a buffer; larger ones go straight to write(2), so
 // tensor bytes are copied once, from the caller's memory into the page cache.
 inline constexpr size_t kAppendBufferBytes = size_t{1} << 20;
-// Writeback of a file being written is started every this many bytes (see StartWriteBack).
-inline constexpr uint64_t kWriteBehindBytes = uint64_t{32} << 20;
+// Writeback of a file being written is started every this many bytes (see StartWriteBack), and
+// large appends are written in pieces of this size. Small steps keep the dirty pages of a save
+// few: a one-thread save of 1 GiB with 8 MiB steps ran 0.5-2.9 GB/s where one write per tensor
+// and an fsync at the end ran 0.4-0.5 on the development machine's disk.
+inline constexpr uint64_t kWriteBehindBytes = uint64_t{8} << 20;
 // Direct I/O (see above): offsets, lengths and buffers aligned to kDirectAlign (the largest
 // logical block size in use, and the page size); a file switches once it reaches
 // kDirectAfterBytes, so small files (metadata, per-item files) stay in the page cache.

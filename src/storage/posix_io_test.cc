@@ -72,6 +72,27 @@ bool SupportsODirect(const std::string& dir) {
   return fd >= 0;
 }
 
+// Large buffered appends go out in write-behind pieces: every byte lands at its offset whatever
+// the pieces' boundaries (a piece and a half, exactly two, one byte more).
+TEST(PosixIoTest, LargeBufferedAppendsInPiecesKeepEveryByte) {
+  TempDir dir;
+  const std::string path = dir.Join("pieces.bin");
+  DCPP_ASSERT_OK_AND_ASSIGN(int fd, OpenFd(path, O_WRONLY | O_CREAT | O_TRUNC, 0644));
+  PosixWritableFile file(fd, path);
+  std::string expected;
+  uint32_t seed = 1;
+  for (size_t n : {size_t{11}, kWriteBehindBytes + kWriteBehindBytes / 2, size_t{5},
+                   2 * kWriteBehindBytes, kWriteBehindBytes + 1}) {
+    const std::string chunk = Pattern(n, seed++);
+    ASSERT_THAT(file.Append(chunk.data(), chunk.size()), IsOk());
+    expected += chunk;
+    EXPECT_EQ(file.position(), expected.size());
+  }
+  ASSERT_THAT(file.Sync(), IsOk());
+  ASSERT_THAT(file.Close(), IsOk());
+  EXPECT_TRUE(Slurp(path) == expected);
+}
+
 // Direct I/O is opt-in (DCPP_DIRECT_IO=1); these tests turn it on for their duration.
 class DirectIo {
  public:

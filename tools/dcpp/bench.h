@@ -32,6 +32,7 @@ struct IoCaseArgs {
   int threads = 4;
   int saves = 2;  // saves in this process (the first is reported apart)
   int64_t bytes = 1 << 30;
+  bool cold = false;  // load: the checkpoint's files are dropped from the page cache first
 };
 int RunIoCase(const IoCaseArgs& args);
 

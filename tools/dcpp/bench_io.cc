@@ -6,6 +6,9 @@
 // save: `saves` saves into fresh directories; the first is reported apart from the later ones.
 // load: loads the last save's checkpoint into pre-allocated tensors; reports the bytes this
 // process read (rchar) against the bytes the state needs.
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -69,6 +72,18 @@ Value RowShards(const std::vector<Shape>& shapes, int r, int world, bool fill) {
     sd.Set("t" + std::to_string(i), Value::FromSharded(std::move(st)));
   }
   return sd;
+}
+
+// Drops a checkpoint's clean pages from the page cache (the save fsynced them), as a new job on
+// another machine would find it.
+void DropFromPageCache(const std::string& dir) {
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    if (!e.is_regular_file()) continue;
+    const int fd = ::open(e.path().c_str(), O_RDONLY);
+    if (fd < 0) continue;
+    (void)::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+    ::close(fd);
+  }
 }
 
 int64_t ReadChars() {
@@ -159,6 +174,8 @@ int RunIoCase(const IoCaseArgs& a) {
       sd = WholeState(shapes, false);
     }
     f["state_rss_bytes"] = CurrentRssBytes();
+    if (a.cold) DropFromPageCache(path);
+    f["cold"] = a.cold;
     const int64_t rchar0 = ReadChars();
     const double t0 = NowSeconds();
     Status s;
