@@ -9,6 +9,8 @@
 // The codec reads every variant PyTorch has written (pickle protocols 2-5; 5- or 6-field
 // TensorProperties; both enum pickles; both pathlib forms; the 1.13 prototype class paths) and
 // writes what PyTorch >= 2.0 reads (see MetadataEncodeOptions). docs/format.md has the details.
+// ParseMetadata decodes what the writers emit straight into a Metadata, without a pickle tree,
+// and reads anything else through the general pickle reader (same results, same errors).
 //
 // Invariants after ParseMetadata: every tensor chunk is inside its tensor's size, ranks match,
 // and storage_data keys name existing entries. Thread-safety: plain values.

@@ -11,6 +11,7 @@
 #include <map>
 #include <set>
 
+#include "codec/metadata_reader.h"
 #include "codec/pickle.h"
 
 namespace dcpp {
@@ -804,13 +805,21 @@ Status ValidateMetadata(const Metadata& md, std::string_view what) {
   return Status::Ok();
 }
 
-Result<Metadata> ParseMetadata(std::string_view pickle_bytes) {
+Result<Metadata> internal::DecodeMetadataTree(std::string_view pickle_bytes) {
   PickleReadOptions opts;
   static const PickleAllowList kAllow = PickleAllowList::DcpMetadata();
   opts.allow = &kAllow;
   DCPP_ASSIGN_OR_RETURN(PickleRef root, ReadPickle(pickle_bytes, opts));
-  DCPP_ASSIGN_OR_RETURN(Metadata md, ParseRoot(*root));
-  DCPP_RETURN_IF_ERROR(ValidateMetadata(md, "metadata"));
+  return ParseRoot(*root);
+}
+
+Result<Metadata> ParseMetadata(std::string_view pickle_bytes) {
+  // The direct decoder covers what the writers emit; anything it declines, malformed input
+  // included, goes to the tree path, whose answer (and error message) stands.
+  Result<Metadata> md = internal::DecodeMetadataDirect(pickle_bytes);
+  if (!md.ok()) md = internal::DecodeMetadataTree(pickle_bytes);
+  if (!md.ok()) return md.status();
+  DCPP_RETURN_IF_ERROR(ValidateMetadata(*md, "metadata"));
   return md;
 }
 

@@ -1,0 +1,34 @@
+// The two `.metadata` decoders behind dcpp::ParseMetadata, and a comparison of their results.
+//
+// DecodeMetadataDirect runs a pickle machine specialised for `.metadata` files: it goes from the
+// bytes to a dcpp::Metadata without building a PickleValue tree (values are 16-byte handles,
+// strings stay views into the input until the result is assembled, each dataclass is reduced to
+// a compact record at its BUILD). It handles what dcpp's encoder and PyTorch's pickler emit and
+// stops at anything else: Unimplemented for a construct it does not model (an unknown callable,
+// sets, OrderedDict, persistent ids, state forms no writer uses), DataLoss with the byte offset
+// for malformed input. It applies the tree reader's rules (stack and MARK discipline, memo,
+// STOP, the DcpMetadata allow-list, nesting and memo bounds, no change to a value once it is
+// inside another), so whatever it accepts the tree path accepts with the same result.
+//
+// DecodeMetadataTree is the general path: ReadPickle's tree, then its interpretation. It reads
+// every variant (include/dcpp/metadata.h) and its errors are the ones users see. ParseMetadata
+// tries the direct decoder first and asks the tree path on any failure, then validates.
+//
+// Neither runs ValidateMetadata. Thread-safety: reentrant functions over caller-owned bytes.
+#pragma once
+
+#include <string>
+#include <string_view>
+
+#include "dcpp/metadata.h"
+
+namespace dcpp::internal {
+
+Result<Metadata> DecodeMetadataDirect(std::string_view pickle_bytes);
+Result<Metadata> DecodeMetadataTree(std::string_view pickle_bytes);
+
+// "" when `a` and `b` are identical in every field (entry order, index hints, strides, planner
+// data, storage meta and version included); otherwise the first difference, in words.
+std::string MetadataDifference(const Metadata& a, const Metadata& b);
+
+}  // namespace dcpp::internal
