@@ -53,9 +53,10 @@ namespace {
 constexpr const char* kVersion = "1.0.0";
 constexpr const char* kSuffix = ".distcp";
 // Loads: blobs up to this size are read whole, neighbours together in windows of up to
-// kWindowBytes (holes up to kWindowGapBytes, e.g. a skipped item, are read through).
+// kWindowBytes (holes up to kWindowGapBytes, e.g. a skipped item, are read through). 2 MiB
+// windows read as fast as 8 MiB ones and keep 6 MiB less per reader thread (load peak RSS).
 constexpr size_t kWholeBlobBytes = 512 << 10;
-constexpr uint64_t kWindowBytes = 8 << 20;
+constexpr uint64_t kWindowBytes = 2 << 20;
 constexpr uint64_t kWindowGapBytes = 64 << 10;
 // Saves: small records are gathered into writes of this size (per writer thread).
 constexpr size_t kWriteBatchBytes = 4 << 20;
