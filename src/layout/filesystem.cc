@@ -27,6 +27,8 @@
 //   6. EndSave (every rank): the lock is released, whatever the outcome.
 // A load reads `.metadata` (or `__{rank}.metadata` in rank-local mode), then reads for each
 // item only its byte range, decoding the torch.save archive in place.
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <cstring>
 #include <mutex>
@@ -58,6 +60,33 @@ constexpr const char* kSuffix = ".distcp";
 constexpr size_t kWholeBlobBytes = 512 << 10;
 constexpr uint64_t kWindowBytes = 2 << 20;
 constexpr uint64_t kWindowGapBytes = 64 << 10;
+
+// An anonymous mapping of n bytes (contents undefined until written), unmapped when dropped.
+class MappedBuffer {
+ public:
+  MappedBuffer() = default;
+  MappedBuffer(const MappedBuffer&) = delete;
+  MappedBuffer& operator=(const MappedBuffer&) = delete;
+  ~MappedBuffer() { Release(); }
+  bool Allocate(size_t n) {
+    Release();
+    void* p = ::mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return false;
+    data_ = static_cast<char*>(p);
+    size_ = n;
+    return true;
+  }
+  char* data() const { return data_; }
+
+ private:
+  void Release() {
+    if (data_ != nullptr) ::munmap(data_, size_);
+    data_ = nullptr;
+    size_ = 0;
+  }
+  char* data_ = nullptr;
+  size_t size_ = 0;
+};
 // Saves: small records are gathered into writes of this size (per writer thread).
 constexpr size_t kWriteBatchBytes = 4 << 20;
 
@@ -678,7 +707,9 @@ Status FileSystemReader::ReadData(const LoadPlan& plan, LoadPlanner& planner) {
     // Runs of small neighbouring blobs are read with one pread into a window and parsed from
     // memory, so a state dict of many small tensors is not bound by several small reads per
     // item; large blobs read only the byte ranges they need.
-    std::unique_ptr<char[]> window;  // not zero-filled: every byte is read over
+    // Mapped, not from malloc: each reader thread's window goes back to the system when its
+    // file is done, instead of staying in that thread's malloc arena (load peak RSS).
+    MappedBuffer window;  // not zero-filled: every byte is read over
     size_t window_capacity = 0, window_size = 0;
     uint64_t window_start = 0;
     auto small = [](const StorageInfo& i) {
@@ -750,17 +781,20 @@ Status FileSystemReader::ReadData(const LoadPlan& plan, LoadPlanner& planner) {
           }
           window_size = static_cast<size_t>(stop - begin);
           if (window_capacity < window_size) {
-            window = std::make_unique_for_overwrite<char[]>(window_size);
-            window_capacity = window_size;
+            window_capacity = std::max<size_t>(window_size, kWindowBytes);
+            if (!window.Allocate(window_capacity)) {
+              return fail(UnavailableError("out of memory for a read window of " +
+                                           std::to_string(window_capacity) + " bytes"));
+            }
           }
-          if (Status s = file->ReadAt(begin, window.get(), window_size); !s.ok()) {
+          if (Status s = file->ReadAt(begin, window.data(), window_size); !s.ok()) {
             return fail(s);
           }
           window_start = begin;
           // The next window is fetched while this one is parsed.
           file->Prefetch(stop, kWindowBytes);
         }
-        const std::string_view bytes(window.get() + (begin - window_start),
+        const std::string_view bytes(window.data() + (begin - window_start),
                                      static_cast<size_t>(info.length));
         if (sums) {
           Status s = internal::VerifyBlobBytes(bytes, manifest->HashesOf(*sums), sums->hash_count,
