@@ -54,19 +54,9 @@ namespace {
 using Items = PickleValue::Items;
 using Kind = PickleValue::Kind;
 
-constexpr std::string_view kMetaModules[] = {
-    "torch.distributed.checkpoint.metadata",
-    "torch.distributed._shard.checkpoint.metadata",
-};
-constexpr std::string_view kStorageInfoModules[] = {
-    "torch.distributed.checkpoint.filesystem",
-    "torch.distributed._shard.checkpoint.filesystem",
-};
-constexpr std::string_view kPropertiesModules[] = {
-    "torch.distributed.checkpoint.metadata",
-    "torch.distributed._shard.sharded_tensor.metadata",
-    "torch.distributed._shard.checkpoint.metadata",
-};
+using internal::kMetaModules;
+using internal::kPropertiesModules;
+using internal::kStorageInfoModules;
 
 template <size_t N>
 bool InModules(std::string_view module, const std::string_view (&modules)[N]) {

@@ -24,6 +24,22 @@
 
 namespace dcpp::internal {
 
+// The modules each `.metadata` class is found in, for every PyTorch that wrote one (the 1.13
+// prototype's paths included); both decoders match a class by name and one of these modules.
+inline constexpr std::string_view kMetaModules[] = {
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed._shard.checkpoint.metadata",
+};
+inline constexpr std::string_view kStorageInfoModules[] = {
+    "torch.distributed.checkpoint.filesystem",
+    "torch.distributed._shard.checkpoint.filesystem",
+};
+inline constexpr std::string_view kPropertiesModules[] = {
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed._shard.sharded_tensor.metadata",
+    "torch.distributed._shard.checkpoint.metadata",
+};
+
 Result<Metadata> DecodeMetadataDirect(std::string_view pickle_bytes);
 Result<Metadata> DecodeMetadataTree(std::string_view pickle_bytes);
 
