@@ -196,16 +196,8 @@ struct StorageMetaRec {
 
 constexpr uint32_t kDefaultProps = std::numeric_limits<uint32_t>::max();
 
-std::string Hex(uint8_t b) {
-  static constexpr char kDigits[] = "0123456789abcdef";
-  return {kDigits[b >> 4], kDigits[b & 15]};
-}
-
-std::string_view Py3Module(std::string_view module) {
-  if (module == "__builtin__") return "builtins";
-  if (module == "copy_reg") return "copyreg";
-  return module;
-}
+using pickle_op::Hex;
+using pickle_op::Py3Module;
 
 namespace op = pickle_op;
 

@@ -136,17 +136,10 @@ bool IsContainer(Kind k) {
   }
 }
 
-std::string Hex(uint8_t b) {
-  static constexpr char kDigits[] = "0123456789abcdef";
-  return {kDigits[b >> 4], kDigits[b & 15]};
-}
+using internal::pickle_op::Hex;
+using internal::pickle_op::Py3Module;
 
-// Python 2 module names that protocol-2 pickles carry (CPython's fix_imports).
-std::string_view Py3Module(std::string_view module) {
-  if (module == "__builtin__") return "builtins";
-  if (module == "copy_reg") return "copyreg";
-  return module;
-}
+// The inverse of Py3Module, for protocol-2 output.
 std::string_view Py2Module(std::string_view module) {
   if (module == "builtins") return "__builtin__";
   if (module == "copyreg") return "copy_reg";

@@ -1,8 +1,11 @@
-// Pickle opcodes, with pickletools' names: the one table the pickle reader and writer
-// (codec/pickle.cc) and the `.metadata` decoder (codec/metadata_reader.cc) share (internal).
+// Pickle opcodes, with pickletools' names, and two helpers of their readers: what the pickle
+// reader and writer (codec/pickle.cc) and the `.metadata` decoder (codec/metadata_reader.cc)
+// share (internal).
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <string_view>
 
 namespace dcpp::internal::pickle_op {
 
@@ -74,5 +77,18 @@ constexpr uint8_t kFrame = 0x95;
 constexpr uint8_t kByteArray8 = 0x96;
 constexpr uint8_t kNextBuffer = 0x97;
 constexpr uint8_t kReadonlyBuffer = 0x98;
+
+// Two hex digits, for messages ("opcode 0x" + Hex(code)).
+inline std::string Hex(uint8_t b) {
+  static constexpr char kDigits[] = "0123456789abcdef";
+  return {kDigits[b >> 4], kDigits[b & 15]};
+}
+
+// Python 2 module names that protocol-2 pickles carry (CPython's fix_imports).
+inline std::string_view Py3Module(std::string_view module) {
+  if (module == "__builtin__") return "builtins";
+  if (module == "copy_reg") return "copyreg";
+  return module;
+}
 
 }  // namespace dcpp::internal::pickle_op
