@@ -11,6 +11,7 @@
 #include <map>
 #include <set>
 
+#include "codec/decode_budget.h"
 #include "codec/metadata_reader.h"
 #include "codec/pickle.h"
 
@@ -54,6 +55,11 @@ namespace {
 using Items = PickleValue::Items;
 using Kind = PickleValue::Kind;
 
+using internal::CostShape;
+using internal::CostStr;
+using internal::DecodeBudget;
+using internal::kCostEntry;
+using internal::kCostPathPart;
 using internal::kMetaModules;
 using internal::kPropertiesModules;
 using internal::kStorageInfoModules;
@@ -102,7 +108,13 @@ const PickleValue* Field(const PickleValue& obj, std::string_view name) {
   return f;
 }
 
-Result<Shape> ParseSize(const PickleValue& v) {
+// Every string and shape copied into the Metadata is charged to `budget` before it is made (a
+// memo-shared value is copied once per reference); the direct decoder charges the same amounts.
+Status Charge(DecodeBudget& budget, uint64_t units) {
+  return budget.Take(units) ? Status::Ok() : budget.Exceeded();
+}
+
+Result<Shape> ParseSize(const PickleValue& v, DecodeBudget& budget) {
   const PickleValue* tuple = &v;
   // torch.Size((a, b)) arrives as Call(torch.Size, ((a, b),)).
   if (v.IsCallOf("torch", "Size")) {
@@ -111,6 +123,7 @@ Result<Shape> ParseSize(const PickleValue& v) {
     tuple = args->items()[0].get();
   }
   if (!tuple || !(tuple->is(Kind::kTuple) || tuple->is(Kind::kList))) return Bad("a size", v);
+  DCPP_RETURN_IF_ERROR(Charge(budget, CostShape(tuple->items().size())));
   Shape out;
   out.reserve(tuple->items().size());
   for (const auto& x : tuple->items()) {
@@ -164,7 +177,7 @@ Status CheckLayout(const PickleValue& v) {
   return Bad("a tensor layout", v);
 }
 
-Result<TensorProperties> ParseProperties(const PickleValue& v) {
+Result<TensorProperties> ParseProperties(const PickleValue& v, DecodeBudget& budget) {
   if (!IsClass(v, "TensorProperties", kPropertiesModules)) return Bad("TensorProperties", v);
   TensorProperties p;
   const PickleRef& s = v.object().state;
@@ -180,7 +193,7 @@ Result<TensorProperties> ParseProperties(const PickleValue& v) {
     DCPP_ASSIGN_OR_RETURN(p.memory_format, ParseMemFormat(*t[3]));
     DCPP_ASSIGN_OR_RETURN(p.pin_memory, t[4]->GetBool());
     if (t.size() == 6 && !t[5]->is(Kind::kNone)) {
-      DCPP_ASSIGN_OR_RETURN(p.strides, ParseSize(*t[5]));
+      DCPP_ASSIGN_OR_RETURN(p.strides, ParseSize(*t[5], budget));
     }
     return p;
   }
@@ -197,38 +210,40 @@ Result<TensorProperties> ParseProperties(const PickleValue& v) {
   return p;
 }
 
-Result<TensorStorageMetadata> ParseTensorMetadata(const PickleValue& v) {
+Result<TensorStorageMetadata> ParseTensorMetadata(const PickleValue& v, DecodeBudget& budget) {
   TensorStorageMetadata out;
   const PickleValue* props = Field(v, "properties");
   const PickleValue* size = Field(v, "size");
   const PickleValue* chunks = Field(v, "chunks");
   if (!props || !size || !chunks) return Bad("TensorStorageMetadata fields", v);
-  DCPP_ASSIGN_OR_RETURN(out.properties, ParseProperties(*props));
-  DCPP_ASSIGN_OR_RETURN(out.size, ParseSize(*size));
+  DCPP_ASSIGN_OR_RETURN(out.properties, ParseProperties(*props, budget));
+  DCPP_ASSIGN_OR_RETURN(out.size, ParseSize(*size, budget));
   DCPP_ASSIGN_OR_RETURN(const Items* list, chunks->GetList());
-  out.chunks.reserve(list->size());
+  // Reserved only as far as the budget reaches: the list may be one shared by many keys.
+  out.chunks.reserve(std::min<uint64_t>(list->size(), budget.left() / internal::CostChunk(0, 0)));
   for (const auto& c : *list) {
     if (!IsClass(*c, "ChunkStorageMetadata", kMetaModules)) return Bad("ChunkStorageMetadata", *c);
     const PickleValue* off = Field(*c, "offsets");
     const PickleValue* sz = Field(*c, "sizes");
     if (!off || !sz) return Bad("ChunkStorageMetadata fields", *c);
     ChunkBox box;
-    DCPP_ASSIGN_OR_RETURN(box.offsets, ParseSize(*off));
-    DCPP_ASSIGN_OR_RETURN(box.sizes, ParseSize(*sz));
+    DCPP_ASSIGN_OR_RETURN(box.offsets, ParseSize(*off, budget));
+    DCPP_ASSIGN_OR_RETURN(box.sizes, ParseSize(*sz, budget));
     out.chunks.push_back(std::move(box));
   }
   return out;
 }
 
-Result<MetadataIndex> ParseIndex(const PickleValue& v) {
+Result<MetadataIndex> ParseIndex(const PickleValue& v, DecodeBudget& budget) {
   if (!IsClass(v, "MetadataIndex", kMetaModules)) return Bad("MetadataIndex", v);
   MetadataIndex idx;
   const PickleValue* fqn = Field(v, "fqn");
   if (!fqn) return Bad("MetadataIndex.fqn", v);
   DCPP_ASSIGN_OR_RETURN(std::string_view f, fqn->GetStr());
+  DCPP_RETURN_IF_ERROR(Charge(budget, kCostEntry + CostStr(f.size())));
   idx.fqn = std::string(f);
   if (const PickleValue* off = Field(v, "offset")) {
-    DCPP_ASSIGN_OR_RETURN(idx.offset, ParseSize(*off));
+    DCPP_ASSIGN_OR_RETURN(idx.offset, ParseSize(*off, budget));
   }
   if (const PickleValue* i = Field(v, "index")) {
     DCPP_ASSIGN_OR_RETURN(idx.index, i->GetInt());
@@ -236,7 +251,7 @@ Result<MetadataIndex> ParseIndex(const PickleValue& v) {
   return idx;
 }
 
-Result<StorageInfo> ParseStorageInfo(const PickleValue& v) {
+Result<StorageInfo> ParseStorageInfo(const PickleValue& v, DecodeBudget& budget) {
   if (!IsClass(v, "_StorageInfo", kStorageInfoModules)) return Bad("_StorageInfo", v);
   StorageInfo info;
   const PickleValue* path = Field(v, "relative_path");
@@ -244,6 +259,7 @@ Result<StorageInfo> ParseStorageInfo(const PickleValue& v) {
   const PickleValue* len = Field(v, "length");
   if (!path || !off || !len) return Bad("_StorageInfo fields", v);
   DCPP_ASSIGN_OR_RETURN(std::string_view p, path->GetStr());
+  DCPP_RETURN_IF_ERROR(Charge(budget, CostStr(p.size())));
   info.relative_path = std::string(p);
   DCPP_ASSIGN_OR_RETURN(info.offset, off->GetInt());
   DCPP_ASSIGN_OR_RETURN(info.length, len->GetInt());
@@ -257,6 +273,7 @@ Result<StorageInfo> ParseStorageInfo(const PickleValue& v) {
     if (!list) return Bad("a list of transform descriptors", *t);
     for (const auto& d : *list) {
       DCPP_ASSIGN_OR_RETURN(std::string_view s, d->GetStr());
+      DCPP_RETURN_IF_ERROR(Charge(budget, CostStr(s.size())));
       info.transform_descriptors.emplace_back(s);
     }
   }
@@ -264,16 +281,22 @@ Result<StorageInfo> ParseStorageInfo(const PickleValue& v) {
 }
 
 // checkpoint_id may be a str or a pathlib path object.
-Result<std::optional<std::string>> ParseCheckpointId(const PickleValue& v) {
+Result<std::optional<std::string>> ParseCheckpointId(const PickleValue& v, DecodeBudget& budget) {
   if (v.is(Kind::kNone)) return std::optional<std::string>();
-  if (v.is(Kind::kStr)) return std::optional<std::string>(v.as_str());
+  if (v.is(Kind::kStr)) {
+    DCPP_RETURN_IF_ERROR(Charge(budget, CostStr(v.as_str().size())));
+    return std::optional<std::string>(v.as_str());
+  }
   if (const auto* g = ClassOf(v)) {
     if ((g->module == "pathlib" || g->module == "pathlib._local") &&
         (g->name == "PosixPath" || g->name == "PurePosixPath" || g->name == "Path") &&
         v.object().args) {
+      // The parts of a path are charged one by one (a part may be one string many times).
+      DCPP_RETURN_IF_ERROR(Charge(budget, CostStr(0)));
       std::string out;
       for (const auto& part : v.object().args->items()) {
         DCPP_ASSIGN_OR_RETURN(std::string_view s, part->GetStr());
+        DCPP_RETURN_IF_ERROR(Charge(budget, s.size() + 1));
         if (!out.empty() && out.back() != '/') out += '/';
         out += s;
       }
@@ -283,15 +306,16 @@ Result<std::optional<std::string>> ParseCheckpointId(const PickleValue& v) {
   return Bad("a checkpoint id (str or path)", v);
 }
 
-Result<StorageMeta> ParseStorageMeta(const PickleValue& v) {
+Result<StorageMeta> ParseStorageMeta(const PickleValue& v, DecodeBudget& budget) {
   if (!IsClass(v, "StorageMeta", kMetaModules)) return Bad("StorageMeta", v);
   StorageMeta m;
   if (const PickleValue* id = Field(v, "checkpoint_id")) {
-    DCPP_ASSIGN_OR_RETURN(m.checkpoint_id, ParseCheckpointId(*id));
+    DCPP_ASSIGN_OR_RETURN(m.checkpoint_id, ParseCheckpointId(*id, budget));
   }
   for (auto [name, dst] : {std::pair{"save_id", &m.save_id}, std::pair{"load_id", &m.load_id}}) {
     if (const PickleValue* f = Field(v, name)) {
       DCPP_ASSIGN_OR_RETURN(std::string_view s, f->GetStr());
+      DCPP_RETURN_IF_ERROR(Charge(budget, CostStr(s.size())));
       *dst = std::string(s);
     }
   }
@@ -299,6 +323,7 @@ Result<StorageMeta> ParseStorageMeta(const PickleValue& v) {
     DCPP_ASSIGN_OR_RETURN(const Items* list, mods->GetList());
     for (const auto& x : *list) {
       DCPP_ASSIGN_OR_RETURN(std::string_view s, x->GetStr());
+      DCPP_RETURN_IF_ERROR(Charge(budget, CostStr(s.size())));
       m.modules.emplace_back(s);
     }
   }
@@ -306,21 +331,26 @@ Result<StorageMeta> ParseStorageMeta(const PickleValue& v) {
 }
 
 // planner_data of DefaultSavePlanner: {fqn: (str | int, ...)}. Anything else is dropped.
-std::optional<std::map<std::string, ObjectPath>> ParsePlannerData(const PickleValue& v) {
-  if (!v.is(Kind::kDict)) return std::nullopt;
+using PlannerData = std::optional<std::map<std::string, ObjectPath>>;
+
+Result<PlannerData> ParsePlannerData(const PickleValue& v, DecodeBudget& budget) {
+  if (!v.is(Kind::kDict)) return PlannerData();
   std::map<std::string, ObjectPath> out;
   for (const auto& [k, path] : v.dict_items()) {
     if (!k->is(Kind::kStr) || !(path->is(Kind::kTuple) || path->is(Kind::kList))) {
-      return std::nullopt;
+      return PlannerData();
     }
+    DCPP_RETURN_IF_ERROR(Charge(budget, kCostEntry + CostStr(k->as_str().size())));
     ObjectPath p;
     for (const auto& part : path->items()) {
       if (part->is(Kind::kStr)) {
+        DCPP_RETURN_IF_ERROR(Charge(budget, kCostPathPart + part->as_str().size()));
         p.emplace_back(part->as_str());
       } else if (part->is(Kind::kInt)) {
+        DCPP_RETURN_IF_ERROR(Charge(budget, kCostPathPart));
         p.emplace_back(part->as_int());
       } else {
-        return std::nullopt;
+        return PlannerData();
       }
     }
     out.emplace(k->as_str(), std::move(p));
@@ -328,7 +358,7 @@ std::optional<std::map<std::string, ObjectPath>> ParsePlannerData(const PickleVa
   return out;
 }
 
-Result<Metadata> ParseRoot(const PickleValue& root) {
+Result<Metadata> ParseRoot(const PickleValue& root, DecodeBudget& budget) {
   if (!IsClass(root, "Metadata", kMetaModules)) return Bad("a Metadata object", root);
   Metadata md;
   const PickleValue* sdm = Field(root, "state_dict_metadata");
@@ -339,31 +369,45 @@ Result<Metadata> ParseRoot(const PickleValue& root) {
     if (md.state_dict_metadata.Find(fqn)) {
       return DataLossError("metadata: duplicate key \"" + std::string(fqn) + "\"");
     }
+    if (!budget.Take(kCostEntry + CostStr(fqn.size()))) {
+      return budget.Exceeded().WithContext("metadata: key \"" + std::string(fqn) + "\"");
+    }
     if (IsClass(*v, "BytesStorageMetadata", kMetaModules)) {
       md.state_dict_metadata[std::string(fqn)] = BytesStorageMetadata{};
     } else if (IsClass(*v, "TensorStorageMetadata", kMetaModules)) {
-      auto t = ParseTensorMetadata(*v);
-      if (!t.ok()) return t.status().WithContext("key \"" + std::string(fqn) + "\"");
+      auto t = ParseTensorMetadata(*v, budget);
+      if (!t.ok()) return t.status().WithContext("metadata: key \"" + std::string(fqn) + "\"");
       md.state_dict_metadata[std::string(fqn)] = std::move(*t);
     } else {
       return Bad("storage metadata for \"" + std::string(fqn) + "\"", *v);
     }
   }
-  if (const PickleValue* pd = Field(root, "planner_data")) md.planner_data = ParsePlannerData(*pd);
+  if (const PickleValue* pd = Field(root, "planner_data")) {
+    auto planner = ParsePlannerData(*pd, budget);
+    if (!planner.ok()) return planner.status().WithContext("metadata: planner_data");
+    md.planner_data = std::move(*planner);
+  }
   if (const PickleValue* sd = Field(root, "storage_data")) {
     DCPP_ASSIGN_OR_RETURN(const PickleValue::DictItems* items, sd->GetDict());
     for (const auto& [k, v] : *items) {
-      DCPP_ASSIGN_OR_RETURN(MetadataIndex idx, ParseIndex(*k));
-      auto info = ParseStorageInfo(*v);
-      if (!info.ok()) return info.status().WithContext("storage of \"" + idx.ToString() + "\"");
+      auto index = ParseIndex(*k, budget);
+      if (!index.ok()) return index.status().WithContext("metadata: storage_data");
+      MetadataIndex& idx = *index;
+      auto info = ParseStorageInfo(*v, budget);
+      if (!info.ok()) {
+        return info.status().WithContext("metadata: storage of \"" + idx.ToString() + "\"");
+      }
       md.storage_data[idx] = std::move(*info);  // later entries win, as in Python
     }
   }
   if (const PickleValue* sm = Field(root, "storage_meta")) {
-    DCPP_ASSIGN_OR_RETURN(md.storage_meta, ParseStorageMeta(*sm));
+    auto meta = ParseStorageMeta(*sm, budget);
+    if (!meta.ok()) return meta.status().WithContext("metadata: storage_meta");
+    md.storage_meta = std::move(*meta);
   }
   if (const PickleValue* ver = Field(root, "version")) {
     DCPP_ASSIGN_OR_RETURN(std::string_view s, ver->GetStr());
+    if (!budget.Take(CostStr(s.size()))) return budget.Exceeded().WithContext("metadata: version");
     md.version = std::string(s);
   }
   return md;
@@ -796,11 +840,16 @@ Status ValidateMetadata(const Metadata& md, std::string_view what) {
 }
 
 Result<Metadata> internal::DecodeMetadataTree(std::string_view pickle_bytes) {
+  return DecodeMetadataTree(pickle_bytes, DecodeBudget::For(pickle_bytes.size()));
+}
+
+Result<Metadata> internal::DecodeMetadataTree(std::string_view pickle_bytes, uint64_t budget) {
   PickleReadOptions opts;
   static const PickleAllowList kAllow = PickleAllowList::DcpMetadata();
   opts.allow = &kAllow;
   DCPP_ASSIGN_OR_RETURN(PickleRef root, ReadPickle(pickle_bytes, opts));
-  return ParseRoot(*root);
+  DecodeBudget b(pickle_bytes.size(), budget);
+  return ParseRoot(*root, b);
 }
 
 Result<Metadata> ParseMetadata(std::string_view pickle_bytes) {

@@ -12,7 +12,9 @@
 //      ranges) and its field dict is recycled; nothing is copied yet, so a hostile memo cannot
 //      multiply copies.
 //   5. STOP assembles the dcpp::Metadata from the Metadata object's fields, copying each string
-//      and shape once, with the tree interpretation's rules (last duplicate field wins, None is
+//      and shape once per reference, each charged first to the DecodeBudget (a memo-shared chunk
+//      list costs its chunks at every key that holds it; the sum is kept in the list), with the
+//      tree interpretation's rules (last duplicate field wins, None is
 //      absent, a storage key keeps its first index hint, planner data that is not
 //      {str: (str | int, ...)} is dropped).
 #include "codec/metadata_reader.h"
@@ -25,6 +27,7 @@
 #include <unordered_set>
 #include <vector>
 
+#include "codec/decode_budget.h"
 #include "codec/pickle.h"
 #include "codec/pickle_opcodes.h"
 
@@ -142,6 +145,8 @@ struct ListNode {
   bool adopted = false;  // inside another value: no longer modifiable
   int8_t all_str = -1;   // IsStrSeq / IsChunkList, once known (-1: not yet)
   int8_t all_chunks = -1;
+  uint64_t chunks_cost = 0;  // of its chunks when copied, once known (assembly)
+  bool chunks_cost_known = false;
 };
 struct DictNode {
   std::vector<Val> items;  // key, value, key, value, ...
@@ -203,7 +208,8 @@ namespace op = pickle_op;
 
 class Decoder {
  public:
-  explicit Decoder(std::string_view data) : data_(data), max_values_(data.size() + 16) {}
+  Decoder(std::string_view data, uint64_t budget)
+      : data_(data), max_values_(data.size() + 16), budget_(data.size(), budget) {}
 
   Result<Metadata> Run() {
     // Ranges are 32-bit: each pool entry costs at least one input byte, so 4 GiB bounds them.
@@ -241,6 +247,26 @@ class Decoder {
     error_ = UnimplementedError("metadata offset " + std::to_string(op_pos_) + ": " +
                                 std::string(what) + " is outside the direct decoder");
     return false;
+  }
+
+  // Takes `units` of the budget; past it, the error names what `context()` returns.
+  template <typename F>
+  bool Charge(uint64_t units, F&& context) {
+    if (budget_.Take(units)) return true;
+    error_ = budget_.Exceeded().WithContext(context());
+    return false;
+  }
+  // What copying the chunks of list node `l` costs, summed once.
+  uint64_t ChunksCost(uint32_t l) {
+    ListNode& list = lists_[l];
+    if (!list.chunks_cost_known) {
+      for (const Val& c : list.items) {
+        const ChunkRec& cr = chunks_[objs_[c.x].rec];
+        list.chunks_cost += CostChunk(cr.offsets.n, cr.sizes.n);
+      }
+      list.chunks_cost_known = true;
+    }
+    return list.chunks_cost;
   }
 
   // ---- input
@@ -818,13 +844,17 @@ class Decoder {
   Shape MakeShape(Range r) const {
     return Shape(ints_.begin() + r.begin, ints_.begin() + r.begin + r.n);
   }
-  std::string PathString(const Val& p) const {
-    std::string out;
+  // As the tree interpretation charges a path: the string, then each part and its separator.
+  bool PathString(const Val& p, std::string* out) {
+    const auto context = [] { return std::string("metadata: storage_meta"); };
+    if (!Charge(CostStr(0), context)) return false;
     for (uint32_t i = 0; i < p.n; ++i) {
-      if (!out.empty() && out.back() != '/') out += '/';
-      out += View(items_[p.x + i]);
+      const std::string_view part = View(items_[p.x + i]);
+      if (!Charge(part.size() + 1, context)) return false;
+      if (!out->empty() && out->back() != '/') *out += '/';
+      *out += part;
     }
-    return out;
+    return true;
   }
   bool Assemble(const Val& root, Metadata* md);
   std::optional<std::map<std::string, ObjectPath>> Planner(const Val& v, bool* ok);
@@ -839,6 +869,7 @@ class Decoder {
   Metadata result_;
   size_t values_ = 0;
   const size_t max_values_;
+  DecodeBudget budget_;
 
   std::vector<Val> stack_;
   std::vector<size_t> marks_;
@@ -1281,11 +1312,25 @@ std::optional<std::map<std::string, ObjectPath>> Decoder::Planner(const Val& v, 
     const Val& k = d.items[i];
     const Val& path = d.items[i + 1];
     if (k.tag != T::kStr) return std::nullopt;
+    if (path.tag != T::kIntTuple && path.tag != T::kTuple && path.tag != T::kList) {
+      return std::nullopt;
+    }
+    // Charged as the tree interpretation charges: the entry and its key, then part by part.
+    const auto context = [] { return std::string("metadata: planner_data"); };
+    if (!Charge(kCostEntry + CostStr(k.n), context)) {
+      *ok = false;
+      return std::nullopt;
+    }
     ObjectPath p;
+    bool charged = true;
     auto part = [&](const Val& x) {
       if (x.tag == T::kStr) {
+        charged = Charge(kCostPathPart + x.n, context);
+        if (!charged) return false;
         p.emplace_back(std::string(View(x)));
       } else if (x.tag == T::kInt) {
+        charged = Charge(kCostPathPart, context);
+        if (!charged) return false;
         p.emplace_back(static_cast<int64_t>(x.x));
       } else {
         return false;
@@ -1293,19 +1338,26 @@ std::optional<std::map<std::string, ObjectPath>> Decoder::Planner(const Val& v, 
       return true;
     };
     if (path.tag == T::kIntTuple) {
+      if (!Charge(kCostPathPart * path.n, context)) {
+        *ok = false;
+        return std::nullopt;
+      }
       p.reserve(path.n);
       for (uint32_t j = 0; j < path.n; ++j) p.emplace_back(ints_[path.x + j]);
     } else if (path.tag == T::kTuple) {
-      p.reserve(path.n);
       for (uint32_t j = 0; j < path.n; ++j) {
-        if (!part(items_[path.x + j])) return std::nullopt;
-      }
-    } else if (path.tag == T::kList) {
-      for (const Val& x : lists_[path.x].items) {
-        if (!part(x)) return std::nullopt;
+        if (!part(items_[path.x + j])) {
+          *ok = charged;
+          return std::nullopt;
+        }
       }
     } else {
-      return std::nullopt;
+      for (const Val& x : lists_[path.x].items) {
+        if (!part(x)) {
+          *ok = charged;
+          return std::nullopt;
+        }
+      }
     }
     // The first of duplicate keys stays (std::map::emplace), as in the tree interpretation.
     std::string key(View(k));
@@ -1337,9 +1389,11 @@ bool Decoder::Assemble(const Val& root, Metadata* md) {
     const Val& k = sdm.items[i];
     const Val& v = sdm.items[i + 1];
     if (k.tag != T::kStr) return Unhandled("a state dict key that is not a str");
-    const size_t before = md->state_dict_metadata.size();
-    StorageMetadata& entry = md->state_dict_metadata[std::string(View(k))];
-    if (md->state_dict_metadata.size() == before) return Unhandled("a duplicate key");
+    const std::string_view fqn = View(k);
+    const auto context = [fqn] { return "metadata: key \"" + std::string(fqn) + "\""; };
+    if (md->state_dict_metadata.Find(fqn)) return Unhandled("a duplicate key");
+    if (!Charge(kCostEntry + CostStr(fqn.size()), context)) return false;
+    StorageMetadata& entry = md->state_dict_metadata[std::string(fqn)];
     if (v.tag != T::kObj) return Unhandled("storage metadata of another kind");
     const ObjNode& o = objs_[v.x];
     if (o.cls == Cls::kBytes) continue;  // the entry is BytesStorageMetadata already
@@ -1352,8 +1406,12 @@ bool Decoder::Assemble(const Val& root, Metadata* md) {
       t.properties.requires_grad = p.requires_grad;
       t.properties.memory_format = p.memory_format;
       t.properties.pin_memory = p.pin_memory;
-      if (p.has_strides) t.properties.strides = MakeShape(p.strides);
+      if (p.has_strides) {
+        if (!Charge(CostShape(p.strides.n), context)) return false;
+        t.properties.strides = MakeShape(p.strides);
+      }
     }
+    if (!Charge(CostShape(tr.size.n) + ChunksCost(tr.chunks), context)) return false;
     t.size = MakeShape(tr.size);
     const std::vector<Val>& chunks = lists_[tr.chunks].items;
     t.chunks.reserve(chunks.size());
@@ -1384,6 +1442,21 @@ bool Decoder::Assemble(const Val& root, Metadata* md) {
       }
       const IndexRec& ir = indexes_[objs_[k.x].rec];
       const InfoRec& fr = infos_[objs_[v.x].rec];
+      uint64_t cost = kCostEntry + CostStr(ir.fqn.size()) + CostStr(fr.path.size());
+      if (ir.has_offset) cost += CostShape(ir.offset.n);
+      const Val& td = fr.descriptors;
+      if (td.tag == T::kTuple) {
+        for (uint32_t j = 0; j < td.n; ++j) cost += CostStr(items_[td.x + j].n);
+      } else if (td.tag == T::kList) {
+        // A shared list is summed at each reference, but only as far as the budget reaches.
+        for (const Val& x : lists_[td.x].items) {
+          cost += CostStr(x.n);
+          if (cost > budget_.left()) break;
+        }
+      }
+      if (!Charge(cost, [&] { return "metadata: storage of \"" + std::string(ir.fqn) + "\""; })) {
+        return false;
+      }
       MetadataIndex idx;
       idx.fqn = std::string(ir.fqn);
       if (ir.has_offset) idx.offset = MakeShape(ir.offset);
@@ -1392,7 +1465,6 @@ bool Decoder::Assemble(const Val& root, Metadata* md) {
       info.relative_path = std::string(fr.path);
       info.offset = fr.offset;
       info.length = fr.length;
-      const Val& td = fr.descriptors;
       if (td.tag == T::kTuple) {
         for (uint32_t j = 0; j < td.n; ++j) {
           info.transform_descriptors.emplace_back(View(items_[td.x + j]));
@@ -1415,12 +1487,24 @@ bool Decoder::Assemble(const Val& root, Metadata* md) {
     if (!IsBuilt(f[3], Cls::kStorageMeta)) return Unhandled("storage_meta of another kind");
     const StorageMetaRec& r = smetas_[objs_[f[3].x].rec];
     StorageMeta m;
-    if (r.checkpoint_id.tag == T::kStr) m.checkpoint_id = std::string(View(r.checkpoint_id));
-    if (r.checkpoint_id.tag == T::kPath) m.checkpoint_id = PathString(r.checkpoint_id);
-    if (r.save_id.tag == T::kStr) m.save_id = std::string(View(r.save_id));
-    if (r.load_id.tag == T::kStr) m.load_id = std::string(View(r.load_id));
+    const auto context = [] { return std::string("metadata: storage_meta"); };
+    for (auto [val, dst] : {std::pair{&r.checkpoint_id, &m.checkpoint_id},
+                            std::pair{&r.save_id, &m.save_id}, std::pair{&r.load_id, &m.load_id}}) {
+      if (val->tag == T::kStr) {
+        if (!Charge(CostStr(val->n), context)) return false;
+        *dst = std::string(View(*val));
+      }
+    }
+    if (r.checkpoint_id.tag == T::kPath) {
+      std::string path;
+      if (!PathString(r.checkpoint_id, &path)) return false;
+      m.checkpoint_id = std::move(path);
+    }
     if (r.modules.tag == T::kList) {
-      for (const Val& x : lists_[r.modules.x].items) m.modules.emplace_back(View(x));
+      for (const Val& x : lists_[r.modules.x].items) {
+        if (!Charge(CostStr(x.n), context)) return false;
+        m.modules.emplace_back(View(x));
+      }
     }
     md->storage_meta = std::move(m);
   }
@@ -1428,6 +1512,7 @@ bool Decoder::Assemble(const Val& root, Metadata* md) {
   // version
   if (f[4].tag != T::kNone) {
     if (f[4].tag != T::kStr) return Unhandled("a version that is not a str");
+    if (!Charge(CostStr(f[4].n), [] { return std::string("metadata: version"); })) return false;
     md->version = std::string(View(f[4]));
   }
   return true;
@@ -1440,7 +1525,46 @@ std::string OptText(const std::optional<std::string>& s) { return s ? "\"" + *s 
 }  // namespace
 
 Result<Metadata> DecodeMetadataDirect(std::string_view pickle_bytes) {
-  return Decoder(pickle_bytes).Run();
+  return Decoder(pickle_bytes, DecodeBudget::For(pickle_bytes.size())).Run();
+}
+
+Result<Metadata> DecodeMetadataDirect(std::string_view pickle_bytes, uint64_t budget) {
+  return Decoder(pickle_bytes, budget).Run();
+}
+
+uint64_t DecodedCost(const Metadata& md) {
+  uint64_t cost = 0;
+  for (const auto& [fqn, m] : md.state_dict_metadata) {
+    cost += kCostEntry + CostStr(fqn.size());
+    const auto* t = std::get_if<TensorStorageMetadata>(&m);
+    if (!t) continue;
+    if (t->properties.strides) cost += CostShape(t->properties.strides->size());
+    cost += CostShape(t->size.size());
+    for (const ChunkBox& c : t->chunks) cost += CostChunk(c.offsets.size(), c.sizes.size());
+  }
+  if (md.planner_data) {
+    for (const auto& [fqn, path] : *md.planner_data) {
+      cost += kCostEntry + CostStr(fqn.size());
+      for (const auto& part : path) {
+        const auto* s = std::get_if<std::string>(&part);
+        cost += kCostPathPart + (s ? s->size() : 0);
+      }
+    }
+  }
+  for (const auto& [idx, info] : md.storage_data) {
+    cost += kCostEntry + CostStr(idx.fqn.size()) + CostStr(info.relative_path.size());
+    if (idx.offset) cost += CostShape(idx.offset->size());
+    for (const auto& d : info.transform_descriptors) cost += CostStr(d.size());
+  }
+  if (md.storage_meta) {
+    for (const auto* s :
+         {&md.storage_meta->checkpoint_id, &md.storage_meta->save_id, &md.storage_meta->load_id}) {
+      if (*s) cost += CostStr((*s)->size());
+    }
+    for (const auto& m : md.storage_meta->modules) cost += CostStr(m.size());
+  }
+  if (md.version) cost += CostStr(md.version->size());
+  return cost;
 }
 
 std::string MetadataDifference(const Metadata& a, const Metadata& b) {

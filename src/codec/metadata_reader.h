@@ -17,6 +17,7 @@
 // Neither runs ValidateMetadata. Thread-safety: reentrant functions over caller-owned bytes.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <string_view>
 
@@ -40,8 +41,19 @@ inline constexpr std::string_view kPropertiesModules[] = {
     "torch.distributed._shard.checkpoint.metadata",
 };
 
+// Both charge every string, shape and chunk they copy into the Metadata to a DecodeBudget
+// (codec/decode_budget.h) of DecodeBudget::For(size) units, or of `budget` units, before copying
+// it; a file that decodes to more is DataLoss naming the key. They charge the same amounts, so
+// what one accepts under a budget the other accepts too.
 Result<Metadata> DecodeMetadataDirect(std::string_view pickle_bytes);
+Result<Metadata> DecodeMetadataDirect(std::string_view pickle_bytes, uint64_t budget);
 Result<Metadata> DecodeMetadataTree(std::string_view pickle_bytes);
+Result<Metadata> DecodeMetadataTree(std::string_view pickle_bytes, uint64_t budget);
+
+// The budget units a decoder charges to produce `md` from a file without repeated keys: the
+// least budget under which its file decodes (for measuring how far real files are from the
+// bound).
+uint64_t DecodedCost(const Metadata& md);
 
 // "" when `a` and `b` are identical in every field (entry order, index hints, strides, planner
 // data, storage meta and version included); otherwise the first difference, in words.

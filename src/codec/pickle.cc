@@ -25,6 +25,7 @@
 #include <map>
 #include <unordered_map>
 
+#include "codec/decode_budget.h"
 #include "codec/pickle_opcodes.h"
 #include "dcpp/dtype.h"
 
@@ -36,6 +37,9 @@ using Items = PickleValue::Items;
 using DictItems = PickleValue::DictItems;
 
 namespace op = internal::pickle_op;
+
+// A copied PickleRef (one item of a set or an argument tuple), in budget units.
+constexpr uint64_t kCostItems = 16;
 
 struct OpInfo {
   uint8_t code;
@@ -184,7 +188,7 @@ bool Utf8ToLatin1(std::string_view text, std::string* out) {
 class Reader {
  public:
   Reader(std::string_view data, const PickleReadOptions& options, const PickleAllowList& allow)
-      : data_(data), options_(options), allow_(allow) {
+      : data_(data), options_(options), allow_(allow), copies_(data.size()) {
     // One opcode byte at least per memo entry and per value: the input's size bounds both.
     const size_t scaled = data.size() + 16;
     if (options_.max_memo == 0) options_.max_memo = scaled;
@@ -206,6 +210,13 @@ class Reader {
     Info* info = nullptr;
   };
   using Slots = std::vector<Slot>;
+
+  // The calls resolved at REDUCE copy bytes or items out of values that may be memo-shared, so
+  // what they copy is charged to a budget tied to the input's size first.
+  Status Copy(uint64_t units, std::string_view what) {
+    if (copies_.Take(units)) return Status::Ok();
+    return Fail(std::string(what) + ": " + std::string(copies_.Exceeded().message()));
+  }
 
   Status Fail(std::string_view message) const {
     std::string m = "pickle offset " + std::to_string(op_pos_);
@@ -369,6 +380,7 @@ class Reader {
   std::string_view data_;
   PickleReadOptions options_;  // a copy: the scaled limits are filled in
   const PickleAllowList& allow_;
+  internal::DecodeBudget copies_;
   size_t pos_ = 0;
   size_t op_pos_ = 0;
   uint8_t op_ = 0;
@@ -499,6 +511,7 @@ Status Reader::DoReduce(Slot callable, Slot args) {
         (a[1]->as_str() != "latin1" && a[1]->as_str() != "latin-1")) {
       return Fail("unsupported _codecs.encode call (expected (str, 'latin1'))");
     }
+    DCPP_RETURN_IF_ERROR(Copy(internal::CostStr(a[0]->as_str().size()), "_codecs.encode"));
     std::string bytes;
     if (!Utf8ToLatin1(a[0]->as_str(), &bytes)) {
       return Fail("_codecs.encode: text is not latin-1");
@@ -507,12 +520,15 @@ Status Reader::DoReduce(Slot callable, Slot args) {
   }
   if ((IsGlobal(f, "builtins", "bytes") || IsGlobal(f, "builtins", "bytearray")) &&
       (a.empty() || (a.size() == 1 && a[0]->is(Kind::kBytes)))) {
+    DCPP_RETURN_IF_ERROR(
+        Copy(internal::CostStr(a.empty() ? 0 : a[0]->as_str().size()), "bytes or bytearray"));
     return PushNew(PickleValue::Bytes(a.empty() ? std::string() : a[0]->as_str()));
   }
   if ((IsGlobal(f, "builtins", "set") || IsGlobal(f, "builtins", "frozenset")) &&
       (a.empty() || (a.size() == 1 && a[0]->is(Kind::kList)))) {
     // The set holds the list's items: one level less than args = (list,).
     size_t depth = a.empty() ? 1 : args.info->depth - 1;
+    DCPP_RETURN_IF_ERROR(Copy(kCostItems * (1 + (a.empty() ? 0 : a[0]->items().size())), "set"));
     return PushContainer(PickleValue::Set(a.empty() ? Items() : a[0]->items()), {}, depth);
   }
   if (IsGlobal(f, "copyreg", "__newobj__") && !a.empty()) {
@@ -521,6 +537,7 @@ Status Reader::DoReduce(Slot callable, Slot args) {
     Info& rest_info = infos_.emplace_back(Info{args.info->depth, false});
     Slot cls{a[0], IsContainer(a[0]->kind()) ? &cls_info : nullptr};
     DCPP_RETURN_IF_ERROR(Count());
+    DCPP_RETURN_IF_ERROR(Copy(kCostItems * a.size(), "copyreg.__newobj__"));
     Slot rest{PickleValue::Tuple(Items(a.begin() + 1, a.end())), &rest_info};
     return DoNewObj(std::move(cls), std::move(rest), nullptr);
   }
