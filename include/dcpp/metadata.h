@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -69,6 +70,31 @@ struct MetadataIndex {
   }
 };
 
+// A MetadataIndex's identity by reference, to look one up without copying its fqn and offsets.
+struct MetadataIndexRef {
+  std::string_view fqn;
+  const Shape* offset = nullptr;  // null: absent (bytes)
+};
+
+// MetadataIndex's order, also between a MetadataIndex and a MetadataIndexRef.
+struct MetadataIndexLess {
+  using is_transparent = void;
+  bool operator()(const MetadataIndex& a, const MetadataIndex& b) const { return a < b; }
+  bool operator()(const MetadataIndex& a, const MetadataIndexRef& b) const {
+    return Less(a.fqn, a.offset ? &*a.offset : nullptr, b.fqn, b.offset);
+  }
+  bool operator()(const MetadataIndexRef& a, const MetadataIndex& b) const {
+    return Less(a.fqn, a.offset, b.fqn, b.offset ? &*b.offset : nullptr);
+  }
+
+ private:
+  static bool Less(std::string_view af, const Shape* ao, std::string_view bf, const Shape* bo) {
+    if (af != bf) return af < bf;
+    if (!ao || !bo) return !ao && bo;  // absent first, as std::optional orders
+    return *ao < *bo;
+  }
+};
+
 // Where an item's bytes are: `length` bytes at `offset` of `relative_path` (a file name in the
 // checkpoint directory). Matches PyTorch's filesystem._StorageInfo.
 struct StorageInfo {
@@ -101,8 +127,13 @@ class StateDictMetadata {
   auto end() { return entries_.end(); }
 
  private:
+  // Hashes a std::string and a std::string_view alike, so Find copies no key.
+  struct KeyHash {
+    using is_transparent = void;
+    size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
+  };
   std::vector<std::pair<std::string, StorageMetadata>> entries_;
-  std::unordered_map<std::string, size_t> index_;
+  std::unordered_map<std::string, size_t, KeyHash, std::equal_to<>> index_;
 };
 
 struct Metadata {
@@ -110,7 +141,7 @@ struct Metadata {
   // fqn -> path in the nested dict (DefaultSavePlanner's flattening mappings). Absent when the
   // checkpoint was not flattened (e.g. the 1.13 prototype).
   std::optional<std::map<std::string, ObjectPath>> planner_data;
-  std::map<MetadataIndex, StorageInfo> storage_data;
+  std::map<MetadataIndex, StorageInfo, MetadataIndexLess> storage_data;
   std::optional<StorageMeta> storage_meta;
   std::optional<std::string> version;  // "1.0.0" from current writers
 

@@ -31,12 +31,12 @@ StorageMetadata& StateDictMetadata::operator[](const std::string& fqn) {
 }
 
 const StorageMetadata* StateDictMetadata::Find(std::string_view fqn) const {
-  auto it = index_.find(std::string(fqn));
+  auto it = index_.find(fqn);
   return it == index_.end() ? nullptr : &entries_[it->second].second;
 }
 
 StorageMetadata* StateDictMetadata::Find(std::string_view fqn) {
-  auto it = index_.find(std::string(fqn));
+  auto it = index_.find(fqn);
   return it == index_.end() ? nullptr : &entries_[it->second].second;
 }
 
@@ -674,7 +674,7 @@ class Encoder {
     });
   }
 
-  void StorageData(const std::map<MetadataIndex, StorageInfo>& storage) {
+  void StorageData(const std::map<MetadataIndex, StorageInfo, MetadataIndexLess>& storage) {
     e_.Boundary();
     e_.EmptyDict();
     auto it = storage.begin();
@@ -811,7 +811,7 @@ Status ValidateMetadata(const Metadata& md, std::string_view what) {
         return DataLossError(std::string(what) + ": chunk " + c.ToString() + " of \"" + fqn +
                              "\" does not fit its size " + ShapeToString(t->size));
       }
-      auto info = md.storage_data.find(MetadataIndex{fqn, c.offsets, std::nullopt});
+      auto info = md.storage_data.find(MetadataIndexRef{fqn, &c.offsets});
       if (info != md.storage_data.end() && info->second.transform_descriptors.empty()) {
         const int64_t chunk_bytes = *CheckedNumBytes(t->properties.dtype, c.sizes);
         if (info->second.length < chunk_bytes || info->second.offset < 0) {

@@ -170,5 +170,41 @@ TEST(MetadataTest, RejectsHostileContent) {
               StatusIs(StatusCode::kInvalidArgument, HasSubstr("os.system")));
 }
 
+TEST(MetadataTest, LookupsByReferenceFollowTheIndexOrder) {
+  // MetadataIndexRef compares as the MetadataIndex it refers to, so storage_data finds a chunk's
+  // entry without a copied key; absent offsets (bytes) sort first, as std::optional does.
+  const std::vector<MetadataIndex> keys = {
+      {"a", std::nullopt, {}}, {"a", Shape{}, {}},     {"a", Shape{0}, {}},
+      {"a", Shape{0, 4}, {}},  {"a", Shape{1}, {}},    {"ab", std::nullopt, {}},
+      {"ab", Shape{0}, {}},    {"b", Shape{2, 0}, {}},
+  };
+  const MetadataIndexLess less;
+  const auto ref = [](const MetadataIndex& k) {
+    return MetadataIndexRef{k.fqn, k.offset ? &*k.offset : nullptr};
+  };
+  for (const auto& a : keys) {
+    for (const auto& b : keys) {
+      EXPECT_EQ(less(a, ref(b)), a < b) << a.ToString() << " vs " << b.ToString();
+      EXPECT_EQ(less(ref(a), b), a < b) << a.ToString() << " vs " << b.ToString();
+    }
+  }
+  Metadata md;
+  for (size_t i = 0; i < keys.size(); i += 2) {
+    md.storage_data[keys[i]] = StorageInfo{"f" + std::to_string(i), 0, 1, {}};
+  }
+  for (size_t i = 0; i < keys.size(); ++i) {
+    auto it = md.storage_data.find(ref(keys[i]));
+    if (i % 2 == 0) {
+      ASSERT_NE(it, md.storage_data.end()) << keys[i].ToString();
+      EXPECT_EQ(it->second.relative_path, "f" + std::to_string(i));
+    } else {
+      EXPECT_EQ(it, md.storage_data.end()) << keys[i].ToString();
+    }
+  }
+  md.state_dict_metadata["layer.w"] = BytesStorageMetadata{};
+  EXPECT_NE(md.state_dict_metadata.Find(std::string_view("layer.w")), nullptr);
+  EXPECT_EQ(md.state_dict_metadata.Find(std::string_view("layer")), nullptr);
+}
+
 }  // namespace
 }  // namespace dcpp
