@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <array>
 #include <map>
-#include <set>
 
 #include "codec/decode_budget.h"
 #include "codec/metadata_reader.h"
@@ -753,37 +752,43 @@ Status ValidatePlannerData(const Metadata& md, std::string_view what) {
     // entries bound the elements present; the holes are bounded in all, so a hostile index
     // cannot make the load allocate without limit, while real gaps still load.
     constexpr uint64_t kMaxListHoles = uint64_t{1} << 20;
-    struct List {
+    // Each distinct path prefix is a node, numbered as first seen, holding its children by part;
+    // a node that int parts follow is a list. Work and memory are linear in the parts (keying
+    // lists by their whole prefix would copy the prefix once per part: quadratic in a long path).
+    struct Node {
+      std::map<std::string_view, size_t> names;  // views into md.planner_data
+      std::map<int64_t, size_t> items;
       int64_t largest = -1;
-      std::set<int64_t> present;
     };
-    std::map<std::string, List> lists;  // by the encoded path of the list
+    std::vector<Node> nodes(1);
     for (const auto& [fqn, path] : *md.planner_data) {
-      std::string prefix;
+      size_t at = 0;
       for (const auto& part : path) {
+        size_t next = nodes.size();
         if (const int64_t* i = std::get_if<int64_t>(&part)) {
           if (*i < 0) {
             return DataLossError(std::string(what) + ": planner data of \"" + fqn +
                                  "\" has list index " + std::to_string(*i));
           }
-          List& l = lists[prefix];
-          l.largest = std::max(l.largest, *i);
-          l.present.insert(*i);
-          prefix += 'i' + std::to_string(*i) + '/';
+          Node& list = nodes[at];
+          list.largest = std::max(list.largest, *i);
+          next = list.items.try_emplace(*i, next).first->second;
         } else {
-          const std::string& key = std::get<std::string>(part);
-          prefix += 's' + std::to_string(key.size()) + ':' + key + '/';
+          next = nodes[at].names.try_emplace(std::get<std::string>(part), next).first->second;
         }
+        if (next == nodes.size()) nodes.emplace_back();
+        at = next;
       }
     }
     uint64_t holes = 0;
-    for (const auto& [prefix, l] : lists) {
-      holes += static_cast<uint64_t>(l.largest) + 1 - l.present.size();
+    for (const Node& l : nodes) {
+      if (l.largest < 0) continue;
+      holes += static_cast<uint64_t>(l.largest) + 1 - l.items.size();
       if (holes > kMaxListHoles) {
         return DataLossError(std::string(what) + ": planner data has lists with more than " +
                              std::to_string(kMaxListHoles) + " missing elements (list index " +
-                             std::to_string(l.largest) + " with " +
-                             std::to_string(l.present.size()) + " elements present)");
+                             std::to_string(l.largest) + " with " + std::to_string(l.items.size()) +
+                             " elements present)");
       }
     }
   }

@@ -354,5 +354,19 @@ TEST(MetadataHostileTest, PickleCallsThatCopyAShareAreRefused) {
   EXPECT_LT(PeakRssMiB(), kPeakRssBoundMiB);
 }
 
+TEST(MetadataHostileTest, ALongPlannerPathIsValidatedInLinearMemory) {
+  // A path of 100 000 list indexes (200 kB of pickle): keying each list by its whole prefix
+  // would copy 15 GB of prefixes. It has no holes, so it is valid.
+  Metadata md = OneTensor({4}, {{0}, {4}}, 1000);
+  md.planner_data = std::map<std::string, ObjectPath>{{"w", ObjectPath(100000, int64_t{0})}};
+  DCPP_ASSERT_OK_AND_ASSIGN(std::string bytes, EncodeMetadata(md));
+  EXPECT_LT(bytes.size(), 1u << 20);
+  DCPP_EXPECT_OK(ParseMetadata(bytes).status());
+  // One index of 2^21 at the end of it leaves too many holes, found as before.
+  md.planner_data->at("w").back() = int64_t{1} << 21;
+  EXPECT_THAT(RoundTrip(md), StatusIs(StatusCode::kDataLoss, HasSubstr("missing elements")));
+  EXPECT_LT(PeakRssMiB(), kPeakRssBoundMiB);
+}
+
 }  // namespace
 }  // namespace dcpp
