@@ -3,8 +3,9 @@
 //
 // Any input must parse or fail cleanly. The direct decoder and the tree path must agree: the
 // direct one never accepts what the tree path refuses, and when both accept, the Metadata is
-// identical. What parses must be valid (ValidateMetadata), encode in every flavor, and parse
-// back to the same keys, chunks and storage entries.
+// identical, under the default decode budget and under a tight one. What parses must be valid
+// (ValidateMetadata), encode in every flavor, and parse back to the same keys, chunks and storage
+// entries.
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -28,6 +29,16 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       std::fprintf(stderr, "decoders disagree: %s\n", diff.c_str());
       __builtin_trap();
     }
+  }
+  // Both charge the decode budget alike: under a tight one (twice the input's size, so the
+  // budget's refusals are reached too), what the direct decoder accepts the tree path accepts.
+  const uint64_t tight = 2 * static_cast<uint64_t>(size) + 64;
+  if (dcpp::internal::DecodeMetadataDirect(bytes, tight).ok() &&
+      !dcpp::internal::DecodeMetadataTree(bytes, tight).ok()) {
+    std::fprintf(stderr,
+                 "under a budget of %llu the direct decoder accepted what the tree refuses\n",
+                 static_cast<unsigned long long>(tight));
+    __builtin_trap();
   }
   auto md = dcpp::ParseMetadata(bytes);
   if (!md.ok()) return 0;
