@@ -8,6 +8,7 @@ import sys
 # Figures shown per row kind, in this order (GB/s unless the name says otherwise).
 COLUMNS = [
     ("dcpp", ("dcpp_first_GBps", "dcpp_GBps")),
+    ("dcpp CPU s", ("dcpp_first_cpu_s", "dcpp_cpu_s")),
     ("dcpp later save", ("dcpp_later_GBps",)),
     ("PyTorch DCP", ("dcp_GBps",)),
     ("torch.save / load", ("torch_save_GBps", "torch_load_GBps")),

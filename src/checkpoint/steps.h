@@ -117,7 +117,10 @@ class SaveSteps {
  private:
   void Local(std::string_view point, const std::function<Status()>& step);
   Status DecideGlobalPlan(const std::vector<Carried>& parts, std::vector<std::string>* replies);
+  // The coordinator's part of Agree over decoded plans (replaced by the final ones).
+  Status GlobalPlan(std::vector<SavePlan>& plans, size_t group_size);
   Status DecideCommit(const std::vector<Carried>& parts, std::vector<std::string>* replies);
+  Status CommitResults(const std::vector<std::vector<WriteResult>>& all);
 
   const StateDict& state_dict_;
   StorageWriter& writer_;
@@ -126,6 +129,8 @@ class SaveSteps {
   const int rank_;
   const bool is_coordinator_;
   const bool rank_local_;
+  // Rank-local mode or a group of one: no plan or result crosses a communicator.
+  const bool planning_alone_;
   const std::string context_;
   DefaultSavePlanner default_planner_;
   SavePlanner& planner_;

@@ -129,5 +129,63 @@ TEST(ValueTest, TreeEqualityAndPrinting) {
   EXPECT_EQ(v.Find("nope"), nullptr);
 }
 
+// The key index of large dicts (Value::Set/Find) must answer exactly as a linear search of the
+// entries would, whatever happened to the dict: Set, replacement, changes through dict(),
+// copies, moves, repeated keys and keys that are not str.
+TEST(ValueTest, LargeDictLookupsMatchALinearSearch) {
+  auto linear = [](const Value& d, std::string_view key) -> const Value* {
+    for (const auto& [k, v] : d.dict()) {
+      if (k.is_str() && k.as_str() == key) return &v;
+    }
+    return nullptr;
+  };
+  auto expect_same = [&](const Value& d, int upto) {
+    for (int i = -3; i < upto; ++i) {
+      const std::string key = "k" + std::to_string(i);
+      EXPECT_EQ(d.Find(key), linear(d, key)) << key;
+    }
+  };
+  Value d = Value::MakeDict();
+  for (int i = 0; i < 5000; ++i) d.Set("k" + std::to_string(i), Value::Int(i));
+  ASSERT_EQ(d.dict().size(), 5000u);
+  for (int i = 0; i < 5000; i += 7) d.Set("k" + std::to_string(i), Value::Int(-i));  // replace
+  ASSERT_EQ(d.dict().size(), 5000u);
+  const Value& cd = d;
+  EXPECT_EQ(cd.Find("k14")->as_int(), -14);
+  EXPECT_EQ(cd.Find("k15")->as_int(), 15);
+  expect_same(d, 5100);
+
+  // Keys changed through dict(): the index must not answer for the old keys.
+  d.dict()[3].first = Value::Str("renamed");
+  d.dict().emplace_back(Value::Int(7), Value::Str("int key"));       // not a str key
+  d.dict().emplace_back(Value::Str("k10"), Value::Str("repeated"));  // the first one wins
+  EXPECT_EQ(d.Find("k3"), nullptr);
+  ASSERT_NE(d.Find("renamed"), nullptr);
+  EXPECT_EQ(d.Find("renamed")->as_int(), 3);
+  EXPECT_EQ(d.Find("k10")->as_int(), 10);
+  d.Set("k3", Value::Int(33));  // appended again: "k3" was renamed away
+  EXPECT_EQ(d.Find("k3")->as_int(), 33);
+  EXPECT_EQ(d.dict().back().first.as_str(), "k3");
+  expect_same(d, 5100);
+
+  // Copies and moves answer alike, and each goes its own way after.
+  Value copy = d;
+  copy.Set("only-in-copy", Value::None());
+  EXPECT_EQ(d.Find("only-in-copy"), nullptr);
+  EXPECT_NE(copy.Find("only-in-copy"), nullptr);
+  expect_same(copy, 5100);
+  Value moved = std::move(copy);
+  EXPECT_NE(moved.Find("only-in-copy"), nullptr);
+  expect_same(moved, 5100);
+  copy = d;  // assigned over a moved-from value
+  expect_same(copy, 5100);
+  // Assigned from one of its own entries.
+  Value outer = Value::MakeDict();
+  for (int i = 0; i < 40; ++i) outer.Set("k" + std::to_string(i), d);
+  outer = *outer.Find("k5");
+  EXPECT_EQ(outer.Find("k14")->as_int(), -14);
+  expect_same(outer, 5100);
+}
+
 }  // namespace
 }  // namespace dcpp

@@ -1,6 +1,9 @@
 #include "dcpp/value.h"
 
+#include <bit>
+#include <cstdint>
 #include <cstring>
+#include <functional>
 #include <sstream>
 
 namespace dcpp {
@@ -35,15 +38,78 @@ std::string_view KindName(Value::Kind kind) {
   return "?";
 }
 
+// Open addressing over positions: slot = position + 1, 0 = empty; the table is at least twice
+// the entries, a power of two.
+struct Value::KeyIndex {
+  std::vector<uint32_t> slots;
+  size_t covered = 0;
+};
+
+void Value::KeyIndexDeleter::operator()(KeyIndex* index) const { delete index; }
+
+namespace {
+
+constexpr size_t kIndexFrom = 16;
+
+size_t KeyHash(std::string_view key) { return std::hash<std::string_view>{}(key); }
+
+// The first position holding `key`, or -1.
+int64_t Lookup(const std::vector<uint32_t>& slots, const Value::Dict& d, std::string_view key) {
+  const size_t mask = slots.size() - 1;
+  for (size_t i = KeyHash(key) & mask;; i = (i + 1) & mask) {
+    const uint32_t slot = slots[i];
+    if (slot == 0) return -1;
+    const Value& k = d[slot - 1].first;
+    if (k.as_str() == key) return slot - 1;
+  }
+}
+
+// Adds position `pos` unless its key (a str) is there already (the first entry wins).
+void Insert(std::vector<uint32_t>& slots, const Value::Dict& d, size_t pos) {
+  const Value& k = d[pos].first;
+  if (!k.is_str()) return;
+  const size_t mask = slots.size() - 1;
+  for (size_t i = KeyHash(k.as_str()) & mask;; i = (i + 1) & mask) {
+    if (slots[i] == 0) {
+      slots[i] = static_cast<uint32_t>(pos + 1);
+      return;
+    }
+    if (d[slots[i] - 1].first.as_str() == k.as_str()) return;
+  }
+}
+
+}  // namespace
+
+void Value::IndexKeys() {
+  const Dict& d = std::get<Dict>(data_);
+  if (d.size() < kIndexFrom || d.size() >= UINT32_MAX) return;
+  if (index_ && index_->covered == d.size() && 2 * d.size() <= index_->slots.size()) return;
+  if (!index_ || index_->covered > d.size()) index_.reset(new KeyIndex);
+  KeyIndex& x = *index_;
+  if (2 * d.size() > x.slots.size()) {
+    // Grow (x4) and index everything again.
+    x.slots.assign(std::bit_ceil(4 * d.size()), 0);
+    x.covered = 0;
+  }
+  for (; x.covered < d.size(); ++x.covered) Insert(x.slots, d, x.covered);
+}
+
 const Value* Value::Find(std::string_view key) const {
   if (!is_dict()) return nullptr;
-  for (const auto& [k, v] : dict()) {
+  const Dict& d = std::get<Dict>(data_);
+  if (index_ && index_->covered == d.size()) {
+    const int64_t pos = Lookup(index_->slots, d, key);
+    return pos < 0 ? nullptr : &d[pos].second;
+  }
+  for (const auto& [k, v] : d) {
     if (k.is_str() && k.as_str() == key) return &v;
   }
   return nullptr;
 }
 
 Value* Value::Find(std::string_view key) {
+  if (!is_dict()) return nullptr;
+  IndexKeys();
   return const_cast<Value*>(static_cast<const Value*>(this)->Find(key));
 }
 
@@ -52,7 +118,12 @@ void Value::Set(std::string key, Value value) {
     *v = std::move(value);
     return;
   }
-  dict().emplace_back(Value::Str(std::move(key)), std::move(value));
+  Dict& d = std::get<Dict>(data_);  // not dict(): the index stays
+  d.emplace_back(Value::Str(std::move(key)), std::move(value));
+  if (index_ && index_->covered + 1 == d.size() && 2 * d.size() <= index_->slots.size()) {
+    Insert(index_->slots, d, d.size() - 1);
+    ++index_->covered;
+  }
 }
 
 namespace {

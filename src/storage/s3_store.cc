@@ -78,6 +78,7 @@ Result<std::unique_ptr<Store>> OpenS3Store(std::string_view url, const S3Options
 #include "core/thread_pool.h"
 
 #include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -86,6 +87,7 @@ Result<std::unique_ptr<Store>> OpenS3Store(std::string_view url, const S3Options
 #include <functional>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <thread>
@@ -179,6 +181,30 @@ S3Error ParseError(std::string_view body) {
   e.code = err.child_value("Code");
   e.message = err.child_value("Message");
   return e;
+}
+
+// A Content-Range header "bytes FIRST-LAST/TOTAL" (TOTAL known); nullopt if absent or malformed.
+struct ContentRange {
+  uint64_t first = 0, last = 0, total = 0;
+};
+std::optional<ContentRange> ParseContentRange(std::string_view h) {
+  ContentRange r;
+  if (!h.starts_with("bytes ")) return std::nullopt;
+  h.remove_prefix(6);
+  const size_t dash = h.find('-'), slash = h.find('/');
+  if (dash == std::string_view::npos || slash == std::string_view::npos || dash > slash) {
+    return std::nullopt;
+  }
+  auto number = [](std::string_view t, uint64_t& out) {
+    auto [end, ec] = std::from_chars(t.data(), t.data() + t.size(), out);
+    return ec == std::errc() && end == t.data() + t.size() && !t.empty();
+  };
+  if (!number(h.substr(0, dash), r.first) ||
+      !number(h.substr(dash + 1, slash - dash - 1), r.last) ||
+      !number(h.substr(slash + 1), r.total) || r.first > r.last || r.last >= r.total) {
+    return std::nullopt;
+  }
+  return r;
 }
 
 bool RetryableHttp(long code, const Response& r) {
@@ -566,7 +592,9 @@ class S3Store final : public Store {
       if (!doc.load_buffer(resp.body.data(), resp.body.size())) {
         return DataLossError(what + ": the server's answer is not XML");
       }
-      pugi::xml_node result = doc.child("ListBucketResult");
+      // The root's name is not checked: S3-compatible servers differ in it (as in the upload's
+      // answer below), and clients such as botocore read only the children.
+      pugi::xml_node result = doc.document_element();
       for (pugi::xml_node c : result.children("Contents")) out.push_back(c.child_value("Key"));
       if (max_keys > 0 && static_cast<int>(out.size()) >= max_keys) break;
       if (std::string_view(result.child_value("IsTruncated")) != "true") break;
@@ -623,14 +651,22 @@ class S3Store final : public Store {
       etag = h.etag;
       if (size != 0) return DataLossError(what + ": the server refused the first bytes");
       head.clear();
-    } else if (resp.code == 206) {
-      const std::string& range = resp.headers["content-range"];  // "bytes 0-N/TOTAL"
-      size_t slash = range.rfind('/');
-      if (slash == std::string::npos) return DataLossError(what + ": no Content-Range");
-      size = std::strtoull(range.c_str() + slash + 1, nullptr, 10);
-      head.resize(resp.received);
-    } else if (resp.code == 200) {
-      size = resp.received;  // the server sent the whole (small) object
+    } else if (resp.code == 206 || resp.code == 200) {
+      // A ranged answer says the object's size in Content-Range. Some S3-compatible servers
+      // (rclone serve s3) send it with 200 instead of 206; a 200 without it is the whole object,
+      // whose size is its Content-Length (it may exceed the prefetch, which then overflows).
+      auto it = resp.headers.find("content-range");
+      if (it != resp.headers.end()) {
+        auto range = ParseContentRange(it->second);
+        if (!range || range->first != 0) {
+          return DataLossError(what + ": bad Content-Range \"" + it->second + "\"");
+        }
+        size = range->total;
+      } else if (resp.code == 206) {
+        return DataLossError(what + ": no Content-Range");
+      } else {
+        size = resp.received;  // the server sent the whole (small) object
+      }
       head.resize(resp.received);
     } else {
       return client_.HttpError(resp, what);
@@ -739,6 +775,14 @@ class S3Store final : public Store {
     DCPP_RETURN_IF_ERROR(client_.Perform(put, resp, "creating " + what));
     if (resp.code == 200) return Status::Ok();
     if (ParseError(resp.body).code == "BucketAlreadyOwnedByYou") return Status::Ok();
+    if (resp.code == 409) {
+      // Another rank (or job) created it first. S3 says BucketAlreadyOwnedByYou; gofakes3 says
+      // BucketAlreadyExists, which on S3 means someone else's: whether it is usable is what a
+      // second HEAD answers.
+      Response again;
+      DCPP_RETURN_IF_ERROR(client_.Perform(head, again, "HEAD " + what));
+      if (again.code == 200) return Status::Ok();
+    }
     return client_.HttpError(resp, "creating " + what);
   }
 
@@ -820,7 +864,9 @@ Status S3Writer::UploadPending() {
     if (resp.code != 200) return Fail(client.HttpError(resp, what));
     pugi::xml_document doc;
     doc.load_buffer(resp.body.data(), resp.body.size());
-    upload_id_ = doc.child("InitiateMultipartUploadResult").child_value("UploadId");
+    // S3 names the root InitiateMultipartUploadResult; gofakes3 (rclone serve s3) names it
+    // InitiateMultipartUpload. Only the UploadId child matters.
+    upload_id_ = doc.document_element().child_value("UploadId");
     if (upload_id_.empty()) return Fail(DataLossError(what + ": no UploadId in the answer"));
   }
   const size_t first = etags_.size();
@@ -970,8 +1016,17 @@ Status S3Reader::ReadRange(uint64_t offset, char* dst, size_t n) const {
   const std::string what =
       "reading " + name() + " [" + std::to_string(offset) + ", +" + std::to_string(n) + "]";
   DCPP_RETURN_IF_ERROR(store_.client().Perform(req, resp, what));
-  if (resp.code != 206 && !(resp.code == 200 && offset == 0 && n == size_)) {
-    return store_.client().HttpError(resp, what);
+  if (resp.code != 206 && resp.code != 200) return store_.client().HttpError(resp, what);
+  // The bytes must be the ones asked for: a 206 (or a 200 that some servers send for a range)
+  // names its range, and a 200 without one is the whole object.
+  if (auto it = resp.headers.find("content-range"); it != resp.headers.end()) {
+    auto range = ParseContentRange(it->second);
+    if (!range || range->first != offset || range->last != offset + n - 1 ||
+        range->total != size_) {
+      return DataLossError(what + ": the server sent Content-Range \"" + it->second + "\"");
+    }
+  } else if (resp.code == 206 || offset != 0 || n != size_) {
+    return DataLossError(what + ": the answer has no Content-Range");
   }
   if (resp.received != n) {
     return DataLossError(what + ": got " + std::to_string(resp.received) + " bytes");
