@@ -20,14 +20,6 @@ int64_t CurrentRssBytes();
 double NowSeconds();
 // CPU seconds (user + system) this process used so far.
 double CpuSeconds();
-// Faults in and frees fresh anonymous memory for a write or read of `bytes` (1.5x, at most
-// 1.5 GiB), called right before every timed operation of every writer and reader (dcpp, fio and
-// the PyTorch peers alike). On a VM whose guest hands free memory back to the host (free page
-// reporting), memory freed more than about 2 s ago costs a host fault per page when it is next
-// used: a 1 GiB save took 1.2-1.5 CPU s instead of 0.28 on such pages. Pages just freed are
-// the ones the next allocations take, so every timed operation starts with memory the host backs,
-// as on a machine without a balloon. Resets this process's peak RSS to its current RSS.
-void PrefaultFreeMemory(int64_t bytes);
 
 // Planning at scale with simulated ranks; prints rows for `ranks` ranks of `items` items.
 int RunPlanningCase(int ranks, int items, int load_ranks);

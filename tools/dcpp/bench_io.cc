@@ -147,7 +147,6 @@ int RunIoCase(const IoCaseArgs& a) {
     for (int n = 0; n < a.saves; ++n) {
       const std::string path = CheckpointDir(a, n);
       std::filesystem::remove_all(path);
-      PrefaultFreeMemory(state_bytes);
       const double t0 = NowSeconds(), c0 = CpuSeconds();
       Status s = SaveOnce(a, sd, shards, path);
       secs.push_back(NowSeconds() - t0);
@@ -186,7 +185,6 @@ int RunIoCase(const IoCaseArgs& a) {
     f["state_rss_bytes"] = CurrentRssBytes();
     if (a.cold) DropFromPageCache(path);
     f["cold"] = a.cold;
-    PrefaultFreeMemory(state_bytes);
     const int64_t rchar0 = ReadChars();
     const double t0 = NowSeconds(), c0 = CpuSeconds();
     Status s;
