@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <random>
 
 namespace dcpp::testing {
@@ -116,6 +117,17 @@ Result<std::string> ReadFileBytes(const std::string& path) {
 Status WriteFileBytes(const std::string& path, std::string_view bytes) {
   DCPP_ASSIGN_OR_RETURN(StoreFile f, OpenStoreFile(path, {.create = true}));
   return f.store->WriteAtomic(f.key, bytes);
+}
+
+void FlipByte(const std::string& path, uint64_t offset, uint8_t mask) {
+  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+  f.seekg(static_cast<std::streamoff>(offset));
+  char c = 0;
+  f.read(&c, 1);
+  c = static_cast<char>(c ^ mask);
+  f.seekp(static_cast<std::streamoff>(offset));
+  f.write(&c, 1);
+  EXPECT_TRUE(f.good()) << "flipping byte " << offset << " of " << path;
 }
 
 }  // namespace dcpp::testing

@@ -65,6 +65,9 @@ Tensor IotaTensor(DType dtype, const Shape& shape);
 Result<std::unique_ptr<ReadableFile>> OpenFile(const std::string& path);
 Result<std::string> ReadFileBytes(const std::string& path);
 Status WriteFileBytes(const std::string& path, std::string_view bytes);
+// XORs the byte at `offset` of the file in place with `mask` (twice restores it): damage that
+// checksums must catch.
+void FlipByte(const std::string& path, uint64_t offset, uint8_t mask = 0x01);
 
 // Directory of the source tree (for tests/data); from the DCPP_SOURCE_DIR environment variable
 // or the compile-time default.

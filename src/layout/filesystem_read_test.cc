@@ -15,6 +15,7 @@
 namespace dcpp {
 namespace {
 
+using ::dcpp::testing::FlipByte;
 using ::dcpp::testing::PatternTensor;
 using ::dcpp::testing::ReadFileBytes;
 using ::dcpp::testing::StatusIs;
@@ -61,16 +62,6 @@ Status LoadWithPlanOrder(const std::string& path, Value& dest,
   reorder(plan.items);
   DCPP_RETURN_IF_ERROR(reader->SetUp(md, true, 0));
   return reader->ReadData(plan, planner);
-}
-
-void FlipByte(const std::string& path, uint64_t offset) {
-  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
-  f.seekg(static_cast<std::streamoff>(offset));
-  char c = 0;
-  f.read(&c, 1);
-  c = static_cast<char>(c ^ 0x10);
-  f.seekp(static_cast<std::streamoff>(offset));
-  f.write(&c, 1);
 }
 
 TEST(FileSystemReadTest, ManySmallBlobsLoadInAnyPlanOrder) {
@@ -147,14 +138,14 @@ TEST(FileSystemReadTest, AFlipInASmallBlobInsideAWindowNamesItsItem) {
   const auto& rec = archive.records().at("data/0");
   for (uint64_t in_record : {uint64_t{0}, rec.size / 2, rec.size - 1}) {
     const uint64_t at = static_cast<uint64_t>(info->offset) + rec.data_offset + in_record;
-    FlipByte(file, at);
+    FlipByte(file, at, 0x10);
     Value back = ZerosLike(ManySmall());
     EXPECT_THAT(Load(back, path),
                 StatusIs(StatusCode::kDataLoss,
                          AllOf(HasSubstr("item \"t101@[0]\""), HasSubstr(info->relative_path),
                                HasSubstr("checksum mismatch"))))
         << in_record;
-    FlipByte(file, at);
+    FlipByte(file, at, 0x10);
   }
   for (const auto& e : fs::directory_iterator(path)) {
     if (e.path().extension() == ".manifest") fs::remove(e.path());
@@ -162,11 +153,11 @@ TEST(FileSystemReadTest, AFlipInASmallBlobInsideAWindowNamesItsItem) {
   for (uint64_t in_blob : {rec.data_offset + rec.size / 3, uint64_t{40}}) {
     // The payload (its CRC), then data.pkl near the front (its CRC, or its parse).
     const uint64_t at = static_cast<uint64_t>(info->offset) + in_blob;
-    FlipByte(file, at);
+    FlipByte(file, at, 0x10);
     Value back = ZerosLike(ManySmall());
     EXPECT_THAT(Load(back, path), StatusIs(StatusCode::kDataLoss, HasSubstr("t101@[0]")))
         << in_blob;
-    FlipByte(file, at);
+    FlipByte(file, at, 0x10);
   }
   Value back = ZerosLike(ManySmall());
   DCPP_ASSERT_OK(Load(back, path));

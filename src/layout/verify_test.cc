@@ -15,6 +15,7 @@
 namespace dcpp {
 namespace {
 
+using ::dcpp::testing::FlipByte;
 using ::dcpp::testing::PatternTensor;
 using ::dcpp::testing::ReadFileBytes;
 using ::dcpp::testing::StatusIs;
@@ -60,16 +61,6 @@ std::vector<std::string> Files(const std::string& dir, const std::string& ending
   }
   std::sort(out.begin(), out.end());
   return out;
-}
-
-void FlipByte(const std::string& path, uint64_t offset) {
-  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
-  f.seekg(static_cast<std::streamoff>(offset));
-  char c = 0;
-  f.read(&c, 1);
-  c = static_cast<char>(c ^ 0x01);
-  f.seekp(static_cast<std::streamoff>(offset));
-  f.write(&c, 1);
 }
 
 TEST(ChecksumTest, SaveWritesOneManifestPairedWithItsMetadataAndVerifyPasses) {
