@@ -152,8 +152,9 @@ class Value {
   template <typename T>
   Value(Kind k, T&& v) : kind_(k), data_(std::forward<T>(v)) {}
 
-  // Positions of a dict's str keys by hash (value.cc). It covers entries [0, covered) and is
-  // used only when that is the whole dict.
+  // Positions of a dict's str keys by hash (value.cc): positions, not views, since a key's
+  // bytes move when the dict grows. It covers entries [0, covered) and is used only when that
+  // is the whole dict.
   struct KeyIndex;
   struct KeyIndexDeleter {
     void operator()(KeyIndex* index) const;

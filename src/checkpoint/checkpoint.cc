@@ -295,13 +295,12 @@ Status SaveSteps::DecideCommit(const std::vector<Carried>& parts,
   DCPP_RETURN_IF_ERROR(CommitResults(all));
   // Only the other ranks read the reply (the coordinator returns metadata_ itself): encoding
   // it for nobody cost as much as writing `.metadata` for a state of many small tensors.
+  // (A rank that plans alone never gets here: see Commit.)
   std::string committed = writer_.TakeCommittedMetadata();
-  if (comm_.size() > 1) {
-    if (committed.empty()) {
-      DCPP_ASSIGN_OR_RETURN(committed, EncodeMetadata(metadata_));
-    }
-    (*replies)[0] = std::move(committed);
+  if (committed.empty()) {
+    DCPP_ASSIGN_OR_RETURN(committed, EncodeMetadata(metadata_));
   }
+  (*replies)[0] = std::move(committed);
   return Status::Ok();
 }
 

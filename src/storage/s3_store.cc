@@ -183,7 +183,7 @@ S3Error ParseError(std::string_view body) {
   return e;
 }
 
-// A Content-Range header "bytes FIRST-LAST/TOTAL" (TOTAL known); nullopt if absent or malformed.
+// A Content-Range header "bytes FIRST-LAST/TOTAL"; nullopt if malformed or TOTAL is unknown ("*").
 struct ContentRange {
   uint64_t first = 0, last = 0, total = 0;
 };
