@@ -2,8 +2,10 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <random>
 
@@ -117,6 +119,23 @@ Result<std::string> ReadFileBytes(const std::string& path) {
 Status WriteFileBytes(const std::string& path, std::string_view bytes) {
   DCPP_ASSIGN_OR_RETURN(StoreFile f, OpenStoreFile(path, {.create = true}));
   return f.store->WriteAtomic(f.key, bytes);
+}
+
+std::vector<std::string> MetadataGoldenPaths() {
+  const std::string root = SourceDir();
+  std::vector<std::string> paths = {
+      root + "/tests/data/dcp_113_2ranks_dim0/.metadata",
+      root + "/tests/data/dcp_213_2ranks/sync/.metadata",
+      root + "/tests/data/dcp_213_2ranks/nocoll/__0.metadata",
+      root + "/tests/data/dcp_213_2ranks/nocoll/__1.metadata",
+  };
+  std::vector<std::string> seeds;
+  for (const auto& e : std::filesystem::directory_iterator(root + "/tests/fuzz/metadata_fuzz")) {
+    if (!e.path().filename().string().starts_with("hostile_")) seeds.push_back(e.path().string());
+  }
+  std::sort(seeds.begin(), seeds.end());
+  paths.insert(paths.end(), seeds.begin(), seeds.end());
+  return paths;
 }
 
 void FlipByte(const std::string& path, uint64_t offset, uint8_t mask) {

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <string>
+#include <vector>
 
 #include "dcpp/status.h"
 #include "dcpp/storage.h"
@@ -65,6 +66,10 @@ Tensor IotaTensor(DType dtype, const Shape& shape);
 Result<std::unique_ptr<ReadableFile>> OpenFile(const std::string& path);
 Result<std::string> ReadFileBytes(const std::string& path);
 Status WriteFileBytes(const std::string& path, std::string_view bytes);
+// Every legitimate `.metadata` kept in the tree: the PyTorch 1.13 and 2.13 goldens under
+// tests/data and the metadata fuzz seeds (those named hostile_* are refused by design and left
+// out).
+std::vector<std::string> MetadataGoldenPaths();
 // XORs the byte at `offset` of the file in place with `mask` (twice restores it): damage that
 // checksums must catch.
 void FlipByte(const std::string& path, uint64_t offset, uint8_t mask = 0x01);

@@ -1,7 +1,6 @@
 // The decode budget (codec/decode_budget.h) against real files: what PyTorch and dcpp write
 // expands far less than the bound, decodes exactly as it does without one, and both decoders
 // charge it the same amounts (each accepts at the file's cost and refuses one unit below it).
-#include <filesystem>
 #include <iostream>
 #include <limits>
 
@@ -28,17 +27,8 @@ struct File {
 
 std::vector<File> PyTorchAndSeedFiles() {
   const std::string root = ::dcpp::testing::SourceDir();
-  std::vector<std::string> paths = {
-      root + "/tests/data/dcp_113_2ranks_dim0/.metadata",
-      root + "/tests/data/dcp_213_2ranks/sync/.metadata",
-      root + "/tests/data/dcp_213_2ranks/nocoll/__0.metadata",
-      root + "/tests/data/dcp_213_2ranks/nocoll/__1.metadata",
-  };
-  for (const auto& e : std::filesystem::directory_iterator(root + "/tests/fuzz/metadata_fuzz")) {
-    paths.push_back(e.path().string());
-  }
   std::vector<File> files;
-  for (const auto& p : paths) {
+  for (const auto& p : ::dcpp::testing::MetadataGoldenPaths()) {
     auto bytes = ::dcpp::testing::ReadFileBytes(p);
     EXPECT_TRUE(bytes.ok()) << p;
     if (bytes.ok()) files.push_back({p.substr(root.size() + 1), std::move(*bytes)});

@@ -3,7 +3,6 @@
 // emit (PyTorch 1.13 and 2.13 goldens, every dcpp flavor and protocol) must take the direct path.
 #include "codec/metadata_reader.h"
 
-#include <filesystem>
 #include <random>
 
 #include "codec/pickle.h"
@@ -47,19 +46,7 @@ void ExpectDirect(std::string_view bytes, const std::string& what) {
   EXPECT_EQ(MetadataDifference(*tree, *direct), "") << what;
 }
 
-std::vector<std::string> GoldenFiles() {
-  const std::string root = ::dcpp::testing::SourceDir();
-  std::vector<std::string> files = {
-      root + "/tests/data/dcp_113_2ranks_dim0/.metadata",
-      root + "/tests/data/dcp_213_2ranks/sync/.metadata",
-      root + "/tests/data/dcp_213_2ranks/nocoll/__0.metadata",
-      root + "/tests/data/dcp_213_2ranks/nocoll/__1.metadata",
-  };
-  for (const auto& e : std::filesystem::directory_iterator(root + "/tests/fuzz/metadata_fuzz")) {
-    files.push_back(e.path().string());
-  }
-  return files;
-}
+std::vector<std::string> GoldenFiles() { return ::dcpp::testing::MetadataGoldenPaths(); }
 
 TEST(MetadataReaderTest, GoldensFromPyTorchAndDcppTakeTheDirectPath) {
   const auto files = GoldenFiles();

@@ -8,7 +8,7 @@ make 2 * 10^8 chunks (over 20 GB of memory). dcpp must refuse it with a clear Da
 
 Read by src/codec/metadata_hostile_test.cc (MetadataHostileTest.*SharedChunkList*). A smaller
 one of the same shape (500 tensors sharing 4 000 chunks, under the fuzzers' 64 KiB max_len) goes
-to tests/fuzz/metadata_fuzz/ as a seed.
+to tests/fuzz/metadata_fuzz/ as a seed (hostile_*: the golden-file tests skip it).
 """
 import os
 import shutil
@@ -56,4 +56,4 @@ def write(keys, chunks, dst):
 
 write(KEYS, CHUNKS, os.path.join(out, "shared_chunk_list.metadata"))
 write(500, 4000, os.path.join(here, "..", "fuzz", "metadata_fuzz",
-                              "torch213_shared_chunk_list.metadata"))
+                              "hostile_torch213_shared_chunk_list.metadata"))
