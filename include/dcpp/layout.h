@@ -104,6 +104,10 @@ struct FileSystemWriterOptions {
   // One file per writer thread (DCP's single_file_per_rank) or one file per item.
   bool single_file_per_rank = true;
   int thread_count = 1;
+  // Threads that write pieces of one file's large tensor records at once (positional writes),
+  // so a file is not bound to one core's copy into the page cache. 0: the machine's cores
+  // shared among the files written at once; 1: each file on its writer thread alone.
+  int write_parallelism = 0;
   bool sync_files = true;
   // An existing committed checkpoint in the directory is replaced (atomically: its files stay
   // valid until the new .metadata is committed) when true, refused when false.

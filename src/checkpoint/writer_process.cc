@@ -221,6 +221,7 @@ Result<std::vector<WriteResult>> WriterProcess::WriteData(
   w.Str(path);
   w.U64(options.single_file_per_rank ? 1 : 0);
   w.U64(static_cast<uint64_t>(options.thread_count));
+  w.U64(static_cast<uint64_t>(options.write_parallelism));
   w.U64(options.sync_files ? 1 : 0);
   w.U64(options.overwrite ? 1 : 0);
   w.U64(static_cast<uint64_t>(options.zstd_level));
@@ -306,6 +307,8 @@ Result<std::string> Serve(std::string_view request, int fd, Mapping& arena) {
   options.single_file_per_rank = v != 0;
   DCPP_ASSIGN_OR_RETURN(v, r.U64());
   options.thread_count = static_cast<int>(v);
+  DCPP_ASSIGN_OR_RETURN(v, r.U64());
+  options.write_parallelism = static_cast<int>(v);
   DCPP_ASSIGN_OR_RETURN(v, r.U64());
   options.sync_files = v != 0;
   DCPP_ASSIGN_OR_RETURN(v, r.U64());

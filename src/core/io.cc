@@ -1,8 +1,23 @@
 #include "dcpp/io.h"
 
+#include <algorithm>
 #include <cstring>
 
 namespace dcpp {
+
+Status ByteSink::WritePieces(const void* data, size_t n, size_t /*parallelism*/, size_t align,
+                             const PieceVisitor& visit) {
+  const size_t piece = PieceBytes(align);
+  const char* p = static_cast<const char*>(data);
+  for (size_t done = 0; done < n;) {
+    const size_t take = std::min(piece, n - done);
+    visit(done, p + done, take);
+    DCPP_RETURN_IF_ERROR(Write(p + done, take));
+    done += take;
+  }
+  return Status::Ok();
+}
+
 namespace {
 bool InRange(uint64_t offset, size_t n, uint64_t size) {
   return offset <= size && n <= size - offset;

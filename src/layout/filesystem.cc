@@ -35,6 +35,7 @@
 #include <optional>
 #include <random>
 #include <string_view>
+#include <thread>
 #include <unordered_map>
 
 #include "codec/stream_transform.h"
@@ -374,6 +375,13 @@ Result<std::vector<WriteResult>> FileSystemWriter::WriteData(const SavePlan& pla
   }
   const std::string tag = save_tag_.empty() ? "" : "_" + save_tag_;
   std::vector<std::vector<WriteResult>> results(buckets.size());
+  const size_t writers = std::max<size_t>(
+      1, std::min(buckets.size(), static_cast<size_t>(std::max(options_.thread_count, 1))));
+  TorchSaveWriteOptions record_options;
+  record_options.write_parallelism =
+      options_.write_parallelism > 0
+          ? static_cast<size_t>(options_.write_parallelism)
+          : std::max<size_t>(1, std::thread::hardware_concurrency() / writers);
 
   auto write_bucket = [&](size_t b) -> Status {
     const std::string name = plan.storage_prefix + std::to_string(b) + tag + kSuffix;
@@ -414,7 +422,8 @@ Result<std::vector<WriteResult>> FileSystemWriter::WriteData(const SavePlan& pla
         s = sink.Write(data[i].bytes.data(), data[i].bytes.size());
       } else {
         auto t = Borrow(data[i].tensor);
-        s = t.ok() ? WriteTorchSave(Value::FromTensor(*std::move(t)), sink) : t.status();
+        s = t.ok() ? WriteTorchSave(Value::FromTensor(*std::move(t)), sink, record_options)
+                   : t.status();
       }
       if (!s.ok())
         return s.WithContext("writing \"" + name + "\" item \"" + item.index.ToString() + "\"");

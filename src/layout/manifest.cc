@@ -11,6 +11,7 @@
 #include <xxhash.h>
 
 #include <algorithm>
+#include <bit>
 #include <cstring>
 #include <numeric>
 
@@ -400,6 +401,45 @@ Status HashingSink::Write(const void* data, size_t n) {
     p += take;
     n -= take;
   }
+  return Status::Ok();
+}
+
+Status HashingSink::WritePieces(const void* data, size_t n, size_t parallelism, size_t align,
+                                const PieceVisitor& visit) {
+  const char* p = static_cast<const char*>(data);
+  if (parallelism <= 1) return ByteSink::WritePieces(data, n, parallelism, align, visit);
+  // Gathered bytes first: they decide where the current segment ends.
+  DCPP_RETURN_IF_ERROR(Flush());
+  // Up to that end on this thread; from there the base's pieces start on segment boundaries,
+  // each hashing the whole segments it holds.
+  const size_t head =
+      in_segment_ == 0 ? 0
+                       : static_cast<size_t>(std::min<uint64_t>(n, segment_bytes_ - in_segment_));
+  const bool segments_are_pieces = std::has_single_bit(segment_bytes_);
+  if (!segments_are_pieces || (align > 1 && head % align != 0) ||
+      n - head < 2 * PieceBytes(std::max<size_t>(align, segment_bytes_))) {
+    return ByteSink::WritePieces(data, n, parallelism, align, visit);
+  }
+  if (head > 0) {
+    visit(0, p, head);
+    Feed(p, head);
+    DCPP_RETURN_IF_ERROR(base_.Write(p, head));
+  }
+  const size_t body = n - head;
+  const size_t whole = static_cast<size_t>(body / segment_bytes_);
+  const size_t first = hashes_.size();
+  hashes_.resize(first + whole);
+  fed_ = true;
+  const size_t seg = static_cast<size_t>(segment_bytes_);
+  DCPP_RETURN_IF_ERROR(base_.WritePieces(p + head, body, parallelism, std::max(align, seg),
+                                         [&](size_t offset, const char* piece, size_t size) {
+                                           for (size_t at = 0; at + seg <= size; at += seg) {
+                                             hashes_[first + (offset + at) / seg] =
+                                                 Xxh3(piece + at, seg);
+                                           }
+                                           visit(head + offset, piece, size);
+                                         }));
+  Feed(p + head + whole * seg, body - whole * seg);  // the last, partial segment
   return Status::Ok();
 }
 

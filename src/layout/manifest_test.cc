@@ -2,8 +2,12 @@
 
 #include <xxhash.h>
 
+#include <algorithm>
 #include <cstring>
+#include <mutex>
 #include <random>
+#include <utility>
+#include <vector>
 
 #include "testing/testing.h"
 
@@ -194,6 +198,63 @@ TEST(HashingSinkTest, BatchedWritesPassTheSameBytesAndHashesOfEveryBlob) {
     }
     DCPP_ASSERT_OK(sink.Flush());
     EXPECT_EQ(out.str(), expected);
+  }
+}
+
+// Visits of one WritePieces call: each byte once, with the caller's bytes.
+class PieceLog {
+ public:
+  explicit PieceLog(const std::string& data) : data_(data) {}
+  ByteSink::PieceVisitor Visitor() {
+    return [this](size_t offset, const char* piece, size_t size) {
+      std::lock_guard lock(mu_);
+      if (piece != data_.data() + offset) bad_pointer_ = true;
+      pieces_.emplace_back(offset, size);
+    };
+  }
+  // Whether the visits cover [0, n) exactly once.
+  bool CoversOnce(size_t n) {
+    std::sort(pieces_.begin(), pieces_.end());
+    size_t at = 0;
+    for (auto [offset, size] : pieces_) {
+      if (offset != at) return false;
+      at += size;
+    }
+    return at == n && !bad_pointer_;
+  }
+
+ private:
+  const std::string& data_;
+  std::mutex mu_;
+  std::vector<std::pair<size_t, size_t>> pieces_;
+  bool bad_pointer_ = false;
+};
+
+// Pieces hashed on several threads, in any order, give the hashes and bytes of plain writes,
+// wherever the write starts within a segment and whether or not small writes are batched.
+TEST(HashingSinkTest, PiecesWrittenOnSeveralThreadsHashLikeOneWrite) {
+  for (uint64_t seg : {kSeg, kManifestSegmentBytes}) {
+    for (size_t batch : {size_t{0}, size_t{1} << 20}) {
+      for (size_t head :
+           {size_t{0}, size_t{1}, static_cast<size_t>(seg) - 1, static_cast<size_t>(seg) + 3}) {
+        const std::string lead = Bytes(head, head + 7);
+        const std::string body = Bytes(2 * ByteSink::PieceBytes(seg) + 2 * seg + 5, head + seg);
+        testing::ScatteringSink out;
+        HashingSink sink(out, seg, batch);
+        DCPP_ASSERT_OK(sink.Write("before", 6));
+        sink.BeginBlob();
+        DCPP_ASSERT_OK(sink.Write(lead.data(), lead.size()));
+        PieceLog log(body);
+        DCPP_ASSERT_OK(sink.WritePieces(body.data(), body.size(), 3, 1, log.Visitor()));
+        DCPP_ASSERT_OK(sink.Write("after", 5));
+        EXPECT_EQ(sink.EndBlob(), HashSegments(lead + body + "after", seg))
+            << "segment " << seg << " batch " << batch << " head " << head;
+        DCPP_ASSERT_OK(sink.Flush());
+        EXPECT_TRUE(out.str() == "before" + lead + body + "after");
+        EXPECT_TRUE(log.CoversOnce(body.size()));
+        EXPECT_EQ(out.parallel_calls(), 1u) << "the base got the segments as pieces";
+      }
+    }
   }
 }
 
