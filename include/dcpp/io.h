@@ -4,8 +4,8 @@
 // `.distcp` file, or memory). Codecs pull only the ranges they need, so a tensor record can be
 // read straight into its destination.
 // ByteSink: an append-only stream with a running position (a file being written, or memory). A
-// large write may go through WritePieces, which a file sink splits into pieces written from
-// several threads at once (so one file is not bound to one core's page-cache copy).
+// large write may go through WritePieces, whose pieces are checksummed on other threads than
+// the one writing.
 //
 // Thread-safety: ReadAt on one source may be called from several threads at once (implementations
 // use pread or immutable memory). A sink is used by one thread at a time; inside WritePieces it
@@ -68,19 +68,19 @@ class SubSource final : public ByteSource {
 
 class ByteSink {
  public:
-  // Called once per piece of a WritePieces call: the piece's offset from the start of the write,
-  // its bytes and size. It runs on the thread that writes the piece, just before the piece is
-  // written (so a CRC or hash of it reads bytes the write then finds in cache), possibly on
-  // several threads at once.
+  // Called once per piece of a WritePieces call, before the piece is written: the piece's
+  // offset from the start of the write, its bytes and size (a CRC or hash of the piece while it
+  // is in cache). It may run on another thread than the write, and on several threads at once.
   using PieceVisitor = std::function<void(size_t offset, const char* piece, size_t size)>;
 
   virtual ~ByteSink() = default;
   virtual Status Write(const void* data, size_t n) = 0;
   // Writes n bytes as Write(data, n) would, in pieces that each pass through `visit` first.
   // Pieces start at offsets that are multiples of `align` (a power of two) and cover the bytes
-  // once; they are visited in no promised order. At most `parallelism` threads write pieces at
-  // once. The default writes pieces of about 8 MiB in order on the calling thread. On error the
-  // sink's tail is unknown, as after a failed Write.
+  // once; they are visited in no promised order. At most `parallelism` threads work at once.
+  // The default writes pieces of PieceBytes(align) in order through Write; with parallelism > 1
+  // it visits the next piece on a pool thread while one is written. On error the sink's tail is
+  // unknown, as after a failed Write.
   virtual Status WritePieces(const void* data, size_t n, size_t parallelism, size_t align,
                              const PieceVisitor& visit);
   // The piece size WritePieces implementations use: 8 MiB rounded up to a multiple of `align`.

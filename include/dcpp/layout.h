@@ -104,9 +104,10 @@ struct FileSystemWriterOptions {
   // One file per writer thread (DCP's single_file_per_rank) or one file per item.
   bool single_file_per_rank = true;
   int thread_count = 1;
-  // Threads that write pieces of one file's large tensor records at once (positional writes),
-  // so a file is not bound to one core's copy into the page cache. 0: the machine's cores
-  // shared among the files written at once; 1: each file on its writer thread alone.
+  // Threads that work on one file's large tensor records at once: with 2 or more, each 8 MiB
+  // piece's CRC-32 and manifest hashes are computed on a pool thread while the previous piece is
+  // written (a file's writes into the page cache are one at a time in the kernel anyway). 0: the
+  // machine's cores shared among the files written at once; 1: all on the file's writer thread.
   int write_parallelism = 0;
   bool sync_files = true;
   // An existing committed checkpoint in the directory is replaced (atomically: its files stay

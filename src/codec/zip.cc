@@ -104,8 +104,8 @@ ZipWriter::ZipWriter(ByteSink& sink, ZipWriterOptions options)
   }
 }
 
-// A large record through the sink's WritePieces: each piece is CRC'd on the thread that writes
-// it, and the CRCs are combined in file order.
+// A large record through the sink's WritePieces: each piece is CRC'd by the sink's visitor
+// (another thread than the write, or several), and the CRCs are combined in file order.
 Result<uint32_t> ZipWriter::WriteRecordPieces(std::string_view name, const void* data,
                                               size_t size) {
   struct PieceCrc {

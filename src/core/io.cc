@@ -2,18 +2,38 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
+
+#include "core/thread_pool.h"
 
 namespace dcpp {
 
-Status ByteSink::WritePieces(const void* data, size_t n, size_t /*parallelism*/, size_t align,
+// With parallelism, two stages overlap: piece k is visited (a CRC, hashes) on one thread while
+// piece k - 1 is written on another. Writes stay in order and one at a time, so the sink needs
+// no more than its Write; a file's copy into the page cache (one at a time per file anyway,
+// under the kernel's inode lock) no longer waits for the checksums.
+Status ByteSink::WritePieces(const void* data, size_t n, size_t parallelism, size_t align,
                              const PieceVisitor& visit) {
   const size_t piece = PieceBytes(align);
   const char* p = static_cast<const char*>(data);
-  for (size_t done = 0; done < n;) {
-    const size_t take = std::min(piece, n - done);
-    visit(done, p + done, take);
-    DCPP_RETURN_IF_ERROR(Write(p + done, take));
-    done += take;
+  const size_t count = (n + piece - 1) / piece;
+  auto size_of = [&](size_t k) { return std::min(piece, n - k * piece); };
+  if (parallelism <= 1 || count < 2) {
+    for (size_t k = 0; k < count; ++k) {
+      visit(k * piece, p + k * piece, size_of(k));
+      DCPP_RETURN_IF_ERROR(Write(p + k * piece, size_of(k)));
+    }
+    return Status::Ok();
+  }
+  for (size_t k = 0; k <= count; ++k) {
+    const std::vector<Status> done = internal::ParallelFor(2, 2, [&](size_t stage) -> Status {
+      if (stage == 0) {
+        if (k < count) visit(k * piece, p + k * piece, size_of(k));
+        return Status::Ok();
+      }
+      return k == 0 ? Status::Ok() : Write(p + (k - 1) * piece, size_of(k - 1));
+    });
+    DCPP_RETURN_IF_ERROR(internal::FirstError(done));
   }
   return Status::Ok();
 }

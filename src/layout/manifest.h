@@ -117,8 +117,8 @@ class HashingSink final : public ByteSink {
   std::vector<uint64_t> EndBlob();
 
   Status Write(const void* data, size_t n) override;
-  // The segments that lie whole in the write are hashed by the pieces' threads (the base's
-  // WritePieces); the partial segments at either end on the calling thread.
+  // The segments that lie whole in the write are hashed by the base's piece visitor (on its
+  // threads); the partial segments at either end on the calling thread.
   Status WritePieces(const void* data, size_t n, size_t parallelism, size_t align,
                      const PieceVisitor& visit) override;
   // Passes the gathered bytes on (a no-op without batching).

@@ -9,9 +9,6 @@
 #include <atomic>
 #include <cerrno>
 #include <cstring>
-#include <vector>
-
-#include "core/thread_pool.h"
 
 #ifdef DCPP_HAVE_URING
 #include <liburing.h>
@@ -91,22 +88,6 @@ Status WriteFully(int fd, const void* data, size_t n, const std::string& path) {
     }
     if (w == 0) return UnavailableError("writing " + path + ": write made no progress");
     p += w;
-    n -= static_cast<size_t>(w);
-  }
-  return Status::Ok();
-}
-
-Status PwriteFully(int fd, uint64_t offset, const void* data, size_t n, const std::string& path) {
-  const char* p = static_cast<const char*>(data);
-  while (n > 0) {
-    ssize_t w = ::pwrite(fd, p, std::min(n, kMaxIoBytes), static_cast<off_t>(offset));
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      return ErrnoToStatus(errno, "writing " + path + " at offset " + std::to_string(offset));
-    }
-    if (w == 0) return UnavailableError("writing " + path + ": write made no progress");
-    p += w;
-    offset += static_cast<uint64_t>(w);
     n -= static_cast<size_t>(w);
   }
   return Status::Ok();
@@ -203,41 +184,6 @@ Status PosixWritableFile::Append(const void* data, size_t n) {
     p += piece;
     n -= piece;
     StartWriteBack();
-  }
-  return error_;
-}
-
-// Pieces go to their offsets with pwrite from up to `parallelism` threads of the pool, each
-// starting its piece's writeback, then the descriptor's offset moves past them for the appends
-// that follow. Direct I/O keeps one writer: its staging chunks are the file's tail.
-Status PosixWritableFile::WritePieces(const void* data, size_t n, size_t parallelism, size_t align,
-                                      const PieceVisitor& visit) {
-  DCPP_RETURN_IF_ERROR(CheckUsable());
-  const size_t piece = PieceBytes(align);
-  const bool may_go_direct = !direct_refused_ && position_ + n >= kDirectAfterBytes;
-  if (parallelism <= 1 || direct_ || may_go_direct || n < 2 * piece) {
-    return WritableFile::WritePieces(data, n, parallelism, align, visit);
-  }
-  DCPP_RETURN_IF_ERROR(FlushBuffer());
-  const char* p = static_cast<const char*>(data);
-  const uint64_t base = position_;
-  const size_t count = (n + piece - 1) / piece;
-  const std::vector<Status> statuses =
-      ParallelFor(count, std::min(parallelism, count), [&](size_t i) -> Status {
-        const size_t offset = i * piece;
-        const size_t size = std::min(piece, n - offset);
-        visit(offset, p + offset, size);
-        DCPP_RETURN_IF_ERROR(PwriteFully(fd_, base + offset, p + offset, size, path_));
-        (void)::sync_file_range(fd_, static_cast<off_t>(base + offset), static_cast<off_t>(size),
-                                SYNC_FILE_RANGE_WRITE);  // a hint, as in StartWriteBack
-        return Status::Ok();
-      });
-  error_ = FirstError(statuses);
-  if (!error_.ok()) return error_;
-  position_ = base + n;
-  started_ = position_;
-  if (::lseek(fd_, static_cast<off_t>(position_), SEEK_SET) < 0) {
-    error_ = ErrnoToStatus(errno, "seeking in " + path_);
   }
   return error_;
 }

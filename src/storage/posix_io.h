@@ -17,8 +17,7 @@
 // from the disk).
 //
 // Thread-safety: the functions are reentrant; a PosixReadableFile may be read from several
-// threads at once (pread), a PosixWritableFile is used by one thread at a time (its WritePieces
-// runs the pieces on pool threads and returns when all are written).
+// threads at once (pread), a PosixWritableFile is used by one thread at a time.
 #pragma once
 
 #include <sys/types.h>
@@ -64,8 +63,6 @@ Result<int> OpenFd(const std::string& path, int flags, mode_t mode = 0);
 Result<int> OpenRegularForRead(const std::string& path, uint64_t* size);
 
 Status WriteFully(int fd, const void* data, size_t n, const std::string& path);
-// pwrite of all n bytes at offset.
-Status PwriteFully(int fd, uint64_t offset, const void* data, size_t n, const std::string& path);
 // Reads exactly n bytes at offset; an early end of file is DataLoss.
 Status PreadFully(int fd, uint64_t offset, void* dst, size_t n, const std::string& path);
 Status SyncFd(int fd, const std::string& what);
@@ -86,9 +83,6 @@ class PosixWritableFile final : public WritableFile {
   ~PosixWritableFile() override;
 
   Status Append(const void* data, size_t n) override;
-  // Buffered files write the pieces from several threads at once (pwrite at their offsets).
-  Status WritePieces(const void* data, size_t n, size_t parallelism, size_t align,
-                     const PieceVisitor& visit) override;
   Status Sync() override;
   Status Close() override;
   uint64_t position() const override { return position_; }

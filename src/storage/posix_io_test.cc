@@ -98,10 +98,10 @@ TEST(PosixIoTest, LargeBufferedAppendsInPiecesKeepEveryByte) {
   EXPECT_TRUE(Slurp(path) == expected);
 }
 
-// Pieces written from several threads with pwrite land at their offsets between ordinary
-// appends (which then continue at the right place), each visited once with the caller's bytes;
-// short writes and parallelism 1 take the one-thread path.
-TEST(PosixIoTest, PiecesFromSeveralThreadsLandAtTheirOffsets) {
+// Pieces visited on a pool thread while the one before is written land in order between
+// ordinary appends (which then continue at the right place), each visited once with the
+// caller's bytes; short writes and parallelism 1 take the one-thread path.
+TEST(PosixIoTest, PiecesVisitedOnAnotherThreadLandInOrder) {
   TempDir dir;
   const std::string path = dir.Join("pieces.bin");
   DCPP_ASSERT_OK_AND_ASSIGN(int fd, OpenFd(path, O_RDWR | O_CREAT | O_TRUNC, 0644));
@@ -178,7 +178,7 @@ TEST(PosixIoTest, DirectWritesKeepEveryByteAndTheExactLength) {
   EXPECT_EQ(FileSize(fd), expected.size());  // the padding of the last block is cut off
   EXPECT_EQ(Slurp(path), expected);
   append(kDirectChunkBytes * 2 + 7);
-  // Pieces asked for after the switch go through the staging chunks like appends.
+  // Pieces go through the staging chunks like appends.
   const std::string pieces = Pattern(3 * kDirectChunkBytes + 5, 99);
   std::atomic<size_t> visited{0};
   ASSERT_THAT(file.WritePieces(pieces.data(), pieces.size(), 4, 1,

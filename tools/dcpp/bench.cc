@@ -87,6 +87,7 @@ void RegisterBench(CLI::App& app) {
   cmd->add_option("--saves", args->io.saves)->group("");
   cmd->add_option("--bytes", args->io.bytes)->group("");
   cmd->add_flag("--cold", args->io.cold)->group("");
+  cmd->add_option("--write-parallelism", args->io.write_parallelism)->group("");
   cmd->callback([args] {
     if (args->case_name == "planning") {
       SetExitCode(RunPlanningCase(args->ranks, args->items, args->load_ranks));

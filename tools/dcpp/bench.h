@@ -32,7 +32,8 @@ struct IoCaseArgs {
   int threads = 4;
   int saves = 2;  // saves in this process (the first is reported apart)
   int64_t bytes = 1 << 30;
-  bool cold = false;  // load: the checkpoint's files are dropped from the page cache first
+  bool cold = false;          // load: the checkpoint's files are dropped from the page cache first
+  int write_parallelism = 0;  // save: FileSystemWriterOptions::write_parallelism
 };
 int RunIoCase(const IoCaseArgs& args);
 

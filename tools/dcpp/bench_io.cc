@@ -109,6 +109,7 @@ Status SaveOnce(const IoCaseArgs& a, const Value& sd, const std::vector<Value>& 
   if (a.kind != "reshard") {
     SaveOptions o;
     o.writer.thread_count = a.threads;
+    o.writer.write_parallelism = a.write_parallelism;
     return Save(sd, path, o).status();
   }
   std::vector<Status> st(4);
@@ -116,6 +117,7 @@ Status SaveOnce(const IoCaseArgs& a, const Value& sd, const std::vector<Value>& 
     SaveOptions o;
     o.comm = &comm;
     o.writer.thread_count = a.threads;
+    o.writer.write_parallelism = a.write_parallelism;
     st[comm.rank()] = Save(shards[comm.rank()], path, o).status();
   });
   for (const auto& s : st) DCPP_RETURN_IF_ERROR(s);
