@@ -397,45 +397,62 @@ Result<std::vector<WriteResult>> FileSystemWriter::WriteData(const SavePlan& pla
     for (size_t i : buckets[b].items) {
       if (plan.items[i].type != WriteItemType::kByteIO) order.push_back(i);
     }
-    for (size_t i : order) {
-      const WriteItem& item = plan.items[i];
-      const uint64_t offset = sink.position();
-      sink.BeginBlob();
-      Status s;
-      if (options_.zstd_level > 0) {
-        // Encode in memory, then write one zstd frame.
-        std::string blob;
-        if (item.type == WriteItemType::kByteIO) {
-          blob = std::move(data[i].bytes);
+    auto write_items = [&]() -> Status {
+      for (size_t i : order) {
+        const WriteItem& item = plan.items[i];
+        const uint64_t offset = sink.position();
+        sink.BeginBlob();
+        Status s;
+        if (options_.zstd_level > 0) {
+          // Encode in memory, then write one zstd frame.
+          std::string blob;
+          if (item.type == WriteItemType::kByteIO) {
+            blob = std::move(data[i].bytes);
+          } else {
+            auto t = Borrow(data[i].tensor);
+            auto encoded = t.ok() ? EncodeTorchSave(Value::FromTensor(*std::move(t)))
+                                  : Result<std::string>(t.status());
+            s = encoded.status();
+            if (s.ok()) blob = std::move(*encoded);
+          }
+          if (s.ok()) {
+            auto frame = internal::ZstdTransform(options_.zstd_level).Encode(blob);
+            s = frame.ok() ? sink.Write(frame->data(), frame->size()) : frame.status();
+          }
+        } else if (item.type == WriteItemType::kByteIO) {
+          s = sink.Write(data[i].bytes.data(), data[i].bytes.size());
         } else {
           auto t = Borrow(data[i].tensor);
-          auto encoded = t.ok() ? EncodeTorchSave(Value::FromTensor(*std::move(t)))
-                                : Result<std::string>(t.status());
-          s = encoded.status();
-          if (s.ok()) blob = std::move(*encoded);
+          s = t.ok() ? WriteTorchSave(Value::FromTensor(*std::move(t)), sink, record_options)
+                     : t.status();
         }
-        if (s.ok()) {
-          auto frame = internal::ZstdTransform(options_.zstd_level).Encode(blob);
-          s = frame.ok() ? sink.Write(frame->data(), frame->size()) : frame.status();
+        if (!s.ok())
+          return s.WithContext("writing \"" + name + "\" item \"" + item.index.ToString() + "\"");
+        const int64_t length = static_cast<int64_t>(sink.position() - offset);
+        StorageInfo info{name, static_cast<int64_t>(offset), length, {}};
+        if (options_.zstd_level > 0) {
+          info.transform_descriptors = {std::string(internal::kZstdDescriptor)};
         }
-      } else if (item.type == WriteItemType::kByteIO) {
-        s = sink.Write(data[i].bytes.data(), data[i].bytes.size());
-      } else {
-        auto t = Borrow(data[i].tensor);
-        s = t.ok() ? WriteTorchSave(Value::FromTensor(*std::move(t)), sink, record_options)
-                   : t.status();
+        results[b].push_back(
+            {item.index, length, std::move(info), sink.EndBlob(), internal::kManifestSegmentBytes});
       }
-      if (!s.ok())
-        return s.WithContext("writing \"" + name + "\" item \"" + item.index.ToString() + "\"");
-      const int64_t length = static_cast<int64_t>(sink.position() - offset);
-      StorageInfo info{name, static_cast<int64_t>(offset), length, {}};
-      if (options_.zstd_level > 0) {
-        info.transform_descriptors = {std::string(internal::kZstdDescriptor)};
-      }
-      results[b].push_back(
-          {item.index, length, std::move(info), sink.EndBlob(), internal::kManifestSegmentBytes});
+      return sink.Flush().WithContext("writing \"" + name + "\"");
+    };
+    if (record_options.write_parallelism > 1) {
+      // Write-behind: the items are encoded and hashed here while a pool thread writes the
+      // previous buffer of them (see HashingSink).
+      sink.EnableWriteBehind();
+      const std::vector<Status> done = internal::ParallelFor(2, 2, [&](size_t role) -> Status {
+        if (role == 1) return sink.Drain();
+        Status s = write_items();
+        sink.StopDraining();
+        return s;
+      });
+      DCPP_RETURN_IF_ERROR(done[0]);
+      DCPP_RETURN_IF_ERROR(done[1].WithContext("writing \"" + name + "\""));
+    } else {
+      DCPP_RETURN_IF_ERROR(write_items());
     }
-    DCPP_RETURN_IF_ERROR(sink.Flush().WithContext("writing \"" + name + "\""));
     if (options_.sync_files) {
       DCPP_RETURN_IF_ERROR(file->Sync().WithContext("syncing \"" + name + "\""));
     }

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <condition_variable>
 #include <cstring>
 #include <numeric>
 
@@ -307,8 +308,23 @@ Result<Manifest> DecodeManifest(std::string_view bytes, const std::string& what)
 
 // ------------------------------------------------------------------ HashingSink
 
+// Buffers move spare -> buffer_ (filled) -> queued (written by whoever gets to it) -> spare.
+struct HashingSink::Behind {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::unique_ptr<char[]> spare;
+  std::unique_ptr<char[]> queued;
+  size_t queued_bytes = 0;
+  bool writing = false;
+  bool stopped = false;
+  Status error;
+};
+
 HashingSink::HashingSink(ByteSink& base, uint64_t segment_bytes, size_t batch_bytes)
-    : base_(base), segment_bytes_(segment_bytes), state_(XXH3_createState()) {
+    : base_(base),
+      base_start_(base.position()),
+      segment_bytes_(segment_bytes),
+      state_(XXH3_createState()) {
   XXH3_64bits_reset(static_cast<XXH3_state_t*>(state_));
   if (batch_bytes > 0) {
     capacity_ = std::max(batch_bytes, kHashingSinkSmallWrite);
@@ -372,19 +388,92 @@ void HashingSink::Feed(const char* p, size_t n) {
   }
 }
 
-Status HashingSink::Flush() {
+void HashingSink::EnableWriteBehind() {
+  if (capacity_ == 0 || behind_) return;
+  behind_ = std::make_unique<Behind>();
+  behind_->spare = std::make_unique_for_overwrite<char[]>(capacity_);
+}
+
+void HashingSink::WriteQueued(std::unique_lock<std::mutex>& lock) {
+  Behind& b = *behind_;
+  b.writing = true;
+  const char* p = b.queued.get();
+  const size_t n = b.queued_bytes;
+  lock.unlock();
+  Status s = base_.Write(p, n);
+  lock.lock();
+  if (!s.ok() && b.error.ok()) b.error = std::move(s);
+  b.writing = false;
+  b.spare = std::move(b.queued);
+  b.cv.notify_all();
+}
+
+Status HashingSink::HandOff() {
   if (used_ == 0) return Status::Ok();
   FeedPending();  // the buffer is reused: hash what the current blob has there first
-  Status s = base_.Write(buffer_.get(), used_);
+  const size_t n = used_;
   used_ = 0;
   pending_ = 0;
-  return s;
+  handed_ += n;
+  if (!behind_) return base_.Write(buffer_.get(), n);
+  Behind& b = *behind_;
+  std::unique_lock lock(b.mu);
+  while (!b.spare && b.error.ok()) {
+    if (!b.writing) {
+      WriteQueued(lock);  // no drainer at it: write it here
+    } else {
+      b.cv.wait(lock);
+    }
+  }
+  if (!b.error.ok()) return b.error;
+  b.queued = std::move(buffer_);
+  b.queued_bytes = n;
+  buffer_ = std::move(b.spare);
+  b.cv.notify_all();
+  return Status::Ok();
+}
+
+Status HashingSink::WaitWritten() {
+  if (!behind_) return Status::Ok();
+  Behind& b = *behind_;
+  std::unique_lock lock(b.mu);
+  while ((b.queued || b.writing) && b.error.ok()) {
+    if (!b.writing) {
+      WriteQueued(lock);
+    } else {
+      b.cv.wait(lock);
+    }
+  }
+  return b.error;
+}
+
+Status HashingSink::Drain() {
+  if (!behind_) return Status::Ok();
+  Behind& b = *behind_;
+  std::unique_lock lock(b.mu);
+  for (;;) {
+    b.cv.wait(lock, [&] { return b.stopped || !b.error.ok() || (b.queued && !b.writing); });
+    if (b.stopped || !b.error.ok()) return b.error;
+    WriteQueued(lock);
+  }
+}
+
+void HashingSink::StopDraining() {
+  if (!behind_) return;
+  std::lock_guard lock(behind_->mu);
+  behind_->stopped = true;
+  behind_->cv.notify_all();
+}
+
+Status HashingSink::Flush() {
+  DCPP_RETURN_IF_ERROR(HandOff());
+  return WaitWritten();
 }
 
 Status HashingSink::Write(const void* data, size_t n) {
   if (capacity_ > 0 && n <= kHashingSinkSmallWrite) {
     if (n == 0) return Status::Ok();
-    if (used_ + n > capacity_) DCPP_RETURN_IF_ERROR(Flush());
+    if (used_ + n > capacity_) DCPP_RETURN_IF_ERROR(HandOff());
     std::memcpy(buffer_.get() + used_, data, n);
     used_ += n;
     return Status::Ok();
@@ -398,6 +487,7 @@ Status HashingSink::Write(const void* data, size_t n) {
     const size_t take = std::min(n, kPiece);
     Feed(p, take);
     DCPP_RETURN_IF_ERROR(base_.Write(p, take));
+    handed_ += take;
     p += take;
     n -= take;
   }
@@ -424,6 +514,7 @@ Status HashingSink::WritePieces(const void* data, size_t n, size_t parallelism, 
     visit(0, p, head);
     Feed(p, head);
     DCPP_RETURN_IF_ERROR(base_.Write(p, head));
+    handed_ += head;
   }
   const size_t body = n - head;
   const size_t whole = static_cast<size_t>(body / segment_bytes_);
@@ -439,6 +530,7 @@ Status HashingSink::WritePieces(const void* data, size_t n, size_t parallelism, 
                                            }
                                            visit(head + offset, piece, size);
                                          }));
+  handed_ += body;
   Feed(p + head + whole * seg, body - whole * seg);  // the last, partial segment
   return Status::Ok();
 }

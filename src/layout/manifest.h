@@ -102,6 +102,13 @@ Result<Manifest> DecodeManifest(std::string_view bytes, const std::string& what)
 // per buffer, not several per item), and a blob that lies whole in the buffer is hashed in one
 // call over it when it ends, while its bytes are still in cache. Larger writes go straight
 // through. The caller must then Flush before it syncs or closes the sink's base.
+//
+// Write-behind (EnableWriteBehind, with batching): a full buffer is queued and a second one
+// filled while another thread, running Drain, writes the first to the base; so encoding and
+// hashing small items overlaps the base's write (a file's copy into the page cache). The
+// producer writes a queued buffer itself whenever Drain is not at it, so the two never wait on
+// each other: run the producer and Drain as two indices of one ParallelFor, the producer
+// calling StopDraining when it is done. Writes reach the base in order, one at a time.
 inline constexpr size_t kHashingSinkSmallWrite = size_t{256} << 10;
 
 class HashingSink final : public ByteSink {
@@ -121,17 +128,31 @@ class HashingSink final : public ByteSink {
   // threads); the partial segments at either end on the calling thread.
   Status WritePieces(const void* data, size_t n, size_t parallelism, size_t align,
                      const PieceVisitor& visit) override;
-  // Passes the gathered bytes on (a no-op without batching).
+  // Passes the gathered bytes on and, with write-behind, waits until the base has them all.
   Status Flush();
-  uint64_t position() const override { return base_.position() + used_; }
+  uint64_t position() const override { return base_start_ + handed_ + used_; }
   std::string name() const override { return base_.name(); }
 
+  // Write-behind (see above); needs batching. Drain returns the first write error.
+  void EnableWriteBehind();
+  Status Drain();
+  void StopDraining();
+
  private:
+  struct Behind;
+  // Queues the buffer (write-behind) or writes it to the base.
+  Status HandOff();
+  // Waits until every queued byte is in the base, writing it here if no drainer is at it.
+  Status WaitWritten();
+  // With the lock of behind_ held: writes the queued buffer (unlocking around the write).
+  void WriteQueued(std::unique_lock<std::mutex>& lock);
   void Feed(const char* p, size_t n);
   // Feeds the current blob's gathered bytes that are not hashed yet to the streaming state.
   void FeedPending();
 
   ByteSink& base_;
+  uint64_t base_start_;  // the base's position at construction
+  uint64_t handed_ = 0;  // bytes written to the base or queued for it since
   uint64_t segment_bytes_;
   void* state_;  // XXH3_state_t
   uint64_t in_segment_ = 0;
@@ -142,6 +163,7 @@ class HashingSink final : public ByteSink {
   size_t used_ = 0;
   size_t pending_ = 0;  // the current blob's bytes in buffer_[pending_, used_) are not hashed yet
   bool fed_ = false;    // some of the current blob's bytes went through the streaming state
+  std::unique_ptr<Behind> behind_;
 };
 
 // Checks `bytes` (a whole blob in memory) against its hashes; DataLoss naming `what`, the file

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <mutex>
 #include <random>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -254,6 +255,104 @@ TEST(HashingSinkTest, PiecesWrittenOnSeveralThreadsHashLikeOneWrite) {
         EXPECT_TRUE(log.CoversOnce(body.size()));
         EXPECT_EQ(out.parallel_calls(), 1u) << "the base got the segments as pieces";
       }
+    }
+  }
+}
+
+// A sink that fails every write after the first `good` ones.
+class FailingSink final : public ByteSink {
+ public:
+  explicit FailingSink(int good) : good_(good) {}
+  Status Write(const void* data, size_t n) override {
+    if (writes_++ >= good_) return UnavailableError("disk gone");
+    out_.append(static_cast<const char*>(data), n);
+    return Status::Ok();
+  }
+  uint64_t position() const override { return out_.size(); }
+  std::string name() const override { return "<failing>"; }
+
+ private:
+  int good_;
+  int writes_ = 0;
+  std::string out_;
+};
+
+// Blobs of small writes, large writes and pieces; returns the hashes of each blob.
+Status WriteBlobs(HashingSink& sink, std::vector<std::vector<uint64_t>>& hashes,
+                  std::string& expected) {
+  std::mt19937_64 rng(11);
+  for (int b = 0; b < 40; ++b) {
+    sink.BeginBlob();
+    const size_t len = b % 13 == 5 ? 2 * ByteSink::PieceBytes(1) + 77 : rng() % (300 << 10);
+    const std::string data = Bytes(len, static_cast<uint64_t>(b));
+    if (b % 13 == 5) {
+      DCPP_RETURN_IF_ERROR(
+          sink.WritePieces(data.data(), data.size(), 2, 1, [](size_t, const char*, size_t) {}));
+    } else {
+      for (size_t pos = 0; pos < len;) {
+        const size_t n = std::min<size_t>(len - pos, 1 + rng() % 70000);
+        DCPP_RETURN_IF_ERROR(sink.Write(data.data() + pos, n));
+        pos += n;
+      }
+    }
+    hashes.push_back(sink.EndBlob());
+    expected += data;
+  }
+  return sink.Flush();
+}
+
+// Write-behind: the same bytes and hashes as without it, whether Drain runs beside the producer
+// or only after it (the producer then writes every buffer itself, and nothing waits forever).
+TEST(HashingSinkTest, WriteBehindKeepsBytesAndHashesWithOrWithoutADrainer) {
+  std::string plain_expected;
+  std::vector<std::vector<uint64_t>> plain_hashes;
+  StringSink plain_out;
+  {
+    HashingSink plain(plain_out, kSeg, 1 << 20);
+    DCPP_ASSERT_OK(WriteBlobs(plain, plain_hashes, plain_expected));
+  }
+  ASSERT_EQ(plain_out.str(), plain_expected);
+  for (bool beside : {true, false}) {
+    StringSink out;
+    HashingSink sink(out, kSeg, 1 << 20);
+    sink.EnableWriteBehind();
+    std::string expected;
+    std::vector<std::vector<uint64_t>> hashes;
+    Status produced, drained;
+    if (beside) {
+      std::thread drainer([&] { drained = sink.Drain(); });
+      produced = WriteBlobs(sink, hashes, expected);
+      sink.StopDraining();
+      drainer.join();
+    } else {
+      produced = WriteBlobs(sink, hashes, expected);
+      sink.StopDraining();
+      drained = sink.Drain();
+    }
+    DCPP_EXPECT_OK(produced);
+    DCPP_EXPECT_OK(drained);
+    EXPECT_EQ(sink.position(), expected.size());
+    EXPECT_TRUE(out.str() == plain_expected) << "drainer beside: " << beside;
+    EXPECT_EQ(hashes, plain_hashes);
+  }
+}
+
+// A failed write reaches the producer and the drainer, and neither waits forever.
+TEST(HashingSinkTest, WriteBehindReportsAFailedWriteToBothSides) {
+  for (int good : {0, 1, 3}) {
+    FailingSink out(good);
+    HashingSink sink(out, kSeg, 1 << 20);
+    sink.EnableWriteBehind();
+    std::string expected;
+    std::vector<std::vector<uint64_t>> hashes;
+    Status drained;
+    std::thread drainer([&] { drained = sink.Drain(); });
+    const Status produced = WriteBlobs(sink, hashes, expected);
+    sink.StopDraining();
+    drainer.join();
+    EXPECT_THAT(produced, StatusIs(StatusCode::kUnavailable, HasSubstr("disk gone"))) << good;
+    if (!drained.ok()) {
+      EXPECT_THAT(drained, StatusIs(StatusCode::kUnavailable, HasSubstr("disk gone")));
     }
   }
 }
