@@ -26,8 +26,9 @@ Status ByteSink::WritePieces(const void* data, size_t n, size_t parallelism, siz
     return Status::Ok();
   }
   for (size_t k = 0; k <= count; ++k) {
+    // The caller claims index 0 first: it writes, and a pool thread, once awake, visits.
     const std::vector<Status> done = internal::ParallelFor(2, 2, [&](size_t stage) -> Status {
-      if (stage == 0) {
+      if (stage == 1) {
         if (k < count) visit(k * piece, p + k * piece, size_of(k));
         return Status::Ok();
       }
