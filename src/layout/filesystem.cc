@@ -477,8 +477,15 @@ Status FileSystemWriter::Finish(Metadata& metadata,
   }
   metadata.storage_meta = StorageMeta{checkpoint_id_, Uuid4(), std::nullopt, {}};
   metadata.version = kVersion;
-  DCPP_RETURN_IF_ERROR(ValidateMetadata(metadata, "metadata of \"" + checkpoint_id_ + "\""));
-  DCPP_ASSIGN_OR_RETURN(std::string bytes, EncodeMetadata(metadata, options_.metadata));
+  // Checked and encoded side by side (both only read it); the bytes are used only if it passed.
+  Result<std::string> encoded = std::string();
+  const std::vector<Status> checked = internal::ParallelFor(2, 2, [&](size_t part) -> Status {
+    if (part == 0) return ValidateMetadata(metadata, "metadata of \"" + checkpoint_id_ + "\"");
+    encoded = EncodeMetadata(metadata, options_.metadata);
+    return Status::Ok();
+  });
+  DCPP_RETURN_IF_ERROR(checked[0]);
+  DCPP_ASSIGN_OR_RETURN(std::string bytes, std::move(encoded));
   const std::string name = use_collectives_ ? kMetadataFileName : RankMetadataName(rank_);
   // The manifest first, named after the metadata's bytes: until the metadata's rename nothing
   // names it, and a crash in between leaves the previous checkpoint with its own manifest.
