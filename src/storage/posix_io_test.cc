@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <filesystem>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <utility>
@@ -79,34 +80,41 @@ bool SupportsODirect(const std::string& dir) {
 
 // Large buffered appends go out in write-behind pieces: every byte lands at its offset whatever
 // the pieces' boundaries (a piece and a half, exactly two, one byte more).
-TEST(PosixIoTest, LargeBufferedAppendsInPiecesKeepEveryByte) {
-  TempDir dir;
-  const std::string path = dir.Join("pieces.bin");
-  DCPP_ASSERT_OK_AND_ASSIGN(int fd, OpenFd(path, O_WRONLY | O_CREAT | O_TRUNC, 0644));
-  PosixWritableFile file(fd, path);
-  std::string expected;
+// A buffered file in a fresh directory; each test checks the whole file against `expected_`.
+class BufferedFileTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    DCPP_ASSERT_OK_AND_ASSIGN(int fd, OpenFd(path_, O_RDWR | O_CREAT | O_TRUNC, 0644));
+    file_ = std::make_unique<PosixWritableFile>(fd, path_);
+  }
+  void ExpectWholeFile() {
+    ASSERT_THAT(file_->Sync(), IsOk());
+    ASSERT_THAT(file_->Close(), IsOk());
+    EXPECT_TRUE(Slurp(path_) == expected_);
+  }
+
+  TempDir dir_;
+  const std::string path_ = dir_.Join("pieces.bin");
+  std::unique_ptr<PosixWritableFile> file_;
+  std::string expected_;
+};
+
+TEST_F(BufferedFileTest, LargeAppendsInPiecesKeepEveryByte) {
   uint32_t seed = 1;
   for (size_t n : {size_t{11}, kWriteBehindBytes + kWriteBehindBytes / 2, size_t{5},
                    2 * kWriteBehindBytes, kWriteBehindBytes + 1}) {
     const std::string chunk = Pattern(n, seed++);
-    ASSERT_THAT(file.Append(chunk.data(), chunk.size()), IsOk());
-    expected += chunk;
-    EXPECT_EQ(file.position(), expected.size());
+    ASSERT_THAT(file_->Append(chunk.data(), chunk.size()), IsOk());
+    expected_ += chunk;
+    EXPECT_EQ(file_->position(), expected_.size());
   }
-  ASSERT_THAT(file.Sync(), IsOk());
-  ASSERT_THAT(file.Close(), IsOk());
-  EXPECT_TRUE(Slurp(path) == expected);
+  ExpectWholeFile();
 }
 
 // Pieces visited on a pool thread while the one before is written land in order between
 // ordinary appends (which then continue at the right place), each visited once with the
 // caller's bytes; short writes and parallelism 1 take the one-thread path.
-TEST(PosixIoTest, PiecesVisitedOnAnotherThreadLandInOrder) {
-  TempDir dir;
-  const std::string path = dir.Join("pieces.bin");
-  DCPP_ASSERT_OK_AND_ASSIGN(int fd, OpenFd(path, O_RDWR | O_CREAT | O_TRUNC, 0644));
-  PosixWritableFile file(fd, path);
-  std::string expected;
+TEST_F(BufferedFileTest, PiecesVisitedOnAnotherThreadLandInOrder) {
   uint32_t seed = 7;
   const size_t piece = ByteSink::PieceBytes(4096);
   struct Step {
@@ -119,17 +127,17 @@ TEST(PosixIoTest, PiecesVisitedOnAnotherThreadLandInOrder) {
     std::mutex mu;
     std::vector<std::pair<size_t, size_t>> visits;
     bool wrong_bytes = false;
-    ASSERT_THAT(file.WritePieces(chunk.data(), chunk.size(), step.parallelism, 4096,
-                                 [&](size_t offset, const char* p, size_t n) {
-                                   std::lock_guard lock(mu);
-                                   visits.emplace_back(offset, n);
-                                   if (p != chunk.data() + offset || offset % 4096 != 0) {
-                                     wrong_bytes = true;
-                                   }
-                                 }),
+    ASSERT_THAT(file_->WritePieces(chunk.data(), chunk.size(), step.parallelism, 4096,
+                                   [&](size_t offset, const char* p, size_t n) {
+                                     std::lock_guard lock(mu);
+                                     visits.emplace_back(offset, n);
+                                     if (p != chunk.data() + offset || offset % 4096 != 0) {
+                                       wrong_bytes = true;
+                                     }
+                                   }),
                 IsOk());
-    expected += chunk;
-    EXPECT_EQ(file.position(), expected.size());
+    expected_ += chunk;
+    EXPECT_EQ(file_->position(), expected_.size());
     std::sort(visits.begin(), visits.end());
     size_t covered = 0;
     for (auto [offset, n] : visits) {
@@ -139,9 +147,7 @@ TEST(PosixIoTest, PiecesVisitedOnAnotherThreadLandInOrder) {
     EXPECT_EQ(covered, chunk.size());
     EXPECT_FALSE(wrong_bytes);
   }
-  ASSERT_THAT(file.Sync(), IsOk());
-  ASSERT_THAT(file.Close(), IsOk());
-  EXPECT_TRUE(Slurp(path) == expected);
+  ExpectWholeFile();
 }
 
 // Direct I/O is opt-in (DCPP_DIRECT_IO=1); these tests turn it on for their duration.
