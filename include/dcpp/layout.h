@@ -107,7 +107,8 @@ struct FileSystemWriterOptions {
   // Threads that work on one file's large tensor records at once: with 2 or more, each 8 MiB
   // piece's CRC-32 and manifest hashes are computed on a pool thread while the previous piece is
   // written (a file's writes into the page cache are one at a time in the kernel anyway). 0: the
-  // machine's cores shared among the files written at once; 1: all on the file's writer thread.
+  // machine's cores shared among the files this process is writing at once (AsyncSave takes 1,
+  // leaving the cores to the training beside it); 1: all on the file's writer thread.
   int write_parallelism = 0;
   bool sync_files = true;
   // An existing committed checkpoint in the directory is replaced (atomically: its files stay

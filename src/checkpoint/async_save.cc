@@ -245,13 +245,20 @@ AsyncSaveHandle Start(const StateDict& state_dict, std::string id, WriterSource 
   return handle;
 }
 
+// A background save shares the machine with the training it runs beside: unless asked, its
+// files keep to their writer threads (no write-behind helper per file).
+FileSystemWriterOptions AsyncWriterOptions(FileSystemWriterOptions options) {
+  if (options.write_parallelism == 0) options.write_parallelism = 1;
+  return options;
+}
+
 }  // namespace
 
 AsyncSaveHandle AsyncSave(const StateDict& state_dict, const std::string& path,
                           const AsyncSaveOptions& options) {
   return Start(
       state_dict, path,
-      [path, writer_options = options.save.writer,
+      [path, writer_options = AsyncWriterOptions(options.save.writer),
        process = options.executor == AsyncExecutor::kProcess](StorageWriter** use,
                                                               RankContext& context) {
         std::unique_ptr<StorageWriter> out;

@@ -30,6 +30,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <mutex>
 #include <optional>
@@ -88,6 +89,10 @@ class MappedBuffer {
   char* data_ = nullptr;
   size_t size_ = 0;
 };
+
+// Files that FileSystemWriter::WriteData is writing in this process now (see write_bucket).
+std::atomic<size_t> files_being_written{0};
+
 // Saves: small records are gathered into writes of this size (per writer thread).
 constexpr size_t kWriteBatchBytes = 4 << 20;
 
@@ -377,14 +382,20 @@ Result<std::vector<WriteResult>> FileSystemWriter::WriteData(const SavePlan& pla
   std::vector<std::vector<WriteResult>> results(buckets.size());
   const size_t writers = std::max<size_t>(
       1, std::min(buckets.size(), static_cast<size_t>(std::max(options_.thread_count, 1))));
-  TorchSaveWriteOptions record_options;
-  record_options.write_parallelism =
-      options_.write_parallelism > 0
-          ? static_cast<size_t>(options_.write_parallelism)
-          : std::max<size_t>(1, std::thread::hardware_concurrency() / writers);
 
   auto write_bucket = [&](size_t b) -> Status {
     const std::string name = plan.storage_prefix + std::to_string(b) + tag + kSuffix;
+    // The cores are shared among the files being written at once: this save's, and those of
+    // other saves in the process (ranks on threads), as far as they have started.
+    const size_t others = files_being_written.fetch_add(1);
+    struct Leave {
+      ~Leave() { files_being_written.fetch_sub(1); }
+    } leave;
+    TorchSaveWriteOptions record_options;
+    record_options.write_parallelism =
+        options_.write_parallelism > 0 ? static_cast<size_t>(options_.write_parallelism)
+                                       : std::max<size_t>(1, std::thread::hardware_concurrency() /
+                                                                 std::max(writers, others + 1));
     DCPP_ASSIGN_OR_RETURN(std::unique_ptr<WritableFile> file, store_->OpenWrite(name));
     // torch.save archives stream into the file, hashed on the way for the manifest; small
     // records are gathered into large writes, large ones go straight from the caller's memory.
