@@ -4,8 +4,8 @@
 // `.distcp` file, or memory). Codecs pull only the ranges they need, so a tensor record can be
 // read straight into its destination.
 // ByteSink: an append-only stream with a running position (a file being written, or memory). A
-// large write may go through WritePieces, whose pieces are checksummed on other threads than
-// the one writing.
+// large write may go through WritePieces, whose pieces a sink may write on another thread while
+// the next is checksummed.
 //
 // Thread-safety: ReadAt on one source may be called from several threads at once (implementations
 // use pread or immutable memory). A sink is used by one thread at a time; inside WritePieces it
@@ -78,9 +78,9 @@ class ByteSink {
   // Writes n bytes as Write(data, n) would, in pieces that each pass through `visit` first.
   // Pieces start at offsets that are multiples of `align` (a power of two) and cover the bytes
   // once; they are visited in no promised order. At most `parallelism` threads work at once.
-  // The default writes pieces of PieceBytes(align) in order through Write; with parallelism > 1
-  // it visits the next piece on a pool thread while one is written. On error the sink's tail is
-  // unknown, as after a failed Write.
+  // The default visits and writes pieces of PieceBytes(align) in order on the calling thread; a
+  // sink that can write one piece while the next is visited overrides it. On error the sink's
+  // tail is unknown, as after a failed Write.
   virtual Status WritePieces(const void* data, size_t n, size_t parallelism, size_t align,
                              const PieceVisitor& visit);
   // The piece size WritePieces implementations use: 8 MiB rounded up to a multiple of `align`.

@@ -104,11 +104,11 @@ struct FileSystemWriterOptions {
   // One file per writer thread (DCP's single_file_per_rank) or one file per item.
   bool single_file_per_rank = true;
   int thread_count = 1;
-  // Threads that work on one file's large tensor records at once: with 2 or more, each 8 MiB
-  // piece's CRC-32 and manifest hashes are computed on a pool thread while the previous piece is
-  // written (a file's writes into the page cache are one at a time in the kernel anyway). 0: the
-  // machine's cores shared among the files this process is writing at once (AsyncSave takes 1,
-  // leaving the cores to the training beside it); 1: all on the file's writer thread.
+  // Threads that work on one file at once: with 2 or more the file writes behind (its small
+  // records are gathered, CRC'd and hashed into one buffer while a pool thread writes the
+  // previous one); large records are written from the caller's memory on the writer thread. 0:
+  // the machine's cores shared among the files this process is writing at once (AsyncSave takes
+  // 1, leaving the cores to the training beside it); 1: all on the file's writer thread.
   int write_parallelism = 0;
   bool sync_files = true;
   // An existing committed checkpoint in the directory is replaced (atomically: its files stay

@@ -308,12 +308,15 @@ Result<Manifest> DecodeManifest(std::string_view bytes, const std::string& what)
 
 // ------------------------------------------------------------------ HashingSink
 
-// Buffers move spare -> buffer_ (filled) -> queued (written by whoever gets to it) -> spare.
+// Buffers move spare -> buffer_ (filled) -> queued_owned (written by whoever gets to it) ->
+// spare. One write waits in `queued` at a time: a full buffer, or a piece of a large write
+// (the caller's memory).
 struct HashingSink::Behind {
   std::mutex mu;
   std::condition_variable cv;
   std::unique_ptr<char[]> spare;
-  std::unique_ptr<char[]> queued;
+  std::unique_ptr<char[]> queued_owned;
+  const char* queued = nullptr;
   size_t queued_bytes = 0;
   bool writing = false;
   bool stopped = false;
@@ -397,15 +400,28 @@ void HashingSink::EnableWriteBehind() {
 void HashingSink::WriteQueued(std::unique_lock<std::mutex>& lock) {
   Behind& b = *behind_;
   b.writing = true;
-  const char* p = b.queued.get();
+  const char* p = b.queued;
   const size_t n = b.queued_bytes;
+  b.queued = nullptr;
   lock.unlock();
   Status s = base_.Write(p, n);
   lock.lock();
   if (!s.ok() && b.error.ok()) b.error = std::move(s);
   b.writing = false;
-  b.spare = std::move(b.queued);
+  if (b.queued_owned) b.spare = std::move(b.queued_owned);
   b.cv.notify_all();
+}
+
+Status HashingSink::WaitForSlot(std::unique_lock<std::mutex>& lock, bool spare_too) {
+  Behind& b = *behind_;
+  while ((b.queued || (spare_too && !b.spare)) && b.error.ok()) {
+    if (b.queued && !b.writing) {
+      WriteQueued(lock);  // no drainer at it: write it here
+    } else {
+      b.cv.wait(lock);
+    }
+  }
+  return b.error;
 }
 
 Status HashingSink::HandOff() {
@@ -418,17 +434,23 @@ Status HashingSink::HandOff() {
   if (!behind_) return base_.Write(buffer_.get(), n);
   Behind& b = *behind_;
   std::unique_lock lock(b.mu);
-  while (!b.spare && b.error.ok()) {
-    if (!b.writing) {
-      WriteQueued(lock);  // no drainer at it: write it here
-    } else {
-      b.cv.wait(lock);
-    }
-  }
-  if (!b.error.ok()) return b.error;
-  b.queued = std::move(buffer_);
+  DCPP_RETURN_IF_ERROR(WaitForSlot(lock, /*spare_too=*/true));
+  b.queued = buffer_.get();
   b.queued_bytes = n;
+  b.queued_owned = std::move(buffer_);
   buffer_ = std::move(b.spare);
+  b.cv.notify_all();
+  return Status::Ok();
+}
+
+Status HashingSink::HandOffPiece(const char* p, size_t n) {
+  handed_ += n;
+  if (!behind_) return base_.Write(p, n);
+  Behind& b = *behind_;
+  std::unique_lock lock(b.mu);
+  DCPP_RETURN_IF_ERROR(WaitForSlot(lock, /*spare_too=*/false));
+  b.queued = p;
+  b.queued_bytes = n;
   b.cv.notify_all();
   return Status::Ok();
 }
@@ -437,13 +459,8 @@ Status HashingSink::WaitWritten() {
   if (!behind_) return Status::Ok();
   Behind& b = *behind_;
   std::unique_lock lock(b.mu);
-  while ((b.queued || b.writing) && b.error.ok()) {
-    if (!b.writing) {
-      WriteQueued(lock);
-    } else {
-      b.cv.wait(lock);
-    }
-  }
+  DCPP_RETURN_IF_ERROR(WaitForSlot(lock, /*spare_too=*/false));
+  b.cv.wait(lock, [&] { return !b.writing; });
   return b.error;
 }
 
@@ -513,26 +530,26 @@ Status HashingSink::WritePieces(const void* data, size_t n, size_t parallelism, 
   if (head > 0) {
     visit(0, p, head);
     Feed(p, head);
-    DCPP_RETURN_IF_ERROR(base_.Write(p, head));
-    handed_ += head;
+    DCPP_RETURN_IF_ERROR(HandOffPiece(p, head));
   }
+  // Whole segments are hashed here, piece by piece; with write-behind the drainer writes a
+  // piece while the next one is hashed and visited.
   const size_t body = n - head;
-  const size_t whole = static_cast<size_t>(body / segment_bytes_);
-  const size_t first = hashes_.size();
-  hashes_.resize(first + whole);
-  fed_ = true;
   const size_t seg = static_cast<size_t>(segment_bytes_);
-  DCPP_RETURN_IF_ERROR(base_.WritePieces(p + head, body, parallelism, std::max(align, seg),
-                                         [&](size_t offset, const char* piece, size_t size) {
-                                           for (size_t at = 0; at + seg <= size; at += seg) {
-                                             hashes_[first + (offset + at) / seg] =
-                                                 Xxh3(piece + at, seg);
-                                           }
-                                           visit(head + offset, piece, size);
-                                         }));
-  handed_ += body;
-  Feed(p + head + whole * seg, body - whole * seg);  // the last, partial segment
-  return Status::Ok();
+  const size_t piece = PieceBytes(std::max(align, seg));
+  fed_ = true;
+  for (size_t offset = 0; offset < body; offset += piece) {
+    const size_t size = std::min(piece, body - offset);
+    const char* at = p + head + offset;
+    if (size % seg == 0) {
+      for (size_t k = 0; k < size; k += seg) hashes_.push_back(Xxh3(at + k, seg));
+    } else {
+      Feed(at, size);  // the last piece, ending in a partial segment
+    }
+    visit(head + offset, at, size);
+    DCPP_RETURN_IF_ERROR(HandOffPiece(at, size));
+  }
+  return WaitWritten();
 }
 
 // ------------------------------------------------------------------ verifying reads

@@ -124,8 +124,8 @@ class HashingSink final : public ByteSink {
   std::vector<uint64_t> EndBlob();
 
   Status Write(const void* data, size_t n) override;
-  // The segments that lie whole in the write are hashed by the base's piece visitor (on its
-  // threads); the partial segments at either end on the calling thread.
+  // Hashes and visits each piece here; with write-behind the drainer writes one piece while the
+  // next is hashed and visited (the caller's memory, no copy).
   Status WritePieces(const void* data, size_t n, size_t parallelism, size_t align,
                      const PieceVisitor& visit) override;
   // Passes the gathered bytes on and, with write-behind, waits until the base has them all.
@@ -144,8 +144,13 @@ class HashingSink final : public ByteSink {
   Status HandOff();
   // Waits until every queued byte is in the base, writing it here if no drainer is at it.
   Status WaitWritten();
-  // With the lock of behind_ held: writes the queued buffer (unlocking around the write).
+  // With the lock of behind_ held: writes what is queued (unlocking around the write).
   void WriteQueued(std::unique_lock<std::mutex>& lock);
+  // With the lock held: waits until nothing is queued (and, with spare_too, the spare buffer is
+  // back), writing the queued one here if no drainer is at it.
+  Status WaitForSlot(std::unique_lock<std::mutex>& lock, bool spare_too);
+  // Passes a piece of the caller's memory on: queued for the drainer, or written.
+  Status HandOffPiece(const char* p, size_t n);
   void Feed(const char* p, size_t n);
   // Feeds the current blob's gathered bytes that are not hashed yet to the streaming state.
   void FeedPending();

@@ -231,29 +231,34 @@ class PieceLog {
   bool bad_pointer_ = false;
 };
 
-// Pieces hashed on several threads, in any order, give the hashes and bytes of plain writes,
-// wherever the write starts within a segment and whether or not small writes are batched.
-TEST(HashingSinkTest, PiecesWrittenOnSeveralThreadsHashLikeOneWrite) {
+// Pieces give the hashes and bytes of plain writes, wherever the write starts within a segment,
+// whether or not small writes are batched, and with a drainer writing them behind.
+TEST(HashingSinkTest, PiecesHashLikeOneWriteWithOrWithoutWriteBehind) {
   for (uint64_t seg : {kSeg, kManifestSegmentBytes}) {
-    for (size_t batch : {size_t{0}, size_t{1} << 20}) {
+    for (int mode = 0; mode < 3; ++mode) {  // unbatched, batched, batched and written behind
       for (size_t head :
            {size_t{0}, size_t{1}, static_cast<size_t>(seg) - 1, static_cast<size_t>(seg) + 3}) {
         const std::string lead = Bytes(head, head + 7);
         const std::string body = Bytes(2 * ByteSink::PieceBytes(seg) + 2 * seg + 5, head + seg);
-        testing::ScatteringSink out;
-        HashingSink sink(out, seg, batch);
-        DCPP_ASSERT_OK(sink.Write("before", 6));
+        StringSink out;
+        HashingSink sink(out, seg, mode == 0 ? 0 : size_t{1} << 20);
+        if (mode == 2) sink.EnableWriteBehind();
+        Status drained;
+        std::thread drainer([&] { drained = sink.Drain(); });
+        DCPP_EXPECT_OK(sink.Write("before", 6));
         sink.BeginBlob();
-        DCPP_ASSERT_OK(sink.Write(lead.data(), lead.size()));
+        DCPP_EXPECT_OK(sink.Write(lead.data(), lead.size()));
         PieceLog log(body);
-        DCPP_ASSERT_OK(sink.WritePieces(body.data(), body.size(), 3, 1, log.Visitor()));
-        DCPP_ASSERT_OK(sink.Write("after", 5));
+        DCPP_EXPECT_OK(sink.WritePieces(body.data(), body.size(), 2, 1, log.Visitor()));
+        DCPP_EXPECT_OK(sink.Write("after", 5));
         EXPECT_EQ(sink.EndBlob(), HashSegments(lead + body + "after", seg))
-            << "segment " << seg << " batch " << batch << " head " << head;
-        DCPP_ASSERT_OK(sink.Flush());
+            << "segment " << seg << " mode " << mode << " head " << head;
+        DCPP_EXPECT_OK(sink.Flush());
+        sink.StopDraining();
+        drainer.join();
+        DCPP_EXPECT_OK(drained);
         EXPECT_TRUE(out.str() == "before" + lead + body + "after");
         EXPECT_TRUE(log.CoversOnce(body.size()));
-        EXPECT_EQ(out.parallel_calls(), 1u) << "the base got the segments as pieces";
       }
     }
   }
