@@ -8,7 +8,6 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
-#include <thread>
 #include <vector>
 
 namespace dcpp::testing {
@@ -149,39 +148,6 @@ void FlipByte(const std::string& path, uint64_t offset, uint8_t mask) {
   f.seekp(static_cast<std::streamoff>(offset));
   f.write(&c, 1);
   EXPECT_TRUE(f.good()) << "flipping byte " << offset << " of " << path;
-}
-
-Status ScatteringSink::Write(const void* data, size_t n) {
-  out_.append(static_cast<const char*>(data), n);
-  return Status::Ok();
-}
-
-Status ScatteringSink::WritePieces(const void* data, size_t n, size_t parallelism, size_t align,
-                                   const PieceVisitor& visit) {
-  if (parallelism <= 1) return ByteSink::WritePieces(data, n, parallelism, align, visit);
-  ++parallel_calls_;
-  const size_t piece = PieceBytes(align);
-  const size_t count = (n + piece - 1) / piece;
-  const size_t base = out_.size();
-  out_.resize(base + n);
-  const char* src = static_cast<const char*>(data);
-  // Thread t takes pieces count-1-t, count-1-t-threads, ...: the last piece goes first.
-  const size_t threads = std::min(parallelism, std::max<size_t>(count, 1));
-  std::vector<std::thread> workers;
-  for (size_t t = 0; t < threads; ++t) {
-    workers.emplace_back([&, t] {
-      for (size_t k = t; k < count; k += threads) {
-        const size_t i = count - 1 - k;
-        const size_t offset = i * piece;
-        const size_t size = std::min(piece, n - offset);
-        visit(offset, src + offset, size);
-        std::memcpy(out_.data() + base + offset, src + offset, size);
-      }
-    });
-  }
-  for (std::thread& w : workers) w.join();
-  pieces_ += count;
-  return Status::Ok();
 }
 
 }  // namespace dcpp::testing

@@ -87,27 +87,3 @@ std::string PythonPath();
 std::string Torch2PythonPath();
 
 }  // namespace dcpp::testing
-
-namespace dcpp::testing {
-
-// A memory sink whose WritePieces visits and writes its pieces from several threads, last piece
-// first, the way a file's positional writes may: for tests of code that must not depend on the
-// order or thread of pieces. Counts the pieces and the calls that came with parallelism > 1.
-class ScatteringSink final : public ByteSink {
- public:
-  Status Write(const void* data, size_t n) override;
-  Status WritePieces(const void* data, size_t n, size_t parallelism, size_t align,
-                     const PieceVisitor& visit) override;
-  uint64_t position() const override { return out_.size(); }
-  std::string name() const override { return "<scattering memory>"; }
-  const std::string& str() const { return out_; }
-  size_t pieces() const { return pieces_; }
-  size_t parallel_calls() const { return parallel_calls_; }
-
- private:
-  std::string out_;
-  size_t pieces_ = 0;
-  size_t parallel_calls_ = 0;
-};
-
-}  // namespace dcpp::testing

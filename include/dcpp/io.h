@@ -3,18 +3,14 @@
 // ByteSource: random-access reads of a fixed-size byte range (a whole file, a blob inside a
 // `.distcp` file, or memory). Codecs pull only the ranges they need, so a tensor record can be
 // read straight into its destination.
-// ByteSink: an append-only stream with a running position (a file being written, or memory). A
-// large write may go through WritePieces, whose pieces a sink may write on another thread while
-// the next is checksummed.
+// ByteSink: an append-only stream with a running position (a file being written, or memory).
 //
 // Thread-safety: ReadAt on one source may be called from several threads at once (implementations
-// use pread or immutable memory). A sink is used by one thread at a time; inside WritePieces it
-// may call the visitor from several threads at once.
+// use pread or immutable memory). A sink is used by one thread at a time.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
-#include <functional>
 #include <string>
 #include <string_view>
 
@@ -68,26 +64,8 @@ class SubSource final : public ByteSource {
 
 class ByteSink {
  public:
-  // Called once per piece of a WritePieces call, before the piece is written: the piece's
-  // offset from the start of the write, its bytes and size (a CRC or hash of the piece while it
-  // is in cache). It may run on another thread than the write, and on several threads at once.
-  using PieceVisitor = std::function<void(size_t offset, const char* piece, size_t size)>;
-
   virtual ~ByteSink() = default;
   virtual Status Write(const void* data, size_t n) = 0;
-  // Writes n bytes as Write(data, n) would, in pieces that each pass through `visit` first.
-  // Pieces start at offsets that are multiples of `align` (a power of two) and cover the bytes
-  // once; they are visited in no promised order. At most `parallelism` threads work at once.
-  // The default visits and writes pieces of PieceBytes(align) in order on the calling thread; a
-  // sink that can write one piece while the next is visited overrides it. On error the sink's
-  // tail is unknown, as after a failed Write.
-  virtual Status WritePieces(const void* data, size_t n, size_t parallelism, size_t align,
-                             const PieceVisitor& visit);
-  // The piece size WritePieces implementations use: 8 MiB rounded up to a multiple of `align`.
-  static size_t PieceBytes(size_t align) {
-    constexpr size_t kPiece = size_t{8} << 20;
-    return align <= 1 ? kPiece : (kPiece + align - 1) / align * align;
-  }
   // Bytes written so far.
   virtual uint64_t position() const = 0;
   virtual std::string name() const = 0;

@@ -1279,7 +1279,6 @@ Status WriteTorchSave(const Value& value, ByteSink& sink, const TorchSaveWriteOp
   // 3. Records.
   internal::ZipWriterOptions zip_options;
   zip_options.compute_crc32 = options.compute_crc32;
-  zip_options.write_parallelism = options.write_parallelism;
   internal::ZipWriter zip(sink, zip_options);
   const std::string dir = options.archive_name + "/";
   std::vector<uint64_t> name_hashes;  // for the serialization id

@@ -159,8 +159,6 @@ struct TorchSaveWriteOptions {
   // Write PyTorch 2.x's extra records (byteorder, .format_version, .storage_alignment,
   // .data/serialization_id). Both forms load in torch >= 1.13.
   bool modern_records = true;
-  // Threads that may write pieces of one large storage record at once (ZipWriterOptions).
-  size_t write_parallelism = 1;
   // Streaming: when set, each storage record's bytes come from materialize(t), called just
   // before the record is written with the (first) tensor of that storage as found in the value,
   // and released right after. The value may then hold placeholder tensors whose storage has the

@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
-#include <mutex>
 #include <vector>
 
 namespace dcpp::internal {
@@ -16,6 +15,9 @@ namespace dcpp::internal {
 namespace {
 // Archives with at most this many entries find names by a linear scan.
 constexpr uint64_t kZipLinearLookup = 32;
+// A large record is CRC'd and written in pieces of this size, so each piece is read from memory
+// once while it is still in cache.
+constexpr size_t kCrcPieceBytes = size_t{8} << 20;
 }  // namespace
 
 // ISA-L's folding CRC (PCLMUL/AVX-512) runs 4x zlib's on the development machine; the two give
@@ -26,10 +28,6 @@ uint32_t Crc32(uint32_t crc, const void* data, size_t n) {
 #else
   return static_cast<uint32_t>(::crc32_z(crc, static_cast<const Bytef*>(data), n));
 #endif
-}
-
-uint32_t Crc32Combine(uint32_t crc_a, uint32_t crc_b, uint64_t size_b) {
-  return static_cast<uint32_t>(::crc32_combine64(crc_a, crc_b, static_cast<z_off64_t>(size_b)));
 }
 
 namespace {
@@ -104,43 +102,6 @@ ZipWriter::ZipWriter(ByteSink& sink, ZipWriterOptions options)
   }
 }
 
-// A large record through the sink's WritePieces: each piece is CRC'd by the sink's visitor
-// (another thread than the write, or several), and the CRCs are combined in file order.
-Result<uint32_t> ZipWriter::WriteRecordPieces(std::string_view name, const void* data,
-                                              size_t size) {
-  struct PieceCrc {
-    size_t offset;
-    size_t size;
-    uint32_t crc;
-  };
-  std::vector<PieceCrc> pieces;
-  std::mutex mu;
-  const bool want_crc = options_.compute_crc32;
-  DCPP_RETURN_IF_ERROR(sink_.WritePieces(data, size, options_.write_parallelism, 1,
-                                         [&](size_t offset, const char* piece, size_t n) {
-                                           if (!want_crc) return;
-                                           const uint32_t c = Crc32(0, piece, n);
-                                           std::lock_guard lock(mu);
-                                           pieces.push_back({offset, n, c});
-                                         }));
-  if (!want_crc) return uint32_t{0};
-  std::sort(pieces.begin(), pieces.end(),
-            [](const PieceCrc& a, const PieceCrc& b) { return a.offset < b.offset; });
-  uint32_t crc = 0;
-  size_t covered = 0;
-  for (const PieceCrc& piece : pieces) {
-    if (piece.offset != covered) break;
-    crc = covered == 0 ? piece.crc : Crc32Combine(crc, piece.crc, piece.size);
-    covered += piece.size;
-  }
-  if (covered != size) {
-    return InternalError("zip record \"" + std::string(name) + "\": the sink's pieces covered " +
-                         std::to_string(covered) + " of its " + std::to_string(size) +
-                         " bytes in order");
-  }
-  return crc;
-}
-
 Status ZipWriter::AddRecord(std::string_view name, const void* data, size_t size) {
   if (finished_)
     return FailedPreconditionError("zip record \"" + std::string(name) + "\" after Finish");
@@ -177,19 +138,13 @@ Status ZipWriter::AddRecord(std::string_view name, const void* data, size_t size
   Put16(header, static_cast<uint16_t>(pad));
   header.append(pad, 'Z');
   DCPP_RETURN_IF_ERROR(sink_.Write(header.data(), header.size()));
-  // The CRC is computed piece by piece just before each piece is written, so the bytes are read
-  // from memory once while still in cache.
   uint32_t crc = 0;
-  if (options_.write_parallelism <= 1 || size < 2 * ByteSink::PieceBytes(1)) {
-    const auto* bytes = static_cast<const char*>(data);
-    for (size_t done = 0; done < size;) {
-      const size_t n = std::min(ByteSink::PieceBytes(1), size - done);
-      if (options_.compute_crc32) crc = Crc32(crc, bytes + done, n);
-      DCPP_RETURN_IF_ERROR(sink_.Write(bytes + done, n));
-      done += n;
-    }
-  } else {
-    DCPP_ASSIGN_OR_RETURN(crc, WriteRecordPieces(name, data, size));
+  const auto* bytes = static_cast<const char*>(data);
+  for (size_t done = 0; done < size;) {
+    const size_t n = std::min(kCrcPieceBytes, size - done);
+    if (options_.compute_crc32) crc = Crc32(crc, bytes + done, n);
+    DCPP_RETURN_IF_ERROR(sink_.Write(bytes + done, n));
+    done += n;
   }
   if (size > 0) {
     std::string& descriptor = scratch_;

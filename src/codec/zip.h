@@ -78,9 +78,6 @@ class ZipReader {
 struct ZipWriterOptions {
   uint32_t alignment = 64;  // record data alignment (a power of two, at most 4096)
   bool compute_crc32 = true;
-  // Threads that may write (and CRC) pieces of one large record at once, through the sink's
-  // WritePieces; 1 keeps a record on the calling thread.
-  size_t write_parallelism = 1;
 };
 
 class ZipWriter {
@@ -106,8 +103,6 @@ class ZipWriter {
     uint32_t crc32;
     uint16_t flags;
   };
-  Result<uint32_t> WriteRecordPieces(std::string_view name, const void* data, size_t size);
-
   ByteSink& sink_;
   ZipWriterOptions options_;
   uint64_t base_;
@@ -120,8 +115,6 @@ class ZipWriter {
 
 // CRC-32 (zip's reflected IEEE polynomial) of n bytes, continuing from `crc` (0 to start).
 uint32_t Crc32(uint32_t crc, const void* data, size_t n);
-// The CRC-32 of A followed by B, from the CRC-32 of each and B's length.
-uint32_t Crc32Combine(uint32_t crc_a, uint32_t crc_b, uint64_t size_b);
 
 // Reads [offset, offset+size) of `source` in pieces and compares its CRC-32 with `crc`;
 // DataLoss naming the source and `entry_name` on mismatch.

@@ -1,22 +1,8 @@
 #include "dcpp/io.h"
 
-#include <algorithm>
 #include <cstring>
 
 namespace dcpp {
-
-Status ByteSink::WritePieces(const void* data, size_t n, size_t /*parallelism*/, size_t align,
-                             const PieceVisitor& visit) {
-  const size_t piece = PieceBytes(align);
-  const char* p = static_cast<const char*>(data);
-  for (size_t offset = 0; offset < n; offset += piece) {
-    const size_t size = std::min(piece, n - offset);
-    visit(offset, p + offset, size);
-    DCPP_RETURN_IF_ERROR(Write(p + offset, size));
-  }
-  return Status::Ok();
-}
-
 namespace {
 bool InRange(uint64_t offset, size_t n, uint64_t size) {
   return offset <= size && n <= size - offset;

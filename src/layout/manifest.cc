@@ -11,7 +11,6 @@
 #include <xxhash.h>
 
 #include <algorithm>
-#include <bit>
 #include <condition_variable>
 #include <cstring>
 #include <numeric>
@@ -309,8 +308,7 @@ Result<Manifest> DecodeManifest(std::string_view bytes, const std::string& what)
 // ------------------------------------------------------------------ HashingSink
 
 // Buffers move spare -> buffer_ (filled) -> queued_owned (written by whoever gets to it) ->
-// spare. One write waits in `queued` at a time: a full buffer, or a piece of a large write
-// (the caller's memory).
+// spare. One full buffer waits in `queued` at a time.
 struct HashingSink::Behind {
   std::mutex mu;
   std::condition_variable cv;
@@ -443,18 +441,6 @@ Status HashingSink::HandOff() {
   return Status::Ok();
 }
 
-Status HashingSink::HandOffPiece(const char* p, size_t n) {
-  handed_ += n;
-  if (!behind_) return base_.Write(p, n);
-  Behind& b = *behind_;
-  std::unique_lock lock(b.mu);
-  DCPP_RETURN_IF_ERROR(WaitForSlot(lock, /*spare_too=*/false));
-  b.queued = p;
-  b.queued_bytes = n;
-  b.cv.notify_all();
-  return Status::Ok();
-}
-
 Status HashingSink::WaitWritten() {
   if (!behind_) return Status::Ok();
   Behind& b = *behind_;
@@ -509,47 +495,6 @@ Status HashingSink::Write(const void* data, size_t n) {
     n -= take;
   }
   return Status::Ok();
-}
-
-Status HashingSink::WritePieces(const void* data, size_t n, size_t parallelism, size_t align,
-                                const PieceVisitor& visit) {
-  const char* p = static_cast<const char*>(data);
-  if (parallelism <= 1) return ByteSink::WritePieces(data, n, parallelism, align, visit);
-  // Gathered bytes first: they decide where the current segment ends.
-  DCPP_RETURN_IF_ERROR(Flush());
-  // Up to that end on this thread; from there the base's pieces start on segment boundaries,
-  // each hashing the whole segments it holds.
-  const size_t head =
-      in_segment_ == 0 ? 0
-                       : static_cast<size_t>(std::min<uint64_t>(n, segment_bytes_ - in_segment_));
-  const bool segments_are_pieces = std::has_single_bit(segment_bytes_);
-  if (!segments_are_pieces || (align > 1 && head % align != 0) ||
-      n - head < 2 * PieceBytes(std::max<size_t>(align, segment_bytes_))) {
-    return ByteSink::WritePieces(data, n, parallelism, align, visit);
-  }
-  if (head > 0) {
-    visit(0, p, head);
-    Feed(p, head);
-    DCPP_RETURN_IF_ERROR(HandOffPiece(p, head));
-  }
-  // Whole segments are hashed here, piece by piece; with write-behind the drainer writes a
-  // piece while the next one is hashed and visited.
-  const size_t body = n - head;
-  const size_t seg = static_cast<size_t>(segment_bytes_);
-  const size_t piece = PieceBytes(std::max(align, seg));
-  fed_ = true;
-  for (size_t offset = 0; offset < body; offset += piece) {
-    const size_t size = std::min(piece, body - offset);
-    const char* at = p + head + offset;
-    if (size % seg == 0) {
-      for (size_t k = 0; k < size; k += seg) hashes_.push_back(Xxh3(at + k, seg));
-    } else {
-      Feed(at, size);  // the last piece, ending in a partial segment
-    }
-    visit(head + offset, at, size);
-    DCPP_RETURN_IF_ERROR(HandOffPiece(at, size));
-  }
-  return WaitWritten();
 }
 
 // ------------------------------------------------------------------ verifying reads

@@ -124,10 +124,6 @@ class HashingSink final : public ByteSink {
   std::vector<uint64_t> EndBlob();
 
   Status Write(const void* data, size_t n) override;
-  // Hashes and visits each piece here; with write-behind the drainer writes one piece while the
-  // next is hashed and visited (the caller's memory, no copy).
-  Status WritePieces(const void* data, size_t n, size_t parallelism, size_t align,
-                     const PieceVisitor& visit) override;
   // Passes the gathered bytes on and, with write-behind, waits until the base has them all.
   Status Flush();
   uint64_t position() const override { return base_start_ + handed_ + used_; }
@@ -149,8 +145,6 @@ class HashingSink final : public ByteSink {
   // With the lock held: waits until nothing is queued (and, with spare_too, the spare buffer is
   // back), writing the queued one here if no drainer is at it.
   Status WaitForSlot(std::unique_lock<std::mutex>& lock, bool spare_too);
-  // Passes a piece of the caller's memory on: queued for the drainer, or written.
-  Status HandOffPiece(const char* p, size_t n);
   void Feed(const char* p, size_t n);
   // Feeds the current blob's gathered bytes that are not hashed yet to the streaming state.
   void FeedPending();

@@ -4,14 +4,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <algorithm>
-#include <atomic>
 #include <filesystem>
 #include <memory>
-#include <mutex>
 #include <string>
-#include <utility>
-#include <vector>
 
 #include "testing/testing.h"
 
@@ -111,45 +106,6 @@ TEST_F(BufferedFileTest, LargeAppendsInPiecesKeepEveryByte) {
   ExpectWholeFile();
 }
 
-// Pieces visited on a pool thread while the one before is written land in order between
-// ordinary appends (which then continue at the right place), each visited once with the
-// caller's bytes; short writes and parallelism 1 take the one-thread path.
-TEST_F(BufferedFileTest, PiecesVisitedOnAnotherThreadLandInOrder) {
-  uint32_t seed = 7;
-  const size_t piece = ByteSink::PieceBytes(4096);
-  struct Step {
-    size_t size;
-    size_t parallelism;
-  };
-  for (Step step : {Step{13, 1}, Step{3 * piece + piece / 3, 4}, Step{kAppendBufferBytes / 2, 1},
-                    Step{2 * piece, 2}, Step{piece + 1, 4}, Step{5 * piece + 7, 1}, Step{3, 1}}) {
-    const std::string chunk = Pattern(step.size, seed++);
-    std::mutex mu;
-    std::vector<std::pair<size_t, size_t>> visits;
-    bool wrong_bytes = false;
-    ASSERT_THAT(file_->WritePieces(chunk.data(), chunk.size(), step.parallelism, 4096,
-                                   [&](size_t offset, const char* p, size_t n) {
-                                     std::lock_guard lock(mu);
-                                     visits.emplace_back(offset, n);
-                                     if (p != chunk.data() + offset || offset % 4096 != 0) {
-                                       wrong_bytes = true;
-                                     }
-                                   }),
-                IsOk());
-    expected_ += chunk;
-    EXPECT_EQ(file_->position(), expected_.size());
-    std::sort(visits.begin(), visits.end());
-    size_t covered = 0;
-    for (auto [offset, n] : visits) {
-      EXPECT_EQ(offset, covered);
-      covered += n;
-    }
-    EXPECT_EQ(covered, chunk.size());
-    EXPECT_FALSE(wrong_bytes);
-  }
-  ExpectWholeFile();
-}
-
 // Direct I/O is opt-in (DCPP_DIRECT_IO=1); these tests turn it on for their duration.
 class DirectIo {
  public:
@@ -184,14 +140,8 @@ TEST(PosixIoTest, DirectWritesKeepEveryByteAndTheExactLength) {
   EXPECT_EQ(FileSize(fd), expected.size());  // the padding of the last block is cut off
   EXPECT_EQ(Slurp(path), expected);
   append(kDirectChunkBytes * 2 + 7);
-  // Pieces go through the staging chunks like appends.
-  const std::string pieces = Pattern(3 * kDirectChunkBytes + 5, 99);
-  std::atomic<size_t> visited{0};
-  ASSERT_THAT(file.WritePieces(pieces.data(), pieces.size(), 4, 1,
-                               [&](size_t, const char*, size_t n) { visited += n; }),
-              IsOk());
-  EXPECT_EQ(visited, pieces.size());
-  expected += pieces;
+  // A large append goes through the staging chunks.
+  append(3 * kDirectChunkBytes + 5);
   append(1);
   ASSERT_THAT(file.Sync(), IsOk());
   EXPECT_EQ(FileSize(fd), expected.size());
