@@ -107,8 +107,10 @@ struct FileSystemWriterOptions {
   // Threads that work on one file at once: with 2 or more the file writes behind (its small
   // records are gathered, CRC'd and hashed into one buffer while a pool thread writes the
   // previous one); large records are written from the caller's memory on the writer thread. 0:
-  // the machine's cores shared among the files this process is writing at once (AsyncSave takes
-  // 1, leaving the cores to the training beside it); 1: all on the file's writer thread.
+  // this process's cores (its affinity mask, or the machine's shared among the processes its
+  // launcher started here: torchrun's LOCAL_WORLD_SIZE, Open MPI's and MPICH's local sizes),
+  // shared among the files it is writing at once (AsyncSave takes 1, leaving the cores to the
+  // training beside it); 1: all on the file's writer thread.
   int write_parallelism = 0;
   bool sync_files = true;
   // An existing committed checkpoint in the directory is replaced (atomically: its files stay

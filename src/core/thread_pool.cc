@@ -1,11 +1,17 @@
 #include "core/thread_pool.h"
 
+#include <sched.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
+#include <charconv>
 #include <condition_variable>
+#include <cstdlib>
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <string_view>
 #include <thread>
 
 namespace dcpp::internal {
@@ -113,5 +119,42 @@ Status FirstError(const std::vector<Status>& statuses) {
 }
 
 size_t PoolThreadCount() { return Pool::Get().threads(); }
+
+size_t CoresShare(size_t allowed, size_t machine, size_t local_processes) {
+  allowed = std::max<size_t>(allowed, 1);
+  // A mask narrower than the machine is the launcher's share already.
+  if (allowed < machine || local_processes <= 1) return allowed;
+  return std::max<size_t>(1, allowed / local_processes);
+}
+
+namespace {
+
+size_t LocalProcessesFromLauncher() {
+  for (const char* name : {"LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"}) {
+    const char* v = std::getenv(name);
+    if (v == nullptr) continue;
+    const std::string_view text(v);
+    size_t n = 0;
+    auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), n);
+    if (ec == std::errc() && end == text.data() + text.size() && n > 0) return n;
+  }
+  return 0;
+}
+
+}  // namespace
+
+size_t CoresForThisProcess() {
+  static const size_t cores = [] {
+    const long online = ::sysconf(_SC_NPROCESSORS_ONLN);
+    const size_t machine = online > 0 ? static_cast<size_t>(online) : 1;
+    size_t allowed = machine;
+    cpu_set_t set;
+    if (::sched_getaffinity(0, sizeof(set), &set) == 0) {
+      allowed = static_cast<size_t>(CPU_COUNT(&set));
+    }
+    return CoresShare(allowed, machine, LocalProcessesFromLauncher());
+  }();
+  return cores;
+}
 
 }  // namespace dcpp::internal

@@ -31,4 +31,14 @@ Status FirstError(const std::vector<Status>& statuses);
 // Worker threads the pool holds now (for tests and benchmarks).
 size_t PoolThreadCount();
 
+// This process's share of the machine's cores, for sizing parallel work. Processes a launcher
+// bound to some cores (sched_getaffinity) get those; processes free to run anywhere share the
+// cores with the other processes their launcher started on this machine, as it reports them
+// (torchrun's LOCAL_WORLD_SIZE, Open MPI's OMPI_COMM_WORLD_LOCAL_SIZE, MPICH's MPI_LOCALNRANKS).
+// At least 1. Read once.
+size_t CoresForThisProcess();
+// The rule behind it: `allowed` cores in the affinity mask of a machine with `machine` cores,
+// `local_processes` started on it (0 when no launcher said).
+size_t CoresShare(size_t allowed, size_t machine, size_t local_processes);
+
 }  // namespace dcpp::internal

@@ -53,5 +53,18 @@ TEST(ThreadPoolTest, NestedCallsFinishEvenWhenEveryWorkerIsBusy) {
   EXPECT_EQ(inner.load(), 64);
 }
 
+// Bound processes keep their mask; free ones share the machine with their launcher's other
+// local processes, never below one core.
+TEST(ThreadPoolTest, CoresShareFollowsBindingAndLocalProcesses) {
+  EXPECT_EQ(CoresShare(2, 2, 0), 2u);  // no launcher
+  EXPECT_EQ(CoresShare(2, 2, 1), 2u);
+  EXPECT_EQ(CoresShare(16, 16, 4), 4u);  // four unbound ranks on a 16-core machine
+  EXPECT_EQ(CoresShare(2, 2, 4), 1u);    // oversubscribed
+  EXPECT_EQ(CoresShare(4, 16, 4), 4u);   // bound to four cores
+  EXPECT_EQ(CoresShare(1, 16, 8), 1u);
+  EXPECT_EQ(CoresShare(0, 16, 2), 1u);  // an empty mask reads as one core
+  EXPECT_GE(CoresForThisProcess(), 1u);
+}
+
 }  // namespace
 }  // namespace dcpp::internal

@@ -36,7 +36,6 @@
 #include <optional>
 #include <random>
 #include <string_view>
-#include <thread>
 #include <unordered_map>
 
 #include "codec/stream_transform.h"
@@ -385,16 +384,16 @@ Result<std::vector<WriteResult>> FileSystemWriter::WriteData(const SavePlan& pla
 
   auto write_bucket = [&](size_t b) -> Status {
     const std::string name = plan.storage_prefix + std::to_string(b) + tag + kSuffix;
-    // The cores are shared among the files being written at once: this save's, and those of
-    // other saves in the process (ranks on threads), as far as they have started.
+    // This process's cores are shared among the files being written at once: this save's, and
+    // those of other saves in the process (ranks on threads), as far as they have started.
     const size_t others = files_being_written.fetch_add(1);
     struct Leave {
       ~Leave() { files_being_written.fetch_sub(1); }
     } leave;
-    const size_t parallelism = options_.write_parallelism > 0
-                                   ? static_cast<size_t>(options_.write_parallelism)
-                                   : std::max<size_t>(1, std::thread::hardware_concurrency() /
-                                                             std::max(writers, others + 1));
+    const size_t parallelism =
+        options_.write_parallelism > 0
+            ? static_cast<size_t>(options_.write_parallelism)
+            : std::max<size_t>(1, internal::CoresForThisProcess() / std::max(writers, others + 1));
     DCPP_ASSIGN_OR_RETURN(std::unique_ptr<WritableFile> file, store_->OpenWrite(name));
     // torch.save archives stream into the file, hashed on the way for the manifest; small
     // records are gathered into large writes, large ones go straight from the caller's memory.

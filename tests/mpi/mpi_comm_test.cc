@@ -1,9 +1,12 @@
 // MpiCommunicator under mpiexec: every process runs every test; a test's collectives are issued
 // in the same order everywhere. The exit status is the worst over all ranks.
 #include <mpi.h>
+#include <sched.h>
+#include <unistd.h>
 
 #include <cstdio>
 
+#include "core/thread_pool.h"
 #include "dcpp/mpi_comm.h"
 #include "testing/comm_conformance.h"
 #include "testing/testing.h"
@@ -33,6 +36,27 @@ TEST(MpiCommunicatorTest, MatchesWorld) {
   int result;
   MPI_Comm_compare(comm->comm(), MPI_COMM_WORLD, &result);
   EXPECT_EQ(result, MPI_CONGRUENT) << "the communicator must be a duplicate";
+}
+
+// The launcher's count of ranks on this machine (what sizes each rank's share of the cores for
+// its writers) is the number MPI itself reports for the machine.
+TEST(MpiCommunicatorTest, RanksOnOneMachineShareItsCores) {
+  MPI_Comm node;
+  ASSERT_EQ(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node),
+            MPI_SUCCESS);
+  int local = 0;
+  MPI_Comm_size(node, &local);
+  MPI_Comm_free(&node);
+  cpu_set_t set;
+  ASSERT_EQ(sched_getaffinity(0, sizeof(set), &set), 0);
+  const size_t allowed = static_cast<size_t>(CPU_COUNT(&set));
+  const size_t machine = static_cast<size_t>(sysconf(_SC_NPROCESSORS_ONLN));
+  EXPECT_EQ(internal::CoresForThisProcess(),
+            internal::CoresShare(allowed, machine, static_cast<size_t>(local)))
+      << local << " ranks here, " << allowed << " of " << machine << " cores allowed";
+  if (allowed == machine && machine >= static_cast<size_t>(local)) {
+    EXPECT_EQ(internal::CoresForThisProcess(), machine / static_cast<size_t>(local));
+  }
 }
 
 TEST(MpiCommunicatorTest, Collectives) {
