@@ -501,6 +501,9 @@ Status HashingSink::Write(const void* data, size_t n) {
 
 namespace {
 
+// The most a verified read reads before it hashes: within the last-level cache.
+constexpr uint64_t kVerifyPieceBytes = uint64_t{4} << 20;
+
 Status Mismatch(const std::string& what, uint64_t file_offset, uint64_t segment, uint64_t count,
                 uint64_t seg_lo, uint64_t n, uint64_t want, uint64_t got) {
   return DataLossError(
@@ -583,9 +586,12 @@ Status VerifiedBlobSource::ReadAt(uint64_t offset, void* dst, size_t n) const {
     const uint64_t lo = s * segment_bytes_;
     const uint64_t hi = std::min<uint64_t>(lo + segment_bytes_, blob_.size());
     if (pos == lo && end >= hi) {
-      // A run of whole segments: one read into the caller's buffer, hashed there.
+      // A run of whole segments, up to kVerifyPieceBytes: one read into the caller's buffer,
+      // hashed there while it is in cache. Meanwhile the kernel's readahead fetches what follows,
+      // so a cold file's device is not idle while a large tensor is hashed.
       uint64_t run_end = hi;
-      while (run_end < end && std::min<uint64_t>(run_end + segment_bytes_, blob_.size()) <= end) {
+      while (run_end < end && run_end - pos < kVerifyPieceBytes &&
+             std::min<uint64_t>(run_end + segment_bytes_, blob_.size()) <= end) {
         run_end = std::min<uint64_t>(run_end + segment_bytes_, blob_.size());
       }
       char* p = out + (pos - offset);

@@ -366,10 +366,12 @@ class CountingSource final : public ByteSource {
   uint64_t size() const override { return mem_.size(); }
   Status ReadAt(uint64_t offset, void* dst, size_t n) const override {
     read_ += n;
+    largest_read_ = std::max<uint64_t>(largest_read_, n);
     return mem_.ReadAt(offset, dst, n);
   }
   std::string name() const override { return "blob"; }
   mutable uint64_t read_ = 0;
+  mutable uint64_t largest_read_ = 0;
 
  private:
   MemorySource mem_;
@@ -407,6 +409,25 @@ TEST(VerifiedBlobSourceTest, AFlipIsFoundByEveryReadOfItsSegmentAndNoOther) {
   DCPP_EXPECT_OK(v.ReadAt(0, buf.data(), 3 * kSeg));
   DCPP_EXPECT_OK(v.ReadAt(4 * kSeg - 0, buf.data(), 4 * kSeg));
   DCPP_EXPECT_OK(v.ReadAt(4 * kSeg + 1, buf.data(), 100));
+}
+
+// A large read is read and hashed in pieces of at most 4 MiB (each hashed while it is in cache):
+// every byte is read once, and a flip in the last piece is still found.
+TEST(VerifiedBlobSourceTest, ALargeReadIsReadAndHashedInPieces) {
+  std::string data = Bytes((size_t{9} << 20) + 3 * kSeg + 17, 13);
+  const auto hashes = HashSegments(data, kSeg);
+  CountingSource base(data);
+  VerifiedBlobSource v(base, hashes.data(), hashes.size(), kSeg, 0, "f");
+  std::string got(data.size(), '\0');
+  DCPP_ASSERT_OK(v.ReadAt(0, got.data(), got.size()));
+  EXPECT_TRUE(got == data);
+  EXPECT_EQ(base.read_, data.size());
+  EXPECT_LE(base.largest_read_, uint64_t{4} << 20);
+  data[data.size() - 2 * kSeg] ^= 8;
+  CountingSource flipped(data);
+  VerifiedBlobSource w(flipped, hashes.data(), hashes.size(), kSeg, 0, "f");
+  EXPECT_THAT(w.ReadAt(0, got.data(), got.size()),
+              StatusIs(StatusCode::kDataLoss, HasSubstr("checksum mismatch")));
 }
 
 TEST(VerifyBlobBytesTest, NamesTheFirstBadSegment) {
