@@ -100,10 +100,15 @@ def server(kind, scratch):
 def dcpp_case(build, mb, ranks, threads, kind, scratch):
     with server(kind, scratch) as endpoint:
         env = dict(os.environ, AWS_ENDPOINT_URL_S3=endpoint, **KEY)
-        out = subprocess.run([os.path.join(build, "bench", "dcpp_s3_bench"), "s3://bench/ck",
-                              str(mb), str(ranks), str(threads)], env=env, check=True,
-                             capture_output=True, text=True, timeout=600).stdout
-        return json.loads(out)
+        argv = [os.path.join(build, "bench", "dcpp_s3_bench"), "s3://bench/ck", str(mb),
+                str(ranks), str(threads)]
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            # What dcpp said is the only account of the failure: pass it on before failing.
+            sys.stderr.write(f"{' '.join(argv)} ({kind} at {endpoint}) failed with status "
+                             f"{done.returncode}:\n{done.stderr}\n")
+            done.check_returncode()
+        return json.loads(done.stdout)
 
 
 def torch_case(mb, threads, kind, scratch):
