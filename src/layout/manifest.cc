@@ -307,14 +307,14 @@ Result<Manifest> DecodeManifest(std::string_view bytes, const std::string& what)
 
 // ------------------------------------------------------------------ HashingSink
 
-// Buffers move spare -> buffer_ (filled) -> queued_owned (written by whoever gets to it) ->
-// spare. One full buffer waits in `queued` at a time.
+// Two buffers: the producer fills buffer_; the other is `spare`, or `queued` (waiting, or being
+// written while `writing`) and back to `spare` once written, so `spare` is null exactly while
+// a buffer is queued.
 struct HashingSink::Behind {
   std::mutex mu;
   std::condition_variable cv;
   std::unique_ptr<char[]> spare;
-  std::unique_ptr<char[]> queued_owned;
-  const char* queued = nullptr;
+  std::unique_ptr<char[]> queued;
   size_t queued_bytes = 0;
   bool writing = false;
   bool stopped = false;
@@ -398,22 +398,21 @@ void HashingSink::EnableWriteBehind() {
 void HashingSink::WriteQueued(std::unique_lock<std::mutex>& lock) {
   Behind& b = *behind_;
   b.writing = true;
-  const char* p = b.queued;
+  const char* p = b.queued.get();
   const size_t n = b.queued_bytes;
-  b.queued = nullptr;
   lock.unlock();
   Status s = base_.Write(p, n);
   lock.lock();
   if (!s.ok() && b.error.ok()) b.error = std::move(s);
   b.writing = false;
-  if (b.queued_owned) b.spare = std::move(b.queued_owned);
+  b.spare = std::move(b.queued);
   b.cv.notify_all();
 }
 
-Status HashingSink::WaitForSlot(std::unique_lock<std::mutex>& lock, bool spare_too) {
+Status HashingSink::WaitForSpare(std::unique_lock<std::mutex>& lock) {
   Behind& b = *behind_;
-  while ((b.queued || (spare_too && !b.spare)) && b.error.ok()) {
-    if (b.queued && !b.writing) {
+  while (!b.spare && b.error.ok()) {
+    if (!b.writing) {
       WriteQueued(lock);  // no drainer at it: write it here
     } else {
       b.cv.wait(lock);
@@ -432,10 +431,9 @@ Status HashingSink::HandOff() {
   if (!behind_) return base_.Write(buffer_.get(), n);
   Behind& b = *behind_;
   std::unique_lock lock(b.mu);
-  DCPP_RETURN_IF_ERROR(WaitForSlot(lock, /*spare_too=*/true));
-  b.queued = buffer_.get();
+  DCPP_RETURN_IF_ERROR(WaitForSpare(lock));
+  b.queued = std::move(buffer_);
   b.queued_bytes = n;
-  b.queued_owned = std::move(buffer_);
   buffer_ = std::move(b.spare);
   b.cv.notify_all();
   return Status::Ok();
@@ -445,9 +443,7 @@ Status HashingSink::WaitWritten() {
   if (!behind_) return Status::Ok();
   Behind& b = *behind_;
   std::unique_lock lock(b.mu);
-  DCPP_RETURN_IF_ERROR(WaitForSlot(lock, /*spare_too=*/false));
-  b.cv.wait(lock, [&] { return !b.writing; });
-  return b.error;
+  return WaitForSpare(lock);
 }
 
 Status HashingSink::Drain() {

@@ -140,11 +140,11 @@ class HashingSink final : public ByteSink {
   Status HandOff();
   // Waits until every queued byte is in the base, writing it here if no drainer is at it.
   Status WaitWritten();
-  // With the lock of behind_ held: writes what is queued (unlocking around the write).
+  // With the lock of behind_ held: writes the queued buffer (unlocking around the write).
   void WriteQueued(std::unique_lock<std::mutex>& lock);
-  // With the lock held: waits until nothing is queued (and, with spare_too, the spare buffer is
-  // back), writing the queued one here if no drainer is at it.
-  Status WaitForSlot(std::unique_lock<std::mutex>& lock, bool spare_too);
+  // With the lock held: waits until the queued buffer is written and back as the spare, writing
+  // it here if no drainer is at it. Returns the first write error.
+  Status WaitForSpare(std::unique_lock<std::mutex>& lock);
   void Feed(const char* p, size_t n);
   // Feeds the current blob's gathered bytes that are not hashed yet to the streaming state.
   void FeedPending();
