@@ -7,6 +7,7 @@
 // 2. overlap requested chunks with stored chunks; 3. hand out destination views.
 #include <algorithm>
 #include <deque>
+#include <functional>
 #include <map>
 #include <queue>
 #include <unordered_map>
@@ -319,13 +320,23 @@ void AddChunkFacts(ChunkFacts& facts, const Shape& size, const ChunkBox& c, int6
   for (size_t d = 0; d < dims; ++d) facts.last_end[d] = c.offsets[d] + c.sizes[d];
 }
 
+// Plans with at least this many items in all have their metadata collected in kMetadataParts
+// parts on two threads: at 4096 ranks most of the time goes to allocating and first touching
+// the chunk copies (3.7 M of them), which two cores do in half the time.
+constexpr size_t kParallelMetadataItems = size_t{1} << 16;
+constexpr size_t kMetadataParts = 6;
+
 // PyTorch's create_default_global_save_plan on computed keys: one metadata entry per fqn (in the
 // order the deduplicated plans first name them), chunks in plan order, index hints rewritten.
 // `facts`, when given, receives each fqn's ChunkFacts (indexed like md.state_dict_metadata).
 // `fqn_of(p, i)` is the fqn id of plan p's item i, `fqn_name(f)` its name, for n_fqns ids.
+// An fqn's chunks depend only on its own items, so large plans are collected in parts, each
+// taking the fqns f with f % parts == part; `alongside`, when set, runs as one more task beside
+// them. The error reported is the one of the first offending item in plan order, as in one pass.
 template <typename FqnOf, typename FqnName>
 Result<Metadata> BuildMetadata(std::vector<SavePlan>& plans, size_t n_fqns, FqnOf&& fqn_of,
-                               FqnName&& fqn_name, std::vector<ChunkFacts>* facts) {
+                               FqnName&& fqn_name, std::vector<ChunkFacts>* facts,
+                               const std::function<void()>& alongside = nullptr) {
   struct Entry {
     bool seen = false;
     StorageMetadata m;
@@ -334,55 +345,78 @@ Result<Metadata> BuildMetadata(std::vector<SavePlan>& plans, size_t n_fqns, FqnO
   std::vector<Entry> entries(n_fqns);
   std::vector<uint32_t> order;
   std::vector<int64_t> chunk_count(n_fqns, 0);
+  size_t n_items = 0;
   for (size_t p = 0; p < plans.size(); ++p) {
-    for (size_t i = 0; i < plans[p].items.size(); ++i) ++chunk_count[fqn_of(p, i)];
-  }
-  for (size_t p = 0; p < plans.size(); ++p) {
-    auto& items = plans[p].items;
-    for (size_t i = 0; i < items.size(); ++i) {
-      WriteItem& item = items[i];
+    n_items += plans[p].items.size();
+    for (size_t i = 0; i < plans[p].items.size(); ++i) {
       const uint32_t f = fqn_of(p, i);
-      Entry& e = entries[f];
-      const std::string& fqn = fqn_name(f);
-      if (item.type == WriteItemType::kByteIO) {
-        if (e.seen) {
-          return InvalidArgumentError("rank " + std::to_string(p) + ": key \"" + fqn +
-                                      "\" is saved twice with different kinds");
-        }
-        e.seen = true;
-        e.m = BytesStorageMetadata{};
-        order.push_back(f);
-        continue;
-      }
-      const TensorWriteData& td = *item.tensor_data;
-      if (!e.seen) {
-        e.seen = true;
-        e.m = TensorStorageMetadata{td.properties, td.size, {}};
-        std::get<TensorStorageMetadata>(e.m).chunks.reserve(chunk_count[f]);
-        order.push_back(f);
-      } else if (item.type != WriteItemType::kShard) {
-        return InvalidArgumentError("rank " + std::to_string(p) + ": key \"" + fqn +
-                                    "\" is saved twice (a plain tensor must be identical on "
-                                    "every rank that holds it)");
-      }
-      auto* tmd = std::get_if<TensorStorageMetadata>(&e.m);
-      if (!tmd) {
-        return InvalidArgumentError("rank " + std::to_string(p) + ": key \"" + fqn +
-                                    "\" is a tensor on one rank and bytes on another");
-      }
-      if (tmd->size != td.size || tmd->properties.dtype != td.properties.dtype) {
-        return InvalidArgumentError("rank " + std::to_string(p) + ": key \"" + fqn + "\" is " +
-                                    std::string(DTypeName(td.properties.dtype)) +
-                                    ShapeToString(td.size) + " but another rank saves it as " +
-                                    std::string(DTypeName(tmd->properties.dtype)) +
-                                    ShapeToString(tmd->size));
-      }
-      const auto index = static_cast<int64_t>(tmd->chunks.size());
-      item.index.index = index;
-      if (facts) AddChunkFacts(e.facts, tmd->size, td.chunk, index);
-      tmd->chunks.push_back(td.chunk);
+      if (chunk_count[f]++ == 0) order.push_back(f);
     }
   }
+  const size_t parts = n_items >= kParallelMetadataItems ? kMetadataParts : 1;
+  struct Failure {
+    size_t p = SIZE_MAX, i = 0;
+    Status status;
+  };
+  std::vector<Failure> failures(parts);
+  auto collect = [&](size_t part) {
+    for (size_t p = 0; p < plans.size(); ++p) {
+      auto& items = plans[p].items;
+      for (size_t i = 0; i < items.size(); ++i) {
+        const uint32_t f = fqn_of(p, i);
+        if (f % parts != part) continue;
+        auto fail = [&](std::string what) {
+          failures[part] = {p, i,
+                            InvalidArgumentError("rank " + std::to_string(p) + ": key \"" +
+                                                 fqn_name(f) + "\" " + what)};
+        };
+        WriteItem& item = items[i];
+        Entry& e = entries[f];
+        if (item.type == WriteItemType::kByteIO) {
+          if (e.seen) return fail("is saved twice with different kinds");
+          e.seen = true;
+          e.m = BytesStorageMetadata{};
+          continue;
+        }
+        const TensorWriteData& td = *item.tensor_data;
+        if (!e.seen) {
+          e.seen = true;
+          e.m = TensorStorageMetadata{td.properties, td.size, {}};
+          std::get<TensorStorageMetadata>(e.m).chunks.reserve(chunk_count[f]);
+        } else if (item.type != WriteItemType::kShard) {
+          return fail(
+              "is saved twice (a plain tensor must be identical on every rank that holds it)");
+        }
+        auto* tmd = std::get_if<TensorStorageMetadata>(&e.m);
+        if (!tmd) return fail("is a tensor on one rank and bytes on another");
+        if (tmd->size != td.size || tmd->properties.dtype != td.properties.dtype) {
+          return fail("is " + std::string(DTypeName(td.properties.dtype)) + ShapeToString(td.size) +
+                      " but another rank saves it as " +
+                      std::string(DTypeName(tmd->properties.dtype)) + ShapeToString(tmd->size));
+        }
+        const auto index = static_cast<int64_t>(tmd->chunks.size());
+        item.index.index = index;
+        if (facts) AddChunkFacts(e.facts, tmd->size, td.chunk, index);
+        tmd->chunks.push_back(td.chunk);
+      }
+    }
+  };
+  const size_t tasks = parts + (alongside ? 1 : 0);
+  internal::ParallelFor(tasks, 2, [&](size_t t) {
+    if (t == parts) {
+      alongside();
+    } else {
+      collect(t);
+    }
+    return Status::Ok();
+  });
+  const Failure* first = nullptr;
+  for (const Failure& f : failures) {
+    if (f.p != SIZE_MAX && (!first || std::pair(f.p, f.i) < std::pair(first->p, first->i))) {
+      first = &f;
+    }
+  }
+  if (first) return first->status;
   Metadata md;
   if (facts) facts->reserve(order.size());
   for (uint32_t f : order) {
@@ -393,10 +427,11 @@ Result<Metadata> BuildMetadata(std::vector<SavePlan>& plans, size_t n_fqns, FqnO
 }
 
 Result<Metadata> GlobalPlanWithKeys(std::vector<SavePlan>& plans, const PlanKeys& keys,
-                                    std::vector<ChunkFacts>* facts = nullptr) {
+                                    std::vector<ChunkFacts>* facts = nullptr,
+                                    const std::function<void()>& alongside = nullptr) {
   return BuildMetadata(
       plans, keys.fqns.size(), [&](size_t p, size_t i) { return keys.key_fqn[keys.key[p][i]]; },
-      [&](uint32_t f) -> const std::string& { return keys.fqns[f]; }, facts);
+      [&](uint32_t f) -> const std::string& { return keys.fqns[f]; }, facts, alongside);
 }
 
 // Items several ranks hold under one key must describe the same data, or dedup would silently
@@ -709,12 +744,13 @@ PlanFingerprint FingerprintPlans(const std::vector<SavePlan>& plans,
 
 }  // namespace
 
-// The coordinator's work runs in two sections of two independent parts each, side by side on
-// the thread pool when a thread is free (the caller runs whatever no thread has taken):
+// The coordinator's work runs in sections whose independent parts run side by side on the
+// thread pool when a thread is free (the caller runs whatever no thread has taken):
 //   1. keys and the agreement check of shared items  ||  the plans' fingerprint (first caching
 //      plan only; later ones need it before anything else, to look up the cache);
-//   2. dedup and the metadata (which rewrite items)  ||  the merged flattening mappings (which
-//      read only `mappings`).
+//   2. dedup (which rewrites items);
+//   3. the metadata, in parts by fqn (each writes only its own items' index hints)  ||  the
+//      merged flattening mappings (which read only `mappings`).
 // Then the chunk layout is validated with what the metadata pass learnt.
 Result<std::pair<std::vector<SavePlan>, Metadata>> DefaultSavePlanner::CreateGlobalPlan(
     std::vector<SavePlan> plans) {
@@ -742,26 +778,19 @@ Result<std::pair<std::vector<SavePlan>, Metadata>> DefaultSavePlanner::CreateGlo
 
   std::vector<std::vector<uint32_t>> kept;
   std::vector<ChunkFacts> facts;
-  Result<Metadata> md = Metadata{};
   std::optional<std::map<std::string, ObjectPath>> mappings;
-  done = internal::ParallelFor(2, 2, [&](size_t part) {
-    if (part == 1) {
-      if (options_.flatten_state_dict) mappings = MergeMappings(plans);
-      return Status::Ok();
-    }
-    DedupWithKeys(plans, keys, options_.dedup_save_to_lowest_rank, fingerprint ? &kept : nullptr);
-    md = GlobalPlanWithKeys(plans, keys, &facts);
-    return md.status();
-  });
-  DCPP_RETURN_IF_ERROR(internal::FirstError(done));
-  md->planner_data = std::move(mappings);
-  DCPP_RETURN_IF_ERROR(ValidateWithFacts(*md, facts, options_.require_full_coverage));
+  DedupWithKeys(plans, keys, options_.dedup_save_to_lowest_rank, fingerprint ? &kept : nullptr);
+  std::function<void()> merge_mappings;
+  if (options_.flatten_state_dict) merge_mappings = [&] { mappings = MergeMappings(plans); };
+  DCPP_ASSIGN_OR_RETURN(Metadata md, GlobalPlanWithKeys(plans, keys, &facts, merge_mappings));
+  md.planner_data = std::move(mappings);
+  DCPP_RETURN_IF_ERROR(ValidateWithFacts(md, facts, options_.require_full_coverage));
   // Planner data load would refuse is refused now, before any byte is written (the chunks were
   // checked above, so the whole-metadata check is not repeated).
-  if (Status s = ValidatePlannerData(*md, "global plan"); !s.ok()) {
+  if (Status s = ValidatePlannerData(md, "global plan"); !s.ok()) {
     return InvalidArgumentError(std::string(s.message()));
   }
-  auto global = std::make_pair(std::move(plans), *std::move(md));
+  auto global = std::make_pair(std::move(plans), std::move(md));
   if (fingerprint) cache_ = internal::PlanCache::Make(*fingerprint, std::move(kept), keys, global);
   return global;
 }

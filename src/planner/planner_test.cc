@@ -170,6 +170,57 @@ TEST(SavePlannerTest, GlobalPlanScalesToManyRanks) {
   EXPECT_EQ(replicated_writers.size(), 5u);
 }
 
+// Past 65 536 items the metadata is collected in parts by fqn on two threads: the result and
+// the error reported must be those of one pass in plan order.
+TEST(SavePlannerTest, ManyItemsAreCollectedInPartsLikeOnePass) {
+  constexpr int kRanks = 128, kShards = 512, kReplicated = 8;
+  auto make_plans = [&] {
+    std::vector<SavePlan> plans(kRanks);
+    for (int r = 0; r < kRanks; ++r) {
+      for (int t = 0; t < kShards + kReplicated; ++t) {
+        WriteItem w;
+        if (t < kShards) {
+          w.index = {"w" + std::to_string(t), Shape{r * 2, 0}, std::nullopt};
+          w.type = WriteItemType::kShard;
+          w.tensor_data = TensorWriteData{{{r * 2, 0}, {2, 4}}, {DType::kFloat32}, {kRanks * 2, 4}};
+        } else {
+          w.index = {"b" + std::to_string(t), Shape{0}, std::nullopt};
+          w.tensor_data = TensorWriteData{{{0}, {4}}, {DType::kFloat32}, {4}};
+        }
+        plans[r].items.push_back(w);
+      }
+    }
+    return plans;
+  };
+  DefaultSavePlanner coordinator;
+  DCPP_ASSERT_OK_AND_ASSIGN(auto global, coordinator.CreateGlobalPlan(make_plans()));
+  const auto& md = global.second.state_dict_metadata;
+  ASSERT_EQ(md.size(), size_t{kShards + kReplicated});
+  for (int t = 0; t < kShards; ++t) {
+    const auto& m = std::get<TensorStorageMetadata>(*md.Find("w" + std::to_string(t)));
+    ASSERT_EQ(m.chunks.size(), size_t{kRanks});
+    for (int r = 0; r < kRanks; ++r) EXPECT_EQ(m.chunks[r].offsets, (Shape{r * 2, 0}));
+  }
+  for (size_t p = 0; p < global.first.size(); ++p) {
+    for (const auto& item : global.first[p].items) {
+      const auto& m = std::get<TensorStorageMetadata>(*md.Find(item.index.fqn));
+      ASSERT_TRUE(item.index.index.has_value());
+      EXPECT_EQ(m.chunks.at(*item.index.index).offsets, *item.index.offset);
+    }
+  }
+
+  // Two bad items of fqns in different parts: the one earlier in plan order is reported,
+  // whichever part finds its own first.
+  for (const auto& [early, late] : {std::pair{5, 0}, std::pair{0, 5}}) {
+    std::vector<SavePlan> plans = make_plans();
+    plans[50].items[early].tensor_data->properties.dtype = DType::kInt32;
+    plans[60].items[late].tensor_data->size = {kRanks * 2, 8};
+    EXPECT_THAT(coordinator.CreateGlobalPlan(std::move(plans)).status(),
+                StatusIs(StatusCode::kInvalidArgument,
+                         HasSubstr("rank 50: key \"w" + std::to_string(early) + "\" is int32")));
+  }
+}
+
 TEST(SavePlannerTest, DedupBalancesBytes) {
   // Three equal replicated tensors held by both ranks: rank 0 gets one, rank 1 the next, ...
   std::vector<SavePlan> plans(2);
