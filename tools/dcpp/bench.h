@@ -9,6 +9,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 namespace dcpp::cli {
 
@@ -20,6 +21,8 @@ int64_t CurrentRssBytes();
 double NowSeconds();
 // CPU seconds (user + system) this process used so far.
 double CpuSeconds();
+// The median of `v` (the mean of the middle two for an even count); 0 when empty.
+double Median(std::vector<double> v);
 
 // Planning at scale with simulated ranks; prints rows for `ranks` ranks of `items` items.
 int RunPlanningCase(int ranks, int items, int load_ranks);

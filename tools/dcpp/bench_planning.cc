@@ -115,10 +115,8 @@ int RunPlanningCase(int ranks, int items, int load_ranks) {
     global = *std::move(planned);
   }
   for (double w : wall) f["global_plan_rounds_s"].push_back(std::round(w * 1000) / 1000);
-  std::sort(wall.begin(), wall.end());
-  std::sort(cpu.begin(), cpu.end());
-  f["global_plan_s"] = wall[wall.size() / 2];
-  f["global_plan_cpu_s"] = cpu[cpu.size() / 2];
+  f["global_plan_s"] = Median(wall);
+  f["global_plan_cpu_s"] = Median(cpu);
   f["chunks"] = [&] {
     int64_t n = 0;
     for (const auto& [fqn, m] : global->second.state_dict_metadata) {
@@ -195,9 +193,8 @@ int RunPlanningCase(int ranks, int items, int load_ranks) {
       times.push_back(t1 - t0);
       read_items += lplan->items.size();
     }
-    std::sort(times.begin(), times.end());
     f["load_ranks"] = load_ranks;
-    f["load_plan_per_rank_s"] = times[times.size() / 2];
+    f["load_plan_per_rank_s"] = Median(times);
     f["load_read_items_sampled"] = read_items;
   }
   const int64_t peak = PeakRssBytes();
