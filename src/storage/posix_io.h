@@ -12,9 +12,9 @@
 // copy and dirty-page throttling that bound buffered saves go away; the bytes on disk are the
 // same. A partial last chunk is written padded to the alignment and the file truncated back to
 // its true length. File systems without O_DIRECT, or that refuse an alignment, keep buffered
-// writes. Direct I/O is opt-in: DCPP_DIRECT_IO=1 in the environment turns it on for the
-// process (files written so are not left in the page cache, so a load soon after a save reads
-// from the disk).
+// writes. Direct I/O is the default; DCPP_DIRECT_IO=0 in the environment turns it off for the
+// process. Files written so are not left in the page cache (a training job's own cache is not
+// evicted by its checkpoints, and a load soon after a save reads from the disk).
 //
 // Thread-safety: the functions are reentrant; a PosixReadableFile may be read from several
 // threads at once (pread), a PosixWritableFile is used by one thread at a time.
@@ -52,7 +52,7 @@ inline constexpr uint64_t kDirectAfterBytes = uint64_t{8} << 20;
 // Reads at least this large may bypass the page cache (see PosixReadableFile).
 inline constexpr size_t kDirectReadBytes = size_t{8} << 20;
 
-// True when DCPP_DIRECT_IO is set to anything but 0 (read once per process).
+// False when DCPP_DIRECT_IO=0 (read once per process).
 bool DirectWritesEnabled();
 // Tests: 1 forces direct I/O on, 0 off, -1 back to the environment's choice.
 void SetDirectIoForTesting(int mode);

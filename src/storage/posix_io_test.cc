@@ -75,10 +75,12 @@ bool SupportsODirect(const std::string& dir) {
 
 // Large buffered appends go out in write-behind pieces: every byte lands at its offset whatever
 // the pieces' boundaries (a piece and a half, exactly two, one byte more).
-// A buffered file in a fresh directory; each test checks the whole file against `expected_`.
+// A buffered file (direct I/O off for the test) in a fresh directory; each test checks the
+// whole file against `expected_`.
 class BufferedFileTest : public ::testing::Test {
  protected:
   void SetUp() override {
+    SetDirectIoForTesting(0);
     DCPP_ASSERT_OK_AND_ASSIGN(int fd, OpenFd(path_, O_RDWR | O_CREAT | O_TRUNC, 0644));
     file_ = std::make_unique<PosixWritableFile>(fd, path_);
   }
@@ -87,6 +89,7 @@ class BufferedFileTest : public ::testing::Test {
     ASSERT_THAT(file_->Close(), IsOk());
     EXPECT_TRUE(Slurp(path_) == expected_);
   }
+  void TearDown() override { SetDirectIoForTesting(-1); }
 
   TempDir dir_;
   const std::string path_ = dir_.Join("pieces.bin");
@@ -106,7 +109,8 @@ TEST_F(BufferedFileTest, LargeAppendsInPiecesKeepEveryByte) {
   ExpectWholeFile();
 }
 
-// Direct I/O is opt-in (DCPP_DIRECT_IO=1); these tests turn it on for their duration.
+// Direct I/O is the default unless DCPP_DIRECT_IO=0; these tests turn it on for their duration
+// whatever the environment says.
 class DirectIo {
  public:
   DirectIo() { SetDirectIoForTesting(1); }
