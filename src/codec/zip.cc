@@ -32,16 +32,17 @@ uint32_t Crc32(uint32_t crc, const void* data, size_t n) {
 
 namespace {
 
-void Put16(std::string& out, uint16_t v) {
-  out.push_back(static_cast<char>(v & 0xFF));
-  out.push_back(static_cast<char>(v >> 8));
+// Little-endian fields, each appended in one call (a byte at a time, these showed at 4-5 % of a
+// save of 20 000 small tensors).
+template <typename T>
+void PutLE(std::string& out, T v) {
+  char b[sizeof(T)];
+  for (size_t i = 0; i < sizeof(T); ++i) b[i] = static_cast<char>((v >> (8 * i)) & 0xFF);
+  out.append(b, sizeof(T));
 }
-void Put32(std::string& out, uint32_t v) {
-  for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xFF));
-}
-void Put64(std::string& out, uint64_t v) {
-  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xFF));
-}
+void Put16(std::string& out, uint16_t v) { PutLE(out, v); }
+void Put32(std::string& out, uint32_t v) { PutLE(out, v); }
+void Put64(std::string& out, uint64_t v) { PutLE(out, v); }
 
 uint16_t Get16(const char* p) {
   return static_cast<uint16_t>(static_cast<uint8_t>(p[0]) | (static_cast<uint8_t>(p[1]) << 8));
