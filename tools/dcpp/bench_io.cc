@@ -92,9 +92,10 @@ void DropFromPageCache(const std::string& dir) {
 }
 
 // Reads a checkpoint's files through the page cache, so a warm load finds them there as it
-// finds a buffered writer's files (PyTorch's): dcpp's saves write past the page cache.
+// finds a buffered writer's files (PyTorch's): dcpp's saves write past the page cache. The
+// buffer is small: the load's peak RSS (VmHWM) must not count it.
 void ReadIntoPageCache(const std::string& dir) {
-  std::vector<char> buf(8 << 20);
+  std::vector<char> buf(64 << 10);
   for (const auto& e : std::filesystem::directory_iterator(dir)) {
     if (!e.is_regular_file()) continue;
     const int fd = ::open(e.path().c_str(), O_RDONLY);
