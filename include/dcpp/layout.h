@@ -112,7 +112,7 @@ struct FileSystemWriterOptions {
   // shared among the files it is writing at once (AsyncSave takes 1, leaving the cores to the
   // training beside it); 1: all on the file's writer thread.
   int write_parallelism = 0;
-  // fsync every file before the commit. On local file systems a data file past 8 MiB is written
+  // fsync every file before the commit. On local file systems a file past 1 MiB is written
   // with O_DIRECT from aligned staging buffers (its bytes never enter the page cache, so a
   // checkpoint does not evict the job's cached data, and a load soon after reads the disk);
   // DCPP_DIRECT_IO=0 in the environment keeps the process's files buffered.

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <condition_variable>
 #include <cstring>
+#include <new>
 #include <numeric>
 
 #include "codec/zip.h"
@@ -313,8 +314,8 @@ Result<Manifest> DecodeManifest(std::string_view bytes, const std::string& what)
 struct HashingSink::Behind {
   std::mutex mu;
   std::condition_variable cv;
-  std::unique_ptr<char[]> spare;
-  std::unique_ptr<char[]> queued;
+  Buffer spare;
+  Buffer queued;
   size_t queued_bytes = 0;
   bool writing = false;
   bool stopped = false;
@@ -329,8 +330,15 @@ HashingSink::HashingSink(ByteSink& base, uint64_t segment_bytes, size_t batch_by
   XXH3_64bits_reset(static_cast<XXH3_state_t*>(state_));
   if (batch_bytes > 0) {
     capacity_ = std::max(batch_bytes, kHashingSinkSmallWrite);
-    buffer_ = std::make_unique_for_overwrite<char[]>(capacity_);
+    capacity_ = (capacity_ + kHashingSinkAlign - 1) & ~(kHashingSinkAlign - 1);
+    buffer_ = NewBuffer();
   }
+}
+
+HashingSink::Buffer HashingSink::NewBuffer() const {
+  void* p = std::aligned_alloc(kHashingSinkAlign, capacity_);
+  if (p == nullptr) throw std::bad_alloc();
+  return Buffer(static_cast<char*>(p));
 }
 
 HashingSink::~HashingSink() { XXH3_freeState(static_cast<XXH3_state_t*>(state_)); }
@@ -392,7 +400,7 @@ void HashingSink::Feed(const char* p, size_t n) {
 void HashingSink::EnableWriteBehind() {
   if (capacity_ == 0 || behind_) return;
   behind_ = std::make_unique<Behind>();
-  behind_->spare = std::make_unique_for_overwrite<char[]>(capacity_);
+  behind_->spare = NewBuffer();
 }
 
 void HashingSink::WriteQueued(std::unique_lock<std::mutex>& lock) {
@@ -421,21 +429,33 @@ Status HashingSink::WaitForSpare(std::unique_lock<std::mutex>& lock) {
   return b.error;
 }
 
-Status HashingSink::HandOff() {
+Status HashingSink::HandOff(bool keep_tail) {
   if (used_ == 0) return Status::Ok();
   FeedPending();  // the buffer is reused: hash what the current blob has there first
-  const size_t n = used_;
-  used_ = 0;
-  pending_ = 0;
+  size_t n = used_;
+  if (keep_tail) {
+    const uint64_t end = base_start_ + handed_ + used_;
+    const size_t tail = static_cast<size_t>(end % kHashingSinkAlign);
+    if (tail < n) n -= tail;  // else the buffer holds no aligned position: pass it all on
+  }
+  const size_t tail = used_ - n;
   handed_ += n;
-  if (!behind_) return base_.Write(buffer_.get(), n);
-  Behind& b = *behind_;
-  std::unique_lock lock(b.mu);
-  DCPP_RETURN_IF_ERROR(WaitForSpare(lock));
-  b.queued = std::move(buffer_);
-  b.queued_bytes = n;
-  buffer_ = std::move(b.spare);
-  b.cv.notify_all();
+  if (!behind_) {
+    DCPP_RETURN_IF_ERROR(base_.Write(buffer_.get(), n));
+    if (tail > 0) std::memmove(buffer_.get(), buffer_.get() + n, tail);
+  } else {
+    Behind& b = *behind_;
+    std::unique_lock lock(b.mu);
+    DCPP_RETURN_IF_ERROR(WaitForSpare(lock));
+    // Copied before the buffer is queued; the drainer reads only its first n bytes anyway.
+    if (tail > 0) std::memcpy(b.spare.get(), buffer_.get() + n, tail);
+    b.queued = std::move(buffer_);
+    b.queued_bytes = n;
+    buffer_ = std::move(b.spare);
+    b.cv.notify_all();
+  }
+  used_ = tail;
+  pending_ = tail;  // already hashed
   return Status::Ok();
 }
 
@@ -472,7 +492,10 @@ Status HashingSink::Flush() {
 Status HashingSink::Write(const void* data, size_t n) {
   if (capacity_ > 0 && n <= kHashingSinkSmallWrite) {
     if (n == 0) return Status::Ok();
-    if (used_ + n > capacity_) DCPP_RETURN_IF_ERROR(HandOff());
+    if (used_ + n > capacity_) {
+      DCPP_RETURN_IF_ERROR(HandOff(/*keep_tail=*/true));
+      if (used_ + n > capacity_) DCPP_RETURN_IF_ERROR(HandOff());  // the tail left no room
+    }
     std::memcpy(buffer_.get() + used_, data, n);
     used_ += n;
     return Status::Ok();

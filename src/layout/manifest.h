@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <list>
 #include <memory>
 #include <mutex>
@@ -103,6 +104,11 @@ Result<Manifest> DecodeManifest(std::string_view bytes, const std::string& what)
 // call over it when it ends, while its bytes are still in cache. Larger writes go straight
 // through. The caller must then Flush before it syncs or closes the sink's base.
 //
+// The buffers are aligned to kHashingSinkAlign, and a full buffer is passed on up to the last
+// aligned position of the stream only (the few bytes past it move to the next buffer): a base
+// that writes aligned buffers at aligned offsets straight to the device (a local file in direct
+// I/O) then writes every buffer from where it lies, without a copy.
+//
 // Write-behind (EnableWriteBehind, with batching): a full buffer is queued and a second one
 // filled while another thread, running Drain, writes the first to the base; so encoding and
 // hashing small items overlaps the base's write (a file's copy into the page cache). The
@@ -110,6 +116,8 @@ Result<Manifest> DecodeManifest(std::string_view bytes, const std::string& what)
 // each other: run the producer and Drain as two indices of one ParallelFor, the producer
 // calling StopDraining when it is done. Writes reach the base in order, one at a time.
 inline constexpr size_t kHashingSinkSmallWrite = size_t{256} << 10;
+// The direct-I/O alignment of local files (storage's kDirectAlign).
+inline constexpr size_t kHashingSinkAlign = 4096;
 
 class HashingSink final : public ByteSink {
  public:
@@ -136,8 +144,14 @@ class HashingSink final : public ByteSink {
 
  private:
   struct Behind;
-  // Queues the buffer (write-behind) or writes it to the base.
-  Status HandOff();
+  struct FreeAligned {
+    void operator()(char* p) const { std::free(p); }
+  };
+  using Buffer = std::unique_ptr<char, FreeAligned>;
+  Buffer NewBuffer() const;
+  // Queues the buffer (write-behind) or writes it to the base; with `keep_tail`, only up to the
+  // stream's last aligned position, the rest moving to the front of the next buffer.
+  Status HandOff(bool keep_tail = false);
   // Waits until every queued byte is in the base, writing it here if no drainer is at it.
   Status WaitWritten();
   // With the lock of behind_ held: writes the queued buffer (unlocking around the write).
@@ -157,7 +171,7 @@ class HashingSink final : public ByteSink {
   uint64_t in_segment_ = 0;
   std::vector<uint64_t> hashes_;
   // Batching.
-  std::unique_ptr<char[]> buffer_;
+  Buffer buffer_;
   size_t capacity_ = 0;
   size_t used_ = 0;
   size_t pending_ = 0;  // the current blob's bytes in buffer_[pending_, used_) are not hashed yet

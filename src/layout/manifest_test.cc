@@ -3,7 +3,9 @@
 #include <xxhash.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <thread>
 #include <utility>
@@ -326,6 +328,75 @@ TEST(HashingSinkTest, WriteBehindReportsAFailedWriteToBothSides) {
     EXPECT_THAT(produced, StatusIs(StatusCode::kUnavailable, HasSubstr("disk gone"))) << good;
     if (!drained.ok()) {
       EXPECT_THAT(drained, StatusIs(StatusCode::kUnavailable, HasSubstr("disk gone")));
+    }
+  }
+}
+
+// A sink that records where each write started and whether its buffer was aligned.
+class RecordingSink final : public ByteSink {
+ public:
+  explicit RecordingSink(uint64_t start) : start_(start) {}
+  Status Write(const void* data, size_t n) override {
+    writes.push_back(
+        {start_ + bytes.size(), n, reinterpret_cast<uintptr_t>(data) % kHashingSinkAlign == 0});
+    bytes.append(static_cast<const char*>(data), n);
+    return Status::Ok();
+  }
+  uint64_t position() const override { return start_ + bytes.size(); }
+  std::string name() const override { return "recording"; }
+  struct Rec {
+    uint64_t at;
+    size_t n;
+    bool aligned;
+  };
+  std::vector<Rec> writes;
+  std::string bytes;
+
+ private:
+  uint64_t start_;
+};
+
+// Full buffers are passed on from aligned memory and end at aligned positions of the stream
+// (where a file in direct I/O writes them without a copy), starting from any position; the
+// bytes and hashes are those of the unbatched stream, with or without write-behind.
+TEST(HashingSinkTest, FullBuffersEndAtAlignedPositionsOfTheStream) {
+  // Every write of the test comes from one byte past an aligned address, so the base sees
+  // aligned memory exactly when it is given one of the sink's buffers.
+  std::unique_ptr<char, void (*)(void*)> src(
+      static_cast<char*>(std::aligned_alloc(kHashingSinkAlign, 1 << 20)), std::free);
+  for (uint64_t start : {uint64_t{0}, uint64_t{1000}, uint64_t{kHashingSinkAlign * 3 + 17}}) {
+    for (bool behind : {false, true}) {
+      RecordingSink out(start);
+      HashingSink sink(out, kSeg, /*batch_bytes=*/(1 << 20) + 123);
+      if (behind) sink.EnableWriteBehind();  // no drainer: the producer writes queued buffers
+      std::mt19937_64 rng(start + behind);
+      std::string expected;
+      for (int b = 0; b < 200; ++b) {
+        const size_t len = static_cast<size_t>(rng() % (b % 50 == 0 ? 600 << 10 : 30 << 10));
+        const std::string data = Bytes(len, b + start);
+        std::memcpy(src.get() + 1, data.data(), len);
+        sink.BeginBlob();
+        DCPP_ASSERT_OK(sink.Write(src.get() + 1, len));
+        EXPECT_EQ(sink.EndBlob(), HashSegments(data, kSeg)) << b;
+        expected += data;
+      }
+      DCPP_ASSERT_OK(sink.Flush());
+      EXPECT_TRUE(out.bytes == expected);
+      size_t batches = 0;
+      for (size_t i = 0; i < out.writes.size(); ++i) {
+        const auto& w = out.writes[i];
+        if (!w.aligned) {
+          EXPECT_GT(w.n, kHashingSinkSmallWrite / 2);  // only large writes pass through
+          continue;
+        }
+        ++batches;
+        // A buffer followed by another buffer was full: it ends at an aligned position. (One
+        // before a large write or at the end was flushed whole.)
+        if (i + 1 < out.writes.size() && out.writes[i + 1].aligned) {
+          EXPECT_EQ((w.at + w.n) % kHashingSinkAlign, 0u) << i << " from " << start;
+        }
+      }
+      EXPECT_GT(batches, 3u);
     }
   }
 }

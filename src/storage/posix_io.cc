@@ -267,6 +267,20 @@ void PosixWritableFile::EnterDirect() {
 
 Status PosixWritableFile::AppendDirect(const char* p, size_t n) {
   while (n > 0) {
+    if (fill_ == 0 && n >= kDirectAlign && reinterpret_cast<uintptr_t>(p) % kDirectAlign == 0) {
+      // An aligned buffer at an aligned offset (a batching sink's, see HashingSink) is written
+      // from where it lies: no copy into the staging chunks. Synchronous, so the caller may
+      // reuse the buffer when this returns; a caller that wants overlap writes from another
+      // thread (HashingSink's write-behind) or has other files in flight.
+      DCPP_RETURN_IF_ERROR(WaitInFlight());
+      const size_t k = n & ~(kDirectAlign - 1);
+      DCPP_RETURN_IF_ERROR(WriteAt(p, k, chunk_offset_));
+      chunk_offset_ += k;
+      position_ += k;
+      p += k;
+      n -= k;
+      continue;
+    }
     const size_t k = std::min(n, kDirectChunkBytes - fill_);
     std::memcpy(chunk(current_) + fill_, p, k);
     fill_ += k;

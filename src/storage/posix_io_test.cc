@@ -4,6 +4,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <memory>
 #include <string>
@@ -132,9 +134,9 @@ TEST(PosixIoTest, DirectWritesKeepEveryByteAndTheExactLength) {
   };
   // Buffered at first, and the switch happens in the middle of an unaligned block.
   append(100);
-  append(3 << 20);
+  append(kDirectAfterBytes / 2);
   EXPECT_FALSE(file.direct());
-  append((5 << 20) + 13);
+  append(kDirectAfterBytes + 13);
   if (SupportsODirect(dir.path().string())) {
     EXPECT_TRUE(file.direct());
   }
@@ -151,6 +153,47 @@ TEST(PosixIoTest, DirectWritesKeepEveryByteAndTheExactLength) {
   EXPECT_EQ(FileSize(fd), expected.size());
   ASSERT_THAT(file.Close(), IsOk());
   EXPECT_EQ(Slurp(path), expected);
+}
+
+// Aligned buffers at aligned positions are written from where they lie; whatever is not (a
+// buffer's unaligned end, an unaligned buffer, a position that lost its alignment) goes through
+// the staging chunks, and every byte lands in place.
+TEST(PosixIoTest, AlignedAppendsAreWrittenInPlaceAndMixWithCopiedOnes) {
+  DirectIo on;
+  TempDir dir;
+  const std::string path = dir.Join("aligned.bin");
+  DCPP_ASSERT_OK_AND_ASSIGN(int fd, OpenFd(path, O_RDWR | O_CREAT | O_TRUNC, 0644));
+  PosixWritableFile file(fd, path);
+  struct Free {
+    void operator()(char* p) const { std::free(p); }
+  };
+  const size_t cap = 3 * kDirectChunkBytes;
+  std::unique_ptr<char, Free> buf(static_cast<char*>(std::aligned_alloc(kDirectAlign, cap)));
+  ASSERT_NE(buf, nullptr);
+  std::string expected;
+  auto append = [&](size_t n, size_t misalign) {
+    const std::string bytes = Pattern(n, static_cast<uint32_t>(expected.size()) * 7 + 1);
+    std::memcpy(buf.get() + misalign, bytes.data(), n);
+    ASSERT_THAT(file.Append(buf.get() + misalign, n), IsOk());
+    expected += bytes;
+    ASSERT_EQ(file.position(), expected.size());
+  };
+  append(2 * kDirectChunkBytes, 0);  // the switch at offset 0, then in place
+  if (SupportsODirect(dir.path().string())) {
+    EXPECT_TRUE(file.direct());
+  }
+  append(4 * kDirectAlign, 0);         // in place, less than a chunk
+  append(kDirectChunkBytes + 100, 0);  // in place, then 100 bytes into a chunk
+  append(5 * kDirectAlign, 0);         // the position is unaligned now: copied
+  append(kDirectAlign - 100, 0);       // realigns the position through the chunk
+  append(3 * kDirectAlign + 1, 0);     // still copied: the chunk is not empty
+  append(kDirectChunkBytes, 8);        // an unaligned buffer: copied
+  ASSERT_THAT(file.Sync(), IsOk());    // a partial chunk, written padded and cut back
+  EXPECT_EQ(FileSize(fd), expected.size());
+  EXPECT_TRUE(Slurp(path) == expected);  // no diff of megabytes on failure
+  append(2 * kDirectAlign, 0);
+  ASSERT_THAT(file.Close(), IsOk());
+  EXPECT_TRUE(Slurp(path) == expected);  // no diff of megabytes on failure
 }
 
 TEST(PosixIoTest, DirectWritesEndingOnAChunkBoundaryNeedNoTail) {
