@@ -67,6 +67,12 @@ class StorageWriter {
   // Writes this rank's items; blocking; returns where each went.
   virtual Result<std::vector<WriteResult>> WriteData(const SavePlan& plan,
                                                      SavePlanner& planner) = 0;
+  // Optional, by whoever calls Finish: once the global plan is made, with the Metadata Finish
+  // will be given, whose state_dict_metadata and planner_data no longer change (Finish fills in
+  // the rest). It runs on a thread of its own while WriteData writes, so the writer may start
+  // on its commit here (FileSystemWriter encodes and checks most of `.metadata`); it must be
+  // safe beside WriteData. A failure here is Finish's to report.
+  virtual void PrepareFinish(const Metadata& metadata) { (void)metadata; }
   // Coordinator (or every rank in rank-local mode): records storage data in `metadata` and
   // commits it. Nothing is visible as a checkpoint before this returns OK.
   virtual Status Finish(Metadata& metadata,
@@ -148,6 +154,7 @@ class FileSystemWriter final : public StorageWriter {
   Result<SavePlan> PrepareLocalPlan(SavePlan plan) override;
   Result<std::vector<SavePlan>> PrepareGlobalPlan(std::vector<SavePlan> plans) override;
   Result<std::vector<WriteResult>> WriteData(const SavePlan& plan, SavePlanner& planner) override;
+  void PrepareFinish(const Metadata& metadata) override;
   Status Finish(Metadata& metadata, const std::vector<std::vector<WriteResult>>& results) override;
   Status CleanUp() override;
   void EndSave() override;
@@ -155,6 +162,7 @@ class FileSystemWriter final : public StorageWriter {
   std::string checkpoint_id() const override { return checkpoint_id_; }
 
  private:
+  struct PreparedCommit;
   Status GuardDestination(bool rank_local);
   Status RemoveLeftovers(bool after_commit);
 
@@ -170,10 +178,11 @@ class FileSystemWriter final : public StorageWriter {
   std::vector<std::string> referenced_;  // files of the committed metadata (for CleanUp)
   std::string committed_;                // the committed metadata's key, and its bytes' hash
   uint64_t committed_hash_ = 0;
-  std::string committed_bytes_;        // until TakeCommittedMetadata
-  std::vector<std::string> replaced_;  // files of the checkpoint this save replaces
-  std::string replaced_manifest_;      // the replaced checkpoint's manifest (for CleanUp)
-  std::string manifest_;               // this save's manifest, once committed
+  std::string committed_bytes_;               // until TakeCommittedMetadata
+  std::vector<std::string> replaced_;         // files of the checkpoint this save replaces
+  std::string replaced_manifest_;             // the replaced checkpoint's manifest (for CleanUp)
+  std::string manifest_;                      // this save's manifest, once committed
+  std::unique_ptr<PreparedCommit> prepared_;  // PrepareFinish's work, until Finish
 };
 
 struct FileSystemReaderOptions {

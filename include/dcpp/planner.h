@@ -144,7 +144,7 @@ class DefaultSavePlanner : public SavePlanner {
   bool last_plan_cached_ = false;
   std::shared_ptr<const internal::PlanCache> cache_;  // with enable_plan_caching
   std::vector<FlatEntry> flat_;
-  std::map<std::string, const Value*> by_fqn_;
+  std::unordered_map<std::string_view, const Value*> by_fqn_;  // views of flat_'s names
 };
 
 // Removes duplicates of the same MetadataIndex across plans, keeping each in one plan.

@@ -26,6 +26,7 @@
 
 #include "checkpoint/steps.h"
 #include "core/log.h"
+#include "core/thread_pool.h"
 #include "core/wire.h"
 #include "dcpp/comm.h"
 
@@ -270,10 +271,26 @@ void SaveSteps::Write() {
     DCPP_ASSIGN_OR_RETURN(plan_, planner_.FinishPlan(std::move(plan_)));
     return Status::Ok();
   });
-  Local("save.writer.write_data", [&]() -> Status {
-    DCPP_ASSIGN_OR_RETURN(results_, writer_.WriteData(plan_, planner_));
-    return Status::Ok();
-  });
+  auto write = [&] {
+    Local("save.writer.write_data", [&]() -> Status {
+      DCPP_ASSIGN_OR_RETURN(results_, writer_.WriteData(plan_, planner_));
+      return Status::Ok();
+    });
+  };
+  if (status_.ok() && (planning_alone_ || is_coordinator_)) {
+    // The rank that will commit lets its writer start on the commit (encoding the metadata)
+    // while the data is written: the writes wait on the disk, and the CPU has room.
+    (void)internal::ParallelFor(2, 2, [&](size_t part) -> Status {
+      if (part == 0) {
+        write();
+      } else {
+        writer_.PrepareFinish(metadata_);
+      }
+      return Status::Ok();
+    });
+  } else {
+    write();
+  }
   int64_t bytes = 0;
   for (const auto& r : results_) bytes += r.size_in_bytes;
   t.Add("items", std::to_string(results_.size()));

@@ -11,6 +11,7 @@
 #include <map>
 
 #include "codec/decode_budget.h"
+#include "codec/metadata_encoder.h"
 #include "codec/metadata_reader.h"
 #include "codec/pickle.h"
 
@@ -443,13 +444,49 @@ class Encoder {
   }
 
   Result<std::string> Encode(const Metadata& md) {
+    Begin(md);
+    return End(md);
+  }
+
+  // The root object up to its storage_data field: what a save knows once its global plan is
+  // made. End writes the rest; together they write exactly what Root's recursion would (the
+  // root's field dict is one MARK ... SETITEMS batch, as CPython writes 3-5 items).
+  void Begin(const Metadata& md) {
     // Every item costs ~150 bytes; reserving avoids most regrowth of a large output.
     size_t chunks = 0;
     for (const auto& [fqn, m] : md.state_dict_metadata) {
       if (const auto* t = std::get_if<TensorStorageMetadata>(&m)) chunks += t->chunks.size();
     }
-    e_.Reserve(1024 + 80 * chunks + 200 * md.storage_data.size());
-    Root(md);
+    e_.Reserve(1024 + 80 * chunks + 200 * std::max(chunks, md.storage_data.size()));
+    Slot root_slot = -1;
+    e_.Boundary();
+    Global(paths_.meta, "Metadata", &root_slot);
+    e_.Boundary();
+    e_.EmptyTuple();
+    e_.NewObj();
+    e_.Memoize();
+    e_.Boundary();
+    e_.EmptyDict();
+    e_.Mark();
+    Key("state_dict_metadata");
+    StateDictMetadataDict(md.state_dict_metadata);
+    Key("planner_data");
+    PlannerData(md.planner_data);
+  }
+
+  Result<std::string> End(const Metadata& md) {
+    Key("storage_data");
+    StorageData(md.storage_data);
+    if (flavor_ == MetadataFlavor::kTorch2 && md.storage_meta) {
+      Key("storage_meta");
+      StorageMetaObject(*md.storage_meta);
+    }
+    if (flavor_ != MetadataFlavor::kTorch113Prototype) {
+      Key("version");
+      OptStr(md.version);
+    }
+    e_.SetItems();
+    e_.Build();
     return e_.Finish();
   }
 
@@ -685,35 +722,6 @@ class Encoder {
     });
   }
 
-  void Root(const Metadata& md) {
-    const bool with_storage_meta = flavor_ == MetadataFlavor::kTorch2 && md.storage_meta;
-    const bool with_version = flavor_ != MetadataFlavor::kTorch113Prototype;
-    const size_t n = 3 + (with_storage_meta ? 1 : 0) + (with_version ? 1 : 0);
-    Slot root_slot = -1;
-    DataObject(paths_.meta, "Metadata", &root_slot, n, [&](size_t i) {
-      switch (i) {
-        case 0:
-          Key("state_dict_metadata");
-          return StateDictMetadataDict(md.state_dict_metadata);
-        case 1:
-          Key("planner_data");
-          return PlannerData(md.planner_data);
-        case 2:
-          Key("storage_data");
-          return StorageData(md.storage_data);
-        case 3:
-          if (with_storage_meta) {
-            Key("storage_meta");
-            return StorageMetaObject(*md.storage_meta);
-          }
-          [[fallthrough]];
-        default:
-          Key("version");
-          OptStr(md.version);
-      }
-    });
-  }
-
   void StorageMetaObject(const StorageMeta& sm) {
     Slot slot = -1;
     DataObject(paths_.meta, "StorageMeta", &slot, 4, [&](size_t i) {
@@ -795,10 +803,9 @@ Status ValidatePlannerData(const Metadata& md, std::string_view what) {
   return Status::Ok();
 }
 
-Status ValidateMetadata(const Metadata& md, std::string_view what) {
+Status internal::ValidatePlannedMetadata(const Metadata& md, std::string_view what) {
   // Every size is checked before anything is allocated from it: element counts and byte sizes
-  // must fit in int64, chunks must lie inside their tensor, and an untransformed chunk cannot
-  // hold more bytes than its stored blob (so allocations are bounded by what the files hold).
+  // must fit in int64 and chunks must lie inside their tensor.
   for (const auto& [fqn, m] : md.state_dict_metadata) {
     const auto* t = std::get_if<TensorStorageMetadata>(&m);
     if (!t) continue;
@@ -816,6 +823,18 @@ Status ValidateMetadata(const Metadata& md, std::string_view what) {
         return DataLossError(std::string(what) + ": chunk " + c.ToString() + " of \"" + fqn +
                              "\" does not fit its size " + ShapeToString(t->size));
       }
+    }
+  }
+  return ValidatePlannerData(md, what);
+}
+
+Status internal::ValidateStorageData(const Metadata& md, std::string_view what) {
+  // An untransformed chunk cannot hold more bytes than its stored blob, so allocations are
+  // bounded by what the files hold. (Chunk sizes were checked by ValidatePlannedMetadata.)
+  for (const auto& [fqn, m] : md.state_dict_metadata) {
+    const auto* t = std::get_if<TensorStorageMetadata>(&m);
+    if (!t) continue;
+    for (const auto& c : t->chunks) {
       auto info = md.storage_data.find(MetadataIndexRef{fqn, &c.offsets});
       if (info != md.storage_data.end() && info->second.transform_descriptors.empty()) {
         const int64_t chunk_bytes = *CheckedNumBytes(t->properties.dtype, c.sizes);
@@ -828,7 +847,6 @@ Status ValidateMetadata(const Metadata& md, std::string_view what) {
       }
     }
   }
-  DCPP_RETURN_IF_ERROR(ValidatePlannerData(md, what));
   for (const auto& [idx, info] : md.storage_data) {
     const StorageMetadata* m = md.state_dict_metadata.Find(idx.fqn);
     if (!m) {
@@ -842,6 +860,11 @@ Status ValidateMetadata(const Metadata& md, std::string_view what) {
     }
   }
   return Status::Ok();
+}
+
+Status ValidateMetadata(const Metadata& md, std::string_view what) {
+  DCPP_RETURN_IF_ERROR(internal::ValidatePlannedMetadata(md, what));
+  return internal::ValidateStorageData(md, what);
 }
 
 Result<Metadata> internal::DecodeMetadataTree(std::string_view pickle_bytes) {
@@ -867,12 +890,50 @@ Result<Metadata> ParseMetadata(std::string_view pickle_bytes) {
   return md;
 }
 
-Result<std::string> EncodeMetadata(const Metadata& metadata, const MetadataEncodeOptions& options) {
+namespace {
+
+Status CheckProtocol(const MetadataEncodeOptions& options) {
   if (options.protocol != 2 && options.protocol != 4) {
     return InvalidArgumentError("pickle protocol " + std::to_string(options.protocol) +
                                 " cannot be written (2 or 4)");
   }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Result<std::string> EncodeMetadata(const Metadata& metadata, const MetadataEncodeOptions& options) {
+  DCPP_RETURN_IF_ERROR(CheckProtocol(options));
   return Encoder(options.flavor, options.protocol).Encode(metadata);
 }
+
+namespace internal {
+
+struct MetadataEncoder::Impl {
+  Impl(const MetadataEncodeOptions& o) : encoder(o.flavor, o.protocol) {}
+  Encoder encoder;
+};
+
+MetadataEncoder::MetadataEncoder(const MetadataEncodeOptions& options)
+    : status_(CheckProtocol(options)) {
+  if (status_.ok()) impl_ = std::make_unique<Impl>(options);
+}
+
+MetadataEncoder::~MetadataEncoder() = default;
+
+void MetadataEncoder::Begin(const Metadata& md) {
+  if (!impl_ || begun_) return;
+  begun_ = true;
+  impl_->encoder.Begin(md);
+}
+
+Result<std::string> MetadataEncoder::Finish(const Metadata& md) {
+  DCPP_RETURN_IF_ERROR(status_);
+  if (!begun_) Begin(md);
+  status_ = FailedPreconditionError("metadata encoder finished twice");
+  return impl_->encoder.End(md);
+}
+
+}  // namespace internal
 
 }  // namespace dcpp

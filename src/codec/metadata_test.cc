@@ -1,5 +1,6 @@
 #include "dcpp/metadata.h"
 
+#include "codec/metadata_encoder.h"
 #include "codec/pickle.h"
 #include "testing/testing.h"
 
@@ -66,6 +67,47 @@ TEST(MetadataTest, RoundTripsEveryFlavorAndProtocol) {
       }
     }
   }
+}
+
+// A save encodes the planned part while it writes and the storage part at commit: the bytes
+// must be EncodeMetadata's for every flavor and protocol, with or without the early step.
+TEST(MetadataTest, EncoderInTwoStepsGivesEncodeMetadatasBytes) {
+  const Metadata full = Sample();
+  for (auto flavor : {MetadataFlavor::kTorch2, MetadataFlavor::kTorch2Portable,
+                      MetadataFlavor::kTorch113Prototype}) {
+    for (int protocol : {2, 4}) {
+      SCOPED_TRACE(::testing::Message()
+                   << "flavor " << static_cast<int>(flavor) << " protocol " << protocol);
+      DCPP_ASSERT_OK_AND_ASSIGN(std::string want, EncodeMetadata(full, {flavor, protocol}));
+      Metadata planned = full;
+      planned.storage_data.clear();
+      planned.storage_meta.reset();
+      internal::MetadataEncoder early({flavor, protocol});
+      early.Begin(planned);
+      DCPP_ASSERT_OK_AND_ASSIGN(std::string two_steps, early.Finish(full));
+      EXPECT_EQ(two_steps, want);
+      internal::MetadataEncoder late({flavor, protocol});
+      DCPP_ASSERT_OK_AND_ASSIGN(std::string one_step, late.Finish(full));
+      EXPECT_EQ(one_step, want);
+    }
+  }
+}
+
+TEST(MetadataTest, SplitChecksTogetherAreValidateMetadata) {
+  Metadata md = Sample();
+  DCPP_EXPECT_OK(internal::ValidatePlannedMetadata(md, "ck"));
+  DCPP_EXPECT_OK(internal::ValidateStorageData(md, "ck"));
+  Metadata bad_chunk = Sample();
+  std::get<TensorStorageMetadata>(*bad_chunk.state_dict_metadata.Find("model.w"))
+      .chunks[1]
+      .offsets[0] = 3;
+  EXPECT_THAT(internal::ValidatePlannedMetadata(bad_chunk, "ck"),
+              StatusIs(StatusCode::kDataLoss, HasSubstr("model.w")));
+  Metadata bad_file = Sample();
+  bad_file.storage_data.begin()->second.relative_path = "../escape.distcp";
+  DCPP_EXPECT_OK(internal::ValidatePlannedMetadata(bad_file, "ck"));
+  EXPECT_FALSE(internal::ValidateStorageData(bad_file, "ck").ok());
+  EXPECT_FALSE(ValidateMetadata(bad_file, "ck").ok());
 }
 
 // Builds TensorProperties the way other PyTorch versions pickle it.

@@ -38,6 +38,7 @@
 #include <string_view>
 #include <unordered_map>
 
+#include "codec/metadata_encoder.h"
 #include "codec/stream_transform.h"
 #include "codec/torch_save.h"
 #include "codec/zip.h"
@@ -147,25 +148,24 @@ std::vector<Bucket> SplitBySizeAndType(const SavePlan& plan, size_t bins) {
     for (size_t i = 0; i < plan.items.size(); ++i) buckets[0].items.push_back(i);
     return buckets;
   }
-  std::vector<size_t> tensors;
+  std::vector<std::pair<int64_t, size_t>> tensors;  // (size, item), sizes computed once
   size_t rr = 0;
   for (size_t i = 0; i < plan.items.size(); ++i) {
     if (plan.items[i].type == WriteItemType::kByteIO) {
       buckets[rr++ % buckets.size()].items.push_back(i);
     } else {
-      tensors.push_back(i);
+      tensors.emplace_back(plan.items[i].StorageSize(), i);
     }
   }
-  std::stable_sort(tensors.begin(), tensors.end(), [&](size_t a, size_t b) {
-    return plan.items[a].StorageSize() > plan.items[b].StorageSize();
-  });
-  for (size_t i : tensors) {
+  std::stable_sort(tensors.begin(), tensors.end(),
+                   [](const auto& a, const auto& b) { return a.first > b.first; });
+  for (const auto& [size, i] : tensors) {
     size_t best = 0;
     for (size_t b = 1; b < buckets.size(); ++b) {
       if (buckets[b].bytes < buckets[best].bytes) best = b;
     }
     buckets[best].items.push_back(i);
-    buckets[best].bytes += plan.items[i].StorageSize();
+    buckets[best].bytes += size;
   }
   return buckets;
 }
@@ -306,6 +306,7 @@ Status FileSystemWriter::RemoveLeftovers(bool after_commit) {
 }
 
 void FileSystemWriter::EndSave() {
+  prepared_.reset();
   rank_lock_.reset();
   lock_.reset();
 }
@@ -315,6 +316,7 @@ Status FileSystemWriter::SetUp(bool is_coordinator, int rank, bool use_collectiv
   use_collectives_ = use_collectives;
   committed_.clear();
   committed_bytes_.clear();
+  prepared_.reset();
   if (options_.guard_destination && (is_coordinator || !use_collectives)) {
     DCPP_RETURN_IF_ERROR(GuardDestination(!use_collectives));
   }
@@ -480,8 +482,34 @@ Result<std::vector<WriteResult>> FileSystemWriter::WriteData(const SavePlan& pla
   return all;
 }
 
+// The metadata's encoding up to storage_data and the checks of the parts before it, done while
+// the data was written.
+struct FileSystemWriter::PreparedCommit {
+  explicit PreparedCommit(const MetadataEncodeOptions& options) : encoder(options) {}
+  const Metadata* metadata = nullptr;  // the one it was prepared from
+  size_t entries = 0;                  // its state_dict_metadata's size then
+  internal::MetadataEncoder encoder;
+  Status checked;
+};
+
+void FileSystemWriter::PrepareFinish(const Metadata& metadata) {
+  auto p = std::make_unique<PreparedCommit>(options_.metadata);
+  p->metadata = &metadata;
+  p->entries = metadata.state_dict_metadata.size();
+  p->checked =
+      internal::ValidatePlannedMetadata(metadata, "metadata of \"" + checkpoint_id_ + "\"");
+  if (p->checked.ok()) p->encoder.Begin(metadata);
+  prepared_ = std::move(p);
+}
+
 Status FileSystemWriter::Finish(Metadata& metadata,
                                 const std::vector<std::vector<WriteResult>>& results) {
+  // What PrepareFinish did counts only for the Metadata it saw (the contract: unchanged since).
+  std::unique_ptr<PreparedCommit> prepared = std::move(prepared_);
+  if (prepared && (prepared->metadata != &metadata ||
+                   prepared->entries != metadata.state_dict_metadata.size())) {
+    prepared.reset();
+  }
   metadata.storage_data.clear();
   for (const auto& rank_results : results) {
     for (const auto& r : rank_results) metadata.storage_data[r.index] = r.storage_data;
@@ -491,8 +519,14 @@ Status FileSystemWriter::Finish(Metadata& metadata,
   // Checked and encoded side by side (both only read it); the bytes are used only if it passed.
   Result<std::string> encoded = std::string();
   const std::vector<Status> checked = internal::ParallelFor(2, 2, [&](size_t part) -> Status {
-    if (part == 0) return ValidateMetadata(metadata, "metadata of \"" + checkpoint_id_ + "\"");
-    encoded = EncodeMetadata(metadata, options_.metadata);
+    const std::string what = "metadata of \"" + checkpoint_id_ + "\"";
+    if (part == 0) {
+      if (!prepared) return ValidateMetadata(metadata, what);
+      DCPP_RETURN_IF_ERROR(prepared->checked);
+      return internal::ValidateStorageData(metadata, what);
+    }
+    encoded =
+        prepared ? prepared->encoder.Finish(metadata) : EncodeMetadata(metadata, options_.metadata);
     return Status::Ok();
   });
   DCPP_RETURN_IF_ERROR(checked[0]);

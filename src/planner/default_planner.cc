@@ -50,6 +50,7 @@ Status DefaultSavePlanner::SetUp(const StateDict& state_dict, bool /*is_coordina
     flat_ = TopLevelEntries(state_dict);
   }
   by_fqn_.clear();
+  by_fqn_.reserve(flat_.size());
   for (const auto& e : flat_) by_fqn_[e.fqn] = e.value;
   return Status::Ok();
 }
@@ -89,7 +90,12 @@ Result<SavePlan> DefaultSavePlanner::CreateLocalPlan() {
       item.type = WriteItemType::kByteIO;
       plan.items.push_back(std::move(item));
     }
-    plan.mappings[e.fqn] = e.path;
+    // Flattening lists names in order: each lands at the end of the map without a search.
+    if (plan.mappings.empty() || plan.mappings.rbegin()->first < e.fqn) {
+      plan.mappings.emplace_hint(plan.mappings.end(), e.fqn, e.path);
+    } else {
+      plan.mappings[e.fqn] = e.path;
+    }
   }
   return plan;
 }
@@ -473,6 +479,7 @@ Status CheckSharedItemsAgree(const std::vector<SavePlan>& plans, const PlanKeys&
 // name the same keys as the previous rank's adds nothing, which a lockstep comparison finds
 // without hashing.
 std::map<std::string, ObjectPath> MergeMappings(const std::vector<SavePlan>& plans) {
+  if (plans.size() == 1) return plans[0].mappings;
   std::map<std::string, ObjectPath> merged;
   std::unordered_set<std::string_view> seen;
   for (size_t p = 0; p < plans.size(); ++p) {
