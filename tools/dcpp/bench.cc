@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -196,6 +197,14 @@ struct Samples {
     return it == v.end() ? 0 : Median(it->second);
   }
   bool Has(const std::string& k) const { return v.count(k) > 0; }
+  // Every round's figure, rounded, for the rows (the spread beside the median).
+  json Rounds(const std::string& k) const {
+    json out = json::array();
+    auto it = v.find(k);
+    if (it == v.end()) return out;
+    for (double x : it->second) out.push_back(std::round(x * 1000) / 1000);
+    return out;
+  }
 };
 
 // GB/s of a fio job over `bytes` split over `jobs` files; write jobs fsync at the end. First
@@ -424,6 +433,9 @@ int RunOrchestrator(const BenchArgs& args) {
       json f = {{"dcpp_first_GBps", first},
                 {"dcpp_later_GBps", later},
                 {"dcpp_first_cpu_s", s.Med("dcpp/save/" + k + "/cpu")},
+                {"dcpp_first_rounds_GBps", s.Rounds("dcpp/save/" + k + "/first")},
+                {"dcpp_first_cpu_rounds_s", s.Rounds("dcpp/save/" + k + "/cpu")},
+                {"fio_write_rounds_GBps", s.Rounds("fio/write/" + k)},
                 {"fio_write_GBps", fio_w},
                 {"fio_write_wall_GBps", s.Med("fio/write_wall/" + k)},
                 {"fio_direct_write_GBps", s.Med("fio/direct_write/" + k)},
