@@ -36,7 +36,7 @@ bool DirectWritesEnabled() {
 
 void SetDirectIoForTesting(int mode) { direct_io_for_testing.store(mode); }
 
-// One submission queue per file being written directly: at most one chunk in flight.
+// One submission queue per file being written directly: up to kDirectChunks - 1 chunks in flight.
 struct DirectRing {
 #ifdef DCPP_HAVE_URING
   io_uring ring;
@@ -239,7 +239,7 @@ void PosixWritableFile::StartWriteBack() {
 void PosixWritableFile::EnterDirect() {
   direct_refused_ = true;  // one try per file
   if (!FlushBuffer().ok()) return;
-  void* mem = std::aligned_alloc(kDirectAlign, 2 * kDirectChunkBytes);
+  void* mem = std::aligned_alloc(kDirectAlign, kDirectChunks * kDirectChunkBytes);
   if (mem == nullptr) return;
   std::unique_ptr<char, FreeAligned> staging(static_cast<char*>(mem));
   const uint64_t aligned = position_ & ~uint64_t{kDirectAlign - 1};
@@ -260,7 +260,7 @@ void PosixWritableFile::EnterDirect() {
   chunk_offset_ = aligned;
 #ifdef DCPP_HAVE_URING
   auto ring = std::make_unique<DirectRing>();
-  ring->ready = io_uring_queue_init(2, &ring->ring, 0) == 0;  // seccomp may forbid it
+  ring->ready = io_uring_queue_init(kDirectChunks, &ring->ring, 0) == 0;  // seccomp may forbid it
   if (ring->ready) ring_ = std::move(ring);
 #endif
 }
@@ -292,61 +292,79 @@ Status PosixWritableFile::AppendDirect(const char* p, size_t n) {
   return Status::Ok();
 }
 
-// The full current chunk is written (asynchronously where a ring exists) and the other one
-// becomes current, once its own write has finished.
+// The full current chunk is written (asynchronously where a ring exists) and the next one
+// becomes current, once its own earlier write has finished.
 Status PosixWritableFile::SubmitChunk() {
-  DCPP_RETURN_IF_ERROR(WaitInFlight());
   const char* data = chunk(current_);
+  bool submitted = false;
 #ifdef DCPP_HAVE_URING
   if (ring_) {
     io_uring_sqe* sqe = io_uring_get_sqe(&ring_->ring);
     if (sqe != nullptr) {
       io_uring_prep_write(sqe, fd_, data, static_cast<unsigned>(kDirectChunkBytes), chunk_offset_);
-      const int rc = io_uring_submit(&ring_->ring);
-      if (rc == 1) {
-        in_flight_ = true;
-        in_flight_offset_ = chunk_offset_;
-      } else {
-        ring_.reset();  // fall back to pwrite from now on
+      io_uring_sqe_set_data64(sqe, static_cast<uint64_t>(current_));
+      if (io_uring_submit(&ring_->ring) == 1) {
+        submitted = true;
+        busy_[current_] = true;
+        busy_offset_[current_] = chunk_offset_;
+        ++in_flight_;
       }
     }
+    // No room or no submission: wait for what is in flight, then pwrite from now on.
+    if (!submitted) {
+      DCPP_RETURN_IF_ERROR(WaitInFlight());
+      ring_.reset();
+    }
   }
-  if (!in_flight_) DCPP_RETURN_IF_ERROR(WriteAt(data, kDirectChunkBytes, chunk_offset_));
-#else
-  DCPP_RETURN_IF_ERROR(WriteAt(data, kDirectChunkBytes, chunk_offset_));
 #endif
+  if (!submitted) DCPP_RETURN_IF_ERROR(WriteAt(data, kDirectChunkBytes, chunk_offset_));
   chunk_offset_ += kDirectChunkBytes;
-  current_ ^= 1;
+  current_ = (current_ + 1) % kDirectChunks;
   fill_ = 0;
-  return Status::Ok();
+  return WaitChunk(current_);
+}
+
+// Completions come in any order: each one reaped frees its chunk, and a short or refused write
+// is finished with pwrite from the chunk, which stays intact until then.
+Status PosixWritableFile::WaitChunk(int i) {
+#ifdef DCPP_HAVE_URING
+  while (busy_[i]) {
+    io_uring_cqe* cqe = nullptr;
+    int rc;
+    do {
+      rc = io_uring_wait_cqe(&ring_->ring, &cqe);
+    } while (rc == -EINTR);
+    if (rc < 0) return error_ = ErrnoToStatus(-rc, "writing " + path_);
+    const int res = cqe->res;
+    const uint64_t j = io_uring_cqe_get_data64(cqe);
+    io_uring_cqe_seen(&ring_->ring, cqe);
+    if (j >= static_cast<uint64_t>(kDirectChunks) || !busy_[j]) {
+      return error_ = InternalError("writing " + path_ + ": unexpected io_uring completion");
+    }
+    busy_[j] = false;
+    --in_flight_;
+    size_t done = 0;
+    if (res < 0) {
+      // EINVAL: the file system refused the alignment; WriteAt retries without O_DIRECT.
+      if (res != -EINVAL && res != -EINTR && res != -EAGAIN) {
+        return error_ = ErrnoToStatus(-res, "writing " + path_);
+      }
+    } else {
+      done = static_cast<size_t>(res);
+    }
+    if (done < kDirectChunkBytes) {
+      DCPP_RETURN_IF_ERROR(WriteAt(chunk(static_cast<int>(j)) + done, kDirectChunkBytes - done,
+                                   busy_offset_[j] + done));
+    }
+  }
+#else
+  (void)i;
+#endif
+  return error_;
 }
 
 Status PosixWritableFile::WaitInFlight() {
-  if (!in_flight_) return Status::Ok();
-  in_flight_ = false;
-#ifdef DCPP_HAVE_URING
-  const char* data = chunk(current_ ^ 1);
-  io_uring_cqe* cqe = nullptr;
-  int rc;
-  do {
-    rc = io_uring_wait_cqe(&ring_->ring, &cqe);
-  } while (rc == -EINTR);
-  if (rc < 0) return error_ = ErrnoToStatus(-rc, "writing " + path_);
-  const int res = cqe->res;
-  io_uring_cqe_seen(&ring_->ring, cqe);
-  size_t done = 0;
-  if (res < 0) {
-    // EINVAL: the file system refused the alignment; WriteAt retries without O_DIRECT.
-    if (res != -EINVAL && res != -EINTR && res != -EAGAIN) {
-      return error_ = ErrnoToStatus(-res, "writing " + path_);
-    }
-  } else {
-    done = static_cast<size_t>(res);
-  }
-  if (done < kDirectChunkBytes) {
-    return WriteAt(data + done, kDirectChunkBytes - done, in_flight_offset_ + done);
-  }
-#endif
+  for (int i = 0; i < kDirectChunks && in_flight_ > 0; ++i) DCPP_RETURN_IF_ERROR(WaitChunk(i));
   return Status::Ok();
 }
 

@@ -196,6 +196,41 @@ TEST(PosixIoTest, AlignedAppendsAreWrittenInPlaceAndMixWithCopiedOnes) {
   EXPECT_TRUE(Slurp(path) == expected);  // no diff of megabytes on failure
 }
 
+// Several staging chunks are in flight at once: copied appends that fill the ring many times
+// over, an in-place write while copied chunks are still being written, and copied ones after it
+// all land where they belong.
+TEST(PosixIoTest, ChunksInFlightTogetherLandInPlace) {
+  DirectIo on;
+  TempDir dir;
+  const std::string path = dir.Join("ring.bin");
+  DCPP_ASSERT_OK_AND_ASSIGN(int fd, OpenFd(path, O_RDWR | O_CREAT | O_TRUNC, 0644));
+  PosixWritableFile file(fd, path);
+  struct Free {
+    void operator()(char* p) const { std::free(p); }
+  };
+  const size_t cap = 2 * kDirectChunkBytes;
+  std::unique_ptr<char, Free> buf(static_cast<char*>(std::aligned_alloc(kDirectAlign, cap)));
+  ASSERT_NE(buf, nullptr);
+  std::string expected;
+  auto append = [&](size_t n, size_t misalign) {
+    const std::string bytes = Pattern(n, static_cast<uint32_t>(expected.size()) * 3 + 5);
+    std::memcpy(buf.get() + misalign, bytes.data(), n);
+    ASSERT_THAT(file.Append(buf.get() + misalign, n), IsOk());
+    expected += bytes;
+  };
+  append(kDirectAfterBytes + 1, 1);  // buffered, then direct from an unaligned position
+  for (int i = 0; i < 3 * kDirectChunks; ++i) append(kDirectChunkBytes - 1000 + i, 3);
+  // Top up to a chunk boundary, so the next aligned buffer is written in place while the ring
+  // still holds copied chunks.
+  append(kDirectChunkBytes - expected.size() % kDirectChunkBytes, 1);
+  append(kDirectChunkBytes + kDirectAlign, 0);
+  for (int i = 0; i < 2 * kDirectChunks; ++i) append(kDirectChunkBytes / 3 + i, 2);
+  ASSERT_THAT(file.Sync(), IsOk());
+  EXPECT_EQ(FileSize(fd), expected.size());
+  ASSERT_THAT(file.Close(), IsOk());
+  EXPECT_TRUE(Slurp(path) == expected);  // no diff of megabytes on failure
+}
+
 TEST(PosixIoTest, DirectWritesEndingOnAChunkBoundaryNeedNoTail) {
   DirectIo on;
   TempDir dir;
