@@ -10,6 +10,8 @@
 #include <cerrno>
 #include <cstring>
 
+#include "core/stream_copy.h"
+
 #ifdef DCPP_HAVE_URING
 #include <liburing.h>
 #endif
@@ -282,7 +284,8 @@ Status PosixWritableFile::AppendDirect(const char* p, size_t n) {
       continue;
     }
     const size_t k = std::min(n, kDirectChunkBytes - fill_);
-    std::memcpy(chunk(current_) + fill_, p, k);
+    // The chunk is read by the device, not by this core: streaming stores for large pieces.
+    StreamingCopy(chunk(current_) + fill_, p, k);
     fill_ += k;
     position_ += k;
     p += k;
