@@ -155,6 +155,31 @@ TEST(PosixIoTest, DirectWritesKeepEveryByteAndTheExactLength) {
   EXPECT_EQ(Slurp(path), expected);
 }
 
+// Appends patterned bytes to a file from an aligned buffer of `capacity` bytes, `misalign` bytes
+// into it, and keeps what the file must then hold.
+class AlignedAppender {
+ public:
+  AlignedAppender(PosixWritableFile& file, size_t capacity)
+      : file_(file), buf_(static_cast<char*>(std::aligned_alloc(kDirectAlign, capacity))) {}
+  bool ok() const { return buf_ != nullptr; }
+  void Append(size_t n, size_t misalign) {
+    const std::string bytes = Pattern(n, static_cast<uint32_t>(expected_.size()) * 7 + 1);
+    std::memcpy(buf_.get() + misalign, bytes.data(), n);
+    ASSERT_THAT(file_.Append(buf_.get() + misalign, n), IsOk());
+    expected_ += bytes;
+    ASSERT_EQ(file_.position(), expected_.size());
+  }
+  const std::string& expected() const { return expected_; }
+
+ private:
+  struct Free {
+    void operator()(char* p) const { std::free(p); }
+  };
+  PosixWritableFile& file_;
+  std::unique_ptr<char, Free> buf_;
+  std::string expected_;
+};
+
 // Aligned buffers at aligned positions are written from where they lie; whatever is not (a
 // buffer's unaligned end, an unaligned buffer, a position that lost its alignment) goes through
 // the staging chunks, and every byte lands in place.
@@ -164,20 +189,10 @@ TEST(PosixIoTest, AlignedAppendsAreWrittenInPlaceAndMixWithCopiedOnes) {
   const std::string path = dir.Join("aligned.bin");
   DCPP_ASSERT_OK_AND_ASSIGN(int fd, OpenFd(path, O_RDWR | O_CREAT | O_TRUNC, 0644));
   PosixWritableFile file(fd, path);
-  struct Free {
-    void operator()(char* p) const { std::free(p); }
-  };
-  const size_t cap = 3 * kDirectChunkBytes;
-  std::unique_ptr<char, Free> buf(static_cast<char*>(std::aligned_alloc(kDirectAlign, cap)));
-  ASSERT_NE(buf, nullptr);
-  std::string expected;
-  auto append = [&](size_t n, size_t misalign) {
-    const std::string bytes = Pattern(n, static_cast<uint32_t>(expected.size()) * 7 + 1);
-    std::memcpy(buf.get() + misalign, bytes.data(), n);
-    ASSERT_THAT(file.Append(buf.get() + misalign, n), IsOk());
-    expected += bytes;
-    ASSERT_EQ(file.position(), expected.size());
-  };
+  AlignedAppender appender(file, 3 * kDirectChunkBytes);
+  ASSERT_TRUE(appender.ok());
+  auto append = [&](size_t n, size_t misalign) { appender.Append(n, misalign); };
+  const std::string& expected = appender.expected();
   append(2 * kDirectChunkBytes, 0);  // the switch at offset 0, then in place
   if (SupportsODirect(dir.path().string())) {
     EXPECT_TRUE(file.direct());
@@ -205,19 +220,10 @@ TEST(PosixIoTest, ChunksInFlightTogetherLandInPlace) {
   const std::string path = dir.Join("ring.bin");
   DCPP_ASSERT_OK_AND_ASSIGN(int fd, OpenFd(path, O_RDWR | O_CREAT | O_TRUNC, 0644));
   PosixWritableFile file(fd, path);
-  struct Free {
-    void operator()(char* p) const { std::free(p); }
-  };
-  const size_t cap = 2 * kDirectChunkBytes;
-  std::unique_ptr<char, Free> buf(static_cast<char*>(std::aligned_alloc(kDirectAlign, cap)));
-  ASSERT_NE(buf, nullptr);
-  std::string expected;
-  auto append = [&](size_t n, size_t misalign) {
-    const std::string bytes = Pattern(n, static_cast<uint32_t>(expected.size()) * 3 + 5);
-    std::memcpy(buf.get() + misalign, bytes.data(), n);
-    ASSERT_THAT(file.Append(buf.get() + misalign, n), IsOk());
-    expected += bytes;
-  };
+  AlignedAppender appender(file, 2 * kDirectChunkBytes);
+  ASSERT_TRUE(appender.ok());
+  auto append = [&](size_t n, size_t misalign) { appender.Append(n, misalign); };
+  const std::string& expected = appender.expected();
   append(kDirectAfterBytes + 1, 1);  // buffered, then direct from an unaligned position
   for (int i = 0; i < 3 * kDirectChunks; ++i) append(kDirectChunkBytes - 1000 + i, 3);
   // Top up to a chunk boundary, so the next aligned buffer is written in place while the ring
