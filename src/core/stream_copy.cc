@@ -10,6 +10,7 @@
 namespace dcpp::internal {
 
 void StreamingCopy(void* dst, const void* src, size_t n) {
+  if (n == 0) return;  // either pointer may then be null, which memcpy does not allow
 #if defined(__x86_64__) && defined(__SSE2__)
   if (n >= kStreamingCopyMinBytes) {
     auto* d = static_cast<char*>(dst);
