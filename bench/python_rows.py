@@ -1,7 +1,7 @@
 """Benchmark rows: dcp.save / dcp.load of 1 GiB through dcpp's writer/reader vs PyTorch's own
 FileSystemWriter/FileSystemReader, in the same run, on the same disk.
 
-    $(scripts/venv-path)/bin/python bench/python_rows.py [--mib 1024] [--dir /tmp] [--repeat 3]
+    $(scripts/venv-path)/bin/python bench/python_rows.py [--mib 1024] [--dir /tmp] [--repeat 5]
 
 Prints one JSON row per case: {"case", "figures", "target", "pass"}; `dcpp bench` joins these rows
 into its table. Each figure is the median of --repeat runs (5), as every other target of `dcpp
@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 import warnings
@@ -96,15 +97,10 @@ def main():
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    def median(xs):
-        xs = sorted(xs)
-        n = len(xs)
-        return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
-
     def row(case, times, target):
         # On this kind of VM one writer's runs spread 0.6-1.9 s for the same GiB: the median is
         # the figure, the fastest run of each is shown beside it.
-        d, t = median(times["dcpp"]), median(times["torch"])
+        d, t = statistics.median(times["dcpp"]), statistics.median(times["torch"])
         ratio = t / d
         return {"case": case,
                 "figures": {"GiB": round(gib, 3), "dcpp_s": round(d, 3), "torch_s": round(t, 3),

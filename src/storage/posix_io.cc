@@ -310,7 +310,6 @@ Status PosixWritableFile::SubmitChunk() {
         submitted = true;
         busy_[current_] = true;
         busy_offset_[current_] = chunk_offset_;
-        ++in_flight_;
       }
     }
     // No room or no submission: wait for what is in flight, then pwrite from now on.
@@ -345,7 +344,6 @@ Status PosixWritableFile::WaitChunk(int i) {
       return error_ = InternalError("writing " + path_ + ": unexpected io_uring completion");
     }
     busy_[j] = false;
-    --in_flight_;
     size_t done = 0;
     if (res < 0) {
       // EINVAL: the file system refused the alignment; WriteAt retries without O_DIRECT.
@@ -367,7 +365,7 @@ Status PosixWritableFile::WaitChunk(int i) {
 }
 
 Status PosixWritableFile::WaitInFlight() {
-  for (int i = 0; i < kDirectChunks && in_flight_ > 0; ++i) DCPP_RETURN_IF_ERROR(WaitChunk(i));
+  for (int i = 0; i < kDirectChunks; ++i) DCPP_RETURN_IF_ERROR(WaitChunk(i));
   return Status::Ok();
 }
 

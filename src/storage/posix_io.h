@@ -134,7 +134,6 @@ class PosixWritableFile final : public WritableFile {
   size_t fill_ = 0;                             // bytes in it
   uint64_t chunk_offset_ = 0;                   // its file offset (aligned)
   std::unique_ptr<DirectRing> ring_;            // null: synchronous pwrite
-  int in_flight_ = 0;                           // chunks being written
   bool busy_[kDirectChunks] = {};               // chunk i is being written
   uint64_t busy_offset_[kDirectChunks] = {};    // at this file offset
 };
