@@ -95,6 +95,12 @@ std::atomic<size_t> files_being_written{0};
 
 // Saves: small records are gathered into writes of this size (per writer thread).
 constexpr size_t kWriteBatchBytes = 4 << 20;
+// Saves: every blob starts at a multiple of this in its file, zeros between (readers, PyTorch's
+// included, go by each item's offset and length). A torch.save archive aligns its records to 64
+// bytes from its own start, so tensor bytes then lie at the same offset within a cache line in
+// the file as in tensor memory: a warm load's copy out of the page cache ran at 7.8 GB/s from
+// unaligned offsets against 10.9 aligned on the development machine.
+constexpr uint64_t kBlobAlign = 64;
 
 std::string RandomHex(int n) {
   static thread_local std::mt19937_64 rng(std::random_device{}());
@@ -409,8 +415,13 @@ Result<std::vector<WriteResult>> FileSystemWriter::WriteData(const SavePlan& pla
       if (plan.items[i].type != WriteItemType::kByteIO) order.push_back(i);
     }
     auto write_items = [&]() -> Status {
+      static constexpr char kZeros[kBlobAlign] = {};
       for (size_t i : order) {
         const WriteItem& item = plan.items[i];
+        if (const uint64_t mis = sink.position() % kBlobAlign; mis != 0) {
+          DCPP_RETURN_IF_ERROR(
+              sink.Write(kZeros, kBlobAlign - mis).WithContext("writing \"" + name + "\""));
+        }
         const uint64_t offset = sink.position();
         sink.BeginBlob();
         Status s;

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <random>
 
 #include "codec/torch_save.h"
@@ -86,6 +87,49 @@ TEST(FileSystemReadTest, ManySmallBlobsLoadInAnyPlanOrder) {
       LoadWithPlanOrder(path, back,
                         [](std::vector<ReadItem>& v) { v[3].storage_index.fqn = "no_such_key"; }),
       StatusIs(StatusCode::kNotFound, HasSubstr("no_such_key")));
+}
+
+TEST(FileSystemReadTest, BlobsAndTheirTensorBytesStartAt64ByteOffsetsWithZerosBetween) {
+  // The writer pads between blobs so tensor bytes lie in the file as they lie in memory within a
+  // cache line (fast copies out of the page cache); readers go by offsets, so the padding is
+  // never read as data. Items of odd lengths make every later blob need some.
+  TempDir dir;
+  const std::string path = dir.Join("ck");
+  SaveOptions so;
+  so.writer.thread_count = 2;
+  DCPP_ASSERT_OK(Save(ManySmall(), path, so).status());
+  DCPP_ASSERT_OK_AND_ASSIGN(auto reader, FileSystemReader::Open(path));
+  DCPP_ASSERT_OK_AND_ASSIGN(Metadata md, reader->ReadMetadata());
+  std::map<std::string, std::vector<const StorageInfo*>> by_file;
+  size_t odd_lengths = 0;
+  for (const auto& [idx, info] : md.storage_data) {
+    by_file[info.relative_path].push_back(&info);
+    odd_lengths += info.length % 64 != 0;
+  }
+  ASSERT_GT(odd_lengths, 10u);
+  ASSERT_EQ(by_file.size(), 2u);
+  for (auto& [name, infos] : by_file) {
+    std::sort(infos.begin(), infos.end(),
+              [](const StorageInfo* a, const StorageInfo* b) { return a->offset < b->offset; });
+    DCPP_ASSERT_OK_AND_ASSIGN(std::string bytes, ReadFileBytes(path + "/" + name));
+    uint64_t end = 0;
+    for (const StorageInfo* info : infos) {
+      const uint64_t at = static_cast<uint64_t>(info->offset);
+      EXPECT_EQ(at % 64, 0u) << name << " @" << at;
+      ASSERT_GE(at, end);
+      EXPECT_LT(at - end, 64u) << name << " @" << at;
+      EXPECT_EQ(bytes.substr(end, at - end), std::string(at - end, '\0')) << name << " @" << at;
+      end = at + static_cast<uint64_t>(info->length);
+      MemorySource blob(std::string_view(bytes).substr(info->offset, info->length));
+      DCPP_ASSERT_OK_AND_ASSIGN(TorchSaveArchive archive, TorchSaveArchive::Open(blob));
+      for (const auto& [rname, rec] : archive.records()) {
+        if (rname.rfind("data/", 0) == 0) {
+          EXPECT_EQ((at + rec.data_offset) % 64, 0u) << rname;
+        }
+      }
+    }
+    EXPECT_EQ(end, bytes.size()) << name;
+  }
 }
 
 TEST(FileSystemReadTest, SeveralReadItemsOfOneSmallBlobEachGetTheirBytes) {
