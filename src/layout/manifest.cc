@@ -520,8 +520,10 @@ Status HashingSink::Write(const void* data, size_t n) {
 
 namespace {
 
-// The most a verified read reads before it hashes: within the last-level cache.
-constexpr uint64_t kVerifyPieceBytes = uint64_t{4} << 20;
+// The most a verified read reads before it hashes: within a core's L2 cache, so the hash reads
+// what the copy just wrote from there. A warm 1 GiB load on one thread ran at a median of 9.8
+// GB/s with 512 KiB pieces against 8.2 with 4 MiB ones (which fit only the shared L3).
+constexpr uint64_t kVerifyPieceBytes = uint64_t{512} << 10;
 
 Status Mismatch(const std::string& what, uint64_t file_offset, uint64_t segment, uint64_t count,
                 uint64_t seg_lo, uint64_t n, uint64_t want, uint64_t got) {
