@@ -632,14 +632,36 @@ Status VerifiedBlobSource::ReadAt(uint64_t offset, void* dst, size_t n) const {
 }
 
 Status CrcCheckingSource::ReadAt(uint64_t offset, void* dst, size_t n) const {
-  DCPP_RETURN_IF_ERROR(base_.ReadAt(offset, dst, n));
+  // The records this read covers whole, each with its running CRC.
+  struct Covered {
+    const Rec* rec;
+    uint32_t crc = 0;
+  };
+  std::vector<Covered> covered;
   for (const Rec& r : records_) {
     if (r.offset < offset || r.offset - offset > n || r.size > n - (r.offset - offset)) continue;
-    const uint32_t crc = Crc32(0, static_cast<const char*>(dst) + (r.offset - offset), r.size);
-    if (crc != r.crc) {
-      return DataLossError(base_.name() + ": CRC-32 mismatch in record \"" + r.name +
-                           "\" (stored " + std::to_string(r.crc) + ", computed " +
-                           std::to_string(crc) + ")");
+    covered.push_back({&r});
+  }
+  if (covered.empty()) return base_.ReadAt(offset, dst, n);
+  // Read and checked piece by piece (as verified reads are): the CRC reads each piece from L2
+  // right after the copy wrote it, and on a cold file the kernel's readahead fetches the next
+  // piece meanwhile, instead of the device idling while a whole large record is checked.
+  char* out = static_cast<char*>(dst);
+  for (uint64_t done = 0; done < n;) {
+    const uint64_t take = std::min<uint64_t>(kVerifyPieceBytes, n - done);
+    DCPP_RETURN_IF_ERROR(base_.ReadAt(offset + done, out + done, take));
+    for (Covered& c : covered) {
+      const uint64_t lo = std::max(c.rec->offset, offset + done);
+      const uint64_t hi = std::min(c.rec->offset + c.rec->size, offset + done + take);
+      if (lo < hi) c.crc = Crc32(c.crc, out + (lo - offset), hi - lo);
+    }
+    done += take;
+  }
+  for (const Covered& c : covered) {
+    if (c.crc != c.rec->crc) {
+      return DataLossError(base_.name() + ": CRC-32 mismatch in record \"" + c.rec->name +
+                           "\" (stored " + std::to_string(c.rec->crc) + ", computed " +
+                           std::to_string(c.crc) + ")");
     }
   }
   return Status::Ok();

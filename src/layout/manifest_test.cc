@@ -11,12 +11,14 @@
 #include <utility>
 #include <vector>
 
+#include "codec/zip.h"
 #include "testing/testing.h"
 
 namespace dcpp::internal {
 namespace {
 
 using ::dcpp::testing::StatusIs;
+using ::testing::AllOf;
 using ::testing::HasSubstr;
 
 constexpr uint64_t kSeg = kManifestMinSegmentBytes;  // small segments: many per test blob
@@ -482,7 +484,7 @@ TEST(VerifiedBlobSourceTest, AFlipIsFoundByEveryReadOfItsSegmentAndNoOther) {
   DCPP_EXPECT_OK(v.ReadAt(4 * kSeg + 1, buf.data(), 100));
 }
 
-// A large read is read and hashed in pieces of at most 4 MiB (each hashed while it is in cache):
+// A large read is read and hashed in pieces of at most 512 KiB (each hashed while it is in L2):
 // every byte is read once, and a flip in the last piece is still found.
 TEST(VerifiedBlobSourceTest, ALargeReadIsReadAndHashedInPieces) {
   std::string data = Bytes((size_t{9} << 20) + 3 * kSeg + 17, 13);
@@ -493,12 +495,50 @@ TEST(VerifiedBlobSourceTest, ALargeReadIsReadAndHashedInPieces) {
   DCPP_ASSERT_OK(v.ReadAt(0, got.data(), got.size()));
   EXPECT_TRUE(got == data);
   EXPECT_EQ(base.read_, data.size());
-  EXPECT_LE(base.largest_read_, uint64_t{4} << 20);
+  EXPECT_LE(base.largest_read_, uint64_t{512} << 10);
   data[data.size() - 2 * kSeg] ^= 8;
   CountingSource flipped(data);
   VerifiedBlobSource w(flipped, hashes.data(), hashes.size(), kSeg, 0, "f");
   EXPECT_THAT(w.ReadAt(0, got.data(), got.size()),
               StatusIs(StatusCode::kDataLoss, HasSubstr("checksum mismatch")));
+}
+
+// Without a manifest: a read that covers a registered zip record whole checks its CRC-32, read
+// and checked in pieces (every byte read once); records a read covers only in part are not
+// checked (they cannot be), and a flip anywhere in a covered record is found and named.
+TEST(CrcCheckingSourceTest, ChecksTheRecordsAReadCoversWholeReadingInPieces) {
+  std::string data = Bytes((size_t{3} << 20) + 4099, 21);
+  const uint64_t big_at = 77, big_size = (uint64_t{5} << 19) + 33, small_at = 3 << 20;
+  auto add = [&](CrcCheckingSource& src) {
+    src.AddRecord("a/data/0", big_at, big_size, Crc32(0, data.data() + big_at, big_size));
+    src.AddRecord("a/data/1", small_at, 100, Crc32(0, data.data() + small_at, 100));
+    src.AddRecord("a/empty", small_at + 200, 0, 0);
+  };
+  {
+    CountingSource base(data);
+    CrcCheckingSource src(base);
+    add(src);
+    std::string got(data.size(), '\0');
+    DCPP_ASSERT_OK(src.ReadAt(0, got.data(), got.size()));
+    EXPECT_TRUE(got == data);
+    EXPECT_EQ(base.read_, data.size());
+    EXPECT_LE(base.largest_read_, uint64_t{512} << 10);
+  }
+  for (const uint64_t flip_at : {big_at, big_at + big_size / 2, big_at + big_size - 1}) {
+    std::string bad = data;
+    bad[flip_at] ^= 2;
+    MemorySource base(bad);
+    CrcCheckingSource src(base);
+    add(src);
+    std::string got(bad.size(), '\0');
+    EXPECT_THAT(
+        src.ReadAt(big_at, got.data(), big_size),
+        StatusIs(StatusCode::kDataLoss, AllOf(HasSubstr("CRC-32 mismatch"), HasSubstr("a/data/0"))))
+        << flip_at;
+    // The small record alone, and a part of the big one, read without complaint.
+    DCPP_EXPECT_OK(src.ReadAt(small_at, got.data(), 100));
+    DCPP_EXPECT_OK(src.ReadAt(big_at + 1, got.data(), big_size - 1));
+  }
 }
 
 TEST(VerifyBlobBytesTest, NamesTheFirstBadSegment) {
