@@ -419,8 +419,10 @@ Result<std::vector<WriteResult>> FileSystemWriter::WriteData(const SavePlan& pla
       for (size_t i : order) {
         const WriteItem& item = plan.items[i];
         if (const uint64_t mis = sink.position() % kBlobAlign; mis != 0) {
-          DCPP_RETURN_IF_ERROR(
-              sink.Write(kZeros, kBlobAlign - mis).WithContext("writing \"" + name + "\""));
+          // The message is built only on failure (this runs once per item).
+          if (Status s = sink.Write(kZeros, kBlobAlign - mis); !s.ok()) {
+            return s.WithContext("writing \"" + name + "\"");
+          }
         }
         const uint64_t offset = sink.position();
         sink.BeginBlob();

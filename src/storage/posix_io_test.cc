@@ -189,26 +189,24 @@ TEST(PosixIoTest, AlignedAppendsAreWrittenInPlaceAndMixWithCopiedOnes) {
   const std::string path = dir.Join("aligned.bin");
   DCPP_ASSERT_OK_AND_ASSIGN(int fd, OpenFd(path, O_RDWR | O_CREAT | O_TRUNC, 0644));
   PosixWritableFile file(fd, path);
-  AlignedAppender appender(file, 3 * kDirectChunkBytes);
-  ASSERT_TRUE(appender.ok());
-  auto append = [&](size_t n, size_t misalign) { appender.Append(n, misalign); };
-  const std::string& expected = appender.expected();
-  append(2 * kDirectChunkBytes, 0);  // the switch at offset 0, then in place
+  AlignedAppender a(file, 3 * kDirectChunkBytes);
+  ASSERT_TRUE(a.ok());
+  a.Append(2 * kDirectChunkBytes, 0);  // the switch at offset 0, then in place
   if (SupportsODirect(dir.path().string())) {
     EXPECT_TRUE(file.direct());
   }
-  append(4 * kDirectAlign, 0);         // in place, less than a chunk
-  append(kDirectChunkBytes + 100, 0);  // in place, then 100 bytes into a chunk
-  append(5 * kDirectAlign, 0);         // the position is unaligned now: copied
-  append(kDirectAlign - 100, 0);       // realigns the position through the chunk
-  append(3 * kDirectAlign + 1, 0);     // still copied: the chunk is not empty
-  append(kDirectChunkBytes, 8);        // an unaligned buffer: copied
-  ASSERT_THAT(file.Sync(), IsOk());    // a partial chunk, written padded and cut back
-  EXPECT_EQ(FileSize(fd), expected.size());
-  EXPECT_TRUE(Slurp(path) == expected);  // no diff of megabytes on failure
-  append(2 * kDirectAlign, 0);
+  a.Append(4 * kDirectAlign, 0);         // in place, less than a chunk
+  a.Append(kDirectChunkBytes + 100, 0);  // in place, then 100 bytes into a chunk
+  a.Append(5 * kDirectAlign, 0);         // the position is unaligned now: copied
+  a.Append(kDirectAlign - 100, 0);       // realigns the position through the chunk
+  a.Append(3 * kDirectAlign + 1, 0);     // still copied: the chunk is not empty
+  a.Append(kDirectChunkBytes, 8);        // an unaligned buffer: copied
+  ASSERT_THAT(file.Sync(), IsOk());      // a partial chunk, written padded and cut back
+  EXPECT_EQ(FileSize(fd), a.expected().size());
+  EXPECT_TRUE(Slurp(path) == a.expected());  // no diff of megabytes on failure
+  a.Append(2 * kDirectAlign, 0);
   ASSERT_THAT(file.Close(), IsOk());
-  EXPECT_TRUE(Slurp(path) == expected);  // no diff of megabytes on failure
+  EXPECT_TRUE(Slurp(path) == a.expected());  // no diff of megabytes on failure
 }
 
 // Several staging chunks are in flight at once: copied appends that fill the ring many times
@@ -220,21 +218,19 @@ TEST(PosixIoTest, ChunksInFlightTogetherLandInPlace) {
   const std::string path = dir.Join("ring.bin");
   DCPP_ASSERT_OK_AND_ASSIGN(int fd, OpenFd(path, O_RDWR | O_CREAT | O_TRUNC, 0644));
   PosixWritableFile file(fd, path);
-  AlignedAppender appender(file, 2 * kDirectChunkBytes);
-  ASSERT_TRUE(appender.ok());
-  auto append = [&](size_t n, size_t misalign) { appender.Append(n, misalign); };
-  const std::string& expected = appender.expected();
-  append(kDirectAfterBytes + 1, 1);  // buffered, then direct from an unaligned position
-  for (int i = 0; i < 3 * kDirectChunks; ++i) append(kDirectChunkBytes - 1000 + i, 3);
+  AlignedAppender a(file, 2 * kDirectChunkBytes);
+  ASSERT_TRUE(a.ok());
+  a.Append(kDirectAfterBytes + 1, 1);  // buffered, then direct from an unaligned position
+  for (int i = 0; i < 3 * kDirectChunks; ++i) a.Append(kDirectChunkBytes - 1000 + i, 3);
   // Top up to a chunk boundary, so the next aligned buffer is written in place while the ring
   // still holds copied chunks.
-  append(kDirectChunkBytes - expected.size() % kDirectChunkBytes, 1);
-  append(kDirectChunkBytes + kDirectAlign, 0);
-  for (int i = 0; i < 2 * kDirectChunks; ++i) append(kDirectChunkBytes / 3 + i, 2);
+  a.Append(kDirectChunkBytes - a.expected().size() % kDirectChunkBytes, 1);
+  a.Append(kDirectChunkBytes + kDirectAlign, 0);
+  for (int i = 0; i < 2 * kDirectChunks; ++i) a.Append(kDirectChunkBytes / 3 + i, 2);
   ASSERT_THAT(file.Sync(), IsOk());
-  EXPECT_EQ(FileSize(fd), expected.size());
+  EXPECT_EQ(FileSize(fd), a.expected().size());
   ASSERT_THAT(file.Close(), IsOk());
-  EXPECT_TRUE(Slurp(path) == expected);  // no diff of megabytes on failure
+  EXPECT_TRUE(Slurp(path) == a.expected());  // no diff of megabytes on failure
 }
 
 TEST(PosixIoTest, DirectWritesEndingOnAChunkBoundaryNeedNoTail) {
