@@ -259,6 +259,7 @@ void PosixWritableFile::EnterDirect() {
   direct_ = o_direct_ = true;
   current_ = 0;
   fill_ = head;
+  fill_written_ = 0;
   chunk_offset_ = aligned;
 #ifdef DCPP_HAVE_URING
   auto ring = std::make_unique<DirectRing>();
@@ -322,7 +323,7 @@ Status PosixWritableFile::SubmitChunk() {
   if (!submitted) DCPP_RETURN_IF_ERROR(WriteAt(data, kDirectChunkBytes, chunk_offset_));
   chunk_offset_ += kDirectChunkBytes;
   current_ = (current_ + 1) % kDirectChunks;
-  fill_ = 0;
+  fill_ = fill_written_ = 0;
   return WaitChunk(current_);
 }
 
@@ -374,7 +375,8 @@ Status PosixWritableFile::WaitInFlight() {
 // current, so later appends complete it and it is rewritten whole.
 Status PosixWritableFile::FlushDirectTail() {
   DCPP_RETURN_IF_ERROR(WaitInFlight());
-  if (fill_ > 0) {
+  // Nothing appended since the last flush (a Sync, then Close): the file already holds it.
+  if (fill_ > 0 && fill_ != fill_written_) {
     size_t n = fill_;
     if (o_direct_) {
       n = (fill_ + kDirectAlign - 1) & ~(kDirectAlign - 1);
@@ -386,6 +388,7 @@ Status PosixWritableFile::FlushDirectTail() {
         if (errno != EINTR) return error_ = ErrnoToStatus(errno, "truncating " + path_);
       }
     }
+    fill_written_ = fill_;
   }
   return Status::Ok();
 }

@@ -132,6 +132,7 @@ class PosixWritableFile final : public WritableFile {
   std::unique_ptr<char, FreeAligned> staging_;  // kDirectChunks chunks of kDirectChunkBytes
   int current_ = 0;                             // chunk being filled
   size_t fill_ = 0;                             // bytes in it
+  size_t fill_written_ = 0;                     // of them, already in the file (a tail flush)
   uint64_t chunk_offset_ = 0;                   // its file offset (aligned)
   std::unique_ptr<DirectRing> ring_;            // null: synchronous pwrite
   bool busy_[kDirectChunks] = {};               // chunk i is being written

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <memory>
 #include <string>
 
@@ -153,6 +154,46 @@ TEST(PosixIoTest, DirectWritesKeepEveryByteAndTheExactLength) {
   EXPECT_EQ(FileSize(fd), expected.size());
   ASSERT_THAT(file.Close(), IsOk());
   EXPECT_EQ(Slurp(path), expected);
+}
+
+// Bytes this process has handed to write calls so far (/proc/self/io's wchar), or -1.
+int64_t BytesWritten() {
+  std::ifstream io("/proc/self/io");
+  std::string key;
+  int64_t value;
+  while (io >> key >> value) {
+    if (key == "wchar:") return value;
+  }
+  return -1;
+}
+
+// A Sync writes the partial last chunk; a Close right after it has nothing left to write (it
+// rewrote the whole tail once: up to a chunk per data file, and the whole `.metadata`).
+TEST(PosixIoTest, CloseAfterSyncDoesNotWriteTheTailAgain) {
+  DirectIo on;
+  TempDir dir;
+  const std::string path = dir.Join("tail.bin");
+  if (!SupportsODirect(dir.path().string()) || BytesWritten() < 0) {
+    GTEST_SKIP() << "no O_DIRECT or no /proc/self/io here";
+  }
+  DCPP_ASSERT_OK_AND_ASSIGN(int fd, OpenFd(path, O_RDWR | O_CREAT | O_TRUNC, 0644));
+  PosixWritableFile file(fd, path);
+  const std::string bytes = Pattern(kDirectAfterBytes + kDirectChunkBytes / 2 + 13, 5);
+  ASSERT_THAT(file.Append(bytes.data(), bytes.size()), IsOk());
+  ASSERT_TRUE(file.direct());
+  ASSERT_THAT(file.Sync(), IsOk());
+  const int64_t before = BytesWritten();
+  ASSERT_THAT(file.Close(), IsOk());
+  EXPECT_EQ(BytesWritten() - before, 0);
+  EXPECT_EQ(Slurp(path), bytes);
+  // An append after a Sync is still flushed by the Close.
+  DCPP_ASSERT_OK_AND_ASSIGN(int fd2, OpenFd(path, O_RDWR | O_CREAT | O_TRUNC, 0644));
+  PosixWritableFile again(fd2, path);
+  ASSERT_THAT(again.Append(bytes.data(), bytes.size()), IsOk());
+  ASSERT_THAT(again.Sync(), IsOk());
+  ASSERT_THAT(again.Append("tail", 4), IsOk());
+  ASSERT_THAT(again.Close(), IsOk());
+  EXPECT_EQ(Slurp(path), bytes + "tail");
 }
 
 // Appends patterned bytes to a file from an aligned buffer of `capacity` bytes, `misalign` bytes
