@@ -408,6 +408,22 @@ TEST(LeftoversTest, KnownMetadataIsTrustedOnlyForTheBytesItWasMadeFrom) {
   DCPP_ASSERT_OK_AND_ASSIGN(std::vector<std::string> parsed,
                             internal::FindLeftovers(*store, keys, -1, &known));
   EXPECT_TRUE(parsed.empty());
+  // Naming every data file and the manifest settles them all: nothing is read, and only a
+  // temporary is a leftover. One unnamed data file, and the metadata is read again.
+  known.hash ^= 1;
+  known.referenced = data;
+  FaultStore counting(*store);
+  std::vector<std::string> with_tmp = keys;
+  with_tmp.push_back(".metadata.tmp");
+  DCPP_ASSERT_OK_AND_ASSIGN(std::vector<std::string> settled,
+                            internal::FindLeftovers(counting, with_tmp, -1, &known));
+  EXPECT_EQ(settled, std::vector<std::string>{".metadata.tmp"});
+  EXPECT_EQ(counting.count(StoreOp::kOpenRead), 0u);
+  known.referenced.pop_back();
+  DCPP_ASSERT_OK_AND_ASSIGN(std::vector<std::string> unsettled,
+                            internal::FindLeftovers(counting, with_tmp, -1, &known));
+  EXPECT_EQ(unsettled, (std::vector<std::string>{data.back(), ".metadata.tmp"}));
+  EXPECT_GE(counting.count(StoreOp::kOpenRead), 1u);
 }
 
 TEST(LeftoversTest, ARankLocalSaveRemovesOnlyItsOwnRanksLeftovers) {

@@ -114,8 +114,45 @@ Status CheckCheckpointDirectory(const std::vector<std::string>& keys, const std:
       shown);
 }
 
+namespace {
+
+// Whether what `known` references settles every key: no data file or manifest it does not name
+// itself (only such a file can be a leftover, and only what the stored metadata says decides it).
+// A key it names is kept either way, so the stored bytes need not be read, as after a save into
+// a fresh directory (reading back a 6 MB `.metadata` cost a fifth of a 20 000-tensor save's
+// commit).
+bool KnownSettlesAll(const std::vector<std::string>& keys, int rank, const KnownMetadata& known) {
+  const std::string manifest = ManifestKey(known.key, known.hash);
+  std::vector<std::string> sorted;
+  const std::vector<std::string>* names = &known.referenced;
+  if (!std::is_sorted(names->begin(), names->end())) {
+    sorted = known.referenced;
+    std::sort(sorted.begin(), sorted.end());
+    names = &sorted;
+  }
+  for (const std::string& k : keys) {
+    const NameInfo n = ClassifyName(k);
+    if (rank >= 0 && n.rank != rank) continue;
+    if (n.kind == NameKind::kData && !std::binary_search(names->begin(), names->end(), k)) {
+      return false;
+    }
+    if (n.kind == NameKind::kManifest && k != manifest) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
 Result<std::vector<std::string>> FindLeftovers(Store& store, const std::vector<std::string>& keys,
                                                int rank, const KnownMetadata* known) {
+  if (known && KnownSettlesAll(keys, rank, *known)) {
+    std::vector<std::string> out;
+    for (const std::string& k : keys) {
+      const NameInfo n = ClassifyName(k);
+      if (n.kind == NameKind::kTemporary && (rank < 0 || n.rank == rank)) out.push_back(k);
+    }
+    return out;
+  }
   std::set<std::string> referenced;
   std::set<std::string> manifests;  // those of the committed metadata
   bool all_read = true;

@@ -53,7 +53,9 @@ Status CheckCheckpointDirectory(const std::vector<std::string>& keys, const std:
 // files (a rank-local save holds only its own rank's lock). If some committed metadata cannot be
 // read, no data file is a leftover (only temporaries), since it might be referenced.
 // A metadata file whose references the caller already knows (the writer that just committed it):
-// when the stored bytes still hash to `hash`, they are not parsed again.
+// when the stored bytes still hash to `hash`, they are not parsed again; when every data file and
+// manifest among `keys` is one it names, no metadata is read at all (such files are kept whatever
+// the stored bytes say, so only temporaries can be leftovers).
 struct KnownMetadata {
   std::string key;
   uint64_t hash = 0;                    // Xxh3 of the committed bytes
