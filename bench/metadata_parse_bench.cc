@@ -1,8 +1,10 @@
 // CPU time and peak RSS of decoding one `.metadata` file, by hand:
-//   dcpp_metadata_bench FILE [direct|tree|validate|parse|compare] [ROUNDS]
+//   dcpp_metadata_bench FILE [direct|tree|validate|parse|encode|compare] [ROUNDS]
 // Each process runs one way (peak RSS is per process): the direct decoder, the tree path
-// (ReadPickle + its interpretation), ValidateMetadata alone on a decoded result, or the whole
-// ParseMetadata; `compare` decodes both ways and prints their first difference ("" if none).
+// (ReadPickle + its interpretation), ValidateMetadata alone on a decoded result, the whole
+// ParseMetadata, or EncodeMetadata of the decoded result (a commit's encoding, which must give
+// the file's bytes back for files dcpp wrote); `compare` decodes both ways and prints their
+// first difference ("" if none).
 // Prints one JSON line: the median CPU seconds over the rounds, the peak RSS
 // above what the process held after reading the file, and the RSS the result itself keeps.
 #include <sys/resource.h>
@@ -39,7 +41,8 @@ long StatusKiB(const char* field) {
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: %s FILE [direct|tree|validate|parse|compare] [ROUNDS]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s FILE [direct|tree|validate|parse|encode|compare] [ROUNDS]\n",
+                 argv[0]);
     return 2;
   }
   const std::string way = argc > 2 ? argv[2] : "direct";
@@ -78,6 +81,19 @@ int main(int argc, char** argv) {
   long kept_kib = 0;
   size_t entries = 0;
   for (int r = 0; r < rounds; ++r) {
+    if (way == "encode") {
+      auto md = decode("direct");
+      if (!md.ok()) return std::fprintf(stderr, "%s\n", md.status().ToString().c_str()), 1;
+      const double t0 = CpuSeconds();
+      auto encoded = dcpp::EncodeMetadata(*md);
+      times.push_back(CpuSeconds() - t0);
+      if (!encoded.ok())
+        return std::fprintf(stderr, "%s\n", encoded.status().ToString().c_str()), 1;
+      if (r == 0 && *encoded != bytes)
+        std::fprintf(stderr, "note: the encoding differs from the file\n");
+      entries = md->state_dict_metadata.size();
+      continue;
+    }
     if (way == "validate") {
       auto md = decode("direct");
       if (!md.ok()) return std::fprintf(stderr, "%s\n", md.status().ToString().c_str()), 1;

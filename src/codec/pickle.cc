@@ -920,16 +920,22 @@ void PickleEmitter::OpLE(uint8_t code, uint64_t v, size_t width) {
   Write(std::string_view(buf, 1 + width));
 }
 
+void PickleEmitter::Grow(size_t n) {
+  out_.resize(std::max({len_ + n, out_.size() + out_.size() / 2, size_t{256}}));
+}
+
 void PickleEmitter::CommitFrame() {
   if (!framing_ || frame_start_ == std::string::npos) return;
-  size_t len = out_.size() - frame_start_ - kFrameHeaderSize;
+  size_t len = len_ - frame_start_ - kFrameHeaderSize;
   if (len >= kFrameSizeMin) {
     out_[frame_start_] = static_cast<char>(op::kFrame);
     for (size_t i = 0; i < 8; ++i) {
       out_[frame_start_ + 1 + i] = static_cast<char>((uint64_t{len} >> (8 * i)) & 0xff);
     }
   } else {
-    out_.erase(frame_start_, kFrameHeaderSize);
+    char* start = out_.data() + frame_start_;
+    std::memmove(start, start + kFrameHeaderSize, len);
+    len_ -= kFrameHeaderSize;
   }
   frame_start_ = std::string::npos;
 }
@@ -1080,6 +1086,7 @@ Result<std::string> PickleEmitter::Finish() {
   if (!status_.ok()) return status_;
   Op(op::kStop);
   CommitFrame();
+  out_.resize(len_);
   return std::move(out_);
 }
 

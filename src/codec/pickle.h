@@ -38,6 +38,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <set>
@@ -219,13 +220,15 @@ class PickleEmitter {
 
   int protocol() const { return protocol_; }
   bool proto4() const { return protocol_ >= 4; }
-  void Reserve(size_t bytes) { out_.reserve(bytes); }
-  size_t size() const { return out_.size(); }
+  void Reserve(size_t bytes) {
+    if (bytes > out_.size()) out_.resize(bytes);
+  }
+  size_t size() const { return len_; }
 
   // CPython's save() checks before each value, atoms included, whether the frame is full.
   void Boundary() {
     if (framing_ && frame_start_ != std::string::npos &&
-        out_.size() - frame_start_ - kFrameHeaderSize >= kFrameSizeTarget) {
+        len_ - frame_start_ - kFrameHeaderSize >= kFrameSizeTarget) {
       CommitFrame();
     }
   }
@@ -303,7 +306,7 @@ class PickleEmitter {
   }
 
   // Lower level, for writers of other value kinds.
-  void Op(uint8_t code) { Write(std::string_view(reinterpret_cast<const char*>(&code), 1)); }
+  void Op(uint8_t code) { *Room(1) = static_cast<char>(code); }
   void OpLE(uint8_t code, uint64_t v, size_t width);
   // A length-prefixed payload; large ones go outside frames, as CPython writes them.
   void Payload(uint8_t code, size_t width, std::string_view payload);
@@ -325,18 +328,29 @@ class PickleEmitter {
   static constexpr size_t kFrameSizeMin = 4;     // smaller frames get no FRAME header
   static constexpr size_t kFrameHeaderSize = 9;  // FRAME + u64 length
 
-  // A frame is opened lazily by the first write after a commit.
-  void Write(std::string_view bytes) {
+  // Room for n more bytes at the end of the output; returns where they go. A frame is opened
+  // lazily by the first write after a commit. The output grows in steps and is written through
+  // a pointer: metadata of 20 000 items is ~2 million writes of 1-9 bytes, which cost a call to
+  // std::string::append and memcpy each.
+  char* Room(size_t n) {
     if (framing_ && frame_start_ == std::string::npos) {
-      frame_start_ = out_.size();
-      out_.append(kFrameHeaderSize, '\0');
+      frame_start_ = len_;
+      std::memset(Room(kFrameHeaderSize), 0, kFrameHeaderSize);
     }
-    out_.append(bytes);
+    if (out_.size() - len_ < n) Grow(n);
+    char* p = out_.data() + len_;
+    len_ += n;
+    return p;
+  }
+  void Grow(size_t n);
+  void Write(std::string_view bytes) {
+    if (!bytes.empty()) std::memcpy(Room(bytes.size()), bytes.data(), bytes.size());
   }
   void CommitFrame();
 
   int protocol_;
-  std::string out_;
+  std::string out_;  // [0, len_) written; the rest is room
+  size_t len_ = 0;
   bool framing_ = false;
   size_t frame_start_ = std::string::npos;
   uint64_t memo_size_ = 0;
