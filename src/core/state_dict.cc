@@ -1,5 +1,6 @@
 #include "dcpp/state_dict.h"
 
+#include <string_view>
 #include <unordered_set>
 
 namespace dcpp {
@@ -91,7 +92,9 @@ Result<std::vector<FlatEntry>> FlattenStateDict(const StateDict& state_dict) {
   std::vector<FlatEntry> out;
   ObjectPath path;
   Traverse(state_dict, path, out);
-  std::unordered_set<std::string> seen;
+  // Views of the names in `out`, which no longer changes.
+  std::unordered_set<std::string_view> seen;
+  seen.reserve(out.size());
   for (const auto& e : out) {
     if (!seen.insert(e.fqn).second) {
       return InvalidArgumentError("two state dict entries flatten to the same key \"" + e.fqn +
