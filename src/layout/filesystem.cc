@@ -523,10 +523,46 @@ Status FileSystemWriter::Finish(Metadata& metadata,
                    prepared->entries != metadata.state_dict_metadata.size())) {
     prepared.reset();
   }
-  metadata.storage_data.clear();
-  for (const auto& rank_results : results) {
-    for (const auto& r : rank_results) metadata.storage_data[r.index] = r.storage_data;
-  }
+  // The storage data and the manifest's blobs are gathered side by side (each reads only the
+  // results): a few small allocations per item each.
+  internal::Manifest manifest;
+  bool complete = true;
+  (void)internal::ParallelFor(2, 2, [&](size_t part) -> Status {
+    if (part == 0) {
+      auto& storage = metadata.storage_data;
+      storage.clear();
+      for (const auto& rank_results : results) {
+        for (const auto& r : rank_results) {
+          // Results usually come in key order: each then lands at the end without a search.
+          if (storage.empty() || storage.rbegin()->first < r.index) {
+            storage.emplace_hint(storage.end(), r.index, r.storage_data);
+          } else {
+            storage[r.index] = r.storage_data;
+          }
+        }
+      }
+      return Status::Ok();
+    }
+    size_t blob_count = 0, hash_count = 0;
+    for (const auto& rank_results : results) {
+      blob_count += rank_results.size();
+      for (const auto& r : rank_results) hash_count += r.checksums.size();
+    }
+    manifest.blobs.reserve(blob_count);
+    manifest.hashes.reserve(hash_count);
+    for (const auto& rank_results : results) {
+      for (const auto& r : rank_results) {
+        if (r.checksums.empty() || r.checksum_segment_bytes != manifest.segment_bytes) {
+          complete =
+              false;  // a writer that kept no checksums: no manifest rather than a partial one
+          continue;
+        }
+        manifest.Add(r.storage_data.relative_path, static_cast<uint64_t>(r.storage_data.offset),
+                     static_cast<uint64_t>(r.storage_data.length), r.checksums);
+      }
+    }
+    return Status::Ok();
+  });
   metadata.storage_meta = StorageMeta{checkpoint_id_, Uuid4(), std::nullopt, {}};
   metadata.version = kVersion;
   // Checked and encoded side by side (both only read it); the bytes are used only if it passed.
@@ -548,25 +584,6 @@ Status FileSystemWriter::Finish(Metadata& metadata,
   // The manifest first, named after the metadata's bytes: until the metadata's rename nothing
   // names it, and a crash in between leaves the previous checkpoint with its own manifest.
   manifest_.clear();
-  internal::Manifest manifest;
-  size_t blob_count = 0, hash_count = 0;
-  for (const auto& rank_results : results) {
-    blob_count += rank_results.size();
-    for (const auto& r : rank_results) hash_count += r.checksums.size();
-  }
-  manifest.blobs.reserve(blob_count);
-  manifest.hashes.reserve(hash_count);
-  bool complete = true;
-  for (const auto& rank_results : results) {
-    for (const auto& r : rank_results) {
-      if (r.checksums.empty() || r.checksum_segment_bytes != manifest.segment_bytes) {
-        complete = false;  // a writer that kept no checksums: no manifest rather than a partial one
-        continue;
-      }
-      manifest.Add(r.storage_data.relative_path, static_cast<uint64_t>(r.storage_data.offset),
-                   static_cast<uint64_t>(r.storage_data.length), r.checksums);
-    }
-  }
   const uint64_t bytes_hash = internal::Xxh3(bytes.data(), bytes.size());
   if (complete) {
     manifest.metadata_hash = bytes_hash;
