@@ -117,6 +117,11 @@ class StateDictMetadata {
  public:
   // Inserts or returns the existing entry.
   StorageMetadata& operator[](const std::string& fqn);
+  // Room for n entries, so adding them moves and rehashes nothing.
+  void Reserve(size_t n) {
+    entries_.reserve(n);
+    index_.reserve(n);
+  }
   const StorageMetadata* Find(std::string_view fqn) const;
   StorageMetadata* Find(std::string_view fqn);
   size_t size() const { return entries_.size(); }

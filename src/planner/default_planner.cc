@@ -441,6 +441,7 @@ Result<Metadata> BuildMetadata(std::vector<SavePlan>& plans, size_t n_fqns, FqnO
   }
   if (first) return first->status;
   Metadata md;
+  md.state_dict_metadata.Reserve(order.size());
   if (facts) facts->reserve(order.size());
   for (uint32_t f : order) {
     md.state_dict_metadata[fqn_name(f)] = std::move(entries[f].m);
