@@ -1036,6 +1036,11 @@ void PickleEmitter::Global(std::string_view module, std::string_view name) {
     last_global_ = it->second;
     return MemoGet(it->second);
   }
+  GlobalOnce(module, name);
+  if (status_.ok()) global_memo_.emplace(std::move(key), last_global_);
+}
+
+void PickleEmitter::GlobalOnce(std::string_view module, std::string_view name) {
   if (proto4()) {
     // CPython saves both names as values, so each one is an opcode boundary.
     Boundary();
@@ -1049,14 +1054,14 @@ void PickleEmitter::Global(std::string_view module, std::string_view name) {
       return Fail(InvalidArgumentError("pickle global \"" + std::string(module) + "." +
                                        std::string(name) + "\" contains a newline"));
     }
-    std::string text;
-    text.reserve(m.size() + name.size() + 3);
-    text.push_back(static_cast<char>(op::kGlobal));
-    text.append(m).append("\n").append(name).append("\n");
-    Write(text);
+    char* p = Room(m.size() + name.size() + 3);
+    *p++ = static_cast<char>(op::kGlobal);
+    p = std::copy(m.begin(), m.end(), p);
+    *p++ = '\n';
+    p = std::copy(name.begin(), name.end(), p);
+    *p = '\n';
   }
   last_global_ = memo_size_;
-  global_memo_.emplace(std::move(key), memo_size_);
   Memoize();
 }
 

@@ -248,6 +248,9 @@ class PickleEmitter {
   // The global module.name (STACK_GLOBAL in protocol 4, GLOBAL in 2), memoized by value. With
   // `slot`, the call site caches the memo index (-1 until the first write), skipping the lookup.
   void Global(std::string_view module, std::string_view name);
+  // A global the caller writes once in this pickle: memoized as Global does, but kept out of the
+  // lookup table (the same bytes; a later Global of it would write it again instead of a GET).
+  void GlobalOnce(std::string_view module, std::string_view name);
   void Global(std::string_view module, std::string_view name, int64_t* slot) {
     if (*slot >= 0) return MemoGet(static_cast<uint64_t>(*slot));
     Global(module, name);

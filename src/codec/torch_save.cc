@@ -1152,14 +1152,16 @@ Result<std::string> EmitLoneTensorPickle(DType dtype, const Shape& shape, const 
     for (int64_t v : values) e.Int(v);
     e.TupleEnd(values.size());
   };
-  e.Global("torch._utils", v3 ? "_rebuild_tensor_v3" : "_rebuild_tensor_v2");
+  // Each global appears once here, so none needs the emitter's lookup table (a fresh emitter
+  // per tensor item filled it with three names and their allocations).
+  e.GlobalOnce("torch._utils", v3 ? "_rebuild_tensor_v3" : "_rebuild_tensor_v2");
   e.Mark();  // the arguments: 6 or 7 items
   e.Mark();  // the persistent id: ('storage', class, key, location, numel)
   e.Str("storage");
   if (v3) {
-    e.Global("torch.storage", "UntypedStorage");
+    e.GlobalOnce("torch.storage", "UntypedStorage");
   } else {
-    e.Global("torch", storage_class);
+    e.GlobalOnce("torch", storage_class);
   }
   e.Str("0");
   e.Str("cpu");
@@ -1170,11 +1172,11 @@ Result<std::string> EmitLoneTensorPickle(DType dtype, const Shape& shape, const 
   ints(shape);
   ints(strides);
   e.Bool(false);
-  e.Global("collections", "OrderedDict");  // OrderedDict(): the backward hooks
+  e.GlobalOnce("collections", "OrderedDict");  // OrderedDict(): the backward hooks
   e.EmptyTuple();
   e.Reduce();
   e.Memoize();
-  if (v3) e.Global("torch", DTypeName(dtype));
+  if (v3) e.GlobalOnce("torch", DTypeName(dtype));
   e.TupleEnd(v3 ? 7 : 6);
   e.Reduce();
   e.Memoize();
