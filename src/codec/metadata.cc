@@ -770,6 +770,13 @@ Status ValidatePlannerData(const Metadata& md, std::string_view what) {
     };
     std::vector<Node> nodes(1);
     for (const auto& [fqn, path] : *md.planner_data) {
+      // A path of names alone never reaches a list (after a list's prefix comes an index), so
+      // it adds no element and no hole: only paths with an index are walked. A model's state
+      // dict flattens to names alone; walking its 20 000 paths cost ~5 ms of every save's plan.
+      if (std::none_of(path.begin(), path.end(),
+                       [](const auto& part) { return std::holds_alternative<int64_t>(part); })) {
+        continue;
+      }
       size_t at = 0;
       for (const auto& part : path) {
         size_t next = nodes.size();
@@ -819,7 +826,11 @@ Status internal::ValidatePlannedMetadata(const Metadata& md, std::string_view wh
       for (size_t d = 0; fits && d < c.offsets.size(); ++d) {
         fits = c.offsets[d] >= 0 && c.sizes[d] >= 0;
       }
-      if (!fits || !Contains(WholeBox(t->size), c)) {
+      // Inside [0, size) in every dimension, without building the whole box (once per chunk).
+      for (size_t d = 0; fits && d < c.offsets.size(); ++d) {
+        fits = c.sizes[d] <= t->size[d] && c.offsets[d] <= t->size[d] - c.sizes[d];
+      }
+      if (!fits) {
         return DataLossError(std::string(what) + ": chunk " + c.ToString() + " of \"" + fqn +
                              "\" does not fit its size " + ShapeToString(t->size));
       }
