@@ -6,7 +6,8 @@ FileSystemWriter/FileSystemReader, in the same run, on the same disk.
 Prints one JSON row per case: {"case", "figures", "target", "pass"}; `dcpp bench` joins these rows
 into its table. Each figure is the median of --repeat runs (5), as every other target of `dcpp
 bench` is, with the fastest run beside it; writers and readers alternate so page cache and disk
-state are shared fairly. Both writers fsync every file (sync_files=True).
+state are shared fairly. Both writers fsync every file (sync_files=True), and each round's saves
+start 3 s after both previous checkpoints were removed (see the pause below).
 Both readers load the same files, those PyTorch's writer wrote: warm (in the page cache, as
 PyTorch's buffered writer leaves them) and cold (dropped from it first, as a new job finds
 them). dcpp's writer bypasses the page cache, so loading each writer's own files would time the
@@ -80,8 +81,14 @@ def main():
     dst = {k: torch.empty_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in sd.items()}
     try:
         for _ in range(args.repeat):
+            # Both previous checkpoints go first, then a pause: a buffered write that starts
+            # right after a deletion reuses page-cache pages the host still backs, and only
+            # PyTorch's writer (its files were in the page cache) would get them. `dcpp bench`
+            # waits as long before fio's writes, for the same reason (docs/benchmarks.md).
             for kind in ("torch", "dcpp"):
                 shutil.rmtree(paths[kind], ignore_errors=True)
+            time.sleep(3)
+            for kind in ("torch", "dcpp"):
                 save[kind].append(timed(lambda: dcp.save(
                     sd, storage_writer=writers[kind](paths[kind]))))
             for times, drop in ((load, False), (cold, True)):
