@@ -823,12 +823,11 @@ Status internal::ValidatePlannedMetadata(const Metadata& md, std::string_view wh
     }
     for (const auto& c : t->chunks) {
       bool fits = c.offsets.size() == t->size.size() && c.sizes.size() == t->size.size();
+      // Inside [0, size) in every dimension (the subtraction cannot overflow once
+      // 0 <= sizes[d] <= size[d]), without building a whole box per chunk.
       for (size_t d = 0; fits && d < c.offsets.size(); ++d) {
-        fits = c.offsets[d] >= 0 && c.sizes[d] >= 0;
-      }
-      // Inside [0, size) in every dimension, without building the whole box (once per chunk).
-      for (size_t d = 0; fits && d < c.offsets.size(); ++d) {
-        fits = c.sizes[d] <= t->size[d] && c.offsets[d] <= t->size[d] - c.sizes[d];
+        fits = c.offsets[d] >= 0 && c.sizes[d] >= 0 && c.sizes[d] <= t->size[d] &&
+               c.offsets[d] <= t->size[d] - c.sizes[d];
       }
       if (!fits) {
         return DataLossError(std::string(what) + ": chunk " + c.ToString() + " of \"" + fqn +

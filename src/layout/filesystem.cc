@@ -560,8 +560,8 @@ Status FileSystemWriter::Finish(Metadata& metadata,
     for (const auto& rank_results : results) {
       for (const auto& r : rank_results) {
         if (r.checksums.empty() || r.checksum_segment_bytes != manifest.segment_bytes) {
-          complete =
-              false;  // a writer that kept no checksums: no manifest rather than a partial one
+          // A writer that kept no checksums: no manifest rather than a partial one.
+          complete = false;
           continue;
         }
         manifest.Add(r.storage_data.relative_path, static_cast<uint64_t>(r.storage_data.offset),

@@ -123,17 +123,11 @@ namespace {
 // commit).
 bool KnownSettlesAll(const std::vector<std::string>& keys, int rank, const KnownMetadata& known) {
   const std::string manifest = ManifestKey(known.key, known.hash);
-  std::vector<std::string> sorted;
-  const std::vector<std::string>* names = &known.referenced;
-  if (!std::is_sorted(names->begin(), names->end())) {
-    sorted = known.referenced;
-    std::sort(sorted.begin(), sorted.end());
-    names = &sorted;
-  }
+  const std::vector<std::string>& names = known.referenced;
   for (const std::string& k : keys) {
     const NameInfo n = ClassifyName(k);
     if (rank >= 0 && n.rank != rank) continue;
-    if (n.kind == NameKind::kData && !std::binary_search(names->begin(), names->end(), k)) {
+    if (n.kind == NameKind::kData && !std::binary_search(names.begin(), names.end(), k)) {
       return false;
     }
     if (n.kind == NameKind::kManifest && k != manifest) return false;

@@ -59,7 +59,7 @@ Status CheckCheckpointDirectory(const std::vector<std::string>& keys, const std:
 struct KnownMetadata {
   std::string key;
   uint64_t hash = 0;                    // Xxh3 of the committed bytes
-  std::vector<std::string> referenced;  // the data files its storage_data names
+  std::vector<std::string> referenced;  // the data files its storage_data names, sorted
 };
 Result<std::vector<std::string>> FindLeftovers(Store& store, const std::vector<std::string>& keys,
                                                int rank = -1, const KnownMetadata* known = nullptr);
