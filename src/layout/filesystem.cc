@@ -472,8 +472,8 @@ Result<std::vector<WriteResult>> FileSystemWriter::WriteData(const SavePlan& pla
       return sink.Flush().WithContext("writing \"" + name + "\"");
     };
     if (parallelism > 1) {
-      // Write-behind: the items are encoded and hashed here while a pool thread writes the
-      // previous buffer of them (see HashingSink).
+      // Write-behind: the items are encoded and hashed here while the previous buffers of them
+      // are written, by the kernel (lent writes) or else by a pool thread (see HashingSink).
       sink.EnableWriteBehind();
       const std::vector<Status> done = internal::ParallelFor(2, 2, [&](size_t role) -> Status {
         if (role == 1) return sink.Drain();

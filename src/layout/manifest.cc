@@ -341,7 +341,33 @@ HashingSink::Buffer HashingSink::NewBuffer() const {
   return Buffer(static_cast<char*>(p));
 }
 
-HashingSink::~HashingSink() { XXH3_freeState(static_cast<XXH3_state_t*>(state_)); }
+HashingSink::~HashingSink() {
+  // An early return left writes in flight: the base must be done with their buffers first. If it
+  // cannot wait (its ring failed), they are left allocated rather than freed under the kernel.
+  if (!lent_bufs_.empty()) {
+    (void)lent_->Settle(0);
+    if (lent_->lent_in_flight() > 0) {
+      for (Buffer& b : lent_bufs_) (void)b.release();
+    }
+  }
+  XXH3_freeState(static_cast<XXH3_state_t*>(state_));
+}
+
+Result<HashingSink::Buffer> HashingSink::NextBuffer() {
+  if (lent_bufs_.size() >= lent_->lent_depth()) {
+    // The oldest lent buffer comes back once the base is done with it.
+    DCPP_RETURN_IF_ERROR(lent_->Settle(lent_->lent_depth() - 1));
+    Buffer b = std::move(lent_bufs_.front());
+    lent_bufs_.pop_front();
+    return b;
+  }
+  if (!free_bufs_.empty()) {
+    Buffer b = std::move(free_bufs_.back());
+    free_bufs_.pop_back();
+    return b;
+  }
+  return NewBuffer();
+}
 
 void HashingSink::BeginBlob() {
   hashes_.clear();
@@ -398,7 +424,9 @@ void HashingSink::Feed(const char* p, size_t n) {
 }
 
 void HashingSink::EnableWriteBehind() {
-  if (capacity_ == 0 || behind_) return;
+  if (capacity_ == 0 || behind_ || lent_ != nullptr) return;
+  lent_ = dynamic_cast<LentWrites*>(&base_);
+  if (lent_ != nullptr) return;  // the base writes behind itself
   behind_ = std::make_unique<Behind>();
   behind_->spare = NewBuffer();
 }
@@ -440,7 +468,14 @@ Status HashingSink::HandOff(bool keep_tail) {
   }
   const size_t tail = used_ - n;
   handed_ += n;
-  if (!behind_) {
+  if (lent_ != nullptr) {
+    DCPP_ASSIGN_OR_RETURN(Buffer next, NextBuffer());
+    // The base only reads the lent buffer, so its tail may be copied out after it is lent.
+    DCPP_RETURN_IF_ERROR(lent_->WriteLent(buffer_.get(), n));
+    if (tail > 0) std::memcpy(next.get(), buffer_.get() + n, tail);
+    lent_bufs_.push_back(std::move(buffer_));
+    buffer_ = std::move(next);
+  } else if (!behind_) {
     DCPP_RETURN_IF_ERROR(base_.Write(buffer_.get(), n));
     if (tail > 0) std::memmove(buffer_.get(), buffer_.get() + n, tail);
   } else {
@@ -460,6 +495,11 @@ Status HashingSink::HandOff(bool keep_tail) {
 }
 
 Status HashingSink::WaitWritten() {
+  if (!lent_bufs_.empty()) {
+    DCPP_RETURN_IF_ERROR(lent_->Settle(0));
+    for (Buffer& b : lent_bufs_) free_bufs_.push_back(std::move(b));
+    lent_bufs_.clear();
+  }
   if (!behind_) return Status::Ok();
   Behind& b = *behind_;
   std::unique_lock lock(b.mu);

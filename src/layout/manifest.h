@@ -20,6 +20,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <deque>
 #include <list>
 #include <memory>
 #include <mutex>
@@ -29,6 +30,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "core/lent_writes.h"
 #include "dcpp/io.h"
 #include "dcpp/status.h"
 
@@ -115,6 +117,11 @@ Result<Manifest> DecodeManifest(std::string_view bytes, const std::string& what)
 // producer writes a queued buffer itself whenever Drain is not at it, so the two never wait on
 // each other: run the producer and Drain as two indices of one ParallelFor, the producer
 // calling StopDraining when it is done. Writes reach the base in order, one at a time.
+//
+// Write-behind to a base that takes lent writes (core/lent_writes.h: a local file in direct
+// I/O) needs no thread: each full buffer is lent to the base, which keeps up to its lent_depth()
+// of them in flight while the next is filled, and Drain returns at once. The sink owns those
+// buffers until the base settles them (at the latest when the sink is destroyed).
 inline constexpr size_t kHashingSinkSmallWrite = size_t{256} << 10;
 // The direct-I/O alignment of local files (storage's kDirectAlign).
 inline constexpr size_t kHashingSinkAlign = 4096;
@@ -149,6 +156,8 @@ class HashingSink final : public ByteSink {
   };
   using Buffer = std::unique_ptr<char, FreeAligned>;
   Buffer NewBuffer() const;
+  // Lent writes: a buffer to fill next (the oldest lent one once the base settled it).
+  Result<Buffer> NextBuffer();
   // Queues the buffer (write-behind) or writes it to the base; with `keep_tail`, only up to the
   // stream's last aligned position, the rest moving to the front of the next buffer.
   Status HandOff(bool keep_tail = false);
@@ -177,6 +186,9 @@ class HashingSink final : public ByteSink {
   size_t pending_ = 0;  // the current blob's bytes in buffer_[pending_, used_) are not hashed yet
   bool fed_ = false;    // some of the current blob's bytes went through the streaming state
   std::unique_ptr<Behind> behind_;
+  LentWrites* lent_ = nullptr;     // the base, where it takes lent writes
+  std::deque<Buffer> lent_bufs_;   // lent to it, oldest first
+  std::vector<Buffer> free_bufs_;  // settled, for reuse
 };
 
 // Checks `bytes` (a whole blob in memory) against its hashes; DataLoss naming `what`, the file

@@ -164,6 +164,7 @@ PosixWritableFile::~PosixWritableFile() {
 Status PosixWritableFile::Append(const void* data, size_t n) {
   DCPP_RETURN_IF_ERROR(CheckUsable());
   if (n == 0) return Status::Ok();
+  if (lent_settled_ != lent_submitted_) DCPP_RETURN_IF_ERROR(Settle(0));
   const char* p = static_cast<const char*>(data);
   if (!direct_ && !direct_refused_ && position_ + n >= kDirectAfterBytes) EnterDirect();
   DCPP_RETURN_IF_ERROR(error_);
@@ -200,6 +201,7 @@ Status PosixWritableFile::Sync() {
 
 Status PosixWritableFile::Close() {
   if (fd_ < 0) return FailedPreconditionError(path_ + ": already closed");
+  if (direct_) (void)WaitInFlight();  // after a failure too: no write outlives its buffer
   Status st = !error_.ok() ? error_ : direct_ ? FlushDirectTail() : FlushBuffer();
   ring_.reset();
   // close() errors (EIO on NFS, say) can report lost writes, so they count.
@@ -263,7 +265,8 @@ void PosixWritableFile::EnterDirect() {
   chunk_offset_ = aligned;
 #ifdef DCPP_HAVE_URING
   auto ring = std::make_unique<DirectRing>();
-  ring->ready = io_uring_queue_init(kDirectChunks, &ring->ring, 0) == 0;  // seccomp may forbid it
+  ring->ready = io_uring_queue_init(kDirectChunks + kLentDepth, &ring->ring, 0) ==
+                0;  // seccomp may forbid it
   if (ring->ready) ring_ = std::move(ring);
 #endif
 }
@@ -327,47 +330,114 @@ Status PosixWritableFile::SubmitChunk() {
   return WaitChunk(current_);
 }
 
-// Completions come in any order: each one reaped frees its chunk, and a short or refused write
-// is finished with pwrite from the chunk, which stays intact until then.
-Status PosixWritableFile::WaitChunk(int i) {
+// Completions come in any order: each one reaped frees its chunk or lent slot, and a short or
+// refused write is finished with pwrite from its buffer, which stays intact until then.
+Status PosixWritableFile::ReapOne() {
 #ifdef DCPP_HAVE_URING
-  while (busy_[i]) {
-    io_uring_cqe* cqe = nullptr;
-    int rc;
-    do {
-      rc = io_uring_wait_cqe(&ring_->ring, &cqe);
-    } while (rc == -EINTR);
-    if (rc < 0) return error_ = ErrnoToStatus(-rc, "writing " + path_);
-    const int res = cqe->res;
-    const uint64_t j = io_uring_cqe_get_data64(cqe);
-    io_uring_cqe_seen(&ring_->ring, cqe);
-    if (j >= static_cast<uint64_t>(kDirectChunks) || !busy_[j]) {
-      return error_ = InternalError("writing " + path_ + ": unexpected io_uring completion");
-    }
-    busy_[j] = false;
-    size_t done = 0;
-    if (res < 0) {
-      // EINVAL: the file system refused the alignment; WriteAt retries without O_DIRECT.
-      if (res != -EINVAL && res != -EINTR && res != -EAGAIN) {
-        return error_ = ErrnoToStatus(-res, "writing " + path_);
-      }
-    } else {
-      done = static_cast<size_t>(res);
-    }
-    if (done < kDirectChunkBytes) {
-      DCPP_RETURN_IF_ERROR(WriteAt(chunk(static_cast<int>(j)) + done, kDirectChunkBytes - done,
-                                   busy_offset_[j] + done));
-    }
+  io_uring_cqe* cqe = nullptr;
+  int rc;
+  do {
+    rc = io_uring_wait_cqe(&ring_->ring, &cqe);
+  } while (rc == -EINTR);
+  if (rc < 0) {
+    ring_broken_ = true;
+    return Fail(ErrnoToStatus(-rc, "writing " + path_));
   }
+  const int res = cqe->res;
+  const uint64_t j = io_uring_cqe_get_data64(cqe);
+  io_uring_cqe_seen(&ring_->ring, cqe);
+  const char* data;
+  size_t n;
+  uint64_t offset;
+  if (j < static_cast<uint64_t>(kDirectChunks) && busy_[j]) {
+    busy_[j] = false;
+    data = chunk(static_cast<int>(j));
+    n = kDirectChunkBytes;
+    offset = busy_offset_[j];
+  } else if (j >= static_cast<uint64_t>(kDirectChunks) &&
+             j - kDirectChunks < static_cast<uint64_t>(kLentDepth) &&
+             lent_[j - kDirectChunks].busy) {
+    Lent& l = lent_[j - kDirectChunks];
+    l.busy = false;
+    data = l.data;
+    n = l.n;
+    offset = l.offset;
+  } else {
+    ring_broken_ = true;
+    return Fail(InternalError("writing " + path_ + ": unexpected io_uring completion"));
+  }
+  size_t done = 0;
+  if (res < 0) {
+    // EINVAL: the file system refused the alignment; WriteAt retries without O_DIRECT.
+    if (res != -EINVAL && res != -EINTR && res != -EAGAIN) {
+      return Fail(ErrnoToStatus(-res, "writing " + path_));
+    }
+  } else {
+    done = static_cast<size_t>(res);
+  }
+  if (done < n && error_.ok()) return WriteAt(data + done, n - done, offset + done);
+  return error_;
 #else
-  (void)i;
+  ring_broken_ = true;
+  return Fail(InternalError("writing " + path_ + ": no io_uring"));
 #endif
+}
+
+Status PosixWritableFile::Fail(Status s) {
+  if (error_.ok()) error_ = std::move(s);
   return error_;
 }
 
+Status PosixWritableFile::WaitChunk(int i) {
+  while (busy_[i] && !ring_broken_) (void)ReapOne();
+  return error_;
+}
+
+// Waits for every write, whatever fails: none may outlive its buffer.
 Status PosixWritableFile::WaitInFlight() {
-  for (int i = 0; i < kDirectChunks; ++i) DCPP_RETURN_IF_ERROR(WaitChunk(i));
-  return Status::Ok();
+  for (int i = 0; i < kDirectChunks; ++i) (void)WaitChunk(i);
+  (void)Settle(0);
+  return error_;
+}
+
+Status PosixWritableFile::WriteLent(const void* data, size_t n) {
+  DCPP_RETURN_IF_ERROR(CheckUsable());
+  if (n == 0) return Status::Ok();
+  const char* p = static_cast<const char*>(data);
+  if (!direct_ && !direct_refused_ && position_ + n >= kDirectAfterBytes) EnterDirect();
+  DCPP_RETURN_IF_ERROR(error_);
+#ifdef DCPP_HAVE_URING
+  if (direct_ && o_direct_ && ring_ && fill_ == 0 && n % kDirectAlign == 0 &&
+      n <= kDirectChunkBytes * 4 && reinterpret_cast<uintptr_t>(p) % kDirectAlign == 0) {
+    DCPP_RETURN_IF_ERROR(Settle(kLentDepth - 1));  // a free slot
+    const int slot = static_cast<int>(lent_submitted_ % kLentDepth);
+    io_uring_sqe* sqe = io_uring_get_sqe(&ring_->ring);
+    if (sqe != nullptr) {
+      io_uring_prep_write(sqe, fd_, p, static_cast<unsigned>(n), chunk_offset_);
+      io_uring_sqe_set_data64(sqe, static_cast<uint64_t>(kDirectChunks + slot));
+      if (io_uring_submit(&ring_->ring) == 1) {
+        lent_[slot] = {p, n, chunk_offset_, true};
+        ++lent_submitted_;
+        chunk_offset_ += n;
+        position_ += n;
+        return Status::Ok();
+      }
+    }
+  }
+#endif
+  // Not lendable here: written now, after the lent writes before it.
+  DCPP_RETURN_IF_ERROR(Settle(0));
+  return Append(p, n);
+}
+
+Status PosixWritableFile::Settle(size_t keep) {
+  while (lent_submitted_ - lent_settled_ > keep) {
+    Lent& l = lent_[lent_settled_ % kLentDepth];
+    while (l.busy && !ring_broken_) (void)ReapOne();
+    if (l.busy) return error_;  // the ring itself failed: this write's fate is unknown
+    ++lent_settled_;
+  }
+  return error_;
 }
 
 // Makes the file hold exactly [0, position_): the partial chunk is written padded to the

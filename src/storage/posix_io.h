@@ -30,6 +30,7 @@
 #include <memory>
 #include <string>
 
+#include "core/lent_writes.h"
 #include "dcpp/storage.h"
 
 namespace dcpp::internal {
@@ -56,6 +57,11 @@ inline constexpr size_t kDirectChunkBytes = size_t{8} << 20;
 // flight. Two writes in flight instead of one took two files' 1 GiB from 1.25 to 1.44-1.59 GB/s
 // in fio on the development machine's disk (--direct=1, 8 MiB blocks, io_uring depth 1 and 2).
 inline constexpr int kDirectChunks = 3;
+// Lent writes (core/lent_writes.h) a file in direct I/O keeps in flight. A one-thread save of
+// 20 480 small tensors whose 8 MiB buffers a second thread wrote one at a time: median first save
+// 0.98 -> 1.03 GB/s, later saves 0.93 -> 1.04, over twelve alternating pairs on a day this disk
+// took 1.1-1.3 GB/s one job direct (fio: 8 MiB blocks at depth 2 beat depth 1 by 4-20%).
+inline constexpr int kLentDepth = 2;
 inline constexpr uint64_t kDirectAfterBytes = uint64_t{1} << 20;
 
 // Reads at least this large may bypass the page cache (see PosixReadableFile).
@@ -86,7 +92,10 @@ struct DirectRing;  // io_uring state, defined in posix_io.cc
 // failed write leaves the file's tail unknown, so every later call repeats that error. Direct
 // I/O needs the descriptor opened O_RDWR (the partial block before the switch is read back);
 // a write-only descriptor stays buffered.
-class PosixWritableFile final : public WritableFile {
+//
+// Lent writes of aligned buffers at aligned positions go to the ring without a copy, up to
+// kLentDepth at once; other lent writes are written before WriteLent returns.
+class PosixWritableFile final : public WritableFile, public LentWrites {
  public:
   PosixWritableFile(int fd, std::string path);
   ~PosixWritableFile() override;
@@ -98,6 +107,13 @@ class PosixWritableFile final : public WritableFile {
   std::string name() const override { return path_; }
   // Whether writes have switched to direct I/O (for tests and benchmarks).
   bool direct() const { return direct_; }
+
+  Status WriteLent(const void* data, size_t n) override;
+  Status Settle(size_t keep) override;
+  size_t lent_depth() const override { return kLentDepth; }
+  size_t lent_in_flight() const override {
+    return static_cast<size_t>(lent_submitted_ - lent_settled_);
+  }
 
  private:
   struct FreeAligned {
@@ -111,7 +127,13 @@ class PosixWritableFile final : public WritableFile {
   void EnterDirect();
   Status AppendDirect(const char* p, size_t n);
   Status SubmitChunk();
-  // Waits until chunk i's write (if any) is done; WaitInFlight, every chunk's.
+  // Waits for one completion of the ring and finishes its write (a short or refused one with
+  // pwrite); its chunk or lent slot is free afterwards, even on error. If the ring itself fails
+  // (no completion came), ring_broken_ is set and nothing waits on it again.
+  Status ReapOne();
+  // Keeps the first error.
+  Status Fail(Status s);
+  // Waits until chunk i's write (if any) is done; WaitInFlight, every chunk's and lent write's.
   Status WaitChunk(int i);
   Status WaitInFlight();
   Status FlushDirectTail();
@@ -137,6 +159,16 @@ class PosixWritableFile final : public WritableFile {
   std::unique_ptr<DirectRing> ring_;            // null: synchronous pwrite
   bool busy_[kDirectChunks] = {};               // chunk i is being written
   uint64_t busy_offset_[kDirectChunks] = {};    // at this file offset
+  struct Lent {
+    const char* data = nullptr;
+    size_t n = 0;
+    uint64_t offset = 0;
+    bool busy = false;
+  };
+  Lent lent_[kLentDepth];  // lent write number k uses slot k % kLentDepth
+  uint64_t lent_submitted_ = 0;
+  uint64_t lent_settled_ = 0;  // lent writes [0, lent_settled_) are complete
+  bool ring_broken_ = false;
 };
 
 // A ReadableFile over a descriptor it owns; the size is fixed at open. A file of at least

@@ -10,6 +10,7 @@
 #include <fstream>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "testing/testing.h"
 
@@ -272,6 +273,81 @@ TEST(PosixIoTest, ChunksInFlightTogetherLandInPlace) {
   EXPECT_EQ(FileSize(fd), a.expected().size());
   ASSERT_THAT(file.Close(), IsOk());
   EXPECT_TRUE(Slurp(path) == a.expected());  // no diff of megabytes on failure
+}
+
+// Lent writes keep their buffers only until Settle says so: the caller refills the oldest
+// buffer as soon as Settle(depth - 1) returns, so a write still reading it would land the new
+// bytes. Unlendable ones (an unaligned buffer or length, a position a copied append unaligned)
+// are written before WriteLent returns, and appends between lent writes keep their order.
+TEST(PosixIoTest, LentBuffersComeBackOnlyWhenWrittenAndLandInOrder) {
+  DirectIo on;
+  TempDir dir;
+  const std::string path = dir.Join("lent.bin");
+  DCPP_ASSERT_OK_AND_ASSIGN(int fd, OpenFd(path, O_RDWR | O_CREAT | O_TRUNC, 0644));
+  PosixWritableFile file(fd, path);
+  struct Free {
+    void operator()(char* p) const { std::free(p); }
+  };
+  const size_t depth = file.lent_depth();
+  ASSERT_GE(depth, 1u);
+  constexpr size_t kBuf = 2 * kDirectChunkBytes;
+  std::vector<std::unique_ptr<char, Free>> bufs;
+  for (size_t i = 0; i <= depth; ++i) {
+    bufs.emplace_back(static_cast<char*>(std::aligned_alloc(kDirectAlign, kBuf)));
+    ASSERT_NE(bufs.back(), nullptr);
+  }
+  std::string expected;
+  size_t next = 0, lent = 0;
+  // Fills the next buffer (the oldest, once settled) with fresh bytes and lends n of them.
+  auto lend = [&](size_t n, size_t misalign = 0) {
+    if (lent >= depth) {
+      ASSERT_THAT(file.Settle(depth - 1), IsOk());
+      EXPECT_LE(file.lent_in_flight(), depth - 1);
+    }
+    char* b = bufs[next].get();
+    next = (next + 1) % bufs.size();
+    ++lent;
+    const std::string bytes = Pattern(n, static_cast<uint32_t>(expected.size()) * 3 + 7);
+    std::memcpy(b + misalign, bytes.data(), n);
+    ASSERT_THAT(file.WriteLent(b + misalign, n), IsOk());
+    expected += bytes;
+    ASSERT_EQ(file.position(), expected.size());
+  };
+  for (int i = 0; i < 4 * static_cast<int>(depth) + 3; ++i) lend(kBuf - (i % 3) * kDirectAlign);
+  if (SupportsODirect(dir.path().string())) {
+    EXPECT_TRUE(file.direct());
+  }
+  lend(kDirectChunkBytes + 5);  // an unaligned length: written at once
+  EXPECT_EQ(file.lent_in_flight(), 0u);
+  const std::string mid = Pattern(kDirectAlign - 5, 99);  // realigns the position
+  ASSERT_THAT(file.Append(mid.data(), mid.size()), IsOk());
+  expected += mid;
+  lend(kDirectChunkBytes, 16);  // an unaligned buffer: written at once
+  for (int i = 0; i < 2 * static_cast<int>(depth); ++i) lend(kDirectChunkBytes);
+  ASSERT_THAT(file.Sync(), IsOk());  // settles everything first
+  EXPECT_EQ(file.lent_in_flight(), 0u);
+  EXPECT_EQ(FileSize(fd), expected.size());
+  lend(kDirectChunkBytes);
+  ASSERT_THAT(file.Close(), IsOk());     // and so does Close
+  EXPECT_TRUE(Slurp(path) == expected);  // no diff of megabytes on failure
+}
+
+// Where the file is not in direct I/O (turned off, or still small), lent writes are ordinary
+// appends.
+TEST(PosixIoTest, LentWritesToABufferedFileAreAppends) {
+  SetDirectIoForTesting(0);
+  TempDir dir;
+  const std::string path = dir.Join("lent-buffered.bin");
+  DCPP_ASSERT_OK_AND_ASSIGN(int fd, OpenFd(path, O_RDWR | O_CREAT | O_TRUNC, 0644));
+  PosixWritableFile file(fd, path);
+  const std::string a = Pattern(3 * kDirectAlign, 1), b = Pattern(kDirectChunkBytes + 3, 2);
+  ASSERT_THAT(file.WriteLent(a.data(), a.size()), IsOk());
+  ASSERT_THAT(file.WriteLent(b.data(), b.size()), IsOk());
+  EXPECT_EQ(file.lent_in_flight(), 0u);
+  EXPECT_FALSE(file.direct());
+  ASSERT_THAT(file.Close(), IsOk());
+  SetDirectIoForTesting(-1);
+  EXPECT_TRUE(Slurp(path) == a + b);
 }
 
 TEST(PosixIoTest, DirectWritesEndingOnAChunkBoundaryNeedNoTail) {
