@@ -350,6 +350,25 @@ TEST(AsyncSaveProcessTest, AWriterProcessWritesWhatWasStagedAndStaysForTheNextSa
   EXPECT_EQ(LoadProcessState(tmp.Join("b")), next);
 }
 
+// The arena is mapped anew when the staging options change (here: a thread-executor save in
+// between, which stages in private memory), and the new mapping tends to land at the old one's
+// address with the same size. The long-lived writer must map the new shared memory, not keep
+// writing the old one's bytes.
+TEST(AsyncSaveProcessTest, AnArenaMappedAnewAtTheSameAddressReachesTheWriter) {
+  TempDir tmp;
+  StateDict first = ProcessState(6);
+  DCPP_ASSERT_OK(AsyncSave(first, tmp.Join("a"), ProcessOptions()).committed.get().status());
+  const int pid = WriterProcessPid();
+  ASSERT_GT(pid, 0);
+  StateDict between = ProcessState(7);
+  DCPP_ASSERT_OK(AsyncSave(between, tmp.Join("b"), AsyncSaveOptions()).committed.get().status());
+  StateDict second = ProcessState(8);
+  DCPP_ASSERT_OK(AsyncSave(second, tmp.Join("c"), ProcessOptions()).committed.get().status());
+  EXPECT_EQ(WriterProcessPid(), pid);  // the same writer, given the new arena
+  EXPECT_EQ(LoadProcessState(tmp.Join("c")), second);
+  EXPECT_EQ(LoadProcessState(tmp.Join("a")), first);
+}
+
 TEST(AsyncSaveProcessTest, AWriterKilledMidSaveFailsItKeepsTheLastCheckpointAndIsReplaced) {
   TempDir tmp;
   const std::string dir = tmp.Join("ckpt");

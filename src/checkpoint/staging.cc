@@ -21,6 +21,7 @@ constexpr size_t kHugePage = size_t{2} << 20;
 
 std::atomic<int64_t> g_allocations{0};
 std::atomic<int64_t> g_bytes_held{0};
+std::atomic<uint64_t> g_last_arena_id{0};
 
 size_t RoundUp(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
@@ -78,6 +79,7 @@ void Stager::Release() {
   base_ = nullptr;
   capacity_ = 0;
   shm_fd_ = -1;
+  id_ = 0;
   locked_ = false;
   shared_ = false;
   pinned_ = false;
@@ -129,6 +131,7 @@ Status Stager::Reserve(size_t bytes, const StagingOptions& options) {
   }
   base_ = static_cast<std::byte*>(p);
   capacity_ = size;
+  id_ = ++g_last_arena_id;
   shared_ = want_shared;
   g_allocations++;
   g_bytes_held += static_cast<int64_t>(size);

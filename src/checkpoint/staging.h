@@ -39,6 +39,9 @@ class Stager {
   std::byte* base() const { return base_; }
   size_t capacity() const { return capacity_; }
   int shm_fd() const { return shm_fd_; }  // -1 unless backed by shared memory
+  // Unique in the process for each mapping of an arena, 0 while none is mapped. A new mapping
+  // may reuse the old one's address and size, so only this tells a writer process to map anew.
+  uint64_t id() const { return id_; }
 
   static int64_t TotalAllocations();
   static int64_t BytesHeld();
@@ -50,6 +53,7 @@ class Stager {
   std::byte* base_ = nullptr;
   size_t capacity_ = 0;
   int shm_fd_ = -1;
+  uint64_t id_ = 0;
   bool locked_ = false;
   bool shared_ = false;
   bool pinned_ = false;

@@ -150,8 +150,7 @@ void WriterProcess::Stop() {
     waitpid(pid_.load(), &st, 0);
   }
   pid_ = -1;
-  sent_base_ = nullptr;
-  sent_size_ = 0;
+  sent_arena_ = 0;
 }
 
 Status WriterProcess::Start() {
@@ -214,7 +213,8 @@ Result<std::vector<WriteResult>> WriterProcess::WriteData(
     }
   }
   if (pid_ <= 0) DCPP_RETURN_IF_ERROR(Start());
-  const bool send_fd = arena.base() != sent_base_ || arena.capacity() != sent_size_;
+  // By id: a new arena may be mapped at the old one's address with its size.
+  const bool send_fd = arena.id() != sent_arena_;
   WireWriter w;
   w.U64(arena.capacity());
   w.U64(send_fd ? 1 : 0);
@@ -259,8 +259,7 @@ Result<std::vector<WriteResult>> WriterProcess::WriteData(
   if (!SendMessage(sock_, w.Release(), send_fd ? arena.shm_fd() : -1)) {
     return Died("before the request reached it");
   }
-  sent_base_ = arena.base();
-  sent_size_ = arena.capacity();
+  sent_arena_ = arena.id();
   std::string reply;
   if (!RecvMessage(sock_, &reply, nullptr)) return Died("while writing");
   WireReader r(reply, "writer process reply");

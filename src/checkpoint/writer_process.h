@@ -48,8 +48,7 @@ class WriterProcess {
 
   std::atomic<pid_t> pid_{-1};  // read by tests from other threads
   int sock_ = -1;
-  const std::byte* sent_base_ = nullptr;  // the arena the child has mapped
-  size_t sent_size_ = 0;
+  uint64_t sent_arena_ = 0;  // Stager::id() of the arena the child has mapped
 };
 
 // The child's loop: serves requests on `sock` until it closes. Returns the exit code.
