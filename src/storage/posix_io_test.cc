@@ -1,6 +1,7 @@
 #include "storage/posix_io.h"
 
 #include <fcntl.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -330,6 +331,50 @@ TEST(PosixIoTest, LentBuffersComeBackOnlyWhenWrittenAndLandInOrder) {
   lend(kDirectChunkBytes);
   ASSERT_THAT(file.Close(), IsOk());     // and so does Close
   EXPECT_TRUE(Slurp(path) == expected);  // no diff of megabytes on failure
+}
+
+// A real full file system (a tmpfs of 6 MiB, which takes O_DIRECT on recent kernels): the
+// failed lent write is reported, as ENOSPC naming the file, by the WriteLent, Settle or Sync
+// that learns of it, every later call repeats it, and nothing waits forever.
+TEST(PosixIoTest, LentWritesToAFullFileSystemFailNamingTheFile) {
+  DirectIo on;
+  TempDir dir;
+  const std::string mnt = dir.Join("tmpfs");
+  ASSERT_EQ(::mkdir(mnt.c_str(), 0755), 0);
+  if (::mount("tmpfs", mnt.c_str(), "tmpfs", 0, "size=6m") != 0) {
+    GTEST_SKIP() << "cannot mount a tmpfs here (" << std::strerror(errno) << ")";
+  }
+  struct Unmount {
+    std::string path;
+    ~Unmount() { ::umount2(path.c_str(), MNT_DETACH); }
+  } unmount{mnt};
+  const std::string path = mnt + "/full.bin";
+  DCPP_ASSERT_OK_AND_ASSIGN(int fd, OpenFd(path, O_RDWR | O_CREAT | O_TRUNC, 0644));
+  PosixWritableFile file(fd, path);
+  struct Free {
+    void operator()(char* p) const { std::free(p); }
+  };
+  constexpr size_t kBuf = 2 << 20;
+  std::vector<std::unique_ptr<char, Free>> bufs;
+  for (size_t i = 0; i <= file.lent_depth(); ++i) {
+    bufs.emplace_back(static_cast<char*>(std::aligned_alloc(kDirectAlign, kBuf)));
+    ASSERT_NE(bufs.back(), nullptr);
+    std::memset(bufs.back().get(), 'x', kBuf);
+  }
+  Status failed;
+  for (size_t i = 0; i < 8 && failed.ok(); ++i) {  // 16 MiB into 6
+    if (i >= file.lent_depth()) failed = file.Settle(file.lent_depth() - 1);
+    if (failed.ok()) failed = file.WriteLent(bufs[i % bufs.size()].get(), kBuf);
+  }
+  if (failed.ok()) failed = file.Sync();
+  EXPECT_THAT(failed, StatusIs(StatusCode::kUnavailable, HasSubstr(path)));
+  // Settle waits for what is still in flight even after a failure, and repeats it.
+  EXPECT_THAT(file.Settle(0), StatusIs(StatusCode::kUnavailable, HasSubstr(path)));
+  EXPECT_EQ(file.lent_in_flight(), 0u);
+  EXPECT_THAT(file.WriteLent(bufs[0].get(), kBuf),
+              StatusIs(StatusCode::kUnavailable, HasSubstr(path)));
+  EXPECT_THAT(file.Sync(), StatusIs(StatusCode::kUnavailable, HasSubstr(path)));
+  EXPECT_THAT(file.Close(), StatusIs(StatusCode::kUnavailable, HasSubstr(path)));
 }
 
 // Where the file is not in direct I/O (turned off, or still small), lent writes are ordinary
