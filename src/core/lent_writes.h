@@ -10,7 +10,8 @@
 // Write would put them; a lent buffer is neither written to nor freed by the caller until a
 // Settle covers it. Settle(k) returns once every lent write but the newest k is complete, so the
 // caller recycles buffers oldest first. Any other call on the sink (Write, a sync, a close)
-// first completes every lent write. Errors are sticky, like the sink's own.
+// first completes every lent write. Errors are sticky, like the sink's own: after one, calls
+// that would write fail at once, while Settle and a close still wait for what is in flight.
 //
 // Thread-safety: as the sink's (one thread at a time).
 #pragma once

@@ -407,6 +407,8 @@ Status PosixWritableFile::WriteLent(const void* data, size_t n) {
   if (!direct_ && !direct_refused_ && position_ + n >= kDirectAfterBytes) EnterDirect();
   DCPP_RETURN_IF_ERROR(error_);
 #ifdef DCPP_HAVE_URING
+  // Whole blocks from an aligned buffer at an aligned position (no partial chunk pending), and
+  // few enough bytes for one submission's 32-bit length.
   if (direct_ && o_direct_ && ring_ && fill_ == 0 && n % kDirectAlign == 0 &&
       n <= kDirectChunkBytes * 4 && reinterpret_cast<uintptr_t>(p) % kDirectAlign == 0) {
     DCPP_RETURN_IF_ERROR(Settle(kLentDepth - 1));  // a free slot
