@@ -34,7 +34,9 @@ class LentWrites {
   virtual Status Settle(size_t keep) = 0;
   // Lent writes not known complete.
   virtual size_t lent_in_flight() const = 0;
-  // How many lent writes the sink keeps in flight at most; WriteLent settles down to it.
+  // How many lent writes the sink keeps in flight at most; WriteLent settles down to it. 0 while
+  // the sink would write every lent buffer before returning (a caller then does better writing
+  // from a thread of its own).
   virtual size_t lent_depth() const = 0;
 };
 

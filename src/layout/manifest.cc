@@ -424,9 +424,11 @@ void HashingSink::Feed(const char* p, size_t n) {
 }
 
 void HashingSink::EnableWriteBehind() {
-  if (capacity_ == 0 || behind_ || lent_ != nullptr) return;
+  if (capacity_ == 0 || behind_) return;
+  // Both ways are set up: a base that lends may stop lending (a file left in buffered I/O, no
+  // io_uring), and its later buffers then go to the drainer. The spare is never touched (so
+  // never faulted in) while the base lends.
   lent_ = dynamic_cast<LentWrites*>(&base_);
-  if (lent_ != nullptr) return;  // the base writes behind itself
   behind_ = std::make_unique<Behind>();
   behind_->spare = NewBuffer();
 }
@@ -468,7 +470,7 @@ Status HashingSink::HandOff(bool keep_tail) {
   }
   const size_t tail = used_ - n;
   handed_ += n;
-  if (lent_ != nullptr) {
+  if (lent_ != nullptr && lent_->lent_depth() > 0) {
     DCPP_ASSIGN_OR_RETURN(Buffer next, NextBuffer());
     // The base only reads the lent buffer, so its tail may be copied out after it is lent.
     DCPP_RETURN_IF_ERROR(lent_->WriteLent(buffer_.get(), n));

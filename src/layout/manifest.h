@@ -119,9 +119,10 @@ Result<Manifest> DecodeManifest(std::string_view bytes, const std::string& what)
 // calling StopDraining when it is done. Writes reach the base in order, one at a time.
 //
 // Write-behind to a base that takes lent writes (core/lent_writes.h: a local file in direct
-// I/O) needs no thread: each full buffer is lent to the base, which keeps up to its lent_depth()
-// of them in flight while the next is filled, and Drain returns at once. The sink owns those
-// buffers until the base settles them (at the latest when the sink is destroyed).
+// I/O with io_uring) needs no thread: while the base's lent_depth() is above 0, each full buffer
+// is lent to it, up to that many in flight while the next is filled, and the drainer has nothing
+// to do. The sink owns those buffers until the base settles them (at the latest when the sink is
+// destroyed). A base that does not lend (buffered, no io_uring) gets its buffers from the drainer.
 inline constexpr size_t kHashingSinkSmallWrite = size_t{256} << 10;
 // The direct-I/O alignment of local files (storage's kDirectAlign).
 inline constexpr size_t kHashingSinkAlign = 4096;

@@ -336,10 +336,10 @@ TEST(HashingSinkTest, WriteBehindReportsAFailedWriteToBothSides) {
 
 // A base that takes lent writes and reads each lent buffer only when it is settled, as late as
 // the contract allows: a buffer the sink refilled too early shows as wrong bytes. Put number
-// `fail_at` (0-based, lent or not) fails.
+// `fail_at` (0-based, lent or not) fails. With `depth` 0 it does not lend.
 class LateLendingSink final : public ByteSink, public LentWrites {
  public:
-  explicit LateLendingSink(int fail_at = -1) : fail_at_(fail_at) {}
+  explicit LateLendingSink(int fail_at = -1, size_t depth = 2) : fail_at_(fail_at), depth_(depth) {}
   Status Write(const void* data, size_t n) override {
     DCPP_RETURN_IF_ERROR(Settle(0));
     return Put(static_cast<const char*>(data), n);
@@ -360,7 +360,7 @@ class LateLendingSink final : public ByteSink, public LentWrites {
     }
     return error_;
   }
-  size_t lent_depth() const override { return 2; }
+  size_t lent_depth() const override { return depth_; }
   size_t lent_in_flight() const override { return pending_.size(); }
   uint64_t position() const override { return position_; }
   std::string name() const override { return "<late>"; }
@@ -376,6 +376,7 @@ class LateLendingSink final : public ByteSink, public LentWrites {
     return Status::Ok();
   }
   int fail_at_;
+  size_t depth_;
   int puts_ = 0;
   int lent_ = 0;
   uint64_t position_ = 0;
@@ -384,9 +385,9 @@ class LateLendingSink final : public ByteSink, public LentWrites {
   Status error_;
 };
 
-// Write-behind to a base that takes lent writes runs without a drainer: every full buffer is
-// lent, none is refilled before the base is done with it, and the bytes and hashes are those
-// of the plain sink.
+// Write-behind to a base that takes lent writes needs no drainer: every full buffer is lent,
+// none is refilled before the base is done with it, and the bytes and hashes are those of the
+// plain sink. A base that does not lend (depth 0) gets every buffer from the drainer instead.
 TEST(HashingSinkTest, WriteBehindLendsFullBuffersAndRefillsOnlySettledOnes) {
   std::string plain_expected;
   std::vector<std::vector<uint64_t>> plain_hashes;
@@ -395,20 +396,31 @@ TEST(HashingSinkTest, WriteBehindLendsFullBuffersAndRefillsOnlySettledOnes) {
     HashingSink plain(plain_out, kSeg, 1 << 20);
     DCPP_ASSERT_OK(WriteBlobs(plain, plain_hashes, plain_expected));
   }
-  LateLendingSink out;
-  {
-    HashingSink sink(out, kSeg, 1 << 20);
-    sink.EnableWriteBehind();
-    DCPP_EXPECT_OK(sink.Drain());  // returns at once: nothing for a thread to do
-    std::string expected;
-    std::vector<std::vector<uint64_t>> hashes;
-    DCPP_ASSERT_OK(WriteBlobs(sink, hashes, expected));
-    EXPECT_EQ(out.lent_in_flight(), 0u);  // Flush settled them all
-    EXPECT_EQ(sink.position(), expected.size());
-    EXPECT_EQ(hashes, plain_hashes);
+  for (size_t depth : {size_t{2}, size_t{0}}) {
+    LateLendingSink out(/*fail_at=*/-1, depth);
+    {
+      HashingSink sink(out, kSeg, 1 << 20);
+      sink.EnableWriteBehind();
+      std::string expected;
+      std::vector<std::vector<uint64_t>> hashes;
+      Status drained;
+      std::thread drainer([&] { drained = sink.Drain(); });
+      const Status produced = WriteBlobs(sink, hashes, expected);
+      sink.StopDraining();
+      drainer.join();
+      DCPP_ASSERT_OK(produced);
+      DCPP_EXPECT_OK(drained);
+      EXPECT_EQ(out.lent_in_flight(), 0u);  // Flush settled them all
+      EXPECT_EQ(sink.position(), expected.size());
+      EXPECT_EQ(hashes, plain_hashes) << depth;
+    }
+    if (depth > 0) {
+      EXPECT_GT(out.lent(), 3);
+    } else {
+      EXPECT_EQ(out.lent(), 0);
+    }
+    EXPECT_TRUE(out.str() == plain_expected) << depth;
   }
-  EXPECT_GT(out.lent(), 3);
-  EXPECT_TRUE(out.str() == plain_expected);
 }
 
 // A failed lent write reaches the producer, and buffers still lent when the sink goes away are

@@ -110,7 +110,11 @@ class PosixWritableFile final : public WritableFile, public LentWrites {
 
   Status WriteLent(const void* data, size_t n) override;
   Status Settle(size_t keep) override;
-  size_t lent_depth() const override { return kLentDepth; }
+  // kLentDepth while lent writes can go to the ring: direct I/O with a ring, or not yet
+  // switched (the switch is tried); 0 once the file stays buffered or has no ring.
+  size_t lent_depth() const override {
+    return (direct_ ? o_direct_ && ring_ != nullptr : !direct_refused_) ? kLentDepth : 0;
+  }
   size_t lent_in_flight() const override {
     return static_cast<size_t>(lent_submitted_ - lent_settled_);
   }
