@@ -18,6 +18,8 @@
 #include "dcpp/checkpoint.h"
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -114,6 +116,25 @@ std::vector<Carried> OpenAll(const std::vector<std::string>& messages) {
 
 std::string RankField(const Communicator& comm) { return "rank=" + std::to_string(comm.rank()); }
 
+// Runs one rank-local step unless an earlier one failed; its fault point comes first. With
+// DCPP_LOG=debug each step is logged with its duration, under its fault point's name.
+void RunLocalStep(std::string_view point, int rank, Status& status,
+                  const std::function<Status()>& step) {
+  if (status.ok()) status = FaultPoint(point, rank);
+  if (!status.ok()) return;
+  if (CurrentLogLevel() < LogLevel::kDebug) {
+    status = step();
+    return;
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  status = step();
+  char f[64];
+  std::snprintf(
+      f, sizeof f, "rank=%d ms=%.3f", rank,
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  LogLine(LogLevel::kDebug, point, f);
+}
+
 }  // namespace
 
 Status AgreeStep(Communicator& comm, std::string_view phase, const Status& mine) {
@@ -190,8 +211,7 @@ SaveSteps::SaveSteps(const StateDict& state_dict, StorageWriter& writer, const S
 }
 
 void SaveSteps::Local(std::string_view point, const std::function<Status()>& step) {
-  if (status_.ok()) status_ = FaultPoint(point, rank_);
-  if (status_.ok()) status_ = step();
+  RunLocalStep(point, rank_, status_, step);
 }
 
 void SaveSteps::Plan() {
@@ -377,8 +397,7 @@ LoadSteps::LoadSteps(StateDict& state_dict, StorageReader& reader, const LoadOpt
       planner_(options.planner ? *options.planner : default_planner_) {}
 
 void LoadSteps::Local(std::string_view point, const std::function<Status()>& step) {
-  if (status_.ok()) status_ = FaultPoint(point, rank_);
-  if (status_.ok()) status_ = step();
+  RunLocalStep(point, rank_, status_, step);
 }
 
 void LoadSteps::Plan() {

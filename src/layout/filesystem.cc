@@ -807,6 +807,10 @@ Status FileSystemReader::ReadData(const LoadPlan& plan, LoadPlanner& planner) {
   }
   file_blobs.push_back(blobs.size());
   std::mutex planner_mu;  // planners are not thread-safe
+  // Tensor destinations by entry, resolved a run of blobs at a time under one lock: with many
+  // small tensors, a lock per item made the reader threads queue on it.
+  constexpr size_t kResolveRun = 64;
+  std::vector<TensorView> dsts(entries.size());
 
   auto read_file = [&](size_t w) -> Status {
     const std::string& name = *file_names[w];
@@ -831,6 +835,7 @@ Status FileSystemReader::ReadData(const LoadPlan& plan, LoadPlanner& planner) {
       return i.transform_descriptors.empty() && i.length <= int64_t{kWholeBlobBytes};
     };
     const size_t first = file_blobs[w], last = file_blobs[w + 1];
+    size_t resolved = first;  // blobs [first, resolved) have their destinations in dsts
     for (size_t o = first; o < last; ++o) {
       const Blob& blob = blobs[o];
       const ReadItem& front = *entries[blob.begin].item;
@@ -978,13 +983,21 @@ Status FileSystemReader::ReadData(const LoadPlan& plan, LoadPlanner& planner) {
       }
       auto ref = archive->RootTensor();
       if (!ref.ok()) return fail(ref.status());
+      if (o >= resolved) {
+        const size_t stop = std::min(last, o + kResolveRun);
+        std::lock_guard<std::mutex> lock(planner_mu);
+        for (size_t b = o; b < stop; ++b) {
+          for (size_t e = blobs[b].begin; e < blobs[b].end; ++e) {
+            const ReadItem& item = *entries[e].item;
+            if (item.type != LoadItemType::kTensor) continue;
+            DCPP_ASSIGN_OR_RETURN(dsts[e], planner.ResolveTensor(item));
+          }
+        }
+        resolved = stop;
+      }
       for (size_t e = blob.begin; e < blob.end; ++e) {
         const ReadItem& item = *entries[e].item;
-        TensorView dst;
-        {
-          std::lock_guard<std::mutex> lock(planner_mu);
-          DCPP_ASSIGN_OR_RETURN(dst, planner.ResolveTensor(item));
-        }
+        const TensorView& dst = dsts[e];
         if (dst.dtype() != ref->dtype) {
           return DataLossError("reading " + what() + ": stored " +
                                std::string(DTypeName(ref->dtype)) + " but the metadata says " +

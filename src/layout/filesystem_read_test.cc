@@ -1,6 +1,7 @@
 // FileSystemReader::ReadData on many small blobs: read in windows, grouped by file and blob
 // whatever the plan's order, several read items per blob, and every corruption still caught.
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -87,6 +88,71 @@ TEST(FileSystemReadTest, ManySmallBlobsLoadInAnyPlanOrder) {
       LoadWithPlanOrder(path, back,
                         [](std::vector<ReadItem>& v) { v[3].storage_index.fqn = "no_such_key"; }),
       StatusIs(StatusCode::kNotFound, HasSubstr("no_such_key")));
+}
+
+// A planner that is not thread-safe: it checks that no two of its calls overlap, counts them,
+// and can refuse one key's destination.
+class SerialCheckingPlanner final : public LoadPlanner {
+ public:
+  explicit SerialCheckingPlanner(std::string refuse = "") : refuse_(std::move(refuse)) {}
+  Status SetUp(StateDict* sd, const Metadata& md, bool c) override {
+    return inner_.SetUp(sd, md, c);
+  }
+  Result<LoadPlan> CreateLocalPlan() override { return inner_.CreateLocalPlan(); }
+  Result<TensorView> ResolveTensor(const ReadItem& item) override {
+    Enter();
+    ++resolved[item.dest_index.fqn];
+    auto out = item.dest_index.fqn == refuse_
+                   ? Result<TensorView>(InternalError("refused \"" + refuse_ + "\""))
+                   : inner_.ResolveTensor(item);
+    Leave();
+    return out;
+  }
+  Status LoadBytes(const ReadItem& item, Value v) override {
+    Enter();
+    Status s = inner_.LoadBytes(item, std::move(v));
+    Leave();
+    return s;
+  }
+  std::map<std::string, int> resolved;
+  bool overlapped = false;
+
+ private:
+  void Enter() {
+    if (busy_.exchange(true)) overlapped = true;
+  }
+  void Leave() { busy_ = false; }
+  DefaultLoadPlanner inner_;
+  std::string refuse_;
+  std::atomic<bool> busy_{false};
+};
+
+TEST(FileSystemReadTest, ReaderThreadsResolveEachItemOnceAndNeverAtOnce) {
+  TempDir dir;
+  const std::string path = dir.Join("ck");
+  SaveOptions so;
+  so.writer.thread_count = 3;
+  DCPP_ASSERT_OK(Save(ManySmall(), path, so).status());
+  auto load = [&](SerialCheckingPlanner& planner, Value& dest) {
+    LoadOptions lo;
+    lo.planner = &planner;
+    lo.reader.thread_count = 3;
+    return Load(dest, path, lo);
+  };
+  SerialCheckingPlanner planner;
+  Value back = ZerosLike(ManySmall());
+  DCPP_ASSERT_OK(load(planner, back));
+  EXPECT_EQ(back, ManySmall());
+  EXPECT_FALSE(planner.overlapped);
+  EXPECT_EQ(planner.resolved.size(), static_cast<size_t>(kTensors));
+  for (const auto& [key, n] : planner.resolved) EXPECT_EQ(n, 1) << key;
+  // A destination the planner refuses fails the load with its message, whichever blob of its
+  // file's run it is in.
+  for (const char* key : {"t0", "t101", "t239"}) {
+    SerialCheckingPlanner refusing(key);
+    Value dest = ZerosLike(ManySmall());
+    EXPECT_THAT(load(refusing, dest), StatusIs(StatusCode::kInternal, HasSubstr(key))) << key;
+  }
 }
 
 TEST(FileSystemReadTest, BlobsAndTheirTensorBytesStartAt64ByteOffsetsWithZerosBetween) {

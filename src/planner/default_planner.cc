@@ -1116,10 +1116,19 @@ Status CheckCoverage(const std::string& fqn, const std::vector<ChunkBox>& local,
   return Status::Ok();
 }
 
+// One stored chunk that is the whole (non-empty) tensor.
+bool IsWholeChunk(const std::vector<ChunkBox>& chunks, const Shape& size) {
+  if (chunks.size() != 1 || chunks[0].sizes != size || NumElements(size) == 0) return false;
+  const Shape& o = chunks[0].offsets;
+  return o.size() == size.size() &&
+         std::all_of(o.begin(), o.end(), [](int64_t x) { return x == 0; });
+}
+
 }  // namespace
 
 Result<LoadPlan> DefaultLoadPlanner::CreateLocalPlan() {
   LoadPlan plan;
+  plan.items.reserve(dest_.size());
   for (const auto& [fqn, dest] : dest_) {
     const StorageMetadata* m = metadata_->state_dict_metadata.Find(fqn);
     if (!m) {
@@ -1137,6 +1146,17 @@ Result<LoadPlan> DefaultLoadPlanner::CreateLocalPlan() {
                                       ShapeToString(v.tensor().shape()));
         }
         dtype = v.tensor().dtype();
+        if (dtype == t->properties.dtype && IsWholeChunk(t->chunks, t->size)) {
+          // The common case, a whole tensor saved as one chunk: one read of all of it, which
+          // covers it exactly (CreateReadItemsForChunks would give the same item).
+          ReadItem& r = plan.items.emplace_back();
+          r.dest_index = {fqn, t->chunks[0].offsets, 0};
+          r.storage_index = r.dest_index;
+          r.dest_offsets = t->chunks[0].offsets;
+          r.storage_offsets = t->chunks[0].offsets;
+          r.lengths = t->size;
+          continue;
+        }
         local.push_back(WholeBox(t->size));
       } else if (v.is_sharded()) {
         if (v.sharded().global_shape != t->size) {

@@ -434,6 +434,50 @@ TEST(LoadPlannerTest, MissingKeysAndShapeMismatch) {
   EXPECT_EQ(plan.items.size(), 1u);
 }
 
+// Whole tensors saved as one chunk take a short path: their items must be what the general
+// overlap rule gives, and an empty tensor still reads nothing.
+TEST(LoadPlannerTest, WholeTensorItemsAreThoseOfTheGeneralRule) {
+  const std::vector<Shape> shapes = {{}, {5}, {3, 4}, {2, 1, 6}, {0, 3}};
+  Metadata md;
+  Value sd = Value::MakeDict();
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    const std::string key = "t" + std::to_string(i);
+    md.state_dict_metadata[key] =
+        TensorStorageMetadata{{DType::kFloat32}, shapes[i], {WholeBox(shapes[i])}};
+    sd.Set(key, Value::FromTensor(Tensor::Zeros(DType::kFloat32, shapes[i])));
+  }
+  DefaultLoadPlanner p;
+  DCPP_ASSERT_OK(p.SetUp(&sd, md, true));
+  DCPP_ASSERT_OK_AND_ASSIGN(LoadPlan plan, p.CreateLocalPlan());
+  std::vector<ReadItem> expected;
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    const ChunkBox whole = WholeBox(shapes[i]);
+    for (auto& r : CreateReadItemsForChunks("t" + std::to_string(i), {whole}, {whole})) {
+      expected.push_back(std::move(r));
+    }
+  }
+  ASSERT_EQ(plan.items.size(), expected.size());
+  ASSERT_EQ(plan.items.size(), 4u);  // none for the empty [0, 3]
+  for (size_t i = 0; i < expected.size(); ++i) {
+    const ReadItem& a = plan.items[i];
+    const ReadItem& b = expected[i];
+    EXPECT_EQ(a.type, b.type);
+    EXPECT_EQ(a.dest_index, b.dest_index);
+    EXPECT_EQ(a.dest_index.index, b.dest_index.index);
+    EXPECT_EQ(a.storage_index, b.storage_index);
+    EXPECT_EQ(a.storage_index.index, b.storage_index.index);
+    EXPECT_EQ(a.dest_offsets, b.dest_offsets);
+    EXPECT_EQ(a.storage_offsets, b.storage_offsets);
+    EXPECT_EQ(a.lengths, b.lengths);
+  }
+  // A dtype that differs is still refused.
+  Value other = Value::MakeDict();
+  other.Set("t1", Value::FromTensor(Tensor::Zeros(DType::kInt32, {5})));
+  DefaultLoadPlanner q({.allow_partial_load = true});
+  DCPP_ASSERT_OK(q.SetUp(&other, md, true));
+  EXPECT_THAT(q.CreateLocalPlan(), StatusIs(StatusCode::kInvalidArgument, HasSubstr("float32")));
+}
+
 TEST(LoadPlannerTest, EmptyStateDictLoadsEverythingAsStored) {
   Metadata md;
   md.state_dict_metadata["m.0.w"] =
