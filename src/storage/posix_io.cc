@@ -538,8 +538,14 @@ Status PosixReadableFile::ReadAt(uint64_t offset, void* dst, size_t n) const {
 }
 
 void PosixReadableFile::Prefetch(uint64_t offset, uint64_t n) const {
-  if (offset >= size_) return;
+  if (offset >= size_ || n == 0) return;
   n = std::min(n, size_ - offset);
+  // Readahead of pages the cache holds already only walks them (tens of microseconds per
+  // MiB): when the range's last byte is cached, as it is in a checkpoint read again, the rest
+  // most likely is, and the kernel's own readahead covers what is not.
+  char last;
+  iovec v{&last, 1};
+  if (::preadv2(fd_, &v, 1, static_cast<off_t>(offset + n - 1), RWF_NOWAIT) == 1) return;
   (void)::posix_fadvise(fd_, static_cast<off_t>(offset), static_cast<off_t>(n),
                         POSIX_FADV_WILLNEED);
 }

@@ -1,6 +1,7 @@
 #include "storage/posix_io.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -464,6 +465,54 @@ TEST(PosixIoTest, LargeReadsGiveTheSameBytesCachedOrNot) {
   std::string past(kDirectReadBytes, '\0');
   EXPECT_THAT(file.ReadAt(bytes.size() - 100, past.data(), past.size()),
               StatusIs(StatusCode::kDataLoss, HasSubstr("past the end")));
+}
+
+// Pages of [offset, offset + n) of `fd` the page cache holds.
+size_t CachedPages(int fd, uint64_t offset, size_t n) {
+  void* map = ::mmap(nullptr, n, PROT_READ, MAP_SHARED, fd, static_cast<off_t>(offset));
+  if (map == MAP_FAILED) return 0;
+  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  std::vector<unsigned char> in((n + page - 1) / page);
+  size_t cached = 0;
+  if (::mincore(map, n, in.data()) == 0) {
+    for (unsigned char c : in) cached += c & 1;
+  }
+  ::munmap(map, n);
+  return cached;
+}
+
+TEST(PosixIoTest, PrefetchReadsAheadWhatThePageCacheLacksAndNothingPastTheEnd) {
+  TempDir dir;
+  const std::string path = dir.Join("ahead.bin");
+  const size_t kRange = 1 << 20;
+  const std::string bytes = Pattern(4 * kRange, 5);
+  {
+    DCPP_ASSERT_OK_AND_ASSIGN(int fd, OpenFd(path, O_RDWR | O_CREAT | O_TRUNC, 0644));
+    ASSERT_EQ(::pwrite(fd, bytes.data(), bytes.size(), 0), static_cast<ssize_t>(bytes.size()));
+    ASSERT_EQ(::fsync(fd), 0);
+    ::close(fd);
+  }
+  uint64_t size = 0;
+  DCPP_ASSERT_OK_AND_ASSIGN(int fd, OpenRegularForRead(path, &size));
+  PosixReadableFile file(fd, size, path);
+  ASSERT_EQ(::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED), 0);
+  if (CachedPages(fd, kRange, kRange) != 0) {
+    GTEST_SKIP() << "this file system keeps its pages (tmpfs)";
+  }
+  // A range out of the cache is read ahead (asynchronously: waited for, with a generous bound).
+  file.Prefetch(kRange, kRange);
+  const size_t pages = kRange / static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  for (int i = 0; i < 1000 && CachedPages(fd, kRange, kRange) < pages; ++i) ::usleep(10000);
+  EXPECT_EQ(CachedPages(fd, kRange, kRange), pages);
+  // A cached range, an empty one and ones at or past the end are no-ops that do not fail.
+  file.Prefetch(kRange, kRange);
+  file.Prefetch(0, 0);
+  file.Prefetch(size - 1, kRange);
+  file.Prefetch(size, kRange);
+  file.Prefetch(~uint64_t{0}, kRange);
+  std::string out(kRange, '\0');
+  ASSERT_THAT(file.ReadAt(kRange, out.data(), out.size()), IsOk());
+  EXPECT_TRUE(out == bytes.substr(kRange, kRange));
 }
 
 TEST(PosixIoTest, ReadsPastTheEndAreDataLossNamingThePath) {
