@@ -22,7 +22,6 @@
 #include <optional>
 #include <string>
 #include <string_view>
-#include <unordered_map>
 #include <variant>
 #include <vector>
 
@@ -120,7 +119,7 @@ class StateDictMetadata {
   // Room for n entries, so adding them moves and rehashes nothing.
   void Reserve(size_t n) {
     entries_.reserve(n);
-    index_.reserve(n);
+    Rehash(n);
   }
   const StorageMetadata* Find(std::string_view fqn) const;
   StorageMetadata* Find(std::string_view fqn);
@@ -132,13 +131,16 @@ class StateDictMetadata {
   auto end() { return entries_.end(); }
 
  private:
-  // Hashes a std::string and a std::string_view alike, so Find copies no key.
-  struct KeyHash {
-    using is_transparent = void;
-    size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
-  };
+  // The slot that holds `fqn` (hash `h`), or the empty slot where it would go.
+  size_t Probe(std::string_view fqn, uint64_t h) const;
+  // Slots for at least n entries at most half full.
+  void Rehash(size_t n);
+
   std::vector<std::pair<std::string, StorageMetadata>> entries_;
-  std::unordered_map<std::string, size_t, KeyHash, std::equal_to<>> index_;
+  // The index of entries_ by key, open addressing: a slot is 0 (empty) or the key hash's high
+  // 32 bits over the entry's position + 1. One allocation, where a hash map of tens of
+  // thousands of keys took one per key (and the time to free each).
+  std::vector<uint64_t> slots_;
 };
 
 struct Metadata {

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <array>
 #include <map>
+#include <utility>
 
 #include "codec/decode_budget.h"
 #include "codec/metadata_encoder.h"
@@ -22,22 +23,55 @@ std::string MetadataIndex::ToString() const {
   return fqn + "@" + ShapeToString(*offset);
 }
 
+namespace {
+uint64_t KeyHash(std::string_view s) { return std::hash<std::string_view>{}(s); }
+// Positions take 32 bits: 2^32 entries would need hundreds of GB, past any decode budget.
+constexpr uint64_t kPositionBits = 0xffffffffu;
+}  // namespace
+
+size_t StateDictMetadata::Probe(std::string_view fqn, uint64_t h) const {
+  const size_t mask = slots_.size() - 1;
+  const uint64_t tag = h >> 32;
+  for (size_t i = static_cast<size_t>(h) & mask;; i = (i + 1) & mask) {
+    const uint64_t slot = slots_[i];
+    if (slot == 0) return i;
+    if ((slot >> 32) == tag && entries_[(slot & kPositionBits) - 1].first == fqn) return i;
+  }
+}
+
+void StateDictMetadata::Rehash(size_t n) {
+  size_t size = 16;
+  while (size < 2 * n) size *= 2;
+  if (size <= slots_.size()) return;
+  slots_.assign(size, 0);
+  for (size_t e = 0; e < entries_.size(); ++e) {
+    const uint64_t h = KeyHash(entries_[e].first);
+    slots_[Probe(entries_[e].first, h)] = (h & ~kPositionBits) | (e + 1);
+  }
+}
+
 StorageMetadata& StateDictMetadata::operator[](const std::string& fqn) {
-  auto it = index_.find(fqn);
-  if (it != index_.end()) return entries_[it->second].second;
-  index_.emplace(fqn, entries_.size());
+  const uint64_t h = KeyHash(fqn);
+  if (slots_.empty()) Rehash(1);
+  size_t i = Probe(fqn, h);
+  if (slots_[i] != 0) return entries_[(slots_[i] & kPositionBits) - 1].second;
+  if (2 * (entries_.size() + 1) > slots_.size()) {
+    Rehash(entries_.size() + 1);
+    i = Probe(fqn, h);
+  }
   entries_.emplace_back(fqn, BytesStorageMetadata{});
+  slots_[i] = (h & ~kPositionBits) | entries_.size();
   return entries_.back().second;
 }
 
 const StorageMetadata* StateDictMetadata::Find(std::string_view fqn) const {
-  auto it = index_.find(fqn);
-  return it == index_.end() ? nullptr : &entries_[it->second].second;
+  if (slots_.empty()) return nullptr;
+  const uint64_t slot = slots_[Probe(fqn, KeyHash(fqn))];
+  return slot == 0 ? nullptr : &entries_[(slot & kPositionBits) - 1].second;
 }
 
 StorageMetadata* StateDictMetadata::Find(std::string_view fqn) {
-  auto it = index_.find(fqn);
-  return it == index_.end() ? nullptr : &entries_[it->second].second;
+  return const_cast<StorageMetadata*>(std::as_const(*this).Find(fqn));
 }
 
 Result<const StorageInfo*> Metadata::FindStorage(const MetadataIndex& index) const {

@@ -212,6 +212,51 @@ TEST(MetadataTest, RejectsHostileContent) {
               StatusIs(StatusCode::kInvalidArgument, HasSubstr("os.system")));
 }
 
+TEST(MetadataTest, StateDictMetadataKeepsOrderAndFindsEveryKey) {
+  StateDictMetadata m;
+  EXPECT_EQ(m.Find("a"), nullptr);
+  EXPECT_TRUE(m.empty());
+  // Enough keys to grow the index several times, inserted out of sorted order, some twice.
+  constexpr int kKeys = 5000;
+  std::vector<std::string> keys;
+  for (int i = 0; i < kKeys; ++i) keys.push_back("layer." + std::to_string((i * 7919) % kKeys));
+  for (int i = 0; i < kKeys; ++i) {
+    m[keys[i]] = TensorStorageMetadata{{DType::kInt32}, {i}, {}};
+    if (i % 3 == 0) {
+      // An existing key gives its entry back and adds nothing.
+      StorageMetadata& again = m[keys[i]];
+      EXPECT_EQ(std::get<TensorStorageMetadata>(again).size, Shape{i});
+    }
+  }
+  ASSERT_EQ(m.size(), static_cast<size_t>(kKeys));
+  int i = 0;
+  for (const auto& [key, entry] : m) {
+    EXPECT_EQ(key, keys[i]);
+    EXPECT_EQ(std::get<TensorStorageMetadata>(entry).size, Shape{i});
+    ++i;
+  }
+  const StateDictMetadata copy = m;
+  for (int k = 0; k < kKeys; ++k) {
+    const StorageMetadata* found = copy.Find(keys[k]);
+    ASSERT_NE(found, nullptr) << keys[k];
+    EXPECT_EQ(std::get<TensorStorageMetadata>(*found).size, Shape{k});
+    EXPECT_EQ(m.Find(std::string_view(keys[k])), &m[keys[k]]);
+  }
+  for (const char* absent : {"", "layer.", "layer.5000", "layer.-1", "Layer.1"}) {
+    EXPECT_EQ(copy.Find(absent), nullptr) << absent;
+  }
+  // Reserve before inserting, and after: nothing is lost.
+  StateDictMetadata r;
+  r.Reserve(100);
+  r["x"] = BytesStorageMetadata{};
+  r.Reserve(10000);
+  r["y"] = BytesStorageMetadata{};
+  ASSERT_NE(r.Find("x"), nullptr);
+  ASSERT_NE(r.Find("y"), nullptr);
+  EXPECT_EQ(r.size(), 2u);
+  EXPECT_EQ(r.begin()->first, "x");
+}
+
 TEST(MetadataTest, LookupsByReferenceFollowTheIndexOrder) {
   // MetadataIndexRef compares as the MetadataIndex it refers to, so storage_data finds a chunk's
   // entry without a copied key; absent offsets (bytes) sort first, as std::optional does.
