@@ -278,6 +278,21 @@ Status WriteBlobs(HashingSink& sink, std::vector<std::vector<uint64_t>>& hashes,
   return sink.Flush();
 }
 
+// WriteBlobs with a drainer thread beside it, as a writer runs write-behind: what the producer
+// and the drainer each returned.
+struct Behind {
+  Status produced, drained;
+};
+Behind WriteBlobsBehind(HashingSink& sink, std::vector<std::vector<uint64_t>>& hashes,
+                        std::string& expected) {
+  Behind r;
+  std::thread drainer([&] { r.drained = sink.Drain(); });
+  r.produced = WriteBlobs(sink, hashes, expected);
+  sink.StopDraining();
+  drainer.join();
+  return r;
+}
+
 // Write-behind: the same bytes and hashes as without it, whether Drain runs beside the producer
 // or only after it (the producer then writes every buffer itself, and nothing waits forever).
 TEST(HashingSinkTest, WriteBehindKeepsBytesAndHashesWithOrWithoutADrainer) {
@@ -295,19 +310,16 @@ TEST(HashingSinkTest, WriteBehindKeepsBytesAndHashesWithOrWithoutADrainer) {
     sink.EnableWriteBehind();
     std::string expected;
     std::vector<std::vector<uint64_t>> hashes;
-    Status produced, drained;
+    Behind r;
     if (beside) {
-      std::thread drainer([&] { drained = sink.Drain(); });
-      produced = WriteBlobs(sink, hashes, expected);
-      sink.StopDraining();
-      drainer.join();
+      r = WriteBlobsBehind(sink, hashes, expected);
     } else {
-      produced = WriteBlobs(sink, hashes, expected);
+      r.produced = WriteBlobs(sink, hashes, expected);
       sink.StopDraining();
-      drained = sink.Drain();
+      r.drained = sink.Drain();
     }
-    DCPP_EXPECT_OK(produced);
-    DCPP_EXPECT_OK(drained);
+    DCPP_EXPECT_OK(r.produced);
+    DCPP_EXPECT_OK(r.drained);
     EXPECT_EQ(sink.position(), expected.size());
     EXPECT_TRUE(out.str() == plain_expected) << "drainer beside: " << beside;
     EXPECT_EQ(hashes, plain_hashes);
@@ -322,11 +334,7 @@ TEST(HashingSinkTest, WriteBehindReportsAFailedWriteToBothSides) {
     sink.EnableWriteBehind();
     std::string expected;
     std::vector<std::vector<uint64_t>> hashes;
-    Status drained;
-    std::thread drainer([&] { drained = sink.Drain(); });
-    const Status produced = WriteBlobs(sink, hashes, expected);
-    sink.StopDraining();
-    drainer.join();
+    const auto [produced, drained] = WriteBlobsBehind(sink, hashes, expected);
     EXPECT_THAT(produced, StatusIs(StatusCode::kUnavailable, HasSubstr("disk gone"))) << good;
     if (!drained.ok()) {
       EXPECT_THAT(drained, StatusIs(StatusCode::kUnavailable, HasSubstr("disk gone")));
@@ -403,11 +411,7 @@ TEST(HashingSinkTest, WriteBehindLendsFullBuffersAndRefillsOnlySettledOnes) {
       sink.EnableWriteBehind();
       std::string expected;
       std::vector<std::vector<uint64_t>> hashes;
-      Status drained;
-      std::thread drainer([&] { drained = sink.Drain(); });
-      const Status produced = WriteBlobs(sink, hashes, expected);
-      sink.StopDraining();
-      drainer.join();
+      const auto [produced, drained] = WriteBlobsBehind(sink, hashes, expected);
       DCPP_ASSERT_OK(produced);
       DCPP_EXPECT_OK(drained);
       EXPECT_EQ(out.lent_in_flight(), 0u);  // Flush settled them all

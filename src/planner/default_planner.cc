@@ -1116,7 +1116,8 @@ Status CheckCoverage(const std::string& fqn, const std::vector<ChunkBox>& local,
   return Status::Ok();
 }
 
-// One stored chunk that is the whole (non-empty) tensor.
+// One stored chunk that is the whole (non-empty) tensor: chunks == {WholeBox(size)} without
+// building the box, as this runs once per key of the load.
 bool IsWholeChunk(const std::vector<ChunkBox>& chunks, const Shape& size) {
   if (chunks.size() != 1 || chunks[0].sizes != size || NumElements(size) == 0) return false;
   const Shape& o = chunks[0].offsets;
